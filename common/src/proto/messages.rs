@@ -1,0 +1,681 @@
+//! The messages of protocol version 1. Type codes and field layouts are
+//! listed in `docs/PROTOCOL.md`; all integers are big-endian.
+
+use std::borrow::Cow;
+
+use super::codec::{DecodeError, Reader, Writer};
+use crate::checksum::{checksum, to_hex, Checksum};
+
+/// Largest extent (uncompressed bytes) one frame carries. Large enough to
+/// amortise per-frame costs, small enough that a receiver holding a few in
+/// flight per connection stays in tens of MiB.
+pub const MAX_EXTENT_BYTES: u32 = 4 << 20;
+/// Longest agent name, disk id, point name or error text, in bytes.
+pub const MAX_NAME_BYTES: usize = 255;
+/// Longest error message text, in bytes.
+pub const MAX_ERROR_BYTES: usize = 1024;
+
+/// How an extent's payload is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Codec {
+    /// The payload is the data itself.
+    None = 0,
+    /// The payload is one zstd frame that decodes to exactly `len_bytes`.
+    Zstd = 1,
+}
+
+/// What a recovery point promises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[repr(u8)]
+pub enum PointKind {
+    /// The disks as they were at one instant (filesystems frozen, or
+    /// nothing written while they were read).
+    CrashConsistent = 1,
+    /// Crash-consistent, with the applications' pre/post scripts run around it.
+    AppConsistent = 2,
+    /// Convergence only: the data was written while it was read, so the
+    /// image may not be a state the disk was ever in. Never offered for recovery.
+    SyncMarker = 3,
+}
+
+impl PointKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PointKind::CrashConsistent => "crash-consistent",
+            PointKind::AppConsistent => "app-consistent",
+            PointKind::SyncMarker => "sync-marker",
+        }
+    }
+}
+
+/// Why the receiver refused something. Stable numbers: scripts match on them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// A frame or message did not follow the protocol.
+    Protocol = 1,
+    /// The certificate's name does not match, or it may not touch this disk.
+    Unauthorized = 2,
+    /// An extent named a disk handle this session never registered.
+    UnknownDisk = 3,
+    /// The payload's checksum did not match: nothing was written.
+    ChecksumMismatch = 4,
+    /// The extent lies beyond the disk's registered size.
+    OutOfRange = 5,
+    /// The disk is larger than its existing image.
+    DiskTooLarge = 6,
+    /// The receiver could not store the data (disk full, I/O error); nothing
+    /// from this message on was acknowledged.
+    Storage = 7,
+    /// A limit was reached (number of disks).
+    Limit = 8,
+    /// Anything else on the receiver's side.
+    Internal = 9,
+}
+
+impl ErrorCode {
+    fn from_u16(v: u16) -> Result<Self, DecodeError> {
+        Ok(match v {
+            1 => ErrorCode::Protocol,
+            2 => ErrorCode::Unauthorized,
+            3 => ErrorCode::UnknownDisk,
+            4 => ErrorCode::ChecksumMismatch,
+            5 => ErrorCode::OutOfRange,
+            6 => ErrorCode::DiskTooLarge,
+            7 => ErrorCode::Storage,
+            8 => ErrorCode::Limit,
+            9 => ErrorCode::Internal,
+            _ => {
+                return Err(DecodeError::BadValue {
+                    what: "error code",
+                    value: u64::from(v),
+                })
+            }
+        })
+    }
+}
+
+/// A run of a disk's data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Extent {
+    /// Position in the session's stream of data-bearing messages.
+    pub seq: u64,
+    /// Handle the receiver gave the disk at registration.
+    pub disk: u32,
+    pub offset_bytes: u64,
+    /// Uncompressed length, 1..=[`MAX_EXTENT_BYTES`].
+    pub len_bytes: u32,
+    pub codec: Codec,
+    /// BLAKE3 of the uncompressed data.
+    pub checksum: Checksum,
+    pub payload: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PayloadError {
+    #[error("zstd payload does not decode to exactly {expected} bytes")]
+    BadZstd { expected: u32 },
+    #[error("checksum mismatch: extent says {expected}, data hashes to {actual}")]
+    ChecksumMismatch { expected: String, actual: String },
+}
+
+impl Extent {
+    /// Builds an extent from data, compressing with `compressor` when that
+    /// makes it smaller.
+    pub fn pack(
+        seq: u64,
+        disk: u32,
+        offset_bytes: u64,
+        data: &[u8],
+        compressor: Option<&mut zstd::bulk::Compressor<'_>>,
+    ) -> Extent {
+        debug_assert!(!data.is_empty() && data.len() <= MAX_EXTENT_BYTES as usize);
+        let sum = checksum(data);
+        let compressed = compressor
+            .and_then(|c| c.compress(data).ok())
+            .filter(|z| z.len() < data.len());
+        let (codec, payload) = match compressed {
+            Some(z) => (Codec::Zstd, z),
+            None => (Codec::None, data.to_vec()),
+        };
+        Extent {
+            seq,
+            disk,
+            offset_bytes,
+            len_bytes: data.len() as u32,
+            codec,
+            checksum: sum,
+            payload,
+        }
+    }
+
+    /// The uncompressed data, verified against the checksum. Decompression
+    /// is bounded by `len_bytes`, so a decompression bomb fails here.
+    pub fn unpack<'a>(
+        &'a self,
+        decompressor: &mut zstd::bulk::Decompressor<'_>,
+        scratch: &'a mut Vec<u8>,
+    ) -> Result<&'a [u8], PayloadError> {
+        let data: Cow<'a, [u8]> = match self.codec {
+            Codec::None => Cow::Borrowed(&self.payload),
+            Codec::Zstd => {
+                scratch.clear();
+                scratch.reserve(self.len_bytes as usize);
+                let n = decompressor
+                    .decompress_to_buffer(&self.payload, scratch)
+                    .map_err(|_| PayloadError::BadZstd {
+                        expected: self.len_bytes,
+                    })?;
+                if n != self.len_bytes as usize {
+                    return Err(PayloadError::BadZstd {
+                        expected: self.len_bytes,
+                    });
+                }
+                Cow::Borrowed(&scratch[..])
+            }
+        };
+        let actual = checksum(&data);
+        if actual != self.checksum {
+            return Err(PayloadError::ChecksumMismatch {
+                expected: to_hex(&self.checksum),
+                actual: to_hex(&actual),
+            });
+        }
+        match data {
+            Cow::Borrowed(d) => Ok(d),
+            Cow::Owned(_) => unreachable!("only borrowed data is produced above"),
+        }
+    }
+}
+
+/// One protocol message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Agent → receiver, first message.
+    Hello {
+        agent_name: String,
+        software_version: String,
+    },
+    /// Receiver → agent: hello accepted.
+    Welcome {
+        receiver_name: String,
+        session_id: u64,
+    },
+    /// Agent → receiver: a disk this session will send data for.
+    RegisterDisk {
+        disk_id: String,
+        size_bytes: u64,
+        logical_block_bytes: u32,
+    },
+    /// Receiver → agent: registration accepted; `handle` names the disk in
+    /// later messages. `image_existed` is false when a new image was created
+    /// (alternate-location recovery: everything must travel).
+    DiskRegistered {
+        disk_id: String,
+        handle: u32,
+        image_existed: bool,
+    },
+    Extent(Extent),
+    /// A run of zeros: no payload travels.
+    Zero {
+        seq: u64,
+        disk: u32,
+        offset_bytes: u64,
+        len_bytes: u64,
+    },
+    /// Agent → receiver: everything before this in the stream forms a
+    /// recovery point for all disks registered in this session.
+    Point {
+        seq: u64,
+        kind: PointKind,
+        name: String,
+        agent_time_ms: u64,
+    },
+    /// Receiver → agent: every message up to and including `seq` is durable.
+    Ack { seq: u64 },
+    /// Receiver → agent: the point at `seq` is durable and has this id.
+    PointRecorded { seq: u64, point_id: u64 },
+    /// Either way; the receiver answers each with its own.
+    Heartbeat { time_ms: u64 },
+    /// Either way; the sender closes the connection after it.
+    Error { code: ErrorCode, message: String },
+}
+
+mod code {
+    pub const HELLO: u8 = 1;
+    pub const WELCOME: u8 = 2;
+    pub const REGISTER_DISK: u8 = 3;
+    pub const DISK_REGISTERED: u8 = 4;
+    pub const EXTENT: u8 = 5;
+    pub const ZERO: u8 = 6;
+    pub const POINT: u8 = 7;
+    pub const ACK: u8 = 8;
+    pub const POINT_RECORDED: u8 = 9;
+    pub const HEARTBEAT: u8 = 10;
+    pub const ERROR: u8 = 11;
+}
+
+impl Message {
+    /// Short name for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "hello",
+            Message::Welcome { .. } => "welcome",
+            Message::RegisterDisk { .. } => "register-disk",
+            Message::DiskRegistered { .. } => "disk-registered",
+            Message::Extent(_) => "extent",
+            Message::Zero { .. } => "zero",
+            Message::Point { .. } => "point",
+            Message::Ack { .. } => "ack",
+            Message::PointRecorded { .. } => "point-recorded",
+            Message::Heartbeat { .. } => "heartbeat",
+            Message::Error { .. } => "error",
+        }
+    }
+
+    /// Appends the whole frame: u32 length, type byte, fields.
+    pub fn encode_frame(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&[0; 4]);
+        self.encode_body(out);
+        let len = (out.len() - start - 4) as u32;
+        out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    }
+
+    /// Appends the body: type byte and fields.
+    pub fn encode_body(&self, out: &mut Vec<u8>) {
+        let mut w = Writer::new(out);
+        match self {
+            Message::Hello {
+                agent_name,
+                software_version,
+            } => {
+                w.u8(code::HELLO);
+                w.string(agent_name, MAX_NAME_BYTES);
+                w.string(software_version, MAX_NAME_BYTES);
+            }
+            Message::Welcome {
+                receiver_name,
+                session_id,
+            } => {
+                w.u8(code::WELCOME);
+                w.string(receiver_name, MAX_NAME_BYTES);
+                w.u64(*session_id);
+            }
+            Message::RegisterDisk {
+                disk_id,
+                size_bytes,
+                logical_block_bytes,
+            } => {
+                w.u8(code::REGISTER_DISK);
+                w.string(disk_id, MAX_NAME_BYTES);
+                w.u64(*size_bytes);
+                w.u32(*logical_block_bytes);
+            }
+            Message::DiskRegistered {
+                disk_id,
+                handle,
+                image_existed,
+            } => {
+                w.u8(code::DISK_REGISTERED);
+                w.string(disk_id, MAX_NAME_BYTES);
+                w.u32(*handle);
+                w.bool(*image_existed);
+            }
+            Message::Extent(e) => {
+                w.u8(code::EXTENT);
+                w.u64(e.seq);
+                w.u32(e.disk);
+                w.u64(e.offset_bytes);
+                w.u32(e.len_bytes);
+                w.u8(e.codec as u8);
+                w.bytes(&e.checksum);
+                w.bytes(&e.payload);
+            }
+            Message::Zero {
+                seq,
+                disk,
+                offset_bytes,
+                len_bytes,
+            } => {
+                w.u8(code::ZERO);
+                w.u64(*seq);
+                w.u32(*disk);
+                w.u64(*offset_bytes);
+                w.u64(*len_bytes);
+            }
+            Message::Point {
+                seq,
+                kind,
+                name,
+                agent_time_ms,
+            } => {
+                w.u8(code::POINT);
+                w.u64(*seq);
+                w.u8(*kind as u8);
+                w.string(name, MAX_NAME_BYTES);
+                w.u64(*agent_time_ms);
+            }
+            Message::Ack { seq } => {
+                w.u8(code::ACK);
+                w.u64(*seq);
+            }
+            Message::PointRecorded { seq, point_id } => {
+                w.u8(code::POINT_RECORDED);
+                w.u64(*seq);
+                w.u64(*point_id);
+            }
+            Message::Heartbeat { time_ms } => {
+                w.u8(code::HEARTBEAT);
+                w.u64(*time_ms);
+            }
+            Message::Error { code: c, message } => {
+                w.u8(code::ERROR);
+                w.u16(*c as u16);
+                w.string(message, MAX_ERROR_BYTES);
+            }
+        }
+    }
+
+    /// Decodes one frame body. Never panics; rejects trailing bytes and
+    /// out-of-range fields.
+    pub fn decode(body: &[u8]) -> Result<Message, DecodeError> {
+        let mut r = Reader::new(body);
+        let msg = match r.u8("message type")? {
+            code::HELLO => Message::Hello {
+                agent_name: r.string("agent name", MAX_NAME_BYTES)?,
+                software_version: r.string("software version", MAX_NAME_BYTES)?,
+            },
+            code::WELCOME => Message::Welcome {
+                receiver_name: r.string("receiver name", MAX_NAME_BYTES)?,
+                session_id: r.u64("session id")?,
+            },
+            code::REGISTER_DISK => Message::RegisterDisk {
+                disk_id: r.string("disk id", MAX_NAME_BYTES)?,
+                size_bytes: r.u64("disk size")?,
+                logical_block_bytes: r.u32("logical block size")?,
+            },
+            code::DISK_REGISTERED => Message::DiskRegistered {
+                disk_id: r.string("disk id", MAX_NAME_BYTES)?,
+                handle: r.u32("disk handle")?,
+                image_existed: r.bool("image existed")?,
+            },
+            code::EXTENT => {
+                let seq = r.u64("seq")?;
+                let disk = r.u32("disk handle")?;
+                let offset_bytes = r.u64("extent offset")?;
+                let len_bytes = r.u32("extent length")?;
+                if len_bytes == 0 || len_bytes > MAX_EXTENT_BYTES {
+                    return Err(DecodeError::BadValue {
+                        what: "extent length",
+                        value: u64::from(len_bytes),
+                    });
+                }
+                let codec = match r.u8("codec")? {
+                    0 => Codec::None,
+                    1 => Codec::Zstd,
+                    v => {
+                        return Err(DecodeError::BadValue {
+                            what: "codec",
+                            value: u64::from(v),
+                        })
+                    }
+                };
+                let checksum = r.checksum("checksum")?;
+                let payload = r.rest();
+                let payload_ok = match codec {
+                    Codec::None => payload.len() == len_bytes as usize,
+                    Codec::Zstd => !payload.is_empty() && payload.len() < len_bytes as usize,
+                };
+                if !payload_ok {
+                    return Err(DecodeError::BadValue {
+                        what: "payload length",
+                        value: payload.len() as u64,
+                    });
+                }
+                offset_bytes
+                    .checked_add(u64::from(len_bytes))
+                    .ok_or(DecodeError::BadValue {
+                        what: "extent offset",
+                        value: offset_bytes,
+                    })?;
+                Message::Extent(Extent {
+                    seq,
+                    disk,
+                    offset_bytes,
+                    len_bytes,
+                    codec,
+                    checksum,
+                    payload: payload.to_vec(),
+                })
+            }
+            code::ZERO => {
+                let m = Message::Zero {
+                    seq: r.u64("seq")?,
+                    disk: r.u32("disk handle")?,
+                    offset_bytes: r.u64("zero offset")?,
+                    len_bytes: r.u64("zero length")?,
+                };
+                if let Message::Zero {
+                    offset_bytes,
+                    len_bytes,
+                    ..
+                } = m
+                {
+                    if len_bytes == 0 || offset_bytes.checked_add(len_bytes).is_none() {
+                        return Err(DecodeError::BadValue {
+                            what: "zero length",
+                            value: len_bytes,
+                        });
+                    }
+                }
+                m
+            }
+            code::POINT => Message::Point {
+                seq: r.u64("seq")?,
+                kind: match r.u8("point kind")? {
+                    1 => PointKind::CrashConsistent,
+                    2 => PointKind::AppConsistent,
+                    3 => PointKind::SyncMarker,
+                    v => {
+                        return Err(DecodeError::BadValue {
+                            what: "point kind",
+                            value: u64::from(v),
+                        })
+                    }
+                },
+                name: r.string("point name", MAX_NAME_BYTES)?,
+                agent_time_ms: r.u64("agent time")?,
+            },
+            code::ACK => Message::Ack { seq: r.u64("seq")? },
+            code::POINT_RECORDED => Message::PointRecorded {
+                seq: r.u64("seq")?,
+                point_id: r.u64("point id")?,
+            },
+            code::HEARTBEAT => Message::Heartbeat {
+                time_ms: r.u64("time")?,
+            },
+            code::ERROR => Message::Error {
+                code: ErrorCode::from_u16(r.u16("error code")?)?,
+                message: r.string("error message", MAX_ERROR_BYTES)?,
+            },
+            t => return Err(DecodeError::UnknownType(t)),
+        };
+        r.finish()?;
+        Ok(msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_name() -> impl Strategy<Value = String> {
+        "[a-zA-Z0-9._:-]{0,64}"
+    }
+
+    fn arb_extent() -> impl Strategy<Value = Extent> {
+        (
+            any::<u64>(),
+            any::<u32>(),
+            0u64..(1 << 50),
+            proptest::collection::vec(any::<u8>(), 1..2048),
+            any::<bool>(),
+        )
+            .prop_map(|(seq, disk, off, data, compress)| {
+                let mut c = zstd::bulk::Compressor::new(1).expect("zstd");
+                Extent::pack(seq, disk, off, &data, compress.then_some(&mut c))
+            })
+    }
+
+    fn arb_message() -> impl Strategy<Value = Message> {
+        prop_oneof![
+            (arb_name(), arb_name()).prop_map(|(a, b)| Message::Hello {
+                agent_name: a,
+                software_version: b
+            }),
+            (arb_name(), any::<u64>()).prop_map(|(a, s)| Message::Welcome {
+                receiver_name: a,
+                session_id: s
+            }),
+            (arb_name(), any::<u64>(), any::<u32>()).prop_map(|(d, s, b)| {
+                Message::RegisterDisk {
+                    disk_id: d,
+                    size_bytes: s,
+                    logical_block_bytes: b,
+                }
+            }),
+            (arb_name(), any::<u32>(), any::<bool>()).prop_map(|(d, h, e)| {
+                Message::DiskRegistered {
+                    disk_id: d,
+                    handle: h,
+                    image_existed: e,
+                }
+            }),
+            arb_extent().prop_map(Message::Extent),
+            (any::<u64>(), any::<u32>(), 0u64..(1 << 50), 1u64..(1 << 40)).prop_map(
+                |(seq, disk, o, l)| Message::Zero {
+                    seq,
+                    disk,
+                    offset_bytes: o,
+                    len_bytes: l
+                }
+            ),
+            (any::<u64>(), 1u8..=3, arb_name(), any::<u64>()).prop_map(|(seq, k, n, t)| {
+                Message::Point {
+                    seq,
+                    kind: match k {
+                        1 => PointKind::CrashConsistent,
+                        2 => PointKind::AppConsistent,
+                        _ => PointKind::SyncMarker,
+                    },
+                    name: n,
+                    agent_time_ms: t,
+                }
+            }),
+            any::<u64>().prop_map(|seq| Message::Ack { seq }),
+            (any::<u64>(), any::<u64>())
+                .prop_map(|(seq, p)| Message::PointRecorded { seq, point_id: p }),
+            any::<u64>().prop_map(|t| Message::Heartbeat { time_ms: t }),
+            ("[ -~]{0,200}").prop_map(|m| Message::Error {
+                code: ErrorCode::ChecksumMismatch,
+                message: m
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(msg in arb_message()) {
+            let mut body = Vec::new();
+            msg.encode_body(&mut body);
+            prop_assert_eq!(Message::decode(&body), Ok(msg));
+        }
+
+        #[test]
+        fn every_truncation_is_an_error(msg in arb_message()) {
+            let mut body = Vec::new();
+            msg.encode_body(&mut body);
+            for cut in 0..body.len() {
+                // Extents end in a payload, so a cut there changes the payload
+                // length, which must also be rejected.
+                prop_assert!(Message::decode(&body[..cut]).is_err(), "cut at {} decoded", cut);
+            }
+        }
+
+        #[test]
+        fn trailing_bytes_rejected(msg in arb_message(), extra in proptest::collection::vec(any::<u8>(), 1..16)) {
+            let mut body = Vec::new();
+            msg.encode_body(&mut body);
+            body.extend_from_slice(&extra);
+            prop_assert!(Message::decode(&body).is_err());
+        }
+
+        #[test]
+        fn garbage_never_panics(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Message::decode(&body);
+        }
+
+        #[test]
+        fn extents_unpack_to_their_data(data in proptest::collection::vec(0u8..4, 1..8192)) {
+            let mut c = zstd::bulk::Compressor::new(3).expect("zstd");
+            let e = Extent::pack(1, 0, 0, &data, Some(&mut c));
+            let mut d = zstd::bulk::Decompressor::new().expect("zstd");
+            let mut scratch = Vec::new();
+            prop_assert_eq!(e.unpack(&mut d, &mut scratch).expect("unpack"), &data[..]);
+        }
+    }
+
+    #[test]
+    fn corrupted_payload_fails_the_checksum() {
+        let data = vec![7u8; 4096];
+        let mut e = Extent::pack(1, 0, 0, &data, None);
+        e.payload[100] ^= 1;
+        let mut d = zstd::bulk::Decompressor::new().expect("zstd");
+        let mut scratch = Vec::new();
+        assert!(matches!(
+            e.unpack(&mut d, &mut scratch),
+            Err(PayloadError::ChecksumMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn decompression_bomb_hits_the_bound() {
+        // 64 MiB of zeros compresses to a few KiB; claim it is 4 KiB.
+        let bomb = zstd::bulk::compress(&vec![0u8; 64 << 20], 3).expect("zstd");
+        let e = Extent {
+            seq: 1,
+            disk: 0,
+            offset_bytes: 0,
+            len_bytes: 4096,
+            codec: Codec::Zstd,
+            checksum: checksum(&[0u8; 4096]),
+            payload: bomb,
+        };
+        let mut d = zstd::bulk::Decompressor::new().expect("zstd");
+        let mut scratch = Vec::new();
+        assert!(matches!(
+            e.unpack(&mut d, &mut scratch),
+            Err(PayloadError::BadZstd { expected: 4096 })
+        ));
+        assert!(scratch.capacity() < 1 << 20);
+    }
+
+    #[test]
+    fn oversized_extent_length_rejected() {
+        let mut body = Vec::new();
+        Message::Extent(Extent::pack(1, 0, 0, &[1, 2, 3], None)).encode_body(&mut body);
+        // len_bytes sits after type(1) seq(8) disk(4) offset(8).
+        body[21..25].copy_from_slice(&(MAX_EXTENT_BYTES + 1).to_be_bytes());
+        assert!(matches!(
+            Message::decode(&body),
+            Err(DecodeError::BadValue {
+                what: "extent length",
+                ..
+            })
+        ));
+    }
+}

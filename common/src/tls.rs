@@ -1,0 +1,141 @@
+//! TLS set-up for both sides: TLS 1.3 only, mutual authentication against a
+//! private CA. Both configs are built from PEM files named in the configs.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+/// The DNS name every receiver certificate carries, whatever host names it
+/// also has. Agents verify this name by default: trust comes from the
+/// receiver's private CA, which signs nothing but this receiver and its
+/// agents, so the name need not track IP addresses or DNS changes.
+pub const RECEIVER_SERVER_NAME: &str = "tidemark-receiver";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read certificate file {}: {source}", path.display())]
+    ReadCert {
+        path: PathBuf,
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("certificate file {} holds no certificate", path.display())]
+    NoCert { path: PathBuf },
+    #[error("cannot read private key {}: {source}", path.display())]
+    ReadKey {
+        path: PathBuf,
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("CA certificate {} is not usable: {message}", path.display())]
+    BadCa { path: PathBuf, message: String },
+    #[error("certificate {} and key {} do not form a usable identity: {message}", cert.display(), key.display())]
+    BadIdentity {
+        cert: PathBuf,
+        key: PathBuf,
+        message: String,
+    },
+    #[error("server name {0:?} is not a valid DNS name or IP address")]
+    BadServerName(String),
+}
+
+/// PEM files that make one side's identity and its trust anchor.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|source| TlsError::ReadCert {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCert {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(certs)
+}
+
+fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|source| TlsError::ReadKey {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(path)? {
+        roots.add(cert).map_err(|e| TlsError::BadCa {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    }
+    Ok(roots)
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The receiver's config: only clients with a certificate from `files.ca`.
+pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
+    let roots = load_roots(&files.ca)?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| TlsError::BadCa {
+            path: files.ca.clone(),
+            message: e.to_string(),
+        })?;
+    let bad_identity = |e: rustls::Error| TlsError::BadIdentity {
+        cert: files.cert.clone(),
+        key: files.key.clone(),
+        message: e.to_string(),
+    };
+    let config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(bad_identity)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(load_certs(&files.cert)?, load_key(&files.key)?)
+        .map_err(bad_identity)?;
+    Ok(Arc::new(config))
+}
+
+/// The agent's config: only a receiver whose certificate chains to `files.ca`.
+pub fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>, TlsError> {
+    let roots = load_roots(&files.ca)?;
+    let bad_identity = |e: rustls::Error| TlsError::BadIdentity {
+        cert: files.cert.clone(),
+        key: files.key.clone(),
+        message: e.to_string(),
+    };
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(bad_identity)?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(load_certs(&files.cert)?, load_key(&files.key)?)
+        .map_err(bad_identity)?;
+    Ok(Arc::new(config))
+}
+
+/// Parses the name the agent verifies in the receiver's certificate.
+pub fn server_name(name: &str) -> Result<rustls_pki_types::ServerName<'static>, TlsError> {
+    rustls_pki_types::ServerName::try_from(name.to_owned())
+        .map_err(|_| TlsError::BadServerName(name.to_owned()))
+}
+
+/// The subject common name of a DER certificate: an agent's name is the CN
+/// of its certificate, so a certificate cannot speak for another agent.
+pub fn common_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_owned)
+}
