@@ -27,7 +27,11 @@ pub fn load_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     toml::from_str(&text).map_err(|e| ConfigError::Parse {
         path: path.to_path_buf(),
         // toml's message spans several lines with a caret diagram; keep it on one.
-        message: e.to_string().split_whitespace().collect::<Vec<_>>().join(" "),
+        message: e
+            .to_string()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" "),
     })
 }
 

@@ -73,6 +73,8 @@ pub enum ErrorCode {
     Limit = 8,
     /// Anything else on the receiver's side.
     Internal = 9,
+    /// The disk is being replicated by another connection right now.
+    Busy = 10,
 }
 
 impl ErrorCode {
@@ -87,6 +89,7 @@ impl ErrorCode {
             7 => ErrorCode::Storage,
             8 => ErrorCode::Limit,
             9 => ErrorCode::Internal,
+            10 => ErrorCode::Busy,
             _ => {
                 return Err(DecodeError::BadValue {
                     what: "error code",
@@ -234,13 +237,23 @@ pub enum Message {
         agent_time_ms: u64,
     },
     /// Receiver → agent: every message up to and including `seq` is durable.
-    Ack { seq: u64 },
+    Ack {
+        seq: u64,
+    },
     /// Receiver → agent: the point at `seq` is durable and has this id.
-    PointRecorded { seq: u64, point_id: u64 },
+    PointRecorded {
+        seq: u64,
+        point_id: u64,
+    },
     /// Either way; the receiver answers each with its own.
-    Heartbeat { time_ms: u64 },
+    Heartbeat {
+        time_ms: u64,
+    },
     /// Either way; the sender closes the connection after it.
-    Error { code: ErrorCode, message: String },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
 }
 
 mod code {

@@ -1,0 +1,57 @@
+//! Crash-safe file replacement. Assumes a POSIX filesystem where rename is
+//! atomic and an fsync of a directory makes a rename in it durable (ext4,
+//! xfs, btrfs). A crash leaves either the old file or the new one, never a
+//! mix; a leftover `.tmp` file is overwritten by the next write.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::Path;
+
+/// Writes `bytes` to `path` durably: temp file, fsync, rename, fsync the
+/// directory. `mode` sets the permission bits (keys: 0o600).
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = dir.join(tmp_name);
+    {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    sync_dir(dir)
+}
+
+/// Makes creations, renames and removals in `dir` durable.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replaces_whole_file_and_leaves_no_temp() {
+        let dir = std::env::temp_dir().join(format!("tdm-durable-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let p = dir.join("state.json");
+        write_atomic(&p, b"first, longer", 0o600).expect("write");
+        write_atomic(&p, b"second", 0o600).expect("write");
+        assert_eq!(std::fs::read(&p).expect("read"), b"second");
+        assert!(!dir.join("state.json.tmp").exists());
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+}

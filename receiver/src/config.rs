@@ -1,0 +1,113 @@
+//! `receiver.toml`: where the receiver listens, where images and the
+//! retention journal live, its TLS identity and its limits.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tidemark_common::config::{load_toml, resolve, ConfigError};
+use tidemark_common::tls::TlsFiles;
+
+/// Default listen address: all interfaces, HTTPS's port, so the agent's
+/// traffic passes the firewalls that already let 443 out.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:443";
+/// Default image directory (the master target's datastore).
+pub const DEFAULT_IMAGE_DIR: &str = "/var/lib/tidemark/images";
+/// Default retention volume, the seeds' `/mnt/Retention`.
+pub const DEFAULT_RETENTION_DIR: &str = "/mnt/retention";
+/// Disks one receiver protects, from the product documents.
+pub const DEFAULT_MAX_DISKS: usize = 60;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiverConfig {
+    /// Name this receiver gives itself in logs and to agents.
+    pub name: String,
+    /// Address and port to listen on for agents (TLS only).
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Directory holding one image per protected disk.
+    pub image_dir: PathBuf,
+    /// Retention volume: the disk registry and recovery points. Must not be
+    /// the image directory.
+    pub retention_dir: PathBuf,
+    /// CA certificate that signs agent certificates (PEM).
+    pub ca: PathBuf,
+    /// This receiver's certificate (PEM), signed by `ca`.
+    pub cert: PathBuf,
+    /// This receiver's private key (PEM).
+    pub key: PathBuf,
+    /// Most disks this receiver accepts; registration past it is refused.
+    #[serde(default = "default_max_disks")]
+    pub max_disks: usize,
+}
+
+fn default_listen() -> SocketAddr {
+    DEFAULT_LISTEN.parse().expect("constant address parses")
+}
+
+fn default_max_disks() -> usize {
+    DEFAULT_MAX_DISKS
+}
+
+impl ReceiverConfig {
+    /// Loads, resolves relative paths against the file, and validates.
+    pub fn load(path: &Path) -> Result<ReceiverConfig, ConfigError> {
+        let mut c: ReceiverConfig = load_toml(path)?;
+        for p in [
+            &mut c.image_dir,
+            &mut c.retention_dir,
+            &mut c.ca,
+            &mut c.cert,
+            &mut c.key,
+        ] {
+            *p = resolve(path, p);
+        }
+        c.validate().map_err(|message| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.name.is_empty() {
+            return Err("name must not be empty".into());
+        }
+        if self.max_disks == 0 {
+            return Err("max_disks must be at least 1".into());
+        }
+        if same_dir(&self.image_dir, &self.retention_dir) {
+            return Err(format!(
+                "retention_dir and image_dir are both {}; the retention volume must be separate from the images",
+                self.image_dir.display()
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn tls_files(&self) -> TlsFiles {
+        TlsFiles {
+            ca: self.ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+        }
+    }
+
+    /// The persistent disk table.
+    pub fn registry_path(&self) -> PathBuf {
+        self.retention_dir.join("registry.json")
+    }
+
+    /// The recovery point log.
+    pub fn points_path(&self) -> PathBuf {
+        self.retention_dir.join("points.jsonl")
+    }
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}

@@ -1,0 +1,190 @@
+//! Raw images: the disk byte for byte in a sparse file. Zero ranges are
+//! punched out, so unwritten and zeroed regions take no space.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{fallocate, FallocateFlags};
+
+use super::{Image, ImageError};
+
+pub struct RawImage {
+    path: PathBuf,
+    file: File,
+    size_bytes: u64,
+    poisoned: bool,
+}
+
+/// Zeros written when the filesystem cannot punch holes.
+const ZERO_CHUNK_BYTES: usize = 1 << 20;
+
+impl RawImage {
+    /// Creates a sparse image of `size_bytes`; fails if the file exists.
+    pub fn create(path: &Path, size_bytes: u64) -> Result<RawImage, ImageError> {
+        let create_err = |source| ImageError::Create {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(create_err)?;
+        file.set_len(size_bytes).map_err(create_err)?;
+        file.sync_all().map_err(create_err)?;
+        if let Some(dir) = path.parent() {
+            tidemark_common::durable::sync_dir(dir).map_err(create_err)?;
+        }
+        Ok(RawImage {
+            path: path.to_path_buf(),
+            file,
+            size_bytes,
+            poisoned: false,
+        })
+    }
+
+    /// Opens an existing image for writing (`writable`) or reading.
+    pub fn open(path: &Path, writable: bool) -> Result<RawImage, ImageError> {
+        let open_err = |source| ImageError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .map_err(open_err)?;
+        let size_bytes = file.metadata().map_err(open_err)?.len();
+        Ok(RawImage {
+            path: path.to_path_buf(),
+            file,
+            size_bytes,
+            poisoned: false,
+        })
+    }
+
+    fn check(&self, offset_bytes: u64, len_bytes: u64) -> Result<(), ImageError> {
+        if self.poisoned {
+            return Err(ImageError::Poisoned {
+                path: self.path.clone(),
+            });
+        }
+        match offset_bytes.checked_add(len_bytes) {
+            Some(end) if end <= self.size_bytes => Ok(()),
+            _ => Err(ImageError::OutOfRange {
+                path: self.path.clone(),
+                offset_bytes,
+                len_bytes,
+                size_bytes: self.size_bytes,
+            }),
+        }
+    }
+
+    fn write_err(&mut self, offset_bytes: u64, source: std::io::Error) -> ImageError {
+        self.poisoned = true;
+        ImageError::Write {
+            path: self.path.clone(),
+            offset_bytes,
+            source,
+        }
+    }
+}
+
+impl Image for RawImage {
+    fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    fn write_at(&mut self, offset_bytes: u64, data: &[u8]) -> Result<(), ImageError> {
+        self.check(offset_bytes, data.len() as u64)?;
+        self.file
+            .write_all_at(data, offset_bytes)
+            .map_err(|e| self.write_err(offset_bytes, e))
+    }
+
+    fn write_zeroes(&mut self, offset_bytes: u64, len_bytes: u64) -> Result<(), ImageError> {
+        self.check(offset_bytes, len_bytes)?;
+        let punched = fallocate(
+            &self.file,
+            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            offset_bytes as i64,
+            len_bytes as i64,
+        );
+        match punched {
+            Ok(()) => Ok(()),
+            Err(nix::errno::Errno::EOPNOTSUPP) => {
+                let zeros = vec![0u8; ZERO_CHUNK_BYTES];
+                let mut done = 0u64;
+                while done < len_bytes {
+                    let n = (len_bytes - done).min(ZERO_CHUNK_BYTES as u64) as usize;
+                    self.file
+                        .write_all_at(&zeros[..n], offset_bytes + done)
+                        .map_err(|e| self.write_err(offset_bytes + done, e))?;
+                    done += n as u64;
+                }
+                Ok(())
+            }
+            Err(e) => Err(self.write_err(offset_bytes, e.into())),
+        }
+    }
+
+    fn read_at(&mut self, offset_bytes: u64, buf: &mut [u8]) -> Result<(), ImageError> {
+        self.check(offset_bytes, buf.len() as u64)?;
+        self.file
+            .read_exact_at(buf, offset_bytes)
+            .map_err(|source| ImageError::Read {
+                path: self.path.clone(),
+                offset_bytes,
+                source,
+            })
+    }
+
+    fn flush(&mut self) -> Result<(), ImageError> {
+        if self.poisoned {
+            return Err(ImageError::Poisoned {
+                path: self.path.clone(),
+            });
+        }
+        self.file.sync_data().map_err(|source| {
+            self.poisoned = true;
+            ImageError::Sync {
+                path: self.path.clone(),
+                source,
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_zero_read_and_bounds() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("d.img");
+        let mut img = RawImage::create(&p, 1 << 20).expect("create");
+        img.write_at(4096, &[0xab; 8192]).expect("write");
+        img.write_zeroes(8192, 4096).expect("zero");
+        img.flush().expect("flush");
+        let mut buf = vec![0u8; 12288];
+        img.read_at(4096, &mut buf).expect("read");
+        assert!(buf[..4096].iter().all(|&b| b == 0xab));
+        assert!(buf[4096..8192].iter().all(|&b| b == 0));
+        assert!(buf[8192..].iter().all(|&b| b == 0));
+        assert!(matches!(
+            img.write_at((1 << 20) - 1, &[1, 2]),
+            Err(ImageError::OutOfRange { .. })
+        ));
+        assert!(
+            RawImage::create(&p, 1 << 20).is_err(),
+            "create must not clobber"
+        );
+        assert_eq!(
+            RawImage::open(&p, false).expect("open").size_bytes(),
+            1 << 20
+        );
+    }
+}

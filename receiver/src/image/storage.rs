@@ -1,0 +1,265 @@
+//! What image formats write through: a file, or in tests a layer that
+//! injects faults. Formats get their crash safety from the order of their
+//! writes and syncs; [`CrashStorage`] checks that order by dropping every
+//! write after a chosen sync, as a power cut would.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
+
+use nix::fcntl::{fallocate, FallocateFlags};
+
+/// A byte-addressed, growable backing store.
+pub trait Storage: Send {
+    /// Fills `buf` from `offset`; bytes past the end read as zeros.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    fn write_at(&mut self, data: &[u8], offset: u64) -> io::Result<()>;
+    fn len(&self) -> io::Result<u64>;
+    fn set_len(&mut self, len: u64) -> io::Result<()>;
+    /// Everything written before is durable when this returns Ok.
+    fn sync(&mut self) -> io::Result<()>;
+    /// Deallocates a range, which then reads as zeros. Stores that cannot
+    /// write zeros instead.
+    fn punch_hole(&mut self, offset: u64, len: u64) -> io::Result<()>;
+}
+
+/// A regular file.
+pub struct FileStorage {
+    file: File,
+}
+
+impl FileStorage {
+    pub fn new(file: File) -> Self {
+        FileStorage { file }
+    }
+}
+
+/// Zeros written when the filesystem cannot punch holes.
+const ZERO_CHUNK_BYTES: usize = 1 << 20;
+
+impl Storage for FileStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    return Ok(());
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&mut self, data: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(data, offset)
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    fn set_len(&mut self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn punch_hole(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        let r = fallocate(
+            &self.file,
+            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            offset as i64,
+            len as i64,
+        );
+        match r {
+            Ok(()) => Ok(()),
+            Err(nix::errno::Errno::EOPNOTSUPP) => {
+                let zeros = vec![0u8; ZERO_CHUNK_BYTES];
+                let end = offset + len;
+                let mut at = offset;
+                while at < end {
+                    let n = (end - at).min(ZERO_CHUNK_BYTES as u64) as usize;
+                    self.file.write_all_at(&zeros[..n], at)?;
+                    at += n as u64;
+                }
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// In-memory storage that simulates power loss: after `syncs_before_crash`
+/// successful syncs, every later write and sync is silently dropped (or
+/// fails, with `fail_after_crash`), so the durable state is exactly what
+/// the format had synced. [`CrashStorage::durable`] hands it back.
+#[derive(Clone)]
+pub struct CrashStorage {
+    inner: Arc<Mutex<CrashState>>,
+}
+
+struct CrashState {
+    /// What a reader sees now (includes unsynced writes).
+    live: Vec<u8>,
+    /// What survives a power cut.
+    durable: Vec<u8>,
+    syncs_left: Option<u64>,
+    crashed: bool,
+    fail_after_crash: bool,
+}
+
+impl CrashStorage {
+    /// Starts from `initial` contents (already durable). `None` never crashes.
+    pub fn new(initial: Vec<u8>, syncs_before_crash: Option<u64>) -> Self {
+        CrashStorage {
+            inner: Arc::new(Mutex::new(CrashState {
+                live: initial.clone(),
+                durable: initial,
+                syncs_left: syncs_before_crash,
+                crashed: false,
+                fail_after_crash: false,
+            })),
+        }
+    }
+
+    /// Makes writes after the crash return EIO instead of vanishing.
+    pub fn fail_after_crash(&self) {
+        self.state().fail_after_crash = true;
+    }
+
+    pub fn crashed(&self) -> bool {
+        self.state().crashed
+    }
+
+    /// The bytes that survived: what a machine would find after the cut.
+    pub fn durable(&self) -> Vec<u8> {
+        self.state().durable.clone()
+    }
+
+    /// The bytes a reader sees now.
+    pub fn live(&self) -> Vec<u8> {
+        self.state().live.clone()
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, CrashState> {
+        self.inner.lock().expect("crash storage lock")
+    }
+}
+
+impl CrashState {
+    fn dropped(&self) -> io::Result<bool> {
+        if self.crashed {
+            if self.fail_after_crash {
+                return Err(io::Error::from_raw_os_error(nix::libc::EIO));
+            }
+            return Ok(true);
+        }
+        Ok(false)
+    }
+}
+
+fn resize(v: &mut Vec<u8>, end: u64) {
+    if v.len() < end as usize {
+        v.resize(end as usize, 0);
+    }
+}
+
+impl Storage for CrashStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let s = self.state();
+        let start = (offset as usize).min(s.live.len());
+        let end = (offset as usize + buf.len()).min(s.live.len());
+        buf.fill(0);
+        buf[..end - start].copy_from_slice(&s.live[start..end]);
+        Ok(())
+    }
+
+    fn write_at(&mut self, data: &[u8], offset: u64) -> io::Result<()> {
+        let mut s = self.state();
+        if s.dropped()? {
+            return Ok(());
+        }
+        let end = offset + data.len() as u64;
+        resize(&mut s.live, end);
+        s.live[offset as usize..end as usize].copy_from_slice(data);
+        Ok(())
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.state().live.len() as u64)
+    }
+
+    fn set_len(&mut self, len: u64) -> io::Result<()> {
+        let mut s = self.state();
+        if s.dropped()? {
+            return Ok(());
+        }
+        s.live.resize(len as usize, 0);
+        Ok(())
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        let mut s = self.state();
+        if s.dropped()? {
+            return Ok(());
+        }
+        match s.syncs_left {
+            Some(0) => {
+                s.crashed = true;
+                return s.dropped().map(|_| ());
+            }
+            Some(n) => s.syncs_left = Some(n - 1),
+            None => {}
+        }
+        s.durable = s.live.clone();
+        Ok(())
+    }
+
+    fn punch_hole(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        let mut s = self.state();
+        if s.dropped()? {
+            return Ok(());
+        }
+        let end = (offset + len).min(s.live.len() as u64);
+        if offset < end {
+            s.live[offset as usize..end as usize].fill(0);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_synced_writes_survive_the_cut() {
+        let mut s = CrashStorage::new(vec![0; 16], Some(1));
+        s.write_at(&[1; 4], 0).expect("write");
+        s.sync().expect("sync 1 is kept");
+        s.write_at(&[2; 4], 4).expect("write");
+        s.sync().expect("the crash is silent");
+        assert!(s.crashed());
+        s.write_at(&[3; 4], 8).expect("dropped");
+        let d = s.durable();
+        assert_eq!(&d[..8], &[1, 1, 1, 1, 0, 0, 0, 0]);
+        assert_eq!(&d[8..12], &[0; 4]);
+    }
+
+    #[test]
+    fn file_reads_past_end_are_zero() {
+        let f = tempfile::tempfile().expect("tempfile");
+        let mut s = FileStorage::new(f);
+        s.write_at(&[9; 4], 0).expect("write");
+        let mut buf = [7u8; 8];
+        s.read_at(&mut buf, 2).expect("read");
+        assert_eq!(buf, [9, 9, 0, 0, 0, 0, 0, 0]);
+    }
+}

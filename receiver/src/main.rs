@@ -1,0 +1,194 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tidemark_receiver::config::{
+    ReceiverConfig, DEFAULT_IMAGE_DIR, DEFAULT_LISTEN, DEFAULT_RETENTION_DIR,
+};
+use tidemark_receiver::pki::DEFAULT_CERT_DAYS;
+use tidemark_receiver::{export, listing, server, setup};
+
+#[derive(Parser)]
+#[command(
+    name = "tidemark-receiver",
+    version,
+    about = "tidemark receiver (master target)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a CA, this receiver's certificate and receiver.toml.
+    Init {
+        /// Directory for the CA, certificates and receiver.toml.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Address to listen on.
+        #[arg(long, default_value = DEFAULT_LISTEN)]
+        listen: SocketAddr,
+        /// Where disk images live.
+        #[arg(long, default_value = DEFAULT_IMAGE_DIR)]
+        image_dir: PathBuf,
+        /// Retention volume (registry, recovery points).
+        #[arg(long, default_value = DEFAULT_RETENTION_DIR)]
+        retention_dir: PathBuf,
+        /// Receiver name (certificate CN); defaults to the host name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Extra DNS name or IP for the receiver certificate (repeatable).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// Certificate lifetime in days.
+        #[arg(long, default_value_t = DEFAULT_CERT_DAYS)]
+        days: i64,
+    },
+    /// Create an agent's certificate, key, CA copy and agent.toml.
+    IssueCert {
+        /// Directory `init` wrote (holds the CA).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Agent name (usually the protected machine's host name).
+        #[arg(long)]
+        name: String,
+        /// Receiver address the agent connects to, HOST:PORT.
+        #[arg(long)]
+        receiver: String,
+        /// Directory to write the agent's files into.
+        #[arg(long)]
+        out: PathBuf,
+        /// Certificate lifetime in days.
+        #[arg(long, default_value_t = DEFAULT_CERT_DAYS)]
+        days: i64,
+    },
+    /// Accept agents and write their disks.
+    Serve {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// List recovery points.
+    Points {
+        #[arg(long)]
+        config: PathBuf,
+        /// Only points covering this disk.
+        #[arg(long)]
+        disk: Option<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a disk as of a recovery point to a file.
+    Export {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        disk: String,
+        /// `latest` or a point id.
+        #[arg(long, default_value = "latest")]
+        point: String,
+        /// Output format: raw.
+        #[arg(long, default_value = "raw")]
+        format: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TIDEMARK_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the error and its causes.
+            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Init {
+            dir,
+            listen,
+            image_dir,
+            retention_dir,
+            name,
+            hosts,
+            days,
+        } => {
+            let name = match name {
+                Some(n) => n,
+                None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
+            };
+            let path = setup::init(&setup::InitOptions {
+                dir,
+                name,
+                listen,
+                image_dir,
+                retention_dir,
+                hosts,
+                days,
+            })?;
+            println!("{}", path.display());
+        }
+        Command::IssueCert {
+            dir,
+            name,
+            receiver,
+            out,
+            days,
+        } => {
+            let path = setup::issue_cert(&setup::IssueOptions {
+                dir,
+                name,
+                receiver,
+                out,
+                days,
+            })?;
+            println!("{}", path.display());
+        }
+        Command::Serve { config } => {
+            let config = ReceiverConfig::load(&config)?;
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(server::serve(config))?;
+        }
+        Command::Points { config, disk, json } => {
+            let config = ReceiverConfig::load(&config)?;
+            let points = listing::points(&config, disk.as_deref())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&points)?);
+            } else {
+                print!("{}", listing::table(&points));
+            }
+        }
+        Command::Export {
+            config,
+            disk,
+            point,
+            format,
+            out,
+        } => {
+            let config = ReceiverConfig::load(&config)?;
+            let p = export::export(&config, &disk, &point, &format, &out)?;
+            println!(
+                "exported disk {disk} at point {} ({}) to {}",
+                p.id,
+                p.kind.as_str(),
+                out.display()
+            );
+        }
+    }
+    Ok(())
+}

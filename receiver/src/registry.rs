@@ -1,0 +1,190 @@
+//! The persistent table of protected disks: which agent owns each disk id,
+//! where its image is, and which recovery point the image currently equals.
+//! Stored as one JSON file on the retention volume, replaced atomically.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tidemark_common::durable::write_atomic;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("cannot read disk registry {}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("disk registry {} is damaged ({message}); restore it from backup or move it aside to re-register all disks", path.display())]
+    Parse { path: PathBuf, message: String },
+    #[error("cannot write disk registry {}", path.display())]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// One protected disk.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DiskEntry {
+    /// Name of the agent (certificate CN) that owns the disk.
+    pub agent: String,
+    /// Image file name, relative to the image directory.
+    pub image: String,
+    /// Size the agent registered, in bytes.
+    pub size_bytes: u64,
+    pub logical_block_bytes: u32,
+    /// The recovery point the image holds exactly, or none while data newer
+    /// than the last point is being written. Cleared durably before the
+    /// first write after a point, set after the point's data is fsync'd, so
+    /// an export that sees the same value before and after copying the
+    /// image copied exactly that point.
+    pub image_point: Option<u64>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegistryFile {
+    disks: BTreeMap<String, DiskEntry>,
+}
+
+pub struct Registry {
+    path: PathBuf,
+    file: RegistryFile,
+}
+
+impl Registry {
+    /// Opens the registry; a missing file is an empty registry.
+    pub fn open(path: &Path) -> Result<Registry, RegistryError> {
+        let file = match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| RegistryError::Parse {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => RegistryFile::default(),
+            Err(source) => {
+                return Err(RegistryError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        Ok(Registry {
+            path: path.to_path_buf(),
+            file,
+        })
+    }
+
+    pub fn get(&self, disk_id: &str) -> Option<&DiskEntry> {
+        self.file.disks.get(disk_id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.file.disks.len()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &DiskEntry)> {
+        self.file.disks.iter()
+    }
+
+    /// Inserts or replaces an entry and makes it durable. On error the
+    /// in-memory table is left as it was on disk.
+    pub fn put(&mut self, disk_id: &str, entry: DiskEntry) -> Result<(), RegistryError> {
+        let old = self.file.disks.insert(disk_id.to_owned(), entry);
+        if let Err(e) = self.save() {
+            match old {
+                Some(o) => self.file.disks.insert(disk_id.to_owned(), o),
+                None => self.file.disks.remove(disk_id),
+            };
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Records which point an image equals (or none), durably.
+    pub fn set_image_point(
+        &mut self,
+        disk_id: &str,
+        point: Option<u64>,
+    ) -> Result<(), RegistryError> {
+        let Some(mut entry) = self.get(disk_id).cloned() else {
+            return Ok(());
+        };
+        if entry.image_point == point {
+            return Ok(());
+        }
+        entry.image_point = point;
+        self.put(disk_id, entry)
+    }
+
+    fn save(&self) -> Result<(), RegistryError> {
+        let mut bytes = serde_json::to_vec_pretty(&self.file).expect("registry serializes");
+        bytes.push(b'\n');
+        write_atomic(&self.path, &bytes, 0o644).map_err(|source| RegistryError::Write {
+            path: self.path.clone(),
+            source,
+        })
+    }
+}
+
+/// Disk ids become file names: keep them to a safe alphabet.
+pub fn validate_disk_id(id: &str) -> Result<(), String> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "disk id {id:?} is not valid: use 1-128 letters, digits, '.', '_', ':', '-' (not starting with '.')"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(agent: &str) -> DiskEntry {
+        DiskEntry {
+            agent: agent.into(),
+            image: "d.img".into(),
+            size_bytes: 1 << 20,
+            logical_block_bytes: 512,
+            image_point: None,
+        }
+    }
+
+    #[test]
+    fn survives_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("registry.json");
+        let mut r = Registry::open(&p).expect("open");
+        r.put("disk-a", entry("web")).expect("put");
+        r.set_image_point("disk-a", Some(7)).expect("set");
+        let r = Registry::open(&p).expect("reopen");
+        assert_eq!(r.get("disk-a").and_then(|e| e.image_point), Some(7));
+        assert_eq!(r.len(), 1);
+    }
+
+    #[test]
+    fn failed_save_leaves_memory_unchanged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut r = Registry::open(&dir.path().join("missing-dir/registry.json")).expect("open");
+        assert!(r.put("disk-a", entry("web")).is_err());
+        assert!(r.get("disk-a").is_none());
+    }
+
+    #[test]
+    fn disk_ids_are_restricted() {
+        assert!(validate_disk_id("6000c2912345678abcdef").is_ok());
+        assert!(validate_disk_id("scsi-0QEMU_disk:1").is_ok());
+        for bad in ["", "../etc", "a/b", ".hidden", "sp ace"] {
+            assert!(validate_disk_id(bad).is_err(), "{bad:?}");
+        }
+    }
+}

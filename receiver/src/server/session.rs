@@ -1,0 +1,622 @@
+//! One agent connection: preamble, hello, then a stream of registrations,
+//! extents and points. The reader task decodes frames and hands them, in
+//! order, to a [`Worker`] thread that verifies, writes, fsyncs and
+//! acknowledges.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
+use tracing::{info, warn};
+
+use tidemark_common::proto::frame::{read_message, write_message, FrameError};
+use tidemark_common::proto::handshake::{self, PREAMBLE_BYTES};
+use tidemark_common::proto::messages::{Extent, PayloadError};
+use tidemark_common::proto::{ErrorCode, Message, PointKind};
+
+use super::{Shared, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT};
+use crate::image::raw::RawImage;
+use crate::image::{Image, ImageError};
+use crate::registry::{validate_disk_id, DiskEntry};
+
+/// Bytes written between fsyncs while the agent keeps the input full;
+/// bounds how much an agent holds unacknowledged.
+const SYNC_EVERY_BYTES: u64 = 64 << 20;
+/// Messages queued between the reader and the worker.
+const WORK_QUEUE: usize = 16;
+
+/// Why a session stopped, as sent to the agent.
+#[derive(Debug)]
+struct Refusal {
+    code: ErrorCode,
+    message: String,
+}
+
+impl Refusal {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Refusal {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+fn storage(e: impl std::error::Error) -> Refusal {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    Refusal::new(ErrorCode::Storage, msg)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+pub async fn run(
+    shared: Arc<Shared>,
+    tls: TlsStream<tokio::net::TcpStream>,
+    cert_name: String,
+    session_id: u64,
+) -> anyhow::Result<()> {
+    let (mut rd, mut wr) = tokio::io::split(tls);
+
+    let mut pre = [0u8; PREAMBLE_BYTES];
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, rd.read_exact(&mut pre))
+        .await
+        .context("no preamble in time")?
+        .context("reading preamble")?;
+    match handshake::receiver_choose(&pre) {
+        Ok(v) => wr.write_all(&handshake::receiver_reply(v)).await?,
+        Err(e) => {
+            if e != handshake::HandshakeError::BadMagic {
+                wr.write_all(&handshake::receiver_reply(0)).await?;
+                let _ = wr.shutdown().await;
+            }
+            return Err(e.into());
+        }
+    }
+
+    let mut buf = Vec::new();
+    let mut scratch = Vec::new();
+    let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_message(&mut rd, &mut buf))
+        .await
+        .context("no hello in time")??;
+    let agent = match hello {
+        Some(Message::Hello {
+            agent_name,
+            software_version,
+        }) => {
+            if agent_name != cert_name {
+                let msg = format!(
+                    "agent says it is {agent_name:?} but its certificate is for {cert_name:?}; use the certificate issued for this agent"
+                );
+                let err = Message::Error {
+                    code: ErrorCode::Unauthorized,
+                    message: msg.clone(),
+                };
+                write_message(&mut wr, &err, &mut scratch).await?;
+                let _ = wr.shutdown().await;
+                anyhow::bail!(msg);
+            }
+            info!("agent {agent_name} connected (tidemark {software_version})");
+            agent_name
+        }
+        Some(other) => anyhow::bail!("expected hello, got {}", other.name()),
+        None => anyhow::bail!("closed before hello"),
+    };
+    write_message(
+        &mut wr,
+        &Message::Welcome {
+            receiver_name: shared.config.name.clone(),
+            session_id,
+        },
+        &mut scratch,
+    )
+    .await?;
+    wr.flush().await?;
+
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Message>();
+    let writer = tokio::spawn(async move {
+        let mut scratch = Vec::new();
+        while let Some(msg) = out_rx.recv().await {
+            let is_error = matches!(msg, Message::Error { .. });
+            if write_message(&mut wr, &msg, &mut scratch).await.is_err() {
+                break;
+            }
+            // Batch what is queued, then flush once.
+            if out_rx.is_empty() || is_error {
+                if wr.flush().await.is_err() {
+                    break;
+                }
+            }
+            if is_error {
+                let _ = wr.shutdown().await;
+                break;
+            }
+        }
+    });
+
+    let (in_tx, in_rx) = mpsc::channel::<Message>(WORK_QUEUE);
+    let worker = {
+        let shared = shared.clone();
+        let out = out_tx.clone();
+        let agent = agent.clone();
+        std::thread::Builder::new()
+            .name(format!("session-{session_id}"))
+            .spawn(move || Worker::new(shared, agent, out).run(in_rx))
+            .context("cannot start session thread")?
+    };
+
+    let result = loop {
+        let msg = match tokio::time::timeout(IDLE_TIMEOUT, read_message(&mut rd, &mut buf)).await {
+            Err(_) => break Err(anyhow::anyhow!("no message for {IDLE_TIMEOUT:?}")),
+            Ok(Ok(None)) => break Ok(()),
+            Ok(Ok(Some(m))) => m,
+            Ok(Err(FrameError::Io(e))) => break Err(anyhow::Error::new(e).context("reading")),
+            Ok(Err(e)) => {
+                let text = format!("{e}: {}", error_chain(&e));
+                let _ = out_tx.send(Message::Error {
+                    code: ErrorCode::Protocol,
+                    message: text.clone(),
+                });
+                break Err(anyhow::anyhow!("protocol error: {text}"));
+            }
+        };
+        match msg {
+            Message::Heartbeat { .. } => {
+                let _ = out_tx.send(Message::Heartbeat { time_ms: now_ms() });
+            }
+            Message::RegisterDisk { .. }
+            | Message::Extent(_)
+            | Message::Zero { .. }
+            | Message::Point { .. } => {
+                if in_tx.send(msg).await.is_err() {
+                    // The worker stopped and has told the agent why.
+                    break Ok(());
+                }
+            }
+            Message::Error { code, message } => {
+                break Err(anyhow::anyhow!("agent reported {code:?}: {message}"));
+            }
+            other => {
+                let text = format!("unexpected {} message from an agent", other.name());
+                let _ = out_tx.send(Message::Error {
+                    code: ErrorCode::Protocol,
+                    message: text.clone(),
+                });
+                break Err(anyhow::anyhow!(text));
+            }
+        }
+    };
+    drop(in_tx);
+    drop(out_tx);
+    let _ = tokio::task::spawn_blocking(move || worker.join()).await;
+    let _ = writer.await;
+    result
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = Vec::new();
+    let mut src = e.source();
+    while let Some(s) = src {
+        parts.push(s.to_string());
+        src = s.source();
+    }
+    parts.join(": ")
+}
+
+struct OpenDisk {
+    id: String,
+    image: Box<dyn Image>,
+    size_bytes: u64,
+    /// Whether the registry already says this image is past its last point.
+    point_cleared: bool,
+}
+
+/// Applies one session's messages to disk, in order, on its own thread.
+struct Worker {
+    shared: Arc<Shared>,
+    agent: String,
+    out: mpsc::UnboundedSender<Message>,
+    disks: Vec<OpenDisk>,
+    /// Handles written since the last fsync.
+    dirty: BTreeSet<usize>,
+    /// Highest seq applied (written, maybe not yet durable).
+    applied_seq: u64,
+    /// Highest seq acknowledged durable.
+    acked_seq: u64,
+    bytes_since_sync: u64,
+    decompressor: zstd::bulk::Decompressor<'static>,
+    scratch: Vec<u8>,
+}
+
+impl Worker {
+    fn new(shared: Arc<Shared>, agent: String, out: mpsc::UnboundedSender<Message>) -> Self {
+        Worker {
+            shared,
+            agent,
+            out,
+            disks: Vec::new(),
+            dirty: BTreeSet::new(),
+            applied_seq: 0,
+            acked_seq: 0,
+            bytes_since_sync: 0,
+            decompressor: zstd::bulk::Decompressor::new().expect("zstd context allocates"),
+            scratch: Vec::new(),
+        }
+    }
+
+    fn run(mut self, mut rx: mpsc::Receiver<Message>) {
+        let result = self.pump(&mut rx);
+        if let Err(r) = &result {
+            warn!("refusing agent {}: {:?}: {}", self.agent, r.code, r.message);
+            let _ = self.out.send(Message::Error {
+                code: r.code,
+                message: r.message.clone(),
+            });
+        } else if let Err(r) = self.sync_and_ack() {
+            warn!("final sync for agent {} failed: {}", self.agent, r.message);
+        }
+        let mut in_use = self.shared.in_use.lock().expect("in_use lock");
+        for d in &self.disks {
+            in_use.remove(&d.id);
+        }
+    }
+
+    fn pump(&mut self, rx: &mut mpsc::Receiver<Message>) -> Result<(), Refusal> {
+        loop {
+            let msg = match rx.try_recv() {
+                Ok(m) => m,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    // Input drained: make what we have durable and say so
+                    // before waiting, so the agent is never left waiting on
+                    // an ack for data that sits in our page cache.
+                    self.sync_and_ack()?;
+                    match rx.blocking_recv() {
+                        Some(m) => m,
+                        None => return Ok(()),
+                    }
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => return Ok(()),
+            };
+            self.handle(msg)?;
+            if self.bytes_since_sync >= SYNC_EVERY_BYTES {
+                self.sync_and_ack()?;
+            }
+        }
+    }
+
+    fn handle(&mut self, msg: Message) -> Result<(), Refusal> {
+        match msg {
+            Message::RegisterDisk {
+                disk_id,
+                size_bytes,
+                logical_block_bytes,
+            } => {
+                let reply = self.register(disk_id, size_bytes, logical_block_bytes)?;
+                let _ = self.out.send(reply);
+                Ok(())
+            }
+            Message::Extent(e) => self.extent(e),
+            Message::Zero {
+                seq,
+                disk,
+                offset_bytes,
+                len_bytes,
+            } => {
+                self.next_seq(seq)?;
+                let d = self.disk_for_write(disk, offset_bytes, len_bytes)?;
+                self.disks[d]
+                    .image
+                    .write_zeroes(offset_bytes, len_bytes)
+                    .map_err(storage)?;
+                self.written(d, seq, 0);
+                Ok(())
+            }
+            Message::Point {
+                seq,
+                kind,
+                name,
+                agent_time_ms,
+            } => self.point(seq, kind, &name, agent_time_ms),
+            other => Err(Refusal::new(
+                ErrorCode::Protocol,
+                format!("unexpected {} message", other.name()),
+            )),
+        }
+    }
+
+    fn next_seq(&self, seq: u64) -> Result<(), Refusal> {
+        if seq <= self.applied_seq {
+            return Err(Refusal::new(
+                ErrorCode::Protocol,
+                format!("sequence number {seq} does not follow {}", self.applied_seq),
+            ));
+        }
+        Ok(())
+    }
+
+    fn extent(&mut self, e: Extent) -> Result<(), Refusal> {
+        self.next_seq(e.seq)?;
+        let d = self.disk_for_write(e.disk, e.offset_bytes, u64::from(e.len_bytes))?;
+        let data = e
+            .unpack(&mut self.decompressor, &mut self.scratch)
+            .map_err(|err| {
+                let code = match err {
+                    PayloadError::ChecksumMismatch { .. } => ErrorCode::ChecksumMismatch,
+                    PayloadError::BadZstd { .. } => ErrorCode::Protocol,
+                };
+                Refusal::new(
+                    code,
+                    format!(
+                        "extent at byte {} of disk {} rejected, nothing written: {err}",
+                        e.offset_bytes, self.disks[d].id
+                    ),
+                )
+            })?;
+        self.disks[d]
+            .image
+            .write_at(e.offset_bytes, data)
+            .map_err(storage)?;
+        self.written(d, e.seq, u64::from(e.len_bytes));
+        Ok(())
+    }
+
+    /// Checks the handle and range, and makes sure the registry no longer
+    /// claims the image equals its last point before it changes.
+    fn disk_for_write(&mut self, handle: u32, offset: u64, len: u64) -> Result<usize, Refusal> {
+        let d = handle as usize;
+        let Some(disk) = self.disks.get(d) else {
+            return Err(Refusal::new(
+                ErrorCode::UnknownDisk,
+                format!("disk handle {handle} was never registered in this session"),
+            ));
+        };
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > disk.size_bytes)
+        {
+            return Err(Refusal::new(
+                ErrorCode::OutOfRange,
+                format!(
+                    "range {offset}+{len} lies beyond the end of disk {} ({} bytes)",
+                    disk.id, disk.size_bytes
+                ),
+            ));
+        }
+        if !disk.point_cleared {
+            self.shared
+                .registry
+                .lock()
+                .expect("registry lock")
+                .set_image_point(&disk.id, None)
+                .map_err(storage)?;
+            self.disks[d].point_cleared = true;
+        }
+        Ok(d)
+    }
+
+    fn written(&mut self, d: usize, seq: u64, bytes: u64) {
+        self.dirty.insert(d);
+        self.applied_seq = seq;
+        self.bytes_since_sync += bytes;
+    }
+
+    fn sync_and_ack(&mut self) -> Result<(), Refusal> {
+        for &d in &self.dirty {
+            self.disks[d].image.flush().map_err(storage)?;
+        }
+        self.dirty.clear();
+        self.bytes_since_sync = 0;
+        if self.applied_seq > self.acked_seq {
+            self.acked_seq = self.applied_seq;
+            let _ = self.out.send(Message::Ack {
+                seq: self.acked_seq,
+            });
+        }
+        Ok(())
+    }
+
+    fn point(
+        &mut self,
+        seq: u64,
+        kind: PointKind,
+        name: &str,
+        agent_time_ms: u64,
+    ) -> Result<(), Refusal> {
+        self.next_seq(seq)?;
+        if self.disks.is_empty() {
+            return Err(Refusal::new(
+                ErrorCode::Protocol,
+                "a recovery point needs at least one registered disk",
+            ));
+        }
+        self.applied_seq = seq;
+        self.sync_and_ack()?;
+        let disk_ids: Vec<String> = self.disks.iter().map(|d| d.id.clone()).collect();
+        let point = self
+            .shared
+            .points
+            .lock()
+            .expect("points lock")
+            .append(&self.agent, kind, name, agent_time_ms, disk_ids)
+            .map_err(storage)?;
+        {
+            let mut reg = self.shared.registry.lock().expect("registry lock");
+            for d in &mut self.disks {
+                reg.set_image_point(&d.id, Some(point.id))
+                    .map_err(storage)?;
+                d.point_cleared = false;
+            }
+        }
+        info!(
+            "recovery point {} ({}) recorded for agent {} covering {} disk(s)",
+            point.id,
+            kind.as_str(),
+            self.agent,
+            self.disks.len()
+        );
+        let _ = self.out.send(Message::PointRecorded {
+            seq,
+            point_id: point.id,
+        });
+        Ok(())
+    }
+
+    fn register(
+        &mut self,
+        disk_id: String,
+        size_bytes: u64,
+        logical_block_bytes: u32,
+    ) -> Result<Message, Refusal> {
+        validate_disk_id(&disk_id).map_err(|m| Refusal::new(ErrorCode::Protocol, m))?;
+        if !(512..=65536).contains(&logical_block_bytes)
+            || !logical_block_bytes.is_power_of_two()
+            || size_bytes == 0
+            || size_bytes % u64::from(logical_block_bytes) != 0
+        {
+            return Err(Refusal::new(
+                ErrorCode::Protocol,
+                format!("disk {disk_id}: size {size_bytes} is not a positive multiple of its logical block size {logical_block_bytes}"),
+            ));
+        }
+        if self.disks.iter().any(|d| d.id == disk_id) {
+            return Err(Refusal::new(
+                ErrorCode::Protocol,
+                format!("disk {disk_id} registered twice in one session"),
+            ));
+        }
+        if !self
+            .shared
+            .in_use
+            .lock()
+            .expect("in_use lock")
+            .insert(disk_id.clone())
+        {
+            return Err(Refusal::new(
+                ErrorCode::Busy,
+                format!("disk {disk_id} is being replicated by another connection right now; retry when it ends"),
+            ));
+        }
+        match self.open_or_create(&disk_id, size_bytes, logical_block_bytes) {
+            Ok((image, existed)) => {
+                let handle = self.disks.len() as u32;
+                self.disks.push(OpenDisk {
+                    id: disk_id.clone(),
+                    image,
+                    size_bytes,
+                    point_cleared: false,
+                });
+                Ok(Message::DiskRegistered {
+                    disk_id,
+                    handle,
+                    image_existed: existed,
+                })
+            }
+            Err(r) => {
+                self.shared
+                    .in_use
+                    .lock()
+                    .expect("in_use lock")
+                    .remove(&disk_id);
+                Err(r)
+            }
+        }
+    }
+
+    fn open_or_create(
+        &mut self,
+        disk_id: &str,
+        size_bytes: u64,
+        logical_block_bytes: u32,
+    ) -> Result<(Box<dyn Image>, bool), Refusal> {
+        let config = &self.shared.config;
+        let mut reg = self.shared.registry.lock().expect("registry lock");
+        let existing = reg.get(disk_id).cloned();
+        if let Some(entry) = &existing {
+            if entry.agent != self.agent {
+                warn!(
+                    "agent {} tried to register disk {disk_id}, which belongs to agent {}",
+                    self.agent, entry.agent
+                );
+                return Err(Refusal::new(
+                    ErrorCode::Unauthorized,
+                    format!(
+                        "disk {disk_id} belongs to agent {}; give this disk another id, or have the operator reassign it",
+                        entry.agent
+                    ),
+                ));
+            }
+        } else if reg.len() >= config.max_disks {
+            return Err(Refusal::new(
+                ErrorCode::Limit,
+                format!(
+                    "receiver {} already protects {} disks (max_disks = {}); raise max_disks or use another receiver",
+                    config.name,
+                    reg.len(),
+                    config.max_disks
+                ),
+            ));
+        }
+        let file_name = existing
+            .as_ref()
+            .map_or_else(|| format!("{disk_id}.img"), |e| e.image.clone());
+        let path = config.image_dir.join(&file_name);
+        let (image, existed) = match RawImage::open(&path, true) {
+            Ok(img) => (img, true),
+            Err(ImageError::Open { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                if existing.is_some() {
+                    warn!(
+                        "image {} of disk {disk_id} is missing; creating a new one (full copy)",
+                        path.display()
+                    );
+                }
+                (RawImage::create(&path, size_bytes).map_err(storage)?, false)
+            }
+            Err(e) => return Err(storage(e)),
+        };
+        if size_bytes > image.size_bytes() {
+            return Err(Refusal::new(
+                ErrorCode::DiskTooLarge,
+                format!(
+                    "disk {disk_id} is {size_bytes} bytes but its image {} is only {} bytes; grow the image (e.g. truncate -s {size_bytes}) or register the disk under a new id",
+                    path.display(),
+                    image.size_bytes()
+                ),
+            ));
+        }
+        if existed {
+            info!("disk {disk_id}: writing into existing image {} (original location: only changes travel)", path.display());
+        } else {
+            warn!("disk {disk_id}: no image found, created {} (alternate location: an additional disk was created, full copy follows)", path.display());
+        }
+        let entry = DiskEntry {
+            agent: self.agent.clone(),
+            image: file_name,
+            size_bytes,
+            logical_block_bytes,
+            // A newly created image equals no point yet.
+            image_point: if existed {
+                existing.and_then(|e| e.image_point)
+            } else {
+                None
+            },
+        };
+        if reg.get(disk_id) != Some(&entry) {
+            reg.put(disk_id, entry).map_err(storage)?;
+        }
+        Ok((Box::new(image), existed))
+    }
+}
