@@ -84,6 +84,10 @@ impl Registry {
         self.file.disks.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.file.disks.is_empty()
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = (&String, &DiskEntry)> {
         self.file.disks.iter()
     }

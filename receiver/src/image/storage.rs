@@ -11,6 +11,8 @@ use std::sync::{Arc, Mutex};
 use nix::fcntl::{fallocate, FallocateFlags};
 
 /// A byte-addressed, growable backing store.
+// `len` mirrors File::metadata().len(); an `is_empty` would only be noise.
+#[allow(clippy::len_without_is_empty)]
 pub trait Storage: Send {
     /// Fills `buf` from `offset`; bytes past the end read as zeros.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;

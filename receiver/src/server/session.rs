@@ -134,10 +134,8 @@ pub async fn run(
                 break;
             }
             // Batch what is queued, then flush once.
-            if out_rx.is_empty() || is_error {
-                if wr.flush().await.is_err() {
-                    break;
-                }
+            if (out_rx.is_empty() || is_error) && wr.flush().await.is_err() {
+                break;
             }
             if is_error {
                 let _ = wr.shutdown().await;
@@ -483,7 +481,7 @@ impl Worker {
         if !(512..=65536).contains(&logical_block_bytes)
             || !logical_block_bytes.is_power_of_two()
             || size_bytes == 0
-            || size_bytes % u64::from(logical_block_bytes) != 0
+            || !size_bytes.is_multiple_of(u64::from(logical_block_bytes))
         {
             return Err(Refusal::new(
                 ErrorCode::Protocol,

@@ -1,0 +1,11 @@
+//! The tidemark agent: finds the protected machine's disks, reads them with
+//! io_uring, compresses on a worker pool and ships the data over mutual TLS
+//! to a receiver.
+
+pub mod config;
+pub mod disks;
+pub mod pipeline;
+pub mod progress;
+pub mod source;
+pub mod sync;
+pub mod transport;

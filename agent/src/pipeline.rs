@@ -1,0 +1,303 @@
+//! Disk data to wire pieces: one reader thread per run (io_uring, bounded
+//! buffer pool) feeds a pool of compression threads through a crossbeam
+//! channel; they split each buffer into zero runs and data runs, checksum
+//! and compress the data, and hand the pieces to the transport.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use tidemark_common::proto::messages::Extent;
+use tidemark_common::proto::{Message, MAX_EXTENT_BYTES};
+use tokio::sync::mpsc;
+
+use crate::disks::Disk;
+use crate::progress::Progress;
+use crate::source::{BufPool, DeviceReader, ReadBuf, SourceError};
+
+/// Bytes per read. One extent per read keeps checksums and compression
+/// frames aligned with I/O.
+pub const READ_BYTES: usize = 1 << 20;
+/// Zero detection granularity: a 4 KiB block of zeros travels as a zero
+/// record, never as data.
+pub const ZERO_BLOCK_BYTES: usize = 4096;
+const _: () = assert!(READ_BYTES <= MAX_EXTENT_BYTES as usize);
+
+/// A unit of wire traffic before it gets its sequence number and handle.
+#[derive(Debug, Clone)]
+pub enum Piece {
+    /// `disk` in the extent is the index of the disk in this run.
+    Data(Extent),
+    Zero {
+        disk: u32,
+        offset_bytes: u64,
+        len_bytes: u64,
+    },
+}
+
+impl Piece {
+    /// Bytes the piece occupies in memory and on the wire (approximately).
+    pub fn wire_bytes(&self) -> u64 {
+        match self {
+            Piece::Data(e) => e.payload.len() as u64 + 64,
+            Piece::Zero { .. } => 32,
+        }
+    }
+
+    /// Disk bytes this piece covers.
+    pub fn disk_bytes(&self) -> u64 {
+        match self {
+            Piece::Data(e) => u64::from(e.len_bytes),
+            Piece::Zero { len_bytes, .. } => *len_bytes,
+        }
+    }
+
+    /// The message for a session in which disk index i has `handles[i]`.
+    pub fn to_message(&self, seq: u64, handles: &[u32]) -> Message {
+        match self {
+            Piece::Data(e) => {
+                let mut e = e.clone();
+                e.seq = seq;
+                e.disk = handles[e.disk as usize];
+                Message::Extent(e)
+            }
+            Piece::Zero {
+                disk,
+                offset_bytes,
+                len_bytes,
+            } => Message::Zero {
+                seq,
+                disk: handles[*disk as usize],
+                offset_bytes: *offset_bytes,
+                len_bytes: *len_bytes,
+            },
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("reading disk {device}")]
+    Read {
+        device: String,
+        #[source]
+        source: SourceError,
+    },
+    #[error("cannot start a pipeline thread")]
+    Spawn(#[source] std::io::Error),
+}
+
+/// Internal signal: the consumer went away, stop quietly.
+#[derive(Debug)]
+enum Stop {
+    Source(SourceError),
+    Closed,
+}
+
+impl From<SourceError> for Stop {
+    fn from(e: SourceError) -> Self {
+        Stop::Source(e)
+    }
+}
+
+pub struct Pipeline {
+    pub pieces: mpsc::Receiver<Piece>,
+    reader: Option<JoinHandle<Result<(), PipelineError>>>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+pub struct Job {
+    pub disk: Disk,
+    pub ranges: Vec<Range<u64>>,
+}
+
+pub struct Settings {
+    pub queue_depth: usize,
+    pub compress_threads: usize,
+    pub zstd_level: i32,
+}
+
+impl Pipeline {
+    /// Starts reading `jobs` (disk index = position in `jobs`).
+    pub fn start(
+        jobs: Vec<Job>,
+        settings: &Settings,
+        progress: Arc<Progress>,
+    ) -> Result<Pipeline, PipelineError> {
+        let workers_n = settings.compress_threads.max(1);
+        // Enough buffers for every read in flight plus one being compressed
+        // per worker and one queued for each: memory stays bounded however
+        // large the disk is.
+        let pool = BufPool::new(settings.queue_depth + 2 * workers_n, READ_BYTES);
+        let (work_tx, work_rx) = crossbeam_channel::bounded::<(u32, u64, ReadBuf)>(workers_n);
+        let (piece_tx, piece_rx) = mpsc::channel::<Piece>(256);
+
+        let mut workers = Vec::new();
+        for i in 0..workers_n {
+            let rx = work_rx.clone();
+            let tx = piece_tx.clone();
+            let progress = progress.clone();
+            let level = settings.zstd_level;
+            workers.push(
+                std::thread::Builder::new()
+                    .name(format!("compress-{i}"))
+                    .spawn(move || compress_worker(rx, tx, level, &progress))
+                    .map_err(PipelineError::Spawn)?,
+            );
+        }
+        drop(piece_tx);
+
+        let qd = settings.queue_depth;
+        let reader = std::thread::Builder::new()
+            .name("reader".into())
+            .spawn(move || {
+                for (idx, job) in jobs.iter().enumerate() {
+                    let device = job.disk.device.display().to_string();
+                    let read_err = |source| PipelineError::Read {
+                        device: device.clone(),
+                        source,
+                    };
+                    let mut reader =
+                        DeviceReader::open(&job.disk.device, qd, false).map_err(read_err)?;
+                    let r = reader.read_ranges(&job.ranges, &pool, |off, buf| {
+                        Progress::add(&progress.read_bytes, buf.len() as u64);
+                        work_tx
+                            .send((idx as u32, off, buf))
+                            .map_err(|_| Stop::Closed)
+                    });
+                    match r {
+                        Ok(()) => {}
+                        Err(Stop::Closed) => return Ok(()),
+                        Err(Stop::Source(e)) => return Err(read_err(e)),
+                    }
+                }
+                Ok(())
+            })
+            .map_err(PipelineError::Spawn)?;
+        Ok(Pipeline {
+            pieces: piece_rx,
+            reader: Some(reader),
+            workers,
+        })
+    }
+
+    /// Waits for the threads and returns the reader's error, if any. Call
+    /// once `pieces` has returned `None` (everything was read), or to stop
+    /// early: closing `pieces` makes every thread stop.
+    pub fn finish(&mut self) -> Result<(), PipelineError> {
+        self.pieces.close();
+        // Unblock workers waiting to hand over a piece.
+        while self.pieces.try_recv().is_ok() {}
+        let r = match self.reader.take() {
+            Some(h) => h
+                .join()
+                .unwrap_or_else(|_| panic!("reader thread panicked")),
+            None => Ok(()),
+        };
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+        r
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        let _ = self.finish();
+    }
+}
+
+fn compress_worker(
+    rx: crossbeam_channel::Receiver<(u32, u64, ReadBuf)>,
+    tx: mpsc::Sender<Piece>,
+    level: i32,
+    progress: &Progress,
+) {
+    let mut compressor =
+        zstd::bulk::Compressor::new(level).expect("zstd level validated by config");
+    while let Ok((disk, offset, buf)) = rx.recv() {
+        for (run_off, run_len, zero) in runs(&buf) {
+            let offset_bytes = offset + run_off as u64;
+            let piece = if zero {
+                Progress::add(&progress.zero_bytes, run_len as u64);
+                Piece::Zero {
+                    disk,
+                    offset_bytes,
+                    len_bytes: run_len as u64,
+                }
+            } else {
+                let data = &buf[run_off..run_off + run_len];
+                let e = Extent::pack(0, disk, offset_bytes, data, Some(&mut compressor));
+                Progress::add(&progress.data_bytes, run_len as u64);
+                Progress::add(&progress.payload_bytes, e.payload.len() as u64);
+                Piece::Data(e)
+            };
+            if tx.blocking_send(piece).is_err() {
+                return;
+            }
+        }
+        // `buf` drops here and goes back to the pool.
+    }
+}
+
+/// Splits a buffer into maximal runs of all-zero and non-zero
+/// [`ZERO_BLOCK_BYTES`] blocks: (offset, length, is_zero).
+pub fn runs(buf: &[u8]) -> Vec<(usize, usize, bool)> {
+    let mut out: Vec<(usize, usize, bool)> = Vec::new();
+    for (i, block) in buf.chunks(ZERO_BLOCK_BYTES).enumerate() {
+        let zero = is_zero(block);
+        match out.last_mut() {
+            Some(last) if last.2 == zero => last.1 += block.len(),
+            _ => out.push((i * ZERO_BLOCK_BYTES, block.len(), zero)),
+        }
+    }
+    out
+}
+
+/// Fast all-zero test: ORs 16-byte words (vectorized by the compiler),
+/// after a cheap look at the first word, which settles most data blocks.
+pub fn is_zero(block: &[u8]) -> bool {
+    let word = |c: &[u8]| u128::from_ne_bytes(c.try_into().expect("chunks_exact yields 16 bytes"));
+    let mut chunks = block.chunks_exact(16);
+    if chunks.clone().next().is_some_and(|c| word(c) != 0) {
+        return false;
+    }
+    let acc = chunks.by_ref().fold(0u128, |acc, c| acc | word(c));
+    acc == 0 && chunks.remainder().iter().all(|&b| b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_split_zero_and_data() {
+        let mut buf = vec![0u8; 5 * ZERO_BLOCK_BYTES + 100];
+        buf[ZERO_BLOCK_BYTES + 5] = 1;
+        buf[2 * ZERO_BLOCK_BYTES] = 1;
+        buf[5 * ZERO_BLOCK_BYTES + 99] = 1;
+        let r = runs(&buf);
+        assert_eq!(
+            r,
+            vec![
+                (0, ZERO_BLOCK_BYTES, true),
+                (ZERO_BLOCK_BYTES, 2 * ZERO_BLOCK_BYTES, false),
+                (3 * ZERO_BLOCK_BYTES, 2 * ZERO_BLOCK_BYTES, true),
+                (5 * ZERO_BLOCK_BYTES, 100, false),
+            ]
+        );
+        let covered: usize = r.iter().map(|x| x.1).sum();
+        assert_eq!(covered, buf.len());
+    }
+
+    #[test]
+    fn is_zero_checks_every_byte() {
+        let mut b = vec![0u8; 4099];
+        assert!(is_zero(&b));
+        for i in [0, 15, 16, 4095, 4098] {
+            b[i] = 1;
+            assert!(!is_zero(&b), "byte {i}");
+            b[i] = 0;
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! Reading a disk: io_uring with many O_DIRECT reads in flight, or plain
+//! pread when io_uring is unavailable (old kernel, seccomp, or
+//! `TIDEMARK_NO_URING=1`). The engine is probed once per open and logged.
+
+mod buf;
+mod pread;
+mod uring;
+
+use std::fs::{File, OpenOptions};
+use std::ops::Range;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+pub use buf::{BufPool, ReadBuf, ALIGN_BYTES};
+
+/// Which engine reads the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    IoUring,
+    Pread,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("cannot open {}", path.display())]
+    OpenDevice {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("io_uring submission failed")]
+    SubmitRead(#[source] std::io::Error),
+    #[error("read at byte {offset_bytes} failed")]
+    ReadDevice {
+        offset_bytes: u64,
+        source: std::io::Error,
+    },
+    #[error("read at byte {offset_bytes} ended early: {got} of {expected} bytes (device shrank?)")]
+    ShortRead {
+        offset_bytes: u64,
+        expected: usize,
+        got: usize,
+    },
+    #[error("range {start}..{end} is not aligned to {ALIGN_BYTES}-byte O_DIRECT blocks")]
+    Unaligned { start: u64, end: u64 },
+}
+
+pub struct DeviceReader {
+    file: File,
+    path: PathBuf,
+    engine: Engine,
+    ring: Option<io_uring::IoUring>,
+    queue_depth: usize,
+    direct: bool,
+}
+
+impl DeviceReader {
+    /// Opens `path` read-only with O_DIRECT (buffered if the filesystem
+    /// refuses O_DIRECT) and picks the engine.
+    pub fn open(path: &Path, queue_depth: usize, force_pread: bool) -> Result<Self, SourceError> {
+        let open = |flags: i32| OpenOptions::new().read(true).custom_flags(flags).open(path);
+        let (file, direct) = match open(nix::libc::O_DIRECT) {
+            Ok(f) => (f, true),
+            Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {
+                tracing::warn!(
+                    "{} refuses O_DIRECT; reading through the page cache",
+                    path.display()
+                );
+                let f = open(0).map_err(|source| SourceError::OpenDevice {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                (f, false)
+            }
+            Err(source) => {
+                return Err(SourceError::OpenDevice {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        let queue_depth = queue_depth.clamp(1, 4096);
+        let no_uring_env = std::env::var("TIDEMARK_NO_URING").is_ok_and(|v| v == "1");
+        let ring = if force_pread || no_uring_env {
+            tracing::info!("reading {} with pread (io_uring disabled)", path.display());
+            None
+        } else {
+            match io_uring::IoUring::new(queue_depth.next_power_of_two() as u32) {
+                Ok(r) => {
+                    tracing::info!(
+                        "reading {} with io_uring, queue depth {queue_depth}{}",
+                        path.display(),
+                        if direct { ", O_DIRECT" } else { "" }
+                    );
+                    Some(r)
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "io_uring unavailable ({e}); reading {} with pread",
+                        path.display()
+                    );
+                    None
+                }
+            }
+        };
+        Ok(DeviceReader {
+            file,
+            path: path.to_path_buf(),
+            engine: if ring.is_some() {
+                Engine::IoUring
+            } else {
+                Engine::Pread
+            },
+            ring,
+            queue_depth,
+            direct,
+        })
+    }
+
+    pub fn engine(&self) -> Engine {
+        self.engine
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads every byte of `ranges` in pieces of at most the pool's buffer
+    /// size and hands each to `deliver(offset_bytes, buf)` in completion
+    /// order. If `deliver` fails, reads still in flight are reaped before
+    /// its error is returned, so no buffer is freed while the kernel
+    /// writes into it.
+    pub fn read_ranges<E: From<SourceError>>(
+        &mut self,
+        ranges: &[Range<u64>],
+        pool: &BufPool,
+        deliver: impl FnMut(u64, ReadBuf) -> Result<(), E>,
+    ) -> Result<(), E> {
+        if self.direct {
+            for r in ranges {
+                // The device end may be a 512-byte multiple; everything else
+                // must sit on 4 KiB boundaries for O_DIRECT.
+                if r.start % ALIGN_BYTES as u64 != 0 || r.end % 512 != 0 {
+                    return Err(SourceError::Unaligned {
+                        start: r.start,
+                        end: r.end,
+                    }
+                    .into());
+                }
+            }
+        }
+        let piece = pool.buf_bytes() as u64;
+        let pieces = ranges.iter().flat_map(move |r| {
+            (r.start..r.end)
+                .step_by(piece as usize)
+                .map(move |off| (off, (r.end - off).min(piece) as usize))
+        });
+        match self.ring.as_mut() {
+            Some(ring) => {
+                uring::read_pieces(ring, &self.file, self.queue_depth, pieces, pool, deliver)
+            }
+            None => pread::read_pieces(&self.file, pieces, pool, deliver),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn pattern(len: usize) -> Vec<u8> {
+        let mut x = 0x9e3779b97f4a7c15u64;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    fn reassemble(
+        engine_pread: bool,
+        file: &Path,
+        ranges: &[Range<u64>],
+        pool: &BufPool,
+    ) -> Vec<u8> {
+        let mut r = DeviceReader::open(file, 8, engine_pread).expect("open");
+        assert_eq!(r.engine() == Engine::Pread, engine_pread);
+        let len = ranges.iter().map(|r| r.end).max().unwrap_or(0) as usize;
+        let mut out = vec![0xeeu8; len];
+        r.read_ranges::<SourceError>(ranges, pool, |off, buf| {
+            out[off as usize..off as usize + buf.len()].copy_from_slice(&buf);
+            Ok(())
+        })
+        .expect("read");
+        out
+    }
+
+    #[test]
+    fn both_engines_read_exactly_the_ranges() {
+        let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir");
+        let p = dir.path().join("disk");
+        let data = pattern((9 << 20) + 4096);
+        std::fs::File::create(&p)
+            .and_then(|mut f| f.write_all(&data))
+            .expect("write");
+        let pool = BufPool::new(3, 1 << 20);
+        let ranges = [0..(1 << 20) + 8192, (3 << 20) + 4096..data.len() as u64];
+        for pread in [false, true] {
+            let got = reassemble(pread, &p, &ranges, &pool);
+            for r in &ranges {
+                let (s, e) = (r.start as usize, r.end as usize);
+                assert!(got[s..e] == data[s..e], "engine pread={pread} range {r:?}");
+            }
+            assert!(got[(1 << 20) + 8192..(3 << 20) + 4096]
+                .iter()
+                .all(|&b| b == 0xee));
+        }
+    }
+
+    #[test]
+    fn deliver_error_stops_cleanly() {
+        let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir");
+        let p = dir.path().join("disk");
+        std::fs::write(&p, pattern(4 << 20)).expect("write");
+        let pool = BufPool::new(4, 256 << 10);
+        for pread in [false, true] {
+            let mut r = DeviceReader::open(&p, 4, pread).expect("open");
+            let mut calls = 0;
+            let res: Result<(), SourceError> = r.read_ranges(&[0..4 << 20], &pool, |_, _| {
+                calls += 1;
+                if calls == 2 {
+                    Err(SourceError::ShortRead {
+                        offset_bytes: 0,
+                        expected: 1,
+                        got: 0,
+                    })
+                } else {
+                    Ok(())
+                }
+            });
+            assert!(matches!(res, Err(SourceError::ShortRead { .. })));
+            assert_eq!(calls, 2);
+            // Every buffer is back in the pool.
+            let all: Vec<_> = (0..4).map(|_| pool.try_get().expect("returned")).collect();
+            drop(all);
+        }
+    }
+
+    #[test]
+    fn reading_past_the_end_is_an_error() {
+        let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir");
+        let p = dir.path().join("disk");
+        std::fs::write(&p, pattern(1 << 20)).expect("write");
+        let pool = BufPool::new(2, 1 << 20);
+        for pread in [false, true] {
+            let mut r = DeviceReader::open(&p, 2, pread).expect("open");
+            let res = r.read_ranges::<SourceError>(&[0..2 << 20], &pool, |_, _| Ok(()));
+            assert!(
+                matches!(res, Err(SourceError::ShortRead { .. })),
+                "pread={pread}: {res:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn missing_device_is_named() {
+        let err = DeviceReader::open(Path::new("/nonexistent/disk"), 4, false)
+            .err()
+            .expect("must fail");
+        assert!(err.to_string().contains("/nonexistent/disk"));
+    }
+}

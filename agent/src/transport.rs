@@ -1,0 +1,293 @@
+//! The agent's side of a connection: TCP, TLS 1.3 with its certificate,
+//! the preamble, hello, and disk registration. Decoded messages from the
+//! receiver arrive on a channel so the caller can wait on them alongside
+//! its own work without losing half-read frames.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use tidemark_common::proto::frame::{read_message, write_message, FrameError};
+use tidemark_common::proto::handshake::{self, PREAMBLE_BYTES};
+use tidemark_common::proto::{ErrorCode, Message};
+use tidemark_common::tls::{client_config, server_name, TlsError};
+use tidemark_common::SOFTWARE_VERSION;
+
+use crate::config::AgentConfig;
+use crate::disks::Disk;
+
+/// Time allowed for TCP connect, TLS and the preamble together.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Whether trying again can help.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// Network trouble, receiver busy or restarting.
+    #[error("{0}")]
+    Retry(String),
+    /// Configuration or trust problem: retrying cannot fix it.
+    #[error("{0}")]
+    Fatal(String),
+}
+
+/// Receiver error codes worth retrying: they describe a passing state.
+pub fn retryable(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::Busy | ErrorCode::Storage | ErrorCode::Internal
+    )
+}
+
+pub struct Connector {
+    addr: String,
+    server_name: rustls_pki_types::ServerName<'static>,
+    tls: TlsConnector,
+    agent_name: String,
+}
+
+pub struct Connection {
+    /// Messages from the receiver; `Err` or `None` means the connection is gone.
+    pub incoming: mpsc::Receiver<Result<Message, FrameError>>,
+    writer: WriteHalf<TlsStream<TcpStream>>,
+    scratch: Vec<u8>,
+    reader: tokio::task::JoinHandle<()>,
+    pub receiver_name: String,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// Disk handles the receiver assigned in one session, by disk index.
+pub struct Registered {
+    pub handles: Vec<u32>,
+    pub image_existed: Vec<bool>,
+}
+
+impl Connector {
+    pub fn new(cfg: &AgentConfig) -> Result<Connector, TlsError> {
+        Ok(Connector {
+            addr: cfg.receiver.clone(),
+            server_name: server_name(&cfg.server_name)?,
+            tls: TlsConnector::from(client_config(&cfg.tls_files())?),
+            agent_name: cfg.name.clone(),
+        })
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    pub async fn connect(&self) -> Result<Connection, ConnectError> {
+        match tokio::time::timeout(CONNECT_TIMEOUT, self.connect_inner()).await {
+            Ok(r) => r,
+            Err(_) => Err(ConnectError::Retry(format!(
+                "receiver {} did not complete the handshake within {CONNECT_TIMEOUT:?}",
+                self.addr
+            ))),
+        }
+    }
+
+    async fn connect_inner(&self) -> Result<Connection, ConnectError> {
+        let tcp = TcpStream::connect(&self.addr).await.map_err(|e| {
+            ConnectError::Retry(format!("cannot connect to receiver {}: {e}", self.addr))
+        })?;
+        let _ = tcp.set_nodelay(true);
+        let tls = self
+            .tls
+            .connect(self.server_name.clone(), tcp)
+            .await
+            .map_err(|e| self.classify(e, "TLS handshake"))?;
+        let (mut rd, mut wr) = tokio::io::split(tls);
+        wr.write_all(&handshake::agent_preamble())
+            .await
+            .map_err(|e| self.classify(e, "sending preamble"))?;
+        wr.flush()
+            .await
+            .map_err(|e| self.classify(e, "sending preamble"))?;
+        // In TLS 1.3 the receiver checks our certificate after the client
+        // side considers the handshake done: a rejection arrives here.
+        let mut reply = [0u8; PREAMBLE_BYTES];
+        rd.read_exact(&mut reply)
+            .await
+            .map_err(|e| self.classify(e, "reading preamble"))?;
+        handshake::agent_accept(&reply)
+            .map_err(|e| ConnectError::Fatal(format!("receiver {}: {e}", self.addr)))?;
+
+        let mut scratch = Vec::new();
+        write_message(
+            &mut wr,
+            &Message::Hello {
+                agent_name: self.agent_name.clone(),
+                software_version: SOFTWARE_VERSION.to_owned(),
+            },
+            &mut scratch,
+        )
+        .await
+        .map_err(|e| self.classify(e, "sending hello"))?;
+        wr.flush()
+            .await
+            .map_err(|e| self.classify(e, "sending hello"))?;
+        let mut buf = Vec::new();
+        let receiver_name = match read_message(&mut rd, &mut buf).await {
+            Ok(Some(Message::Welcome { receiver_name, .. })) => receiver_name,
+            Ok(Some(Message::Error { code, message })) => {
+                return Err(refusal(&self.addr, code, &message))
+            }
+            Ok(Some(other)) => {
+                return Err(ConnectError::Fatal(format!(
+                    "receiver {} answered hello with {}",
+                    self.addr,
+                    other.name()
+                )))
+            }
+            Ok(None) => {
+                return Err(ConnectError::Retry(format!(
+                    "receiver {} closed the connection after hello",
+                    self.addr
+                )))
+            }
+            Err(FrameError::Io(e)) => return Err(self.classify(e, "reading welcome")),
+            Err(e) => {
+                return Err(ConnectError::Fatal(format!(
+                    "receiver {} sent a malformed welcome: {e}",
+                    self.addr
+                )))
+            }
+        };
+
+        let (tx, incoming) = mpsc::channel(64);
+        let reader = tokio::spawn(async move {
+            let mut buf = Vec::new();
+            loop {
+                let r = read_message(&mut rd, &mut buf).await;
+                let end = !matches!(r, Ok(Some(_)));
+                let item = match r {
+                    Ok(Some(m)) => Ok(m),
+                    Ok(None) => Err(FrameError::Truncated),
+                    Err(e) => Err(e),
+                };
+                if tx.send(item).await.is_err() || end {
+                    break;
+                }
+            }
+        });
+        Ok(Connection {
+            incoming,
+            writer: wr,
+            scratch,
+            reader,
+            receiver_name,
+        })
+    }
+
+    /// Tells trust problems (fatal) from network trouble (retry).
+    fn classify(&self, e: std::io::Error, stage: &str) -> ConnectError {
+        let tls = e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+        match tls {
+            Some(rustls::Error::InvalidCertificate(c)) => ConnectError::Fatal(format!(
+                "receiver {} presented a certificate this agent does not trust ({c:?}); ca in agent.toml must be that receiver's CA (from its issue-cert)",
+                self.addr
+            )),
+            Some(rustls::Error::AlertReceived(a)) => ConnectError::Fatal(format!(
+                "receiver {} rejected this agent's certificate ({a:?}); use a current certificate from that receiver's `tidemark-receiver issue-cert`",
+                self.addr
+            )),
+            Some(other) => ConnectError::Fatal(format!(
+                "TLS with receiver {} failed during {stage}: {other}",
+                self.addr
+            )),
+            None => ConnectError::Retry(format!(
+                "connection to receiver {} failed during {stage}: {e}",
+                self.addr
+            )),
+        }
+    }
+}
+
+fn refusal(addr: &str, code: ErrorCode, message: &str) -> ConnectError {
+    let text = format!("receiver {addr} refused: {message}");
+    if retryable(code) {
+        ConnectError::Retry(text)
+    } else {
+        ConnectError::Fatal(text)
+    }
+}
+
+impl Connection {
+    /// Writes and flushes one message.
+    pub async fn send(&mut self, msg: &Message) -> std::io::Result<()> {
+        write_message(&mut self.writer, msg, &mut self.scratch).await?;
+        self.writer.flush().await
+    }
+
+    /// Writes without flushing; follow with [`Connection::flush`].
+    pub async fn send_buffered(&mut self, msg: &Message) -> std::io::Result<()> {
+        write_message(&mut self.writer, msg, &mut self.scratch).await
+    }
+
+    pub async fn flush(&mut self) -> std::io::Result<()> {
+        self.writer.flush().await
+    }
+
+    /// Registers every disk, in order; handle i belongs to disks[i].
+    pub async fn register(
+        &mut self,
+        addr: &str,
+        disks: &[Disk],
+    ) -> Result<Registered, ConnectError> {
+        let lost = |e: &dyn std::fmt::Display| {
+            ConnectError::Retry(format!(
+                "connection to receiver {addr} lost during registration: {e}"
+            ))
+        };
+        let mut out = Registered {
+            handles: Vec::new(),
+            image_existed: Vec::new(),
+        };
+        for d in disks {
+            self.send(&Message::RegisterDisk {
+                disk_id: d.id.clone(),
+                size_bytes: d.size_bytes,
+                logical_block_bytes: d.logical_block_bytes,
+            })
+            .await
+            .map_err(|e| lost(&e))?;
+            loop {
+                match self.incoming.recv().await {
+                    Some(Ok(Message::DiskRegistered {
+                        disk_id,
+                        handle,
+                        image_existed,
+                    })) if disk_id == d.id => {
+                        out.handles.push(handle);
+                        out.image_existed.push(image_existed);
+                        break;
+                    }
+                    Some(Ok(Message::Heartbeat { .. })) => continue,
+                    Some(Ok(Message::Error { code, message })) => {
+                        return Err(refusal(addr, code, &message))
+                    }
+                    Some(Ok(other)) => {
+                        return Err(ConnectError::Fatal(format!(
+                            "receiver {addr} answered registration of disk {} with {}",
+                            d.id,
+                            other.name()
+                        )))
+                    }
+                    Some(Err(e)) => return Err(lost(&e)),
+                    None => return Err(lost(&"closed")),
+                }
+            }
+        }
+        Ok(out)
+    }
+}

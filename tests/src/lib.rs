@@ -1,0 +1,30 @@
+//! Shared helpers for tidemark's end-to-end tests (`tests/tests/*.rs`).
+//!
+//! Everything here is test support: it talks to the real kernel (loop
+//! devices, `flock`), real processes and real sockets on 127.0.0.1. A missing
+//! prerequisite (not root, no `losetup`) is reported as an error so that the
+//! test calling it fails; nothing here skips a test silently.
+//!
+//! - [`LoopDev`]: a file-backed loop device, detached on drop.
+//! - [`fill_mixed`]: a deterministic mix of random, compressible and zero data.
+//! - [`CountingProxy`]: a TCP proxy counting wire bytes, with fault hooks.
+//! - [`Daemon`]: a child process with its output captured, killed on drop.
+//! - [`workspace_bin`]: the path of a freshly built workspace binary.
+//! - [`kernel_lock`]: run tests that share kernel resources one at a time.
+//! - [`free_port`], [`require_root`], [`require_cmd`].
+
+mod bins;
+mod daemon;
+mod fill;
+mod lock;
+mod loopdev;
+mod net;
+mod prereq;
+
+pub use bins::{workspace_bin, workspace_root};
+pub use daemon::Daemon;
+pub use fill::{fill_mixed, plan_fill, region_bytes, FillKind, FillRegion, FillReport, SplitMix64};
+pub use lock::{kernel_lock, KernelLock, KERNEL_LOCK_PATH};
+pub use loopdev::LoopDev;
+pub use net::{free_port, CountingProxy};
+pub use prereq::{require_cmd, require_root};

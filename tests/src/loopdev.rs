@@ -1,0 +1,308 @@
+//! A file-backed loop device that is detached when the guard drops, also when
+//! the test that made it panics.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, ensure, Context};
+
+use crate::prereq::{require_cmd, require_root};
+
+/// A loop device attached to a sparse backing file; `losetup -d` on drop.
+///
+/// Tests that create loop devices should hold [`crate::kernel_lock`].
+#[derive(Debug)]
+pub struct LoopDev {
+    device: PathBuf,
+    backing: PathBuf,
+    size_bytes: u64,
+}
+
+impl LoopDev {
+    /// Creates (or truncates) `backing` as a sparse file of `size_bytes` and
+    /// attaches it with `losetup --find --show --direct-io=off`.
+    ///
+    /// Errors, with a message naming the cause, when not root or when
+    /// `losetup` is missing: the calling test fails rather than skips.
+    pub fn create(backing: &Path, size_bytes: u64) -> anyhow::Result<LoopDev> {
+        ensure!(
+            size_bytes > 0 && size_bytes.is_multiple_of(512),
+            "loop device size {size_bytes} is not a positive multiple of 512 bytes"
+        );
+        require_root().context("LoopDev::create")?;
+        require_cmd("losetup").context("LoopDev::create")?;
+
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(backing)
+            .with_context(|| format!("create backing file {}", backing.display()))?;
+        file.set_len(size_bytes)
+            .with_context(|| format!("size backing file {}", backing.display()))?;
+        file.sync_all()
+            .with_context(|| format!("fsync backing file {}", backing.display()))?;
+        drop(file);
+
+        let output = Command::new("losetup")
+            .args(["--find", "--show", "--direct-io=off"])
+            .arg(backing)
+            .output()
+            .context("run losetup --find --show")?;
+        if !output.status.success() {
+            bail!(
+                "losetup --find --show --direct-io=off {} failed ({}): {}",
+                backing.display(),
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let device = stdout.trim();
+        if !device.starts_with("/dev/loop") || device.contains(char::is_whitespace) {
+            bail!("losetup printed {stdout:?}, expected one /dev/loopN path");
+        }
+        let dev = LoopDev {
+            device: PathBuf::from(device),
+            backing: backing.to_path_buf(),
+            size_bytes,
+        };
+
+        // From here on the guard detaches the device if a check fails.
+        let seen = File::open(&dev.device)
+            .and_then(|mut f| f.seek(SeekFrom::End(0)))
+            .with_context(|| format!("open {}", dev.device.display()))?;
+        ensure!(
+            seen == size_bytes,
+            "{} has {seen} bytes, expected {size_bytes}",
+            dev.device.display()
+        );
+        Ok(dev)
+    }
+
+    /// The device node, `/dev/loopN`.
+    pub fn path(&self) -> &Path {
+        &self.device
+    }
+
+    /// The backing file.
+    pub fn backing(&self) -> &Path {
+        &self.backing
+    }
+
+    /// The device size asked for at creation.
+    pub fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    /// Writes `data` at `offset` through the block device, then fsyncs it.
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> anyhow::Result<()> {
+        let file = self.open_write()?;
+        file.write_all_at(data, offset).with_context(|| {
+            format!(
+                "write {} bytes at {offset} to {}",
+                data.len(),
+                self.device.display()
+            )
+        })?;
+        file.sync_all()
+            .with_context(|| format!("fsync {}", self.device.display()))
+    }
+
+    /// Reads `len` bytes at `offset` from the block device.
+    pub fn read_at(&self, offset: u64, len: usize) -> anyhow::Result<Vec<u8>> {
+        let file =
+            File::open(&self.device).with_context(|| format!("open {}", self.device.display()))?;
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, offset).with_context(|| {
+            format!(
+                "read {len} bytes at {offset} from {}",
+                self.device.display()
+            )
+        })?;
+        Ok(buf)
+    }
+
+    /// Reads the whole device.
+    pub fn read_all(&self) -> anyhow::Result<Vec<u8>> {
+        let mut file =
+            File::open(&self.device).with_context(|| format!("open {}", self.device.display()))?;
+        let capacity = usize::try_from(self.size_bytes).context("device size fits usize")?;
+        let mut buf = Vec::with_capacity(capacity);
+        file.read_to_end(&mut buf)
+            .with_context(|| format!("read {}", self.device.display()))?;
+        Ok(buf)
+    }
+
+    /// Makes an ext4 file system on the device: `mkfs.ext4 -q -F`, with the
+    /// inode tables and journal initialised now rather than by the kernel's
+    /// lazy-init thread after the first mount (which would keep writing to
+    /// the device in the background and disturb change-tracking tests).
+    pub fn mkfs_ext4(&self) -> anyhow::Result<()> {
+        require_cmd("mkfs.ext4").context("LoopDev::mkfs_ext4")?;
+        let output = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
+            .arg(&self.device)
+            .output()
+            .context("run mkfs.ext4")?;
+        if !output.status.success() {
+            bail!(
+                "mkfs.ext4 {} failed ({}): {}{}",
+                self.device.display(),
+                output.status,
+                String::from_utf8_lossy(&output.stdout).trim(),
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    pub(crate) fn open_write(&self) -> anyhow::Result<File> {
+        OpenOptions::new()
+            .write(true)
+            .open(&self.device)
+            .with_context(|| format!("open {} for writing", self.device.display()))
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        match Command::new("losetup").arg("-d").arg(&self.device).output() {
+            Ok(output) if output.status.success() => {}
+            Ok(output) => eprintln!(
+                "tidemark-tests: losetup -d {} failed ({}): {}",
+                self.device.display(),
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            ),
+            Err(err) => eprintln!(
+                "tidemark-tests: cannot run losetup -d {}: {err}",
+                self.device.display()
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! These need root and loop devices; they fail (not skip) without them.
+    use super::*;
+    use crate::fill::{fill_mixed, plan_fill, region_bytes, FillKind};
+    use crate::lock::kernel_lock;
+    use std::time::{Duration, Instant};
+
+    const MIB: u64 = 1024 * 1024;
+
+    /// Whether `losetup -a` still lists `dev` backed by `backing`.
+    fn listed(dev: &Path, backing: &Path) -> bool {
+        let output = Command::new("losetup")
+            .arg("-a")
+            .output()
+            .expect("run losetup -a");
+        let text = String::from_utf8_lossy(&output.stdout);
+        let dev = format!("{}:", dev.display());
+        let backing = backing.display().to_string();
+        text.lines()
+            .any(|l| l.starts_with(&dev) && l.contains(&backing))
+    }
+
+    fn wait_unlisted(dev: &Path, backing: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while listed(dev, backing) {
+            assert!(
+                Instant::now() < deadline,
+                "{} still attached",
+                dev.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    #[test]
+    fn fill_mixed_round_trips_and_drop_detaches() {
+        let _lock = kernel_lock();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let backing = dir.path().join("disk.img");
+        let size = 64 * MIB;
+        let seed = 0x5eed;
+        let dev = LoopDev::create(&backing, size).expect("create loop device");
+        assert!(dev.path().starts_with("/dev"), "{}", dev.path().display());
+        assert_eq!(dev.backing(), backing);
+        assert!(listed(dev.path(), &backing));
+
+        // Garbage where zero regions will be: fill_mixed must overwrite it.
+        let plan = plan_fill(size, seed).expect("plan");
+        for r in plan.iter().filter(|r| r.kind == FillKind::Zero).take(6) {
+            dev.write_at(r.offset_bytes, &vec![0xa5; 4096])
+                .expect("write garbage");
+        }
+        assert_eq!(
+            dev.read_at(plan[1].offset_bytes, 4096).expect("read"),
+            vec![0xa5; 4096]
+        );
+
+        let report = fill_mixed(&dev, seed).expect("fill");
+        assert_eq!(report.regions, plan);
+        assert_eq!(
+            report.random_bytes + report.compressible_bytes + report.zero_bytes,
+            size
+        );
+        assert!(report.zero_bytes * 100 >= size * 40);
+
+        let data = dev.read_all().expect("read device");
+        assert_eq!(data.len() as u64, size);
+        let mut expected = vec![0u8; 4 * MIB as usize];
+        for r in &report.regions {
+            let got = &data[r.offset_bytes as usize..(r.offset_bytes + r.len_bytes) as usize];
+            match r.kind {
+                FillKind::Zero => assert!(got.iter().all(|&b| b == 0), "zero region {r:?}"),
+                kind => {
+                    for (i, piece) in got.chunks(expected.len()).enumerate() {
+                        let offset = r.offset_bytes + (i * expected.len()) as u64;
+                        let want = &mut expected[..piece.len()];
+                        region_bytes(kind, seed, offset, want);
+                        assert!(piece == &want[..], "content of {r:?} at {offset}");
+                    }
+                }
+            }
+        }
+
+        // The data reached the backing file (fsync through the device).
+        let on_file = std::fs::read(&backing).expect("read backing file");
+        assert!(on_file == data, "backing file matches the device");
+
+        let path = dev.path().to_path_buf();
+        drop(dev);
+        wait_unlisted(&path, &backing);
+    }
+
+    #[test]
+    fn mkfs_ext4_writes_a_superblock_and_guard_detaches_on_panic() {
+        let _lock = kernel_lock();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let backing = dir.path().join("fs.img");
+        let dev = LoopDev::create(&backing, 64 * MIB).expect("create loop device");
+        dev.mkfs_ext4().expect("mkfs.ext4");
+        // ext4 superblock at byte 1024, s_magic (0xEF53, little endian) at +56.
+        assert_eq!(dev.read_at(1024 + 56, 2).expect("read magic"), [0x53, 0xef]);
+
+        let path = dev.path().to_path_buf();
+        let panicked = std::thread::spawn(move || {
+            let _dev = dev;
+            panic!("test failure while a loop device is attached");
+        })
+        .join();
+        assert!(panicked.is_err());
+        wait_unlisted(&path, &backing);
+    }
+
+    #[test]
+    fn create_rejects_odd_sizes() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let err = LoopDev::create(&dir.path().join("odd.img"), 1000).expect_err("odd size");
+        assert!(format!("{err:#}").contains("512"), "{err:#}");
+    }
+}

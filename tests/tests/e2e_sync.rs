@@ -1,0 +1,603 @@
+//! End to end on real loop devices: `init`, `issue-cert`, `serve` on
+//! 127.0.0.1, `sync`, `points`, `export`, compared byte for byte with the
+//! device, and every rejection the first capability promises.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use anyhow::{ensure, Context};
+use tidemark_tests::{
+    fill_mixed, free_port, kernel_lock, require_cmd, require_root, workspace_bin, CountingProxy,
+    Daemon, KernelLock, LoopDev,
+};
+
+/// A receiver with its PKI in a temp dir, serving on 127.0.0.1.
+/// Fields drop in order: the receiver stops before its directory goes,
+/// and the kernel lock is released last.
+struct Site {
+    receiver: Daemon,
+    dir: tempfile::TempDir,
+    addr: SocketAddr,
+    _lock: KernelLock,
+}
+
+impl Site {
+    fn start() -> anyhow::Result<Site> {
+        let lock = kernel_lock();
+        require_root()?;
+        require_cmd("losetup")?;
+        let dir = tempfile::tempdir()?;
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        run_ok(receiver_cmd().args([
+            "init",
+            "--dir",
+            path(&dir.path().join("rx")),
+            "--name",
+            "test-receiver",
+            "--listen",
+            &addr.to_string(),
+            "--image-dir",
+            path(&dir.path().join("images")),
+            "--retention-dir",
+            path(&dir.path().join("retention")),
+        ]))?;
+        let mut cmd = receiver_cmd();
+        cmd.args([
+            "serve",
+            "--config",
+            path(&dir.path().join("rx/receiver.toml")),
+        ]);
+        let receiver = Daemon::spawn(cmd)?;
+        receiver.wait_for_log("listening on", Duration::from_secs(20))?;
+        Ok(Site {
+            dir,
+            addr,
+            receiver,
+            _lock: lock,
+        })
+    }
+
+    fn config(&self) -> PathBuf {
+        self.dir.path().join("rx/receiver.toml")
+    }
+
+    /// Issues an agent's files into `<tmp>/<name>` pointing at `target`,
+    /// with the given disks appended to its agent.toml.
+    fn agent(
+        &self,
+        name: &str,
+        target: SocketAddr,
+        disks: &[(&Path, &str)],
+    ) -> anyhow::Result<PathBuf> {
+        let out = self.dir.path().join(name);
+        run_ok(receiver_cmd().args([
+            "issue-cert",
+            "--dir",
+            path(&self.dir.path().join("rx")),
+            "--name",
+            name,
+            "--receiver",
+            &target.to_string(),
+            "--out",
+            path(&out),
+        ]))?;
+        let cfg = out.join("agent.toml");
+        let mut text = std::fs::read_to_string(&cfg)?;
+        for (dev, id) in disks {
+            text.push_str(&format!(
+                "\n[[disk]]\ndevice = \"{}\"\nid = \"{id}\"\n",
+                dev.display()
+            ));
+        }
+        std::fs::write(&cfg, text)?;
+        Ok(cfg)
+    }
+
+    fn image(&self, disk_id: &str) -> PathBuf {
+        self.dir
+            .path()
+            .join("images")
+            .join(format!("{disk_id}.img"))
+    }
+
+    fn export(&self, disk: &str, point: &str) -> anyhow::Result<Vec<u8>> {
+        let out = self.dir.path().join(format!("export-{disk}-{point}.raw"));
+        run_ok(receiver_cmd().args([
+            "export",
+            "--config",
+            path(&self.config()),
+            "--disk",
+            disk,
+            "--point",
+            point,
+            "--format",
+            "raw",
+            "--out",
+            path(&out),
+        ]))?;
+        let bytes = std::fs::read(&out)?;
+        std::fs::remove_file(&out)?;
+        Ok(bytes)
+    }
+
+    fn points_json(&self) -> anyhow::Result<serde_json::Value> {
+        let out =
+            run_ok(receiver_cmd().args(["points", "--config", path(&self.config()), "--json"]))?;
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+}
+
+fn receiver_cmd() -> Command {
+    Command::new(workspace_bin("tidemark-receiver"))
+}
+
+fn agent_sync(cfg: &Path, extra: &[&str]) -> Output {
+    Command::new(workspace_bin("tidemark-agent"))
+        .args(["sync", "--config", path(cfg)])
+        .args(extra)
+        .env("TIDEMARK_LOG", "info")
+        .output()
+        .expect("agent binary runs")
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("test paths are UTF-8")
+}
+
+fn run_ok(cmd: &mut Command) -> anyhow::Result<Output> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    ensure!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(out)
+}
+
+/// The point id the agent printed.
+fn point_id(out: &Output) -> anyhow::Result<u64> {
+    ensure!(
+        out.status.success(),
+        "sync failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout.clone())?;
+    text.trim()
+        .parse()
+        .with_context(|| format!("stdout {text:?} is not a point id"))
+}
+
+/// The last line of stderr, which is the error line on failure.
+fn error_line(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr);
+    err.lines().last().unwrap_or("").to_owned()
+}
+
+fn assert_fails_with(out: &Output, needles: &[&str]) {
+    assert!(!out.status.success(), "expected failure, got success");
+    let line = error_line(out);
+    assert!(
+        line.starts_with("error: "),
+        "last line is not the error: {line:?}"
+    );
+    for n in needles {
+        assert!(line.contains(n), "error line {line:?} lacks {n:?}");
+    }
+}
+
+#[test]
+fn sync_exports_byte_for_byte_and_zeros_do_not_travel() -> anyhow::Result<()> {
+    let site = Site::start()?;
+    let dev = LoopDev::create(&site.dir.path().join("disk0.raw"), 96 << 20)?;
+    let report = fill_mixed(&dev, 42)?;
+    let proxy = CountingProxy::start(site.addr)?;
+    let cfg = site.agent("agent-a", proxy.addr(), &[(dev.path(), "disk-a")])?;
+
+    let first = agent_sync(&cfg, &[]);
+    let p1 = point_id(&first)?;
+    let device = dev.read_all()?;
+    assert!(
+        site.export("disk-a", "latest")? == device,
+        "export differs from device"
+    );
+    assert!(site.export("disk-a", &p1.to_string())? == device);
+
+    // Zeros travel as records: the wire carries at most the non-zero data
+    // (random data does not compress), and the image leaves them unallocated.
+    let nonzero = report.random_bytes + report.compressible_bytes;
+    let up = proxy.bytes_up();
+    assert!(
+        up < nonzero + nonzero / 20 + (1 << 20),
+        "{up} bytes went up for {nonzero} non-zero bytes"
+    );
+    assert!(up > report.random_bytes, "random data cannot shrink: {up}");
+    use std::os::unix::fs::MetadataExt;
+    let allocated = std::fs::metadata(site.image("disk-a"))?.blocks() * 512;
+    assert!(
+        allocated <= nonzero + (4 << 20),
+        "image allocates {allocated} bytes for {nonzero} non-zero bytes"
+    );
+
+    let points = site.points_json()?;
+    let listed = points.as_array().context("points is an array")?;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["id"], p1);
+    assert_eq!(listed[0]["kind"], "crash-consistent");
+    assert_eq!(listed[0]["disks"][0], "disk-a");
+    assert_eq!(listed[0]["machine"], "agent-a");
+
+    // Change part of the device (data over zeros, zeros over data) and
+    // sync again: the same image follows.
+    dev.write_at(5 << 20, &vec![0x5a; 3 << 20])?;
+    dev.write_at(0, &vec![0u8; 1 << 20])?;
+    let second = agent_sync(&cfg, &[]);
+    let p2 = point_id(&second)?;
+    assert!(p2 > p1);
+    let device = dev.read_all()?;
+    assert!(
+        site.export("disk-a", "latest")? == device,
+        "second export differs"
+    );
+    // The first point is no longer what the image holds: refused, not wrong.
+    let out = receiver_cmd()
+        .args([
+            "export",
+            "--config",
+            path(&site.config()),
+            "--disk",
+            "disk-a",
+        ])
+        .args([
+            "--point",
+            &p1.to_string(),
+            "--out",
+            path(&site.dir.path().join("old.raw")),
+        ])
+        .output()?;
+    assert_fails_with(&out, &["point"]);
+    assert!(!site.dir.path().join("old.raw").exists());
+    Ok(())
+}
+
+#[test]
+fn qemu_img_agrees_with_the_export() -> anyhow::Result<()> {
+    require_cmd("qemu-img")?;
+    let site = Site::start()?;
+    let dev = LoopDev::create(&site.dir.path().join("disk0.raw"), 64 << 20)?;
+    dev.mkfs_ext4()?;
+    let cfg = site.agent("agent-q", site.addr, &[(dev.path(), "disk-q")])?;
+    point_id(&agent_sync(&cfg, &[]))?;
+    let out = site.dir.path().join("q.raw");
+    run_ok(
+        receiver_cmd()
+            .args([
+                "export",
+                "--config",
+                path(&site.config()),
+                "--disk",
+                "disk-q",
+            ])
+            .args(["--point", "latest", "--format", "raw", "--out", path(&out)]),
+    )?;
+    run_ok(Command::new("qemu-img").args([
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "raw",
+        path(&out),
+        path(dev.path()),
+    ]))?;
+    Ok(())
+}
+
+#[test]
+fn bad_disk_paths_are_refused_by_name() -> anyhow::Result<()> {
+    let site = Site::start()?;
+    let file = site.dir.path().join("not-a-disk.img");
+    std::fs::write(&file, vec![0u8; 1 << 20])?;
+    let cfg = site.agent("agent-b", site.addr, &[(&file, "d1")])?;
+    assert_fails_with(
+        &agent_sync(&cfg, &[]),
+        &["not-a-disk.img", "not a block device"],
+    );
+    let cfg = site.agent(
+        "agent-c",
+        site.addr,
+        &[(Path::new("/dev/tidemark-missing"), "d1")],
+    )?;
+    assert_fails_with(&agent_sync(&cfg, &[]), &["/dev/tidemark-missing"]);
+    Ok(())
+}
+
+#[test]
+fn unreachable_receiver_is_retried_then_reported() -> anyhow::Result<()> {
+    let site = Site::start()?;
+    let dev = LoopDev::create(&site.dir.path().join("disk0.raw"), 16 << 20)?;
+    let nobody: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    let cfg = site.agent("agent-u", nobody, &[(dev.path(), "disk-u")])?;
+    let out = agent_sync(&cfg, &["--give-up-after", "3"]);
+    assert_fails_with(&out, &[&nobody.to_string(), "gave up"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("retrying in"),
+        "no retry was logged: {stderr}"
+    );
+    Ok(())
+}
+
+#[test]
+fn agent_rejects_a_receiver_from_another_ca() -> anyhow::Result<()> {
+    let site = Site::start()?;
+    let dev = LoopDev::create(&site.dir.path().join("disk0.raw"), 16 << 20)?;
+    let cfg = site.agent("agent-w", site.addr, &[(dev.path(), "disk-w")])?;
+    // Swap in the CA of an unrelated receiver.
+    let other = site.dir.path().join("other");
+    run_ok(
+        receiver_cmd()
+            .args(["init", "--dir", path(&other), "--name", "other"])
+            .args([
+                "--image-dir",
+                path(&other.join("i")),
+                "--retention-dir",
+                path(&other.join("r")),
+            ]),
+    )?;
+    std::fs::copy(other.join("ca.pem"), cfg.with_file_name("ca.pem"))?;
+    assert_fails_with(
+        &agent_sync(&cfg, &["--give-up-after", "5"]),
+        &["does not trust"],
+    );
+    assert!(!site.image("disk-w").exists(), "nothing may be written");
+    Ok(())
+}
+
+#[test]
+fn receiver_rejects_foreign_and_expired_agent_certificates() -> anyhow::Result<()> {
+    let site = Site::start()?;
+    let dev = LoopDev::create(&site.dir.path().join("disk0.raw"), 16 << 20)?;
+
+    // Foreign: a certificate from another CA, trusting the right receiver.
+    let cfg = site.agent("agent-f", site.addr, &[(dev.path(), "disk-f")])?;
+    let other = site.dir.path().join("other");
+    run_ok(
+        receiver_cmd()
+            .args(["init", "--dir", path(&other), "--name", "other"])
+            .args([
+                "--image-dir",
+                path(&other.join("i")),
+                "--retention-dir",
+                path(&other.join("r")),
+            ]),
+    )?;
+    run_ok(
+        receiver_cmd()
+            .args(["issue-cert", "--dir", path(&other), "--name", "agent-f"])
+            .args([
+                "--receiver",
+                &site.addr.to_string(),
+                "--out",
+                path(&other.join("a")),
+            ]),
+    )?;
+    for f in ["agent.pem", "agent-key.pem"] {
+        std::fs::copy(other.join("a").join(f), cfg.with_file_name(f))?;
+    }
+    assert_fails_with(
+        &agent_sync(&cfg, &["--give-up-after", "5"]),
+        &["rejected this agent's certificate"],
+    );
+
+    // Expired: signed by the right CA, but its validity ended yesterday.
+    let cfg = site.agent("agent-e", site.addr, &[(dev.path(), "disk-e")])?;
+    let ca_dir = site.dir.path().join("rx");
+    let ca_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(ca_dir.join("ca-key.pem"))?)?;
+    let issuer =
+        rcgen::Issuer::from_ca_cert_pem(&std::fs::read_to_string(ca_dir.join("ca.pem"))?, ca_key)?;
+    let key = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "agent-e");
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::days(30);
+    params.not_after = now - time::Duration::days(1);
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&key, &issuer)?;
+    std::fs::write(cfg.with_file_name("agent.pem"), cert.pem())?;
+    std::fs::write(cfg.with_file_name("agent-key.pem"), key.serialize_pem())?;
+    assert_fails_with(
+        &agent_sync(&cfg, &["--give-up-after", "5"]),
+        &["rejected this agent's certificate"],
+    );
+
+    assert!(!site.image("disk-f").exists() && !site.image("disk-e").exists());
+    let log = site.receiver.log();
+    assert!(
+        log.contains("TLS handshake failed"),
+        "receiver did not log the rejection: {log}"
+    );
+    Ok(())
+}
+
+/// A raw protocol client speaking mutual TLS with an agent's files.
+mod raw {
+    use super::*;
+    use tidemark_common::proto::frame::{read_message, write_message};
+    use tidemark_common::proto::handshake;
+    use tidemark_common::proto::Message;
+    use tidemark_common::tls::{client_config, server_name, TlsFiles};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    pub type Stream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+    pub async fn connect(addr: SocketAddr, agent_dir: &Path) -> anyhow::Result<Stream> {
+        let files = TlsFiles {
+            ca: agent_dir.join("ca.pem"),
+            cert: agent_dir.join("agent.pem"),
+            key: agent_dir.join("agent-key.pem"),
+        };
+        let connector = tokio_rustls::TlsConnector::from(client_config(&files)?);
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let mut tls = connector
+            .connect(server_name("tidemark-receiver")?, tcp)
+            .await?;
+        tls.write_all(&handshake::agent_preamble()).await?;
+        let mut reply = [0u8; handshake::PREAMBLE_BYTES];
+        tls.read_exact(&mut reply).await?;
+        handshake::agent_accept(&reply)?;
+        Ok(tls)
+    }
+
+    pub async fn send(s: &mut Stream, m: &Message) -> anyhow::Result<()> {
+        write_message(s, m, &mut Vec::new()).await?;
+        s.flush().await?;
+        Ok(())
+    }
+
+    pub async fn recv(s: &mut Stream) -> anyhow::Result<Option<Message>> {
+        let mut buf = Vec::new();
+        Ok(tokio::time::timeout(Duration::from_secs(20), read_message(s, &mut buf)).await??)
+    }
+
+    pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(f)
+    }
+}
+
+#[test]
+fn garbage_and_oversized_frames_drop_only_that_connection() -> anyhow::Result<()> {
+    use std::io::Write;
+    use tidemark_common::proto::{ErrorCode, Message};
+    let site = Site::start()?;
+    let dev = LoopDev::create(&site.dir.path().join("disk0.raw"), 16 << 20)?;
+    fill_mixed(&dev, 7)?;
+    let cfg = site.agent("agent-g", site.addr, &[(dev.path(), "disk-g")])?;
+
+    // Plaintext garbage at the TLS port.
+    for _ in 0..3 {
+        let mut s = std::net::TcpStream::connect(site.addr)?;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\x00\x01\x02garbage")?;
+        drop(s);
+    }
+    // A valid agent that then sends a 4 GiB frame header and junk.
+    raw::block_on(async {
+        let mut s = raw::connect(site.addr, cfg.parent().expect("dir")).await?;
+        raw::send(
+            &mut s,
+            &Message::Hello {
+                agent_name: "agent-g".into(),
+                software_version: "t".into(),
+            },
+        )
+        .await?;
+        assert!(matches!(
+            raw::recv(&mut s).await?,
+            Some(Message::Welcome { .. })
+        ));
+        use tokio::io::AsyncWriteExt;
+        s.write_all(&[0xff, 0xff, 0xff, 0xff, 1, 2, 3]).await?;
+        s.flush().await?;
+        match raw::recv(&mut s).await? {
+            Some(Message::Error { code, message }) => {
+                assert_eq!(code, ErrorCode::Protocol);
+                assert!(message.contains("exceeds"), "{message}");
+            }
+            other => anyhow::bail!("expected a protocol error, got {other:?}"),
+        }
+        // And the receiver closes that connection.
+        assert!(raw::recv(&mut s).await.map_or(true, |m| m.is_none()));
+        Ok::<_, anyhow::Error>(())
+    })?;
+    // The receiver still serves real agents.
+    point_id(&agent_sync(&cfg, &[]))?;
+    assert!(site.export("disk-g", "latest")? == dev.read_all()?);
+    Ok(())
+}
+
+#[test]
+fn checksum_mismatch_is_rejected_and_never_written() -> anyhow::Result<()> {
+    use tidemark_common::proto::messages::Extent;
+    use tidemark_common::proto::{ErrorCode, Message};
+    let site = Site::start()?;
+    let dev = LoopDev::create(&site.dir.path().join("disk0.raw"), 16 << 20)?;
+    let cfg = site.agent("agent-k", site.addr, &[(dev.path(), "disk-k")])?;
+    raw::block_on(async {
+        let mut s = raw::connect(site.addr, cfg.parent().expect("dir")).await?;
+        raw::send(
+            &mut s,
+            &Message::Hello {
+                agent_name: "agent-k".into(),
+                software_version: "t".into(),
+            },
+        )
+        .await?;
+        assert!(matches!(
+            raw::recv(&mut s).await?,
+            Some(Message::Welcome { .. })
+        ));
+        raw::send(
+            &mut s,
+            &Message::RegisterDisk {
+                disk_id: "disk-k".into(),
+                size_bytes: 1 << 20,
+                logical_block_bytes: 512,
+            },
+        )
+        .await?;
+        let handle = match raw::recv(&mut s).await? {
+            Some(Message::DiskRegistered { handle, .. }) => handle,
+            other => anyhow::bail!("expected registration, got {other:?}"),
+        };
+        let mut e = Extent::pack(1, handle, 8192, &[0xab; 4096], None);
+        e.checksum[0] ^= 0xff;
+        raw::send(&mut s, &Message::Extent(e)).await?;
+        match raw::recv(&mut s).await? {
+            Some(Message::Error { code, message }) => {
+                assert_eq!(code, ErrorCode::ChecksumMismatch);
+                assert!(message.contains("nothing written"), "{message}");
+            }
+            other => anyhow::bail!("expected a checksum error, got {other:?}"),
+        }
+        Ok::<_, anyhow::Error>(())
+    })?;
+    let image = std::fs::read(site.image("disk-k"))?;
+    assert_eq!(image.len(), 1 << 20);
+    assert!(
+        image.iter().all(|&b| b == 0),
+        "rejected data reached the image"
+    );
+    Ok(())
+}
+
+#[test]
+fn disk_larger_than_its_image_is_refused_and_nothing_is_lost() -> anyhow::Result<()> {
+    let site = Site::start()?;
+    let small = LoopDev::create(&site.dir.path().join("small.raw"), 16 << 20)?;
+    fill_mixed(&small, 3)?;
+    let cfg = site.agent("agent-l", site.addr, &[(small.path(), "disk-l")])?;
+    let p1 = point_id(&agent_sync(&cfg, &[]))?;
+    let before = site.export("disk-l", "latest")?;
+
+    let big = LoopDev::create(&site.dir.path().join("big.raw"), 32 << 20)?;
+    let cfg = site.agent("agent-l2", site.addr, &[(big.path(), "disk-l")])?;
+    // Another agent claiming the disk is refused first...
+    assert_fails_with(&agent_sync(&cfg, &[]), &["belongs to agent agent-l"]);
+    // ...and the owner with a bigger disk is refused for its size.
+    let mut text = std::fs::read_to_string(site.dir.path().join("agent-l/agent.toml"))?;
+    text = text.replace(path(small.path()), path(big.path()));
+    std::fs::write(site.dir.path().join("agent-l/agent.toml"), text)?;
+    assert_fails_with(
+        &agent_sync(&site.dir.path().join("agent-l/agent.toml"), &[]),
+        &["disk-l", "only"],
+    );
+    assert_eq!(site.export("disk-l", &p1.to_string())?, before);
+    Ok(())
+}
