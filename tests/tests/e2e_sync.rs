@@ -601,3 +601,46 @@ fn disk_larger_than_its_image_is_refused_and_nothing_is_lost() -> anyhow::Result
     assert_eq!(site.export("disk-l", &p1.to_string())?, before);
     Ok(())
 }
+
+#[test]
+fn a_cut_connection_costs_a_retry_not_the_sync() -> anyhow::Result<()> {
+    let site = Site::start()?;
+    let dev = LoopDev::create(&site.dir.path().join("disk0.raw"), 128 << 20)?;
+    // Mostly incompressible data, so the transfer lasts long enough to cut.
+    let mut rng = tidemark_tests::SplitMix64::new(11);
+    let mut chunk = vec![0u8; 1 << 20];
+    for mib in 0..128u64 {
+        chunk
+            .chunks_mut(8)
+            .for_each(|c| c.copy_from_slice(&rng.next_u64().to_le_bytes()));
+        dev.write_at(mib << 20, &chunk)?;
+    }
+    let proxy = CountingProxy::start(site.addr)?;
+    let cfg = site.agent("agent-r", proxy.addr(), &[(dev.path(), "disk-r")])?;
+    let mut cmd = Command::new(workspace_bin("tidemark-agent"));
+    cmd.args(["sync", "--config", path(&cfg)]);
+    let agent = Daemon::spawn(cmd)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while proxy.bytes_up() < 16 << 20 {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "sync never got going: {}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    proxy.cut_all();
+    let status = agent.wait_timeout(Duration::from_secs(120))?;
+    let log = agent.log();
+    ensure!(status.success(), "sync failed after the cut: {log}");
+    ensure!(
+        log.contains("reconnecting"),
+        "the cut was not noticed: {log}"
+    );
+    ensure!(proxy.connections() >= 2, "no second connection was made");
+    assert!(
+        site.export("disk-r", "latest")? == dev.read_all()?,
+        "export differs after the cut"
+    );
+    Ok(())
+}
