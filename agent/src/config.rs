@@ -99,6 +99,14 @@ impl AgentConfig {
         }
     }
 
+    pub fn pipeline_settings(&self) -> crate::pipeline::Settings {
+        crate::pipeline::Settings {
+            queue_depth: self.queue_depth,
+            compress_threads: self.compress_threads(),
+            zstd_level: self.zstd_level,
+        }
+    }
+
     pub fn compress_threads(&self) -> usize {
         if self.compress_threads > 0 {
             self.compress_threads

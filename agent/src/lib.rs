@@ -6,6 +6,7 @@ pub mod config;
 pub mod disks;
 pub mod pipeline;
 pub mod progress;
+pub mod shipper;
 pub mod source;
 pub mod sync;
 pub mod transport;

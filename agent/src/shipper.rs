@@ -1,0 +1,294 @@
+//! Keeps one connection to the receiver and gets pieces and points to it
+//! durably. Pieces stay in memory until the receiver acknowledges them;
+//! after a reconnect the unacknowledged ones go again, in their original
+//! order and before anything newer, so a point never overtakes its data.
+//! The window bounds that memory; while it is full (or the receiver is
+//! away) `send` waits and the caller's own backlog grows instead.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::bail;
+use tidemark_common::proto::{Message, PointKind};
+use tracing::{info, warn};
+
+use crate::disks::Disk;
+use crate::pipeline::Piece;
+use crate::progress::Progress;
+use crate::transport::{retryable, ConnectError, Connection, Connector};
+
+/// Payload bytes sent but not yet acknowledged.
+pub const WINDOW_BYTES: u64 = 96 << 20;
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+pub struct Shipper {
+    connector: Connector,
+    disks: Vec<Disk>,
+    /// Give up after this long without a connection (None: never).
+    give_up_after: Option<Duration>,
+    conn: Option<Connection>,
+    handles: Vec<u32>,
+    /// From the first registration: whether each image already existed.
+    pub image_existed: Vec<bool>,
+    seq: u64,
+    inflight: BTreeMap<u64, Piece>,
+    inflight_bytes: u64,
+    resend: VecDeque<Piece>,
+    progress: Arc<Progress>,
+    last_heartbeat: Instant,
+}
+
+impl Shipper {
+    /// Connects (retrying) and registers the disks.
+    pub async fn connect(
+        connector: Connector,
+        disks: Vec<Disk>,
+        give_up_after: Option<Duration>,
+        progress: Arc<Progress>,
+    ) -> anyhow::Result<Shipper> {
+        let mut s = Shipper {
+            connector,
+            disks,
+            give_up_after,
+            conn: None,
+            handles: Vec::new(),
+            image_existed: Vec::new(),
+            seq: 0,
+            inflight: BTreeMap::new(),
+            inflight_bytes: 0,
+            resend: VecDeque::new(),
+            progress,
+            last_heartbeat: Instant::now(),
+        };
+        s.ensure_connected().await?;
+        Ok(s)
+    }
+
+    pub fn addr(&self) -> &str {
+        self.connector.addr()
+    }
+
+    /// Bytes sent and not yet durable at the receiver.
+    pub fn unacked_bytes(&self) -> u64 {
+        self.inflight_bytes + self.resend.iter().map(Piece::wire_bytes).sum::<u64>()
+    }
+
+    pub fn connected(&self) -> bool {
+        self.conn.is_some()
+    }
+
+    /// Connects and registers if not connected, retrying with backoff, then
+    /// sends whatever was unacknowledged when the last connection dropped.
+    async fn ensure_connected(&mut self) -> anyhow::Result<()> {
+        if self.conn.is_some() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            let attempt = async {
+                let mut c = self.connector.connect().await?;
+                let r = c.register(self.connector.addr(), &self.disks).await?;
+                Ok::<_, ConnectError>((c, r))
+            };
+            match attempt.await {
+                Ok((c, r)) => {
+                    info!(
+                        "connected to receiver {} at {}",
+                        c.receiver_name,
+                        self.connector.addr()
+                    );
+                    if self.image_existed.is_empty() {
+                        self.image_existed = r.image_existed;
+                    }
+                    self.handles = r.handles;
+                    self.conn = Some(c);
+                    break;
+                }
+                Err(ConnectError::Fatal(m)) => bail!(m),
+                Err(ConnectError::Retry(m)) => {
+                    if let Some(limit) = self.give_up_after {
+                        if started.elapsed() + backoff > limit {
+                            bail!(
+                                "{m}; gave up after {:?} (check that tidemark-receiver serve is running and reachable at {})",
+                                started.elapsed(),
+                                self.connector.addr()
+                            );
+                        }
+                    }
+                    warn!("{m}; retrying in {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+        while let Some(p) = self.resend.pop_front() {
+            self.write_piece(p).await;
+            if self.conn.is_none() {
+                // Lost again while resending: start over.
+                return Box::pin(self.ensure_connected()).await;
+            }
+        }
+        self.flush().await;
+        Ok(())
+    }
+
+    /// Drops the connection; everything unacknowledged will go again.
+    fn disconnected(&mut self, why: &str) {
+        if self.conn.take().is_some() {
+            warn!(
+                "connection to receiver {} lost: {why}; reconnecting",
+                self.connector.addr()
+            );
+        }
+        let inflight = std::mem::take(&mut self.inflight);
+        for (_, p) in inflight.into_iter().rev() {
+            self.resend.push_front(p);
+        }
+        self.inflight_bytes = 0;
+    }
+
+    /// Writes one piece (buffered); on failure the piece waits for resend.
+    async fn write_piece(&mut self, piece: Piece) {
+        let Some(c) = self.conn.as_mut() else {
+            self.resend.push_back(piece);
+            return;
+        };
+        self.seq += 1;
+        let msg = piece.to_message(self.seq, &self.handles);
+        self.inflight_bytes += piece.wire_bytes();
+        self.inflight.insert(self.seq, piece);
+        if let Err(e) = c.send_buffered(&msg).await {
+            self.disconnected(&e.to_string());
+        }
+    }
+
+    pub async fn flush(&mut self) {
+        if let Some(c) = self.conn.as_mut() {
+            if let Err(e) = c.flush().await {
+                self.disconnected(&e.to_string());
+            }
+        }
+    }
+
+    /// Queues a piece, waiting while the window is full.
+    pub async fn send(&mut self, piece: Piece) -> anyhow::Result<()> {
+        loop {
+            self.ensure_connected().await?;
+            if self.inflight_bytes < WINDOW_BYTES {
+                break;
+            }
+            self.flush().await;
+            self.wait_incoming(None).await?;
+        }
+        self.write_piece(piece).await;
+        Ok(())
+    }
+
+    /// Handles what the receiver sent for up to `dur` (acks, heartbeats),
+    /// reconnecting if needed.
+    pub async fn idle(&mut self, dur: Duration) -> anyhow::Result<()> {
+        let until = Instant::now() + dur;
+        self.flush().await;
+        while Instant::now() < until {
+            self.ensure_connected().await?;
+            self.wait_incoming(Some(until)).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends a point after everything queued so far and waits until the
+    /// receiver has recorded it durably; returns its id.
+    pub async fn point(&mut self, kind: PointKind, name: &str) -> anyhow::Result<u64> {
+        loop {
+            self.ensure_connected().await?;
+            let Some(c) = self.conn.as_mut() else {
+                continue;
+            };
+            self.seq += 1;
+            let seq = self.seq;
+            let msg = Message::Point {
+                seq,
+                kind,
+                name: name.to_owned(),
+                agent_time_ms: now_ms(),
+            };
+            if let Err(e) = c.send(&msg).await {
+                self.disconnected(&e.to_string());
+                continue;
+            }
+            loop {
+                match self.wait_incoming(None).await? {
+                    Some(Message::PointRecorded { seq: s, point_id }) if s == seq => {
+                        return Ok(point_id)
+                    }
+                    _ if self.conn.is_none() => break,
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Waits for one message (or the deadline, or a heartbeat to send) and
+    /// handles acks and errors. Returns the message when it is one the
+    /// caller may care about.
+    async fn wait_incoming(&mut self, until: Option<Instant>) -> anyhow::Result<Option<Message>> {
+        let Some(c) = self.conn.as_mut() else {
+            return Ok(None);
+        };
+        let hb_due = self.last_heartbeat + HEARTBEAT_EVERY;
+        let wake = until.map_or(hb_due, |u| u.min(hb_due));
+        let msg = tokio::select! {
+            m = c.incoming.recv() => m,
+            _ = tokio::time::sleep_until(wake.into()) => {
+                if Instant::now() >= hb_due {
+                    self.last_heartbeat = Instant::now();
+                    if let Err(e) = c.send(&Message::Heartbeat { time_ms: now_ms() }).await {
+                        self.disconnected(&e.to_string());
+                    }
+                }
+                return Ok(None);
+            }
+        };
+        match msg {
+            Some(Ok(Message::Ack { seq })) => {
+                let rest = self.inflight.split_off(&(seq + 1));
+                for p in std::mem::replace(&mut self.inflight, rest).into_values() {
+                    self.inflight_bytes -= p.wire_bytes();
+                    Progress::add(&self.progress.acked_bytes, p.disk_bytes());
+                }
+                Ok(None)
+            }
+            Some(Ok(Message::Heartbeat { .. })) => Ok(None),
+            Some(Ok(Message::Error { code, message })) => {
+                if retryable(code) {
+                    self.disconnected(&format!("receiver reported {code:?}: {message}"));
+                    Ok(None)
+                } else {
+                    bail!("receiver {} refused: {message}", self.connector.addr())
+                }
+            }
+            Some(Ok(m @ Message::PointRecorded { .. })) => Ok(Some(m)),
+            Some(Ok(other)) => {
+                self.disconnected(&format!("unexpected {} from receiver", other.name()));
+                Ok(None)
+            }
+            Some(Err(e)) => {
+                self.disconnected(&e.to_string());
+                Ok(None)
+            }
+            None => {
+                self.disconnected("closed");
+                Ok(None)
+            }
+        }
+    }
+}
