@@ -3,6 +3,7 @@
 //! to a receiver.
 
 pub mod config;
+pub mod consistency;
 pub mod disks;
 pub mod pipeline;
 pub mod progress;

@@ -1,0 +1,6 @@
+//! Making a point consistent: freezing the filesystems on the protected
+//! disks (all of them in the same cut) and running the operator's pre/post
+//! scripts for app-consistent points.
+
+pub mod freeze;
+pub mod scripts;
