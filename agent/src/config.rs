@@ -32,6 +32,34 @@ pub struct AgentConfig {
     /// zstd level: 1 is fastest; higher trades CPU for bandwidth.
     #[serde(default = "default_zstd_level")]
     pub zstd_level: i32,
+    /// Where `run` keeps each disk's dirty map and fingerprint between runs.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Unix socket the running agent answers `bookmark` and `status` on.
+    #[serde(default = "default_admin_socket")]
+    pub admin_socket: PathBuf,
+    /// How often `run` collects write events and ships dirty data, in ms.
+    #[serde(default = "default_cycle_ms")]
+    pub cycle_ms: u64,
+    /// Crash-consistent point interval in seconds (0: only on bookmark).
+    #[serde(default = "default_crash_interval")]
+    pub crash_consistent_interval_secs: u64,
+    /// App-consistent point interval in seconds (0: only on bookmark).
+    #[serde(default = "default_app_interval")]
+    pub app_consistent_interval_secs: u64,
+    /// Directory of pre*/post* scripts run around app-consistent points.
+    #[serde(default = "default_scripts_dir")]
+    pub scripts_dir: PathBuf,
+    /// Longest a pre or post script may run, in seconds.
+    #[serde(default = "default_script_timeout")]
+    pub script_timeout_secs: u64,
+    /// Trace ring buffer per CPU, in KiB.
+    #[serde(default = "default_trace_buffer_kb")]
+    pub trace_buffer_kb: u32,
+    /// A point waits while more than this many bytes are dirty, so that the
+    /// freeze only covers a short read.
+    #[serde(default = "default_point_max_backlog")]
+    pub point_max_backlog_bytes: u64,
     /// Disks to protect.
     #[serde(default, rename = "disk")]
     pub disks: Vec<DiskConfig>,
@@ -55,11 +83,45 @@ fn default_queue_depth() -> usize {
 fn default_zstd_level() -> i32 {
     1
 }
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/tidemark-agent")
+}
+fn default_admin_socket() -> PathBuf {
+    PathBuf::from("/run/tidemark/agent.sock")
+}
+fn default_cycle_ms() -> u64 {
+    1000
+}
+fn default_crash_interval() -> u64 {
+    300
+}
+fn default_app_interval() -> u64 {
+    3600
+}
+fn default_scripts_dir() -> PathBuf {
+    PathBuf::from("/etc/tidemark/scripts")
+}
+fn default_script_timeout() -> u64 {
+    60
+}
+fn default_trace_buffer_kb() -> u32 {
+    4096
+}
+fn default_point_max_backlog() -> u64 {
+    256 << 20
+}
 
 impl AgentConfig {
     pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
         let mut c: AgentConfig = load_toml(path)?;
-        for p in [&mut c.ca, &mut c.cert, &mut c.key] {
+        for p in [
+            &mut c.ca,
+            &mut c.cert,
+            &mut c.key,
+            &mut c.state_dir,
+            &mut c.admin_socket,
+            &mut c.scripts_dir,
+        ] {
             *p = resolve(path, p);
         }
         c.validate().map_err(|message| ConfigError::Invalid {
@@ -84,6 +146,15 @@ impl AgentConfig {
         }
         if !(1..=1024).contains(&self.queue_depth) {
             return Err("queue_depth must be between 1 and 1024".into());
+        }
+        if !(10..=60_000).contains(&self.cycle_ms) {
+            return Err("cycle_ms must be between 10 and 60000".into());
+        }
+        if self.crash_consistent_interval_secs != 0 && self.crash_consistent_interval_secs < 5 {
+            return Err("crash_consistent_interval_secs must be 0 (off) or at least 5".into());
+        }
+        if self.trace_buffer_kb < 4 {
+            return Err("trace_buffer_kb must be at least 4".into());
         }
         if !(1..=19).contains(&self.zstd_level) {
             return Err("zstd_level must be between 1 and 19".into());

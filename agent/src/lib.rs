@@ -2,12 +2,16 @@
 //! io_uring, compresses on a worker pool and ships the data over mutual TLS
 //! to a receiver.
 
+pub mod admin;
 pub mod config;
 pub mod consistency;
 pub mod disks;
 pub mod pipeline;
 pub mod progress;
+pub mod run;
 pub mod shipper;
 pub mod source;
+pub mod state;
 pub mod sync;
+pub mod tracking;
 pub mod transport;

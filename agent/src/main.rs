@@ -3,6 +3,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use tidemark_agent::admin::{self, Reply, Request};
 use tidemark_agent::config::AgentConfig;
 use tidemark_agent::progress::mib;
 
@@ -27,6 +28,31 @@ enum Command {
         /// Stop retrying an unreachable receiver after this many seconds.
         #[arg(long, default_value_t = 300)]
         give_up_after: u64,
+    },
+    /// Replicate continuously and take recovery points on schedule (the
+    /// systemd service).
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Ask the running agent for a recovery point now; prints its id once
+    /// the receiver holds it durably.
+    Bookmark {
+        #[arg(long)]
+        config: PathBuf,
+        /// Run the pre/post scripts around the freeze.
+        #[arg(long)]
+        app_consistent: bool,
+        /// A name to find the point by later.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Show the running agent's disks, backlog and last point.
+    Status {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -54,14 +80,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             give_up_after,
         } => {
             let cfg = AgentConfig::load(&config)?;
-            let out = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()?
-                .block_on(tidemark_agent::sync::sync(
-                    &cfg,
-                    Duration::from_secs(give_up_after),
-                ))?;
+            let out = runtime()?.block_on(tidemark_agent::sync::sync(
+                &cfg,
+                Duration::from_secs(give_up_after),
+            ))?;
             let s = out.stats;
             let secs = out.elapsed.as_secs_f64().max(1e-3);
             tracing::info!(
@@ -77,6 +99,80 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             println!("{}", out.point_id);
         }
+        Command::Run { config } => {
+            let cfg = AgentConfig::load(&config)?;
+            runtime()?.block_on(tidemark_agent::run::run(cfg))?;
+        }
+        Command::Bookmark {
+            config,
+            app_consistent,
+            name,
+        } => {
+            let cfg = AgentConfig::load(&config)?;
+            let req = Request::Bookmark {
+                app_consistent,
+                name,
+            };
+            match runtime()?.block_on(admin::request(&cfg.admin_socket, &req))? {
+                Reply::Point { id, kind } => {
+                    tracing::info!("recovery point {id} ({kind})");
+                    println!("{id}");
+                }
+                Reply::Error(e) => anyhow::bail!("the agent could not take the point: {e}"),
+                Reply::Status(_) => anyhow::bail!("the agent answered a bookmark with a status"),
+            }
+        }
+        Command::Status { config, json } => {
+            let cfg = AgentConfig::load(&config)?;
+            match runtime()?.block_on(admin::request(&cfg.admin_socket, &Request::Status))? {
+                Reply::Status(s) if json => println!("{}", serde_json::to_string_pretty(&s)?),
+                Reply::Status(s) => print!("{}", status_table(&s)),
+                Reply::Error(e) => anyhow::bail!("the agent could not report status: {e}"),
+                Reply::Point { .. } => anyhow::bail!("the agent answered status with a point"),
+            }
+        }
     }
     Ok(())
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+}
+
+fn status_table(s: &admin::Status) -> String {
+    let mut out = format!(
+        "agent {} -> receiver {} ({})\n",
+        s.agent,
+        s.receiver,
+        if s.connected {
+            "connected"
+        } else {
+            "disconnected"
+        }
+    );
+    match &s.last_point {
+        Some(p) => out.push_str(&format!(
+            "last point {} ({}), frozen {} ms\n",
+            p.id, p.kind, p.freeze_ms
+        )),
+        None => out.push_str("no point taken by this run yet\n"),
+    }
+    out.push_str(&format!(
+        "{:<24} {:<16} {:<16} {:>12}  REASON\n",
+        "DISK", "DEVICE", "STATE", "BACKLOG"
+    ));
+    for d in &s.disks {
+        out.push_str(&format!(
+            "{:<24} {:<16} {:<16} {:>12}  {}\n",
+            d.id,
+            d.device,
+            d.state,
+            mib(d.dirty_bytes),
+            d.resync_reason.as_deref().unwrap_or("-")
+        ));
+    }
+    out
 }

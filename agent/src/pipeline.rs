@@ -44,6 +44,21 @@ impl Piece {
         }
     }
 
+    /// Disk index and byte range this piece covers.
+    pub fn range(&self) -> (usize, std::ops::Range<u64>) {
+        match self {
+            Piece::Data(e) => (
+                e.disk as usize,
+                e.offset_bytes..e.offset_bytes + u64::from(e.len_bytes),
+            ),
+            Piece::Zero {
+                disk,
+                offset_bytes,
+                len_bytes,
+            } => (*disk as usize, *offset_bytes..offset_bytes + len_bytes),
+        }
+    }
+
     /// Disk bytes this piece covers.
     pub fn disk_bytes(&self) -> u64 {
         match self {

@@ -21,6 +21,7 @@ use crate::transport::{retryable, ConnectError, Connection, Connector};
 /// Payload bytes sent but not yet acknowledged.
 pub const WINDOW_BYTES: u64 = 96 << 20;
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
+const INITIAL_BACKOFF: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 pub fn now_ms() -> u64 {
@@ -44,6 +45,9 @@ pub struct Shipper {
     resend: VecDeque<Piece>,
     progress: Arc<Progress>,
     last_heartbeat: Instant,
+    next_attempt: Instant,
+    backoff: Duration,
+    disconnected_since: Option<Instant>,
 }
 
 impl Shipper {
@@ -67,6 +71,9 @@ impl Shipper {
             resend: VecDeque::new(),
             progress,
             last_heartbeat: Instant::now(),
+            next_attempt: Instant::now(),
+            backoff: INITIAL_BACKOFF,
+            disconnected_since: None,
         };
         s.ensure_connected().await?;
         Ok(s)
@@ -85,59 +92,69 @@ impl Shipper {
         self.conn.is_some()
     }
 
-    /// Connects and registers if not connected, retrying with backoff, then
-    /// sends whatever was unacknowledged when the last connection dropped.
-    async fn ensure_connected(&mut self) -> anyhow::Result<()> {
+    /// One connection attempt, if one is due. Ok(false): not connected
+    /// yet, try again later; Err: retrying cannot help (trust, refusal).
+    async fn try_connect(&mut self) -> anyhow::Result<bool> {
         if self.conn.is_some() {
-            return Ok(());
+            return Ok(true);
         }
-        let started = Instant::now();
-        let mut backoff = Duration::from_millis(500);
-        loop {
-            let attempt = async {
-                let mut c = self.connector.connect().await?;
-                let r = c.register(self.connector.addr(), &self.disks).await?;
-                Ok::<_, ConnectError>((c, r))
-            };
-            match attempt.await {
-                Ok((c, r)) => {
-                    info!(
-                        "connected to receiver {} at {}",
-                        c.receiver_name,
-                        self.connector.addr()
-                    );
-                    if self.image_existed.is_empty() {
-                        self.image_existed = r.image_existed;
-                    }
-                    self.handles = r.handles;
-                    self.conn = Some(c);
-                    break;
+        if Instant::now() < self.next_attempt {
+            return Ok(false);
+        }
+        let attempt = async {
+            let mut c = self.connector.connect().await?;
+            let r = c.register(self.connector.addr(), &self.disks).await?;
+            Ok::<_, ConnectError>((c, r))
+        };
+        match attempt.await {
+            Ok((c, r)) => {
+                info!(
+                    "connected to receiver {} at {}",
+                    c.receiver_name,
+                    self.connector.addr()
+                );
+                if self.image_existed.is_empty() {
+                    self.image_existed = r.image_existed;
                 }
-                Err(ConnectError::Fatal(m)) => bail!(m),
-                Err(ConnectError::Retry(m)) => {
-                    if let Some(limit) = self.give_up_after {
-                        if started.elapsed() + backoff > limit {
-                            bail!(
-                                "{m}; gave up after {:?} (check that tidemark-receiver serve is running and reachable at {})",
-                                started.elapsed(),
-                                self.connector.addr()
-                            );
-                        }
+                self.handles = r.handles;
+                self.conn = Some(c);
+                self.backoff = INITIAL_BACKOFF;
+                self.disconnected_since = None;
+                // What the last connection left unacknowledged goes first.
+                while let Some(p) = self.resend.pop_front() {
+                    self.write_piece(p).await;
+                    if self.conn.is_none() {
+                        return Ok(false);
                     }
-                    warn!("{m}; retrying in {backoff:?}");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
+                self.flush().await;
+                Ok(self.conn.is_some())
+            }
+            Err(ConnectError::Fatal(m)) => bail!(m),
+            Err(ConnectError::Retry(m)) => {
+                let since = *self.disconnected_since.get_or_insert_with(Instant::now);
+                if let Some(limit) = self.give_up_after {
+                    if since.elapsed() + self.backoff > limit {
+                        bail!(
+                            "{m}; gave up after {:?} (check that tidemark-receiver serve is running and reachable at {})",
+                            since.elapsed(),
+                            self.connector.addr()
+                        );
+                    }
+                }
+                warn!("{m}; retrying in {:?}", self.backoff);
+                self.next_attempt = Instant::now() + self.backoff;
+                self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+                Ok(false)
             }
         }
-        while let Some(p) = self.resend.pop_front() {
-            self.write_piece(p).await;
-            if self.conn.is_none() {
-                // Lost again while resending: start over.
-                return Box::pin(self.ensure_connected()).await;
-            }
+    }
+
+    /// Connects (retrying with backoff until connected or given up).
+    async fn ensure_connected(&mut self) -> anyhow::Result<()> {
+        while !self.try_connect().await? {
+            tokio::time::sleep_until(self.next_attempt.into()).await;
         }
-        self.flush().await;
         Ok(())
     }
 
@@ -199,7 +216,35 @@ impl Shipper {
         let until = Instant::now() + dur;
         self.flush().await;
         while Instant::now() < until {
-            self.ensure_connected().await?;
+            if !self.try_connect().await? {
+                tokio::time::sleep_until(self.next_attempt.min(until).into()).await;
+                continue;
+            }
+            self.wait_incoming(Some(until)).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends a piece if connected, waiting for acks while the window is
+    /// full; hands the piece back if the connection is (or goes) away, so
+    /// the caller can mark its range dirty instead of holding its data.
+    pub async fn try_send(&mut self, piece: Piece) -> anyhow::Result<Option<Piece>> {
+        while self.conn.is_some() && self.inflight_bytes >= WINDOW_BYTES {
+            self.flush().await;
+            self.wait_incoming(None).await?;
+        }
+        if self.conn.is_none() {
+            return Ok(Some(piece));
+        }
+        self.write_piece(piece).await;
+        Ok(None)
+    }
+
+    /// Waits up to `dur` for outstanding acks without reconnecting.
+    pub async fn await_acks(&mut self, dur: Duration) -> anyhow::Result<()> {
+        let until = Instant::now() + dur;
+        self.flush().await;
+        while self.conn.is_some() && self.inflight_bytes > 0 && Instant::now() < until {
             self.wait_incoming(Some(until)).await?;
         }
         Ok(())

@@ -1,0 +1,137 @@
+//! The running agent's local admin socket: one JSON request per line, one
+//! JSON reply per line. `bookmark` asks for a point now; `status` reports
+//! each disk's state. Root only (the socket is 0600).
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    Bookmark {
+        app_consistent: bool,
+        name: Option<String>,
+    },
+    Status,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reply {
+    Point { id: u64, kind: String },
+    Status(Status),
+    Error(String),
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Status {
+    pub agent: String,
+    pub receiver: String,
+    pub connected: bool,
+    pub last_point: Option<PointInfo>,
+    pub disks: Vec<DiskStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PointInfo {
+    pub id: u64,
+    pub kind: String,
+    pub agent_time_ms: u64,
+    pub freeze_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskStatus {
+    pub id: String,
+    pub device: String,
+    pub state: String,
+    pub resync_reason: Option<String>,
+    pub dirty_bytes: u64,
+}
+
+/// A request for the run loop, with where to send its answer.
+pub struct Pending {
+    pub request: Request,
+    pub reply: oneshot::Sender<Reply>,
+}
+
+/// Listens on `path` (replacing a stale socket) and forwards requests.
+pub fn serve(path: &Path, tx: mpsc::Sender<Pending>) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    // A socket file left by a crashed agent; a live agent would hold the
+    // trace instance and the state files too, which the caller checks.
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)
+        .map_err(|e| anyhow::anyhow!("cannot listen on admin socket {}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let _ = handle(stream, tx).await;
+            });
+        }
+    });
+    Ok(())
+}
+
+async fn handle(stream: UnixStream, tx: mpsc::Sender<Pending>) -> std::io::Result<()> {
+    let (rd, mut wr) = stream.into_split();
+    let mut line = String::new();
+    // The socket is local, but a stuck client must not make us buffer
+    // without limit.
+    tokio::io::AsyncReadExt::take(BufReader::new(rd), 64 * 1024)
+        .read_line(&mut line)
+        .await?;
+    let reply = match serde_json::from_str::<Request>(&line) {
+        Ok(request) => {
+            let (reply_tx, reply_rx) = oneshot::channel();
+            if tx
+                .send(Pending {
+                    request,
+                    reply: reply_tx,
+                })
+                .await
+                .is_err()
+            {
+                Reply::Error("agent is stopping".into())
+            } else {
+                reply_rx
+                    .await
+                    .unwrap_or_else(|_| Reply::Error("agent is stopping".into()))
+            }
+        }
+        Err(e) => Reply::Error(format!("bad request: {e}")),
+    };
+    let mut out = serde_json::to_vec(&reply).expect("reply serializes");
+    out.push(b'\n');
+    wr.write_all(&out).await
+}
+
+/// Sends one request to a running agent and returns its reply.
+pub async fn request(path: &Path, req: &Request) -> anyhow::Result<Reply> {
+    let stream = UnixStream::connect(path).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach the running agent at {} ({e}); is `tidemark-agent run` running with this config?",
+            path.display()
+        )
+    })?;
+    let (rd, mut wr) = stream.into_split();
+    let mut out = serde_json::to_vec(req).expect("request serializes");
+    out.push(b'\n');
+    wr.write_all(&out).await?;
+    let mut line = String::new();
+    BufReader::new(rd).read_line(&mut line).await?;
+    serde_json::from_str(&line)
+        .map_err(|e| anyhow::anyhow!("the agent's reply was not understood ({e}): {line:?}"))
+}

@@ -1,0 +1,562 @@
+//! `run`: continuous replication. Every cycle the agent collects the write
+//! events the kernel traced for its disks, marks them dirty, reads the
+//! dirty data and ships it; on a schedule (or on `bookmark`) it freezes the
+//! filesystems, collects the last events, reads the remaining dirty data,
+//! thaws, and asks the receiver for a point after it.
+//!
+//! Nothing is lost silently: every cycle audits the traced sectors against
+//! the block layer's own counters, and any gap, lost event, changed disk or
+//! reboot marks the disk for a full resync, which starts by itself.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tidemark_common::proto::PointKind;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::admin::{self, DiskStatus, Pending, PointInfo, Reply, Request, Status};
+use crate::config::AgentConfig;
+use crate::consistency::freeze::{disk_devices, freeze, mount_points};
+use crate::consistency::scripts::{self, Phase};
+use crate::disks::{open_disk, Disk};
+use crate::pipeline::{Job, Piece, Pipeline, READ_BYTES};
+use crate::progress::{mib, Progress};
+use crate::shipper::{now_ms, Shipper};
+use crate::state::{self, DiskState, ResyncReason};
+use crate::tracking::{disk_counters, DirtyMap, TrackedDisk, Tracker, DEFAULT_GRANULARITY_BYTES};
+use crate::transport::Connector;
+
+/// Dirty bytes shipped per cycle at most, so a cycle (and its audit) comes
+/// round often even while a resync streams the whole disk.
+const CYCLE_BUDGET_BYTES: u64 = 256 << 20;
+
+/// One protected disk at run time.
+struct DiskRun {
+    disk: Disk,
+    dirty: DirtyMap,
+    /// Ranges taken and sent but not yet acknowledged durable. Saved with
+    /// the dirty map, so a crash cannot lose them.
+    pending: Vec<Range<u64>>,
+    /// Audit base: write+discard sectors counted when the audit started.
+    base_sectors: u64,
+    /// Sectors of traced events since the audit base.
+    seen_sectors: u64,
+    resync: Option<ResyncReason>,
+    changed: bool,
+}
+
+impl DiskRun {
+    fn counters(&self) -> u64 {
+        disk_counters(&self.disk.sysfs).map_or(0, |(w, d)| w + d)
+    }
+
+    /// Puts the disk in "resync required": everything is dirty again, and
+    /// the audit restarts from now.
+    fn require_resync(&mut self, reason: ResyncReason) {
+        warn!(
+            "disk {} ({}): resync required: {reason}",
+            self.disk.id,
+            self.disk.device.display()
+        );
+        self.dirty.mark_all();
+        self.resync = Some(reason);
+        self.base_sectors = self.counters();
+        self.seen_sectors = 0;
+        self.changed = true;
+    }
+
+    fn save(&self, dir: &std::path::Path, clean_stop: bool) -> std::io::Result<()> {
+        let mut map =
+            DirtyMap::from_bytes(&self.dirty.to_bytes()).expect("a map reads back what it wrote");
+        for r in &self.pending {
+            map.mark(r.clone());
+        }
+        state::save(
+            dir,
+            &DiskState {
+                disk_id: self.disk.id.clone(),
+                boot_id: state::boot_id(),
+                diskseq: state::diskseq(&self.disk.sysfs),
+                base_sectors: self.base_sectors,
+                seen_sectors: self.seen_sectors,
+                clean_stop,
+                resync: self.resync.clone(),
+            },
+            &map.to_bytes(),
+        )
+    }
+}
+
+/// Restores a disk from its saved state when that can be trusted.
+fn restore(dir: &std::path::Path, disk: Disk) -> DiskRun {
+    let mut run = DiskRun {
+        dirty: DirtyMap::new(disk.size_bytes, DEFAULT_GRANULARITY_BYTES),
+        disk,
+        pending: Vec::new(),
+        base_sectors: 0,
+        seen_sectors: 0,
+        resync: None,
+        changed: true,
+    };
+    let reason = match state::load(dir, &run.disk.id) {
+        Ok(None) => Some(ResyncReason::Initial),
+        Err(e) => Some(ResyncReason::StateUnreadable(e)),
+        Ok(Some((st, map))) => {
+            if st.boot_id != state::boot_id() {
+                Some(ResyncReason::Rebooted)
+            } else if st.diskseq != state::diskseq(&run.disk.sysfs) {
+                Some(ResyncReason::DiskReplaced)
+            } else {
+                match DirtyMap::from_bytes(&map) {
+                    Ok(m) => {
+                        info!(
+                            "disk {}: resuming from saved state ({} stop, {} dirty); the audit decides whether anything was missed",
+                            run.disk.id,
+                            if st.clean_stop { "clean" } else { "unclean" },
+                            mib(m.dirty_bytes())
+                        );
+                        run.dirty = m;
+                        run.base_sectors = st.base_sectors;
+                        run.seen_sectors = st.seen_sectors;
+                        run.resync = st.resync;
+                        None
+                    }
+                    Err(e) => Some(ResyncReason::StateUnreadable(e)),
+                }
+            }
+        }
+    };
+    if let Some(r) = reason {
+        run.require_resync(r);
+    }
+    run
+}
+
+/// What the loop needs besides the disks.
+struct Runner {
+    cfg: AgentConfig,
+    disks: Vec<DiskRun>,
+    tracker: Tracker,
+    tracked: Vec<TrackedDisk>,
+    instance: String,
+    shipper: Shipper,
+    progress: Arc<Progress>,
+    last_point: Option<PointInfo>,
+}
+
+pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    let disks: Vec<Disk> = cfg.disks.iter().map(open_disk).collect::<Result<_, _>>()?;
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("cannot create state_dir {}", cfg.state_dir.display()))?;
+    let tracked: Vec<TrackedDisk> = disks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            TrackedDisk::from_sysfs(i, &d.sysfs, d.size_bytes)
+                .with_context(|| format!("cannot inspect {} in sysfs", d.device.display()))
+        })
+        .collect::<Result<_, _>>()?;
+    let instance = instance_name(&cfg.name);
+    let (tracker, reused) = Tracker::open(&instance, tracked.clone(), cfg.trace_buffer_kb)?;
+    if !reused {
+        info!("trace instance {instance} (re)created: writes while the agent was down are only known from the audit");
+    }
+    let runs: Vec<DiskRun> = disks
+        .iter()
+        .cloned()
+        .map(|d| restore(&cfg.state_dir, d))
+        .collect();
+    let progress = Arc::new(Progress::default());
+    let shipper = Shipper::connect(Connector::new(&cfg)?, disks, None, progress.clone()).await?;
+    let (admin_tx, mut admin_rx) = mpsc::channel::<Pending>(16);
+    admin::serve(&cfg.admin_socket, admin_tx)?;
+
+    let mut r = Runner {
+        cfg,
+        disks: runs,
+        tracker,
+        tracked,
+        instance,
+        shipper,
+        progress,
+        last_point: None,
+    };
+    let now = Instant::now();
+    let every = |secs: u64| (secs > 0).then(|| Duration::from_secs(secs));
+    let crash_every = every(r.cfg.crash_consistent_interval_secs);
+    let app_every = every(r.cfg.app_consistent_interval_secs);
+    let mut next_crash = crash_every.map(|d| now + d);
+    let mut next_app = app_every.map(|d| now + d);
+    let mut bookmarks: Vec<(bool, Option<String>, tokio::sync::oneshot::Sender<Reply>)> =
+        Vec::new();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let cycle = Duration::from_millis(r.cfg.cycle_ms);
+    info!("replicating {} disk(s) continuously", r.disks.len());
+
+    loop {
+        let started = Instant::now();
+        r.collect()?;
+        let now = Instant::now();
+        let app_due = next_app.is_some_and(|t| now >= t);
+        let crash_due = next_crash.is_some_and(|t| now >= t);
+        let wanted = if !bookmarks.is_empty() {
+            Some(bookmarks.iter().any(|b| b.0))
+        } else if app_due || crash_due {
+            Some(app_due)
+        } else {
+            None
+        };
+        let backlog: u64 = r.disks.iter().map(|d| d.dirty.dirty_bytes()).sum();
+        let resyncing = r.disks.iter().any(|d| d.resync.is_some());
+        match wanted {
+            Some(app) if backlog <= r.cfg.point_max_backlog_bytes && !resyncing => {
+                let name = bookmarks
+                    .iter()
+                    .find_map(|b| b.1.clone())
+                    .unwrap_or_else(|| if app { "app-consistent" } else { "scheduled" }.to_owned());
+                let result = r.point(app, &name).await;
+                let reply = match &result {
+                    Ok(p) => Reply::Point {
+                        id: p.id,
+                        kind: p.kind.clone(),
+                    },
+                    Err(e) => Reply::Error(format!("{e:#}")),
+                };
+                for (_, _, tx) in bookmarks.drain(..) {
+                    let _ = tx.send(reply.clone());
+                }
+                let p = result?;
+                r.last_point = Some(p);
+                if app {
+                    next_app = app_every.map(|d| Instant::now() + d);
+                }
+                next_crash = crash_every.map(|d| Instant::now() + d);
+            }
+            _ => r.ship().await?,
+        }
+        r.persist(false);
+
+        // Wait out the cycle, answering the receiver and the admin socket.
+        let until = started + cycle;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            tokio::select! {
+                res = r.shipper.idle(left) => res?,
+                req = admin_rx.recv() => match req {
+                    Some(Pending { request: Request::Bookmark { app_consistent, name }, reply }) => {
+                        bookmarks.push((app_consistent, name, reply));
+                        break;
+                    }
+                    Some(Pending { request: Request::Status, reply }) => {
+                        let _ = reply.send(Reply::Status(r.status()));
+                    }
+                    None => {}
+                },
+                _ = tokio::signal::ctrl_c() => return r.stop().await,
+                _ = term.recv() => return r.stop().await,
+            }
+        }
+    }
+}
+
+/// One trace instance per agent, named after it.
+fn instance_name(agent: &str) -> String {
+    let clean: String = agent
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("tidemark-{clean}")
+}
+
+impl Runner {
+    /// Drains the tracer into the dirty maps and audits every disk.
+    fn collect(&mut self) -> anyhow::Result<()> {
+        // Counters first: every write they count has already been traced
+        // (the tracepoint fires before the accounting), so after the drain
+        // the events seen must cover at least this much.
+        let counted: Vec<u64> = self.disks.iter().map(DiskRun::counters).collect();
+        let drained = self.tracker.drain()?;
+        for (i, d) in self.disks.iter_mut().enumerate() {
+            for range in drained.ranges.get(i).into_iter().flatten() {
+                d.dirty.mark(range.clone());
+                d.changed = true;
+            }
+            d.seen_sectors += drained.sectors_seen.get(i).copied().unwrap_or(0);
+        }
+        if let Some(lost) = &drained.lost {
+            for d in &mut self.disks {
+                d.require_resync(ResyncReason::EventsLost(lost.clone()));
+            }
+        }
+        if let Err(what) = self.tracker.verify() {
+            for d in &mut self.disks {
+                d.require_resync(ResyncReason::TracingChanged(what.clone()));
+            }
+            let (t, _) = Tracker::open(
+                &self.instance,
+                self.tracked.clone(),
+                self.cfg.trace_buffer_kb,
+            )?;
+            self.tracker = t;
+        }
+        for (d, c) in self.disks.iter_mut().zip(counted) {
+            let counted_since = c.saturating_sub(d.base_sectors);
+            if c < d.base_sectors || d.seen_sectors < counted_since {
+                let detail = format!(
+                    "the block layer counted {counted_since} written/discarded sectors since the audit base, the tracer reported {}",
+                    d.seen_sectors
+                );
+                d.require_resync(ResyncReason::AuditMismatch(detail));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads up to a cycle's budget of dirty data and hands it to the shipper.
+    async fn ship(&mut self) -> anyhow::Result<()> {
+        if !self.shipper.connected() {
+            return Ok(());
+        }
+        let mut jobs = Vec::new();
+        let mut taken = 0u64;
+        for d in &mut self.disks {
+            let ranges = d.dirty.take(
+                CYCLE_BUDGET_BYTES.saturating_sub(taken),
+                READ_BYTES as u64 * 4,
+            );
+            taken += ranges.iter().map(|r| r.end - r.start).sum::<u64>();
+            d.pending.extend(ranges.iter().cloned());
+            if !ranges.is_empty() {
+                d.changed = true;
+            }
+            jobs.push(Job {
+                disk: d.disk.clone(),
+                ranges,
+            });
+        }
+        if taken > 0 {
+            let mut pipeline =
+                Pipeline::start(jobs, &self.cfg.pipeline_settings(), self.progress.clone())?;
+            let mut cut = false;
+            while let Some(piece) = pipeline.pieces.recv().await {
+                // Once the receiver is away, what is left goes back to the
+                // dirty maps: memory stays bounded however long it is away.
+                let back = if cut {
+                    Some(piece)
+                } else {
+                    self.shipper.try_send(piece).await?
+                };
+                if let Some(p) = back {
+                    cut = true;
+                    let (disk, range) = p.range();
+                    self.disks[disk].dirty.mark(range);
+                }
+            }
+            pipeline.finish()?;
+            self.shipper.flush().await;
+        }
+        self.settle();
+        Ok(())
+    }
+
+    /// Once the receiver holds everything sent, nothing is pending, and a
+    /// finished resync is over.
+    fn settle(&mut self) {
+        if self.shipper.unacked_bytes() > 0 {
+            return;
+        }
+        for d in &mut self.disks {
+            if !d.pending.is_empty() {
+                d.pending.clear();
+                d.changed = true;
+            }
+            if d.resync.is_some() && d.dirty.is_clean() {
+                info!("disk {}: resync complete", d.disk.id);
+                d.resync = None;
+                d.changed = true;
+            }
+        }
+    }
+
+    fn persist(&mut self, clean_stop: bool) {
+        for d in &mut self.disks {
+            if !d.changed && !clean_stop {
+                continue;
+            }
+            match d.save(&self.cfg.state_dir, clean_stop) {
+                Ok(()) => d.changed = false,
+                Err(e) => warn!(
+                    "cannot save state of disk {} in {}: {e}",
+                    d.disk.id,
+                    self.cfg.state_dir.display()
+                ),
+            }
+        }
+    }
+
+    /// Takes a point: freeze, collect, read what is dirty, thaw, ship, and
+    /// wait until the receiver holds the point durably.
+    async fn point(&mut self, app: bool, name: &str) -> anyhow::Result<PointInfo> {
+        let mut kind = if app {
+            PointKind::AppConsistent
+        } else {
+            PointKind::CrashConsistent
+        };
+        let scripts_dir = self.cfg.scripts_dir.clone();
+        let timeout = Duration::from_secs(self.cfg.script_timeout_secs);
+        if app {
+            let n = name.to_owned();
+            let dir = scripts_dir.clone();
+            let pre =
+                tokio::task::spawn_blocking(move || scripts::run(&dir, Phase::Pre, &n, timeout))
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string()));
+            if let Err(e) = pre {
+                warn!("pre script failed ({e}); taking a crash-consistent point instead");
+                kind = PointKind::CrashConsistent;
+            }
+        }
+        let mut devices = std::collections::BTreeSet::new();
+        let mut unmounted = Vec::new();
+        for d in &self.disks {
+            let devs = disk_devices(&d.disk.sysfs);
+            let mounts = mount_points(&devs)?;
+            if mounts.is_empty() {
+                unmounted.push(d.disk.id.clone());
+            }
+            devices.extend(devs);
+        }
+        let mounts = mount_points(&devices)?;
+        let frozen = match freeze(&mounts) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                warn!("cannot freeze the filesystems ({e:#}); this point will not be offered as consistent");
+                None
+            }
+        };
+        let freeze_time = frozen.as_ref().map_or(Duration::ZERO, |f| f.freeze_time);
+        // Everything written before the freeze returned is now traced.
+        let collected = self.collect();
+        let before: Vec<u64> = self.disks.iter().map(DiskRun::counters).collect();
+        let pieces = match collected {
+            Ok(()) => self.read_all_dirty().await,
+            Err(e) => Err(e),
+        };
+        let after: Vec<u64> = self.disks.iter().map(DiskRun::counters).collect();
+        let frozen_for = frozen.map_or(Duration::ZERO, |f| f.thaw());
+        if app {
+            let n = name.to_owned();
+            let post = tokio::task::spawn_blocking(move || {
+                scripts::run(&scripts_dir, Phase::Post, &n, timeout)
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+            if let Err(e) = post {
+                warn!("post script failed: {e}");
+            }
+        }
+        let pieces = pieces?;
+        // Raw writes are not stopped by a freeze, and a disk without a
+        // mounted filesystem is not frozen at all: the cut is exact only if
+        // no disk was written while its dirty data was read.
+        let written = before != after;
+        if written || (frozen_for.is_zero() && !mounts.is_empty()) {
+            warn!(
+                "disks were written while the point's data was read{}; recording it as a sync marker, not a recovery point",
+                if unmounted.is_empty() { String::new() } else { format!(" (no mounted filesystem to freeze on {})", unmounted.join(", ")) }
+            );
+            kind = PointKind::SyncMarker;
+        }
+        for p in pieces {
+            self.shipper.send(p).await?;
+        }
+        let agent_time_ms = now_ms();
+        let id = self.shipper.point(kind, name).await?;
+        self.settle();
+        info!(
+            "recovery point {id} ({}) durable at the receiver; filesystems frozen for {} ms (freeze took {} ms)",
+            kind.as_str(),
+            frozen_for.as_millis(),
+            freeze_time.as_millis()
+        );
+        Ok(PointInfo {
+            id,
+            kind: kind.as_str().to_owned(),
+            agent_time_ms,
+            freeze_ms: frozen_for.as_millis() as u64,
+        })
+    }
+
+    /// Reads every dirty range of every disk into memory (bounded by
+    /// `point_max_backlog_bytes`, checked by the caller).
+    async fn read_all_dirty(&mut self) -> anyhow::Result<Vec<Piece>> {
+        let mut jobs = Vec::new();
+        for d in &mut self.disks {
+            let ranges = d.dirty.take(u64::MAX, READ_BYTES as u64 * 4);
+            d.pending.extend(ranges.iter().cloned());
+            d.changed = true;
+            jobs.push(Job {
+                disk: d.disk.clone(),
+                ranges,
+            });
+        }
+        let mut pipeline =
+            Pipeline::start(jobs, &self.cfg.pipeline_settings(), self.progress.clone())?;
+        let mut out = Vec::new();
+        while let Some(p) = pipeline.pieces.recv().await {
+            out.push(p);
+        }
+        pipeline.finish()?;
+        Ok(out)
+    }
+
+    fn status(&self) -> Status {
+        Status {
+            agent: self.cfg.name.clone(),
+            receiver: self.cfg.receiver.clone(),
+            connected: self.shipper.connected(),
+            last_point: self.last_point.clone(),
+            disks: self
+                .disks
+                .iter()
+                .map(|d| DiskStatus {
+                    id: d.disk.id.clone(),
+                    device: d.disk.device.display().to_string(),
+                    state: if d.resync.is_some() {
+                        "resync-required".into()
+                    } else {
+                        "protected".into()
+                    },
+                    resync_reason: d.resync.as_ref().map(ToString::to_string),
+                    dirty_bytes: d.dirty.dirty_bytes()
+                        + d.pending.iter().map(|r| r.end - r.start).sum::<u64>(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Clean stop: wait briefly for outstanding acks, then save every
+    /// disk's map with the clean-stop mark. The trace instance stays, so the
+    /// next start sees what was written in between.
+    async fn stop(mut self) -> anyhow::Result<()> {
+        info!("stopping: saving dirty state");
+        self.shipper.await_acks(Duration::from_secs(5)).await?;
+        self.settle();
+        self.collect()?;
+        self.persist(true);
+        let _ = std::fs::remove_file(&self.cfg.admin_socket);
+        Ok(())
+    }
+}

@@ -1,0 +1,131 @@
+//! What the agent keeps on disk between runs, per disk: the dirty map (data
+//! not yet durable at the receiver) and the fingerprint that decides on
+//! start whether that map can be trusted (same boot, same disk, and the
+//! block layer's counters agree with the events still in the tracer).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tidemark_common::durable::write_atomic;
+
+/// Why a disk needs a full resync.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "reason", content = "detail")]
+pub enum ResyncReason {
+    /// Never replicated by this agent (or its state was removed).
+    Initial,
+    /// The tracer lost events (ring buffer overrun, dropped events).
+    EventsLost(String),
+    /// The block layer counted writes the tracer did not report.
+    AuditMismatch(String),
+    /// The machine rebooted since the state was written.
+    Rebooted,
+    /// The device was detached and attached again (diskseq changed).
+    DiskReplaced,
+    /// Someone changed or switched off the trace instance.
+    TracingChanged(String),
+    /// The saved state could not be read.
+    StateUnreadable(String),
+}
+
+impl std::fmt::Display for ResyncReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ResyncReason::Initial => write!(f, "initial sync"),
+            ResyncReason::EventsLost(d) => write!(f, "write events were lost: {d}"),
+            ResyncReason::AuditMismatch(d) => write!(f, "audit mismatch: {d}"),
+            ResyncReason::Rebooted => write!(f, "the machine rebooted since the last run"),
+            ResyncReason::DiskReplaced => {
+                write!(f, "the disk was detached and re-attached (diskseq changed)")
+            }
+            ResyncReason::TracingChanged(d) => {
+                write!(f, "tracing was changed behind the agent's back: {d}")
+            }
+            ResyncReason::StateUnreadable(d) => write!(f, "saved state unreadable: {d}"),
+        }
+    }
+}
+
+/// The fingerprint and audit position saved with a disk's dirty map.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DiskState {
+    pub disk_id: String,
+    pub boot_id: String,
+    pub diskseq: Option<u64>,
+    /// Write + discard sectors the block layer had counted at the audit base.
+    pub base_sectors: u64,
+    /// Sectors of events seen since the audit base.
+    pub seen_sectors: u64,
+    /// True only when written by a clean stop.
+    pub clean_stop: bool,
+    /// A resync that was required and not yet finished.
+    pub resync: Option<ResyncReason>,
+}
+
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+pub fn diskseq(sysfs_dev_dir: &Path) -> Option<u64> {
+    // Partitions carry no diskseq of their own: use the whole disk's.
+    let read = |p: PathBuf| std::fs::read_to_string(p).ok()?.trim().parse().ok();
+    read(sysfs_dev_dir.join("diskseq")).or_else(|| read(sysfs_dev_dir.join("../diskseq")))
+}
+
+fn file_name(disk_id: &str, ext: &str) -> String {
+    format!("{disk_id}.{ext}")
+}
+
+/// Saves a disk's state and dirty map (map first: a state file never
+/// describes a map older than itself).
+pub fn save(dir: &Path, state: &DiskState, dirty: &[u8]) -> std::io::Result<()> {
+    write_atomic(&dir.join(file_name(&state.disk_id, "dirty")), dirty, 0o600)?;
+    let mut json = serde_json::to_vec_pretty(state).expect("state serializes");
+    json.push(b'\n');
+    write_atomic(&dir.join(file_name(&state.disk_id, "state")), &json, 0o600)
+}
+
+/// Loads a disk's state and dirty map; Ok(None) when there is none.
+pub fn load(dir: &Path, disk_id: &str) -> Result<Option<(DiskState, Vec<u8>)>, String> {
+    let state_path = dir.join(file_name(disk_id, "state"));
+    let text = match std::fs::read(&state_path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: {e}", state_path.display())),
+    };
+    let state: DiskState =
+        serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", state_path.display()))?;
+    let dirty_path = dir.join(file_name(disk_id, "dirty"));
+    let dirty = std::fs::read(&dirty_path).map_err(|e| format!("{}: {e}", dirty_path.display()))?;
+    Ok(Some((state, dirty)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_missing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(load(dir.path(), "d").expect("load"), None);
+        let s = DiskState {
+            disk_id: "d".into(),
+            boot_id: boot_id(),
+            diskseq: Some(4),
+            base_sectors: 10,
+            seen_sectors: 2,
+            clean_stop: true,
+            resync: Some(ResyncReason::EventsLost("cpu1 overrun 5".into())),
+        };
+        save(dir.path(), &s, b"map").expect("save");
+        assert_eq!(
+            load(dir.path(), "d").expect("load"),
+            Some((s, b"map".to_vec()))
+        );
+        std::fs::write(dir.path().join("d.state"), "{").expect("write");
+        assert!(load(dir.path(), "d").is_err());
+    }
+}

@@ -1,0 +1,186 @@
+//! A receiver site for end-to-end tests: PKI in a temp dir, `serve` on
+//! 127.0.0.1, agents issued against it, and the commands tests script.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use anyhow::{ensure, Context};
+
+use crate::{free_port, kernel_lock, require_cmd, require_root, workspace_bin, Daemon, KernelLock};
+
+/// A receiver with its PKI in a temp dir, serving on 127.0.0.1.
+/// Fields drop in order: the receiver stops before its directory goes,
+/// and the kernel lock is released last.
+pub struct Site {
+    pub receiver: Daemon,
+    pub dir: tempfile::TempDir,
+    pub addr: SocketAddr,
+    _lock: KernelLock,
+}
+
+impl Site {
+    pub fn start() -> anyhow::Result<Site> {
+        let lock = kernel_lock();
+        require_root()?;
+        require_cmd("losetup")?;
+        let dir = tempfile::tempdir()?;
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        run_ok(receiver_cmd().args([
+            "init",
+            "--dir",
+            path(&dir.path().join("rx")),
+            "--name",
+            "test-receiver",
+            "--listen",
+            &addr.to_string(),
+            "--image-dir",
+            path(&dir.path().join("images")),
+            "--retention-dir",
+            path(&dir.path().join("retention")),
+        ]))?;
+        let mut cmd = receiver_cmd();
+        cmd.args([
+            "serve",
+            "--config",
+            path(&dir.path().join("rx/receiver.toml")),
+        ]);
+        let receiver = Daemon::spawn(cmd)?;
+        receiver.wait_for_log("listening on", Duration::from_secs(20))?;
+        Ok(Site {
+            dir,
+            addr,
+            receiver,
+            _lock: lock,
+        })
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.dir.path().join("rx/receiver.toml")
+    }
+
+    /// Issues an agent's files into `<tmp>/<name>` pointing at `target`,
+    /// with the given disks appended to its agent.toml.
+    pub fn agent(
+        &self,
+        name: &str,
+        target: SocketAddr,
+        disks: &[(&Path, &str)],
+    ) -> anyhow::Result<PathBuf> {
+        let out = self.dir.path().join(name);
+        run_ok(receiver_cmd().args([
+            "issue-cert",
+            "--dir",
+            path(&self.dir.path().join("rx")),
+            "--name",
+            name,
+            "--receiver",
+            &target.to_string(),
+            "--out",
+            path(&out),
+        ]))?;
+        let cfg = out.join("agent.toml");
+        let mut text = std::fs::read_to_string(&cfg)?;
+        for (dev, id) in disks {
+            text.push_str(&format!(
+                "\n[[disk]]\ndevice = \"{}\"\nid = \"{id}\"\n",
+                dev.display()
+            ));
+        }
+        std::fs::write(&cfg, text)?;
+        Ok(cfg)
+    }
+
+    pub fn image(&self, disk_id: &str) -> PathBuf {
+        self.dir
+            .path()
+            .join("images")
+            .join(format!("{disk_id}.img"))
+    }
+
+    pub fn export(&self, disk: &str, point: &str) -> anyhow::Result<Vec<u8>> {
+        let out = self.dir.path().join(format!("export-{disk}-{point}.raw"));
+        run_ok(receiver_cmd().args([
+            "export",
+            "--config",
+            path(&self.config()),
+            "--disk",
+            disk,
+            "--point",
+            point,
+            "--format",
+            "raw",
+            "--out",
+            path(&out),
+        ]))?;
+        let bytes = std::fs::read(&out)?;
+        std::fs::remove_file(&out)?;
+        Ok(bytes)
+    }
+
+    pub fn points_json(&self) -> anyhow::Result<serde_json::Value> {
+        let out =
+            run_ok(receiver_cmd().args(["points", "--config", path(&self.config()), "--json"]))?;
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+}
+
+pub fn receiver_cmd() -> Command {
+    Command::new(workspace_bin("tidemark-receiver"))
+}
+
+pub fn agent_sync(cfg: &Path, extra: &[&str]) -> Output {
+    Command::new(workspace_bin("tidemark-agent"))
+        .args(["sync", "--config", path(cfg)])
+        .args(extra)
+        .env("TIDEMARK_LOG", "info")
+        .output()
+        .expect("agent binary runs")
+}
+
+pub fn path(p: &Path) -> &str {
+    p.to_str().expect("test paths are UTF-8")
+}
+
+pub fn run_ok(cmd: &mut Command) -> anyhow::Result<Output> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    ensure!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(out)
+}
+
+/// The point id the agent printed.
+pub fn point_id(out: &Output) -> anyhow::Result<u64> {
+    ensure!(
+        out.status.success(),
+        "sync failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout.clone())?;
+    text.trim()
+        .parse()
+        .with_context(|| format!("stdout {text:?} is not a point id"))
+}
+
+/// The last line of stderr, which is the error line on failure.
+pub fn error_line(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr);
+    err.lines().last().unwrap_or("").to_owned()
+}
+
+pub fn assert_fails_with(out: &Output, needles: &[&str]) {
+    assert!(!out.status.success(), "expected failure, got success");
+    let line = error_line(out);
+    assert!(
+        line.starts_with("error: "),
+        "last line is not the error: {line:?}"
+    );
+    for n in needles {
+        assert!(line.contains(n), "error line {line:?} lacks {n:?}");
+    }
+}

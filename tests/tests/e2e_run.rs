@@ -1,0 +1,324 @@
+//! Continuous replication end to end: `tidemark-agent run` tracking real
+//! writes on loop devices through the kernel's block tracepoints, points on
+//! demand, and the faults the tracker must notice.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{ensure, Context};
+use tidemark_tests::site::{path, run_ok, Site};
+use tidemark_tests::{require_cmd, workspace_bin, Daemon, LoopDev, SplitMix64};
+
+/// A running `tidemark-agent run` and the trace instance it leaves behind.
+struct RunningAgent {
+    daemon: Option<Daemon>,
+    cfg: PathBuf,
+    instance: PathBuf,
+}
+
+impl RunningAgent {
+    fn start(cfg: &Path, name: &str) -> anyhow::Result<RunningAgent> {
+        let mut a = RunningAgent {
+            daemon: None,
+            cfg: cfg.to_path_buf(),
+            instance: PathBuf::from(format!("/sys/kernel/tracing/instances/tidemark-{name}")),
+        };
+        a.restart()?;
+        Ok(a)
+    }
+
+    fn restart(&mut self) -> anyhow::Result<()> {
+        let mut cmd = Command::new(workspace_bin("tidemark-agent"));
+        cmd.args(["run", "--config", path(&self.cfg)]);
+        let d = Daemon::spawn(cmd)?;
+        d.wait_for_log("replicating", Duration::from_secs(30))?;
+        self.daemon = Some(d);
+        Ok(())
+    }
+
+    fn log(&self) -> String {
+        self.daemon.as_ref().map(Daemon::log).unwrap_or_default()
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            d.kill();
+        }
+    }
+
+    /// SIGTERM and wait: the clean-stop path.
+    fn stop(&mut self) -> anyhow::Result<String> {
+        let d = self.daemon.take().context("not running")?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(d.pid() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        let status = d.wait_timeout(Duration::from_secs(30))?;
+        ensure!(status.success(), "clean stop failed: {}", d.log());
+        Ok(d.log())
+    }
+
+    /// Asks for a point and returns its id.
+    fn bookmark(&self, app: bool) -> anyhow::Result<u64> {
+        let mut cmd = Command::new(workspace_bin("tidemark-agent"));
+        cmd.args(["bookmark", "--config", path(&self.cfg)]);
+        if app {
+            cmd.arg("--app-consistent");
+        }
+        let out = run_ok(&mut cmd).with_context(|| self.log())?;
+        Ok(String::from_utf8(out.stdout)?.trim().parse()?)
+    }
+
+    fn status_json(&self) -> anyhow::Result<serde_json::Value> {
+        let out = run_ok(Command::new(workspace_bin("tidemark-agent")).args([
+            "status",
+            "--config",
+            path(&self.cfg),
+            "--json",
+        ]))?;
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+}
+
+impl Drop for RunningAgent {
+    fn drop(&mut self) {
+        self.kill();
+        // The instance outlives the agent by design; tests must not leak it.
+        if self.instance.exists() {
+            if let Err(e) = std::fs::remove_dir(&self.instance) {
+                eprintln!("cannot remove {}: {e}", self.instance.display());
+            }
+        }
+    }
+}
+
+/// An agent config for `run`: fast cycles, points only on demand.
+fn run_config(
+    site: &Site,
+    name: &str,
+    disks: &[(&Path, &str)],
+    extra: &str,
+) -> anyhow::Result<PathBuf> {
+    let cfg = site.agent(name, site.addr, disks)?;
+    let dir = cfg.parent().context("agent dir")?;
+    let text = std::fs::read_to_string(&cfg)?;
+    let top = format!(
+        "state_dir = \"{}\"\nadmin_socket = \"{}\"\ncycle_ms = 200\ncrash_consistent_interval_secs = 0\napp_consistent_interval_secs = 0\nscripts_dir = \"{}\"\n{extra}\n",
+        dir.join("state").display(),
+        dir.join("agent.sock").display(),
+        dir.join("scripts").display(),
+    );
+    std::fs::write(&cfg, top + &text)?;
+    Ok(cfg)
+}
+
+fn random_block(rng: &mut SplitMix64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    v.chunks_mut(8)
+        .for_each(|c| c.copy_from_slice(&rng.next_u64().to_le_bytes()[..c.len()]));
+    v
+}
+
+/// Writes scattered random blocks straight to the device.
+fn churn(dev: &LoopDev, rng: &mut SplitMix64, writes: usize) -> anyhow::Result<()> {
+    let blocks = dev.size_bytes() / 4096;
+    for _ in 0..writes {
+        let at = (rng.next_u64() % blocks) * 4096;
+        let len = 4096 * (1 + (rng.next_u64() % 16) as usize);
+        let len = len.min((dev.size_bytes() - at) as usize);
+        dev.write_at(at, &random_block(rng, len))?;
+    }
+    Ok(())
+}
+
+#[test]
+fn raw_writes_replicate_and_points_export_exactly() -> anyhow::Result<()> {
+    let site = Site::start()?;
+    let dev = LoopDev::create(&site.dir.path().join("raw.img"), 64 << 20)?;
+    let cfg = run_config(&site, "run-raw", &[(dev.path(), "disk-raw")], "")?;
+    let mut agent = RunningAgent::start(&cfg, "run-raw")?;
+    let mut rng = SplitMix64::new(5);
+    for round in 0..3 {
+        churn(&dev, &mut rng, 200)?;
+        let id = agent.bookmark(false)?;
+        let exported = site.export("disk-raw", &id.to_string())?;
+        ensure!(
+            exported == dev.read_all()?,
+            "round {round}: point {id} differs from the device"
+        );
+    }
+    let status = agent.status_json()?;
+    assert_eq!(status["disks"][0]["state"], "protected", "{status}");
+    let log = agent.stop()?;
+    assert!(log.contains("resync required: initial sync"), "{log}");
+    Ok(())
+}
+
+#[test]
+fn ext4_files_at_a_point_mount_and_check_clean() -> anyhow::Result<()> {
+    require_cmd("fsck.ext4")?;
+    require_cmd("fstrim")?;
+    let site = Site::start()?;
+    let dev = LoopDev::create(&site.dir.path().join("fs.img"), 128 << 20)?;
+    dev.mkfs_ext4()?;
+    let mnt = site.dir.path().join("mnt");
+    std::fs::create_dir_all(&mnt)?;
+    run_ok(Command::new("mount").args(["-o", "commit=300", path(dev.path()), path(&mnt)]))?;
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mnt.clone());
+    let cfg = run_config(&site, "run-fs", &[(dev.path(), "disk-fs")], "")?;
+    let agent = RunningAgent::start(&cfg, "run-fs")?;
+
+    let mut rng = SplitMix64::new(9);
+    let mut expected = Vec::new();
+    for i in 0..20 {
+        let data = random_block(&mut rng, 4096 * (1 + i % 7) + i * 13);
+        std::fs::write(mnt.join(format!("f{i}")), &data)?;
+        expected.push((format!("f{i}"), data));
+    }
+    // O_DIRECT writes, an overwrite, deletions and a trim.
+    run_ok(Command::new("dd").args([
+        "if=/dev/urandom",
+        &format!("of={}", mnt.join("direct.bin").display()),
+        "bs=64k",
+        "count=32",
+        "oflag=direct",
+        "status=none",
+    ]))?;
+    expected.push(("direct.bin".into(), std::fs::read(mnt.join("direct.bin"))?));
+    std::fs::write(mnt.join("f3"), b"overwritten")?;
+    expected[3].1 = b"overwritten".to_vec();
+    for i in [5, 7] {
+        std::fs::remove_file(mnt.join(format!("f{i}")))?;
+    }
+    expected.retain(|(n, _)| n != "f5" && n != "f7");
+    run_ok(Command::new("fstrim").arg(&mnt))?;
+
+    let id = agent.bookmark(false)?;
+    let image = site.dir.path().join("point.raw");
+    run_ok(&mut crate_export(&site, "disk-fs", id, &image))?;
+    run_ok(Command::new("fsck.ext4").args(["-n", "-f", path(&image)]))?;
+    let check = site.dir.path().join("check");
+    std::fs::create_dir_all(&check)?;
+    run_ok(Command::new("mount").args(["-o", "ro,loop,noload", path(&image), path(&check)]))?;
+    let _unmount_check = Unmount(check.clone());
+    for (name, data) in &expected {
+        let got = std::fs::read(check.join(name))
+            .with_context(|| format!("{name} missing at point {id}"))?;
+        ensure!(&got == data, "{name} differs at point {id}");
+    }
+    ensure!(
+        !check.join("f5").exists() && !check.join("f7").exists(),
+        "deleted files came back"
+    );
+    Ok(())
+}
+
+fn crate_export(site: &Site, disk: &str, id: u64, out: &Path) -> Command {
+    let mut c = Command::new(workspace_bin("tidemark-receiver"));
+    c.args(["export", "--config", path(&site.config()), "--disk", disk])
+        .args([
+            "--point",
+            &id.to_string(),
+            "--format",
+            "raw",
+            "--out",
+            path(out),
+        ]);
+    c
+}
+
+#[test]
+fn sigkill_and_restart_converge_without_resync() -> anyhow::Result<()> {
+    let site = Site::start()?;
+    let dev = LoopDev::create(&site.dir.path().join("k.img"), 64 << 20)?;
+    let cfg = run_config(&site, "run-kill", &[(dev.path(), "disk-k")], "")?;
+    let mut agent = RunningAgent::start(&cfg, "run-kill")?;
+    let mut rng = SplitMix64::new(13);
+    churn(&dev, &mut rng, 100)?;
+    agent.bookmark(false)?;
+    churn(&dev, &mut rng, 100)?;
+    std::thread::sleep(Duration::from_millis(500));
+    agent.kill();
+    // Writes while the agent is down stay in the trace instance.
+    churn(&dev, &mut rng, 100)?;
+    agent.restart()?;
+    let id = agent.bookmark(false)?;
+    ensure!(
+        site.export("disk-k", &id.to_string())? == dev.read_all()?,
+        "no convergence after SIGKILL"
+    );
+    let log = agent.log();
+    ensure!(
+        !log.contains("resync required"),
+        "a restart without loss must not resync: {log}"
+    );
+    Ok(())
+}
+
+#[test]
+fn ring_overrun_is_detected_and_resynced() -> anyhow::Result<()> {
+    let site = Site::start()?;
+    let dev = LoopDev::create(&site.dir.path().join("o.img"), 64 << 20)?;
+    let cfg = run_config(
+        &site,
+        "run-loss",
+        &[(dev.path(), "disk-o")],
+        "trace_buffer_kb = 4",
+    )?;
+    // Slow cycles so the burst overruns the tiny ring between drains.
+    let text = std::fs::read_to_string(&cfg)?.replace("cycle_ms = 200", "cycle_ms = 3000");
+    std::fs::write(&cfg, text)?;
+    let mut agent = RunningAgent::start(&cfg, "run-loss")?;
+    let mut rng = SplitMix64::new(17);
+    // Let the initial sync finish so the resync we see is the overrun's.
+    agent.bookmark(false)?;
+    let f = std::fs::OpenOptions::new().write(true).open(dev.path())?;
+    use std::os::unix::fs::FileExt;
+    for i in 0..4000u64 {
+        f.write_all_at(&random_block(&mut rng, 512), (i * 8 % 100_000) * 512)?;
+        f.sync_data()?;
+    }
+    drop(f);
+    let id = agent.bookmark(false)?;
+    let log = agent.log();
+    ensure!(
+        log.contains("write events were lost"),
+        "overrun not detected: {log}"
+    );
+    ensure!(
+        site.export("disk-o", &id.to_string())? == dev.read_all()?,
+        "no convergence after the overrun"
+    );
+    agent.stop()?;
+    Ok(())
+}
+
+#[test]
+fn tracing_switched_off_behind_the_agents_back_requires_resync() -> anyhow::Result<()> {
+    let site = Site::start()?;
+    let dev = LoopDev::create(&site.dir.path().join("t.img"), 32 << 20)?;
+    let cfg = run_config(&site, "run-off", &[(dev.path(), "disk-t")], "")?;
+    let agent = RunningAgent::start(&cfg, "run-off")?;
+    agent.bookmark(false)?;
+    std::fs::write(agent.instance.join("tracing_on"), "0")?;
+    let mut rng = SplitMix64::new(23);
+    churn(&dev, &mut rng, 50)?;
+    let id = agent.bookmark(false)?;
+    let log = agent.log();
+    ensure!(
+        log.contains("resync required"),
+        "switching tracing off went unnoticed: {log}"
+    );
+    ensure!(
+        site.export("disk-t", &id.to_string())? == dev.read_all()?,
+        "no convergence"
+    );
+    Ok(())
+}
