@@ -17,6 +17,8 @@ pub const DEFAULT_IMAGE_DIR: &str = "/var/lib/tidemark/images";
 pub const DEFAULT_RETENTION_DIR: &str = "/mnt/retention";
 /// Disks one receiver protects, from the product documents.
 pub const DEFAULT_MAX_DISKS: usize = 60;
+/// Retention window, from the product documents' failback policy.
+pub const DEFAULT_RETENTION_HOURS: u32 = 24;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -40,6 +42,10 @@ pub struct ReceiverConfig {
     /// Most disks this receiver accepts; registration past it is refused.
     #[serde(default = "default_max_disks")]
     pub max_disks: usize,
+    /// Hours of recovery points kept; older undo history is pruned (the
+    /// newest point always stays).
+    #[serde(default = "default_retention_hours")]
+    pub retention_hours: u32,
 }
 
 fn default_listen() -> SocketAddr {
@@ -48,6 +54,10 @@ fn default_listen() -> SocketAddr {
 
 fn default_max_disks() -> usize {
     DEFAULT_MAX_DISKS
+}
+
+fn default_retention_hours() -> u32 {
+    DEFAULT_RETENTION_HOURS
 }
 
 impl ReceiverConfig {
@@ -73,6 +83,9 @@ impl ReceiverConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.name.is_empty() {
             return Err("name must not be empty".into());
+        }
+        if self.retention_hours == 0 {
+            return Err("retention_hours must be at least 1".into());
         }
         if self.max_disks == 0 {
             return Err("max_disks must be at least 1".into());

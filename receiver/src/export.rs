@@ -1,16 +1,27 @@
-//! `export`: writes a disk as of a recovery point to a file, without
-//! disturbing replication.
+//! `export`: writes a disk as of a recovery point to a file while
+//! replication goes on. The live image is copied, then the undo records
+//! of every overwrite since the point are laid over the copy, newest
+//! first, so each byte ends up as it was at the point.
+//!
+//! No lock is needed against the running receiver: it makes each undo
+//! record durable before the overwrite it describes, and the export reads
+//! the undo journal only after its copy of the image is complete, so any
+//! overwrite that reached the copy has its record in what is read.
 
 use std::fs::OpenOptions;
 use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use anyhow::{bail, Context};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
 
 use crate::config::ReceiverConfig;
 use crate::image::raw::RawImage;
 use crate::image::Image;
 use crate::journal::points::{read_all, Point};
+use crate::journal::undo;
 use crate::registry::Registry;
 use tidemark_common::proto::PointKind;
 
@@ -20,23 +31,64 @@ const COPY_CHUNK_BYTES: usize = 4 << 20;
 /// Export formats this receiver writes.
 pub const FORMATS: &[&str] = &["raw"];
 
-/// Finds the point `spec` names for `disk`: `latest`, or a point id.
-pub fn resolve_point(points: &[Point], disk: &str, spec: &str) -> anyhow::Result<Point> {
-    let covering = points.iter().filter(|p| p.disks.iter().any(|d| d == disk));
+/// How an operator names a point.
+pub const SPEC_HELP: &str =
+    "latest, latest-processed, latest-app-consistent, a point id, or an RFC 3339 time";
+
+/// Finds the point `spec` names among the exportable points of `disk`
+/// (those with id ≥ `history_from`). Sync markers are never chosen by
+/// the `latest*` and time forms, only by their id.
+pub fn resolve_point(
+    points: &[Point],
+    disk: &str,
+    history_from: u64,
+    spec: &str,
+) -> anyhow::Result<Point> {
+    let usable: Vec<&Point> = points
+        .iter()
+        .filter(|p| p.id >= history_from && p.disks.iter().any(|d| d == disk))
+        .collect();
+    let consistent = || usable.iter().filter(|p| p.kind != PointKind::SyncMarker);
     let found = match spec {
-        "latest" => covering
-            .filter(|p| p.kind != PointKind::SyncMarker)
+        // Every point the receiver acknowledged is already in the image, so
+        // the newest received and the newest processed point are the same.
+        "latest" | "latest-processed" => consistent().max_by_key(|p| p.id),
+        "latest-app-consistent" => consistent()
+            .filter(|p| p.kind == PointKind::AppConsistent)
             .max_by_key(|p| p.id),
-        id => {
-            let id: u64 = id.parse().map_err(|_| {
-                anyhow::anyhow!("point {spec:?} is neither `latest` nor a point id; list them with `tidemark-receiver points`")
-            })?;
-            covering.filter(|p| p.id == id).max_by_key(|p| p.id)
+        _ => {
+            if let Ok(id) = spec.parse::<u64>() {
+                if id < history_from && points.iter().any(|p| p.id == id) {
+                    bail!("point {id} of disk {disk} is older than the retention window; its history was pruned");
+                }
+                usable.iter().find(|p| p.id == id)
+            } else if let Ok(at) = OffsetDateTime::parse(spec, &Rfc3339) {
+                let oldest = consistent().min_by_key(|p| p.id);
+                let found = consistent()
+                    .filter(|p| recorded(p).is_some_and(|t| t <= at))
+                    .max_by_key(|p| p.id);
+                if found.is_none() {
+                    if let Some(o) = oldest {
+                        bail!(
+                            "no point of disk {disk} at or before {spec}; the oldest is point {} at {}",
+                            o.id,
+                            o.recorded_at
+                        );
+                    }
+                }
+                found
+            } else {
+                bail!("point {spec:?} is not one of: {SPEC_HELP}");
+            }
         }
     };
-    found.cloned().ok_or_else(|| {
+    found.map(|p| (*p).clone()).ok_or_else(|| {
         anyhow::anyhow!("no recovery point {spec:?} for disk {disk}; list them with `tidemark-receiver points --disk {disk}`")
     })
+}
+
+fn recorded(p: &Point) -> Option<OffsetDateTime> {
+    OffsetDateTime::parse(&p.recorded_at, &Rfc3339).ok()
 }
 
 pub fn export(
@@ -57,47 +109,66 @@ pub fn export(
         bail!("unknown disk {disk:?}; list disks with `tidemark-receiver points`");
     };
     let points = read_all(&config.points_path())?;
-    let point = resolve_point(&points, disk, spec)?;
-    check_image_holds(&entry.image_point, &point, disk)?;
+    let point = resolve_point(&points, disk, entry.history_from, spec)?;
 
     let image_path = config.image_dir.join(&entry.image);
     let mut image = RawImage::open(&image_path, false)?;
     let mut partial = out.as_os_str().to_owned();
     partial.push(".partial");
     let partial = Path::new(&partial).to_path_buf();
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&partial)
-        .with_context(|| format!("cannot create export file {}", partial.display()))?;
-    let size = entry.size_bytes;
-    let mut buf = vec![0u8; COPY_CHUNK_BYTES];
-    let mut offset = 0u64;
-    while offset < size {
-        let n = (size - offset).min(COPY_CHUNK_BYTES as u64) as usize;
-        image.read_at(offset, &mut buf[..n])?;
-        if buf[..n].iter().any(|&b| b != 0) {
-            file.seek(SeekFrom::Start(offset))?;
-            file.write_all(&buf[..n])
-                .with_context(|| format!("cannot write export file {}", partial.display()))?;
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&partial)
+            .with_context(|| format!("cannot create export file {}", partial.display()))?;
+        let size = entry.size_bytes;
+        let mut buf = vec![0u8; COPY_CHUNK_BYTES];
+        let mut offset = 0u64;
+        while offset < size {
+            let n = (size - offset).min(COPY_CHUNK_BYTES as u64) as usize;
+            image.read_at(offset, &mut buf[..n])?;
+            if buf[..n].iter().any(|&b| b != 0) {
+                file.seek(SeekFrom::Start(offset))?;
+                file.write_all(&buf[..n])
+                    .with_context(|| format!("cannot write export file {}", partial.display()))?;
+            }
+            offset += n as u64;
         }
-        offset += n as u64;
-    }
-    file.set_len(size)?;
-    file.sync_all()
-        .with_context(|| format!("cannot fsync export file {}", partial.display()))?;
-
-    // The registry is cleared durably before any write after a point, so if
-    // it still names this point, nothing was written while we copied.
-    let after = Registry::open(&config.registry_path())?;
-    let still = after.get(disk).and_then(|e| e.image_point);
-    if still != Some(point.id) {
+        file.set_len(size)?;
+        // Only now read the undo journal (see the module comment).
+        let dir = undo::disk_dir(&config.retention_dir, disk);
+        let zeros = vec![0u8; COPY_CHUNK_BYTES];
+        for tag in undo::segments(&dir)?.into_iter().rev() {
+            if tag < point.id {
+                break;
+            }
+            for rec in undo::read_segment(&dir, tag)?.into_iter().rev() {
+                let end = rec.offset_bytes + u64::from(rec.len_bytes);
+                if end > size {
+                    continue;
+                }
+                match &rec.data {
+                    Some(d) => file.write_all_at(d, rec.offset_bytes)?,
+                    None => {
+                        let mut at = rec.offset_bytes;
+                        while at < end {
+                            let n = (end - at).min(COPY_CHUNK_BYTES as u64) as usize;
+                            file.write_all_at(&zeros[..n], at)?;
+                            at += n as u64;
+                        }
+                    }
+                }
+            }
+        }
+        file.sync_all()
+            .with_context(|| format!("cannot fsync export file {}", partial.display()))?;
+        Ok::<_, anyhow::Error>(())
+    })();
+    if let Err(e) = result {
         let _ = std::fs::remove_file(&partial);
-        bail!(
-            "disk {disk} received new data while being exported, so the copy is not point {}; export again after the next point",
-            point.id
-        );
+        return Err(e);
     }
     std::fs::rename(&partial, out)
         .with_context(|| format!("cannot rename {} to {}", partial.display(), out.display()))?;
@@ -107,47 +178,64 @@ pub fn export(
     Ok(point)
 }
 
-fn check_image_holds(image_point: &Option<u64>, point: &Point, disk: &str) -> anyhow::Result<()> {
-    match image_point {
-        Some(p) if *p == point.id => Ok(()),
-        Some(p) if *p > point.id => bail!(
-            "disk {disk}'s image holds point {p}, newer than point {}; older points need the retention journal, which this receiver does not keep yet",
-            point.id
-        ),
-        _ => bail!(
-            "disk {disk} is receiving data newer than point {}; export again once the next recovery point is recorded",
-            point.id
-        ),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn point(id: u64, kind: PointKind, disks: &[&str]) -> Point {
+    fn point(id: u64, kind: PointKind, disks: &[&str], at: &str) -> Point {
         Point {
             id,
             machine: "m".into(),
             kind,
             name: String::new(),
             agent_time_ms: 0,
-            recorded_at: String::new(),
+            recorded_at: at.into(),
             disks: disks.iter().map(|s| s.to_string()).collect(),
         }
     }
 
     #[test]
-    fn latest_skips_sync_markers_and_other_disks() {
+    fn every_spec_form_resolves() {
         let pts = vec![
-            point(1, PointKind::CrashConsistent, &["a"]),
-            point(2, PointKind::CrashConsistent, &["b"]),
-            point(3, PointKind::SyncMarker, &["a"]),
+            point(
+                1,
+                PointKind::CrashConsistent,
+                &["a"],
+                "2026-01-01T10:00:00Z",
+            ),
+            point(
+                2,
+                PointKind::AppConsistent,
+                &["a", "b"],
+                "2026-01-01T11:00:00Z",
+            ),
+            point(
+                3,
+                PointKind::CrashConsistent,
+                &["b"],
+                "2026-01-01T12:00:00Z",
+            ),
+            point(4, PointKind::SyncMarker, &["a"], "2026-01-01T13:00:00Z"),
         ];
-        assert_eq!(resolve_point(&pts, "a", "latest").expect("found").id, 1);
-        assert_eq!(resolve_point(&pts, "b", "2").expect("found").id, 2);
-        assert!(resolve_point(&pts, "a", "2").is_err());
-        assert!(resolve_point(&pts, "a", "yesterday").is_err());
-        assert!(resolve_point(&pts, "c", "latest").is_err());
+        let id = |disk, spec| resolve_point(&pts, disk, 0, spec).map(|p| p.id);
+        assert_eq!(id("a", "latest").expect("found"), 2);
+        assert_eq!(id("a", "latest-processed").expect("found"), 2);
+        assert_eq!(id("b", "latest").expect("found"), 3);
+        assert_eq!(id("b", "latest-app-consistent").expect("found"), 2);
+        assert_eq!(id("a", "1").expect("found"), 1);
+        assert_eq!(id("a", "4").expect("by id"), 4);
+        assert_eq!(id("a", "2026-01-01T10:30:00Z").expect("found"), 1);
+        assert_eq!(id("a", "2026-01-01T11:00:00Z").expect("found"), 2);
+        let early = id("a", "2026-01-01T09:00:00Z")
+            .expect_err("too early")
+            .to_string();
+        assert!(early.contains("oldest is point 1"), "{early}");
+        assert!(id("a", "3").is_err());
+        assert!(id("a", "yesterday").is_err());
+        assert!(id("c", "latest").is_err());
+        let pruned = resolve_point(&pts, "a", 2, "1")
+            .expect_err("pruned")
+            .to_string();
+        assert!(pruned.contains("retention"), "{pruned}");
     }
 }

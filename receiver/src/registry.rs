@@ -35,12 +35,10 @@ pub struct DiskEntry {
     /// Size the agent registered, in bytes.
     pub size_bytes: u64,
     pub logical_block_bytes: u32,
-    /// The recovery point the image holds exactly, or none while data newer
-    /// than the last point is being written. Cleared durably before the
-    /// first write after a point, set after the point's data is fsync'd, so
-    /// an export that sees the same value before and after copying the
-    /// image copied exactly that point.
-    pub image_point: Option<u64>,
+    /// Points older than this id can no longer be reconstructed: their
+    /// undo history was pruned.
+    #[serde(default)]
+    pub history_from: u64,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -106,22 +104,6 @@ impl Registry {
         Ok(())
     }
 
-    /// Records which point an image equals (or none), durably.
-    pub fn set_image_point(
-        &mut self,
-        disk_id: &str,
-        point: Option<u64>,
-    ) -> Result<(), RegistryError> {
-        let Some(mut entry) = self.get(disk_id).cloned() else {
-            return Ok(());
-        };
-        if entry.image_point == point {
-            return Ok(());
-        }
-        entry.image_point = point;
-        self.put(disk_id, entry)
-    }
-
     fn save(&self) -> Result<(), RegistryError> {
         let mut bytes = serde_json::to_vec_pretty(&self.file).expect("registry serializes");
         bytes.push(b'\n');
@@ -159,7 +141,7 @@ mod tests {
             image: "d.img".into(),
             size_bytes: 1 << 20,
             logical_block_bytes: 512,
-            image_point: None,
+            history_from: 0,
         }
     }
 
@@ -168,10 +150,11 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("registry.json");
         let mut r = Registry::open(&p).expect("open");
-        r.put("disk-a", entry("web")).expect("put");
-        r.set_image_point("disk-a", Some(7)).expect("set");
+        let mut e = entry("web");
+        e.history_from = 7;
+        r.put("disk-a", e).expect("put");
         let r = Registry::open(&p).expect("reopen");
-        assert_eq!(r.get("disk-a").and_then(|e| e.image_point), Some(7));
+        assert_eq!(r.get("disk-a").map(|e| e.history_from), Some(7));
         assert_eq!(r.len(), 1);
     }
 

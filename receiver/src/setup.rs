@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 
-use crate::config::{ReceiverConfig, DEFAULT_MAX_DISKS};
+use crate::config::{ReceiverConfig, DEFAULT_MAX_DISKS, DEFAULT_RETENTION_HOURS};
 use crate::pki::{self, load_ca, make_ca, sign_leaf, validate_name, validity, write_file};
 use tidemark_common::tls::RECEIVER_SERVER_NAME;
 
@@ -42,6 +42,7 @@ pub fn init(o: &InitOptions) -> anyhow::Result<PathBuf> {
         cert: "receiver.pem".into(),
         key: "receiver-key.pem".into(),
         max_disks: DEFAULT_MAX_DISKS,
+        retention_hours: DEFAULT_RETENTION_HOURS,
     };
     config.validate().map_err(|m| anyhow::anyhow!("{m}"))?;
     for d in [&config.image_dir, &config.retention_dir] {

@@ -2,3 +2,4 @@
 //! point log. Redo/undo logs for point-in-time recovery come next.
 
 pub mod points;
+pub mod undo;

@@ -3,7 +3,7 @@
 //! order, to a [`Worker`] thread that verifies, writes, fsyncs and
 //! acknowledges.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -21,11 +21,16 @@ use tidemark_common::proto::{ErrorCode, Message, PointKind};
 use super::{Shared, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT};
 use crate::image::raw::RawImage;
 use crate::image::{Image, ImageError};
+use crate::journal::points::read_all;
+use crate::journal::undo::{self, UndoLog};
 use crate::registry::{validate_disk_id, DiskEntry};
+use time::format_description::well_known::Rfc3339;
 
 /// Bytes written between fsyncs while the agent keeps the input full;
 /// bounds how much an agent holds unacknowledged.
 const SYNC_EVERY_BYTES: u64 = 64 << 20;
+/// Pre-images are read and journaled in pieces of at most this size.
+const UNDO_CHUNK_BYTES: u64 = 4 << 20;
 /// Messages queued between the reader and the worker.
 const WORK_QUEUE: usize = 16;
 
@@ -217,8 +222,22 @@ struct OpenDisk {
     id: String,
     image: Box<dyn Image>,
     size_bytes: u64,
-    /// Whether the registry already says this image is past its last point.
-    point_cleared: bool,
+    undo: UndoLog,
+    /// The newest point covering this disk: overwrites are journaled under
+    /// it. None before the first point, when there is nothing to go back to.
+    tag: Option<u64>,
+    /// Ranges with an overwrite queued in this batch (start → end).
+    queued: BTreeMap<u64, u64>,
+}
+
+/// An overwrite whose pre-image is journaled but not yet durable: it may
+/// reach the image only after the undo journal is synced.
+struct Queued {
+    disk: usize,
+    offset_bytes: u64,
+    /// None: zeros.
+    data: Option<Vec<u8>>,
+    len_bytes: u64,
 }
 
 /// Applies one session's messages to disk, in order, on its own thread.
@@ -236,6 +255,7 @@ struct Worker {
     bytes_since_sync: u64,
     decompressor: zstd::bulk::Decompressor<'static>,
     scratch: Vec<u8>,
+    queued: Vec<Queued>,
 }
 
 impl Worker {
@@ -251,6 +271,7 @@ impl Worker {
             bytes_since_sync: 0,
             decompressor: zstd::bulk::Decompressor::new().expect("zstd context allocates"),
             scratch: Vec::new(),
+            queued: Vec::new(),
         }
     }
 
@@ -314,10 +335,7 @@ impl Worker {
             } => {
                 self.next_seq(seq)?;
                 let d = self.disk_for_write(disk, offset_bytes, len_bytes)?;
-                self.disks[d]
-                    .image
-                    .write_zeroes(offset_bytes, len_bytes)
-                    .map_err(storage)?;
+                self.overwrite(d, offset_bytes, len_bytes, None)?;
                 self.written(d, seq, 0);
                 Ok(())
             }
@@ -362,16 +380,81 @@ impl Worker {
                     ),
                 )
             })?;
-        self.disks[d]
-            .image
-            .write_at(e.offset_bytes, data)
-            .map_err(storage)?;
+        let data = data.to_vec();
+        self.overwrite(d, e.offset_bytes, u64::from(e.len_bytes), Some(data))?;
         self.written(d, e.seq, u64::from(e.len_bytes));
         Ok(())
     }
 
-    /// Checks the handle and range, and makes sure the registry no longer
-    /// claims the image equals its last point before it changes.
+    /// Writes into a disk's image, first saving what it overwrites when
+    /// the disk has a point to go back to. The write is then queued until
+    /// the batch's undo records are durable (write-ahead: a crash can leave
+    /// an undo record without its overwrite, never the reverse).
+    fn overwrite(
+        &mut self,
+        d: usize,
+        offset_bytes: u64,
+        len_bytes: u64,
+        data: Option<Vec<u8>>,
+    ) -> Result<(), Refusal> {
+        let Some(tag) = self.disks[d].tag else {
+            let image = &mut self.disks[d].image;
+            return match data {
+                Some(bytes) => image.write_at(offset_bytes, &bytes),
+                None => image.write_zeroes(offset_bytes, len_bytes),
+            }
+            .map_err(storage);
+        };
+        let end = offset_bytes + len_bytes;
+        let overlaps = self.disks[d]
+            .queued
+            .range(..end)
+            .next_back()
+            .is_some_and(|(_, &e)| e > offset_bytes);
+        if overlaps {
+            // The pre-image must include the queued write: apply it first.
+            self.apply_queued()?;
+        }
+        let disk = &mut self.disks[d];
+        let mut pre = vec![0u8; len_bytes.min(UNDO_CHUNK_BYTES) as usize];
+        let mut at = offset_bytes;
+        while at < end {
+            let n = (end - at).min(UNDO_CHUNK_BYTES) as usize;
+            disk.image.read_at(at, &mut pre[..n]).map_err(storage)?;
+            disk.undo.append(tag, at, &pre[..n]).map_err(storage)?;
+            at += n as u64;
+        }
+        disk.queued.insert(offset_bytes, end);
+        self.queued.push(Queued {
+            disk: d,
+            offset_bytes,
+            data,
+            len_bytes,
+        });
+        Ok(())
+    }
+
+    /// Makes the batch's undo records durable, then performs its writes.
+    fn apply_queued(&mut self) -> Result<(), Refusal> {
+        if self.queued.is_empty() {
+            return Ok(());
+        }
+        for d in &mut self.disks {
+            d.undo.sync().map_err(storage)?;
+            d.queued.clear();
+        }
+        for q in std::mem::take(&mut self.queued) {
+            let image = &mut self.disks[q.disk].image;
+            match q.data {
+                Some(bytes) => image.write_at(q.offset_bytes, &bytes),
+                None => image.write_zeroes(q.offset_bytes, q.len_bytes),
+            }
+            .map_err(storage)?;
+        }
+        Ok(())
+    }
+
+    /// Checks the handle and range.
     fn disk_for_write(&mut self, handle: u32, offset: u64, len: u64) -> Result<usize, Refusal> {
         let d = handle as usize;
         let Some(disk) = self.disks.get(d) else {
@@ -392,15 +475,6 @@ impl Worker {
                 ),
             ));
         }
-        if !disk.point_cleared {
-            self.shared
-                .registry
-                .lock()
-                .expect("registry lock")
-                .set_image_point(&disk.id, None)
-                .map_err(storage)?;
-            self.disks[d].point_cleared = true;
-        }
         Ok(d)
     }
 
@@ -411,6 +485,7 @@ impl Worker {
     }
 
     fn sync_and_ack(&mut self) -> Result<(), Refusal> {
+        self.apply_queued()?;
         for &d in &self.dirty {
             self.disks[d].image.flush().map_err(storage)?;
         }
@@ -449,14 +524,10 @@ impl Worker {
             .expect("points lock")
             .append(&self.agent, kind, name, agent_time_ms, disk_ids)
             .map_err(storage)?;
-        {
-            let mut reg = self.shared.registry.lock().expect("registry lock");
-            for d in &mut self.disks {
-                reg.set_image_point(&d.id, Some(point.id))
-                    .map_err(storage)?;
-                d.point_cleared = false;
-            }
+        for d in &mut self.disks {
+            d.tag = Some(point.id);
         }
+        self.prune(&point)?;
         info!(
             "recovery point {} ({}) recorded for agent {} covering {} disk(s)",
             point.id,
@@ -468,6 +539,41 @@ impl Worker {
             seq,
             point_id: point.id,
         });
+        Ok(())
+    }
+
+    /// Drops undo history no point inside the retention window needs. The
+    /// newest point always stays.
+    fn prune(&mut self, newest: &crate::journal::points::Point) -> Result<(), Refusal> {
+        let window = time::Duration::hours(i64::from(self.shared.config.retention_hours));
+        let cutoff = time::OffsetDateTime::now_utc() - window;
+        let points = read_all(&self.shared.config.points_path()).map_err(storage)?;
+        for d in &mut self.disks {
+            let keep_from = points
+                .iter()
+                .filter(|p| p.disks.contains(&d.id))
+                .filter(|p| {
+                    time::OffsetDateTime::parse(&p.recorded_at, &Rfc3339).is_ok_and(|t| t >= cutoff)
+                })
+                .map(|p| p.id)
+                .min()
+                .unwrap_or(newest.id)
+                .min(newest.id);
+            let freed = d.undo.prune_before(keep_from).map_err(storage)?;
+            let mut reg = self.shared.registry.lock().expect("registry lock");
+            if let Some(mut e) = reg.get(&d.id).cloned() {
+                if e.history_from < keep_from {
+                    e.history_from = keep_from;
+                    reg.put(&d.id, e).map_err(storage)?;
+                }
+            }
+            if freed > 0 {
+                info!(
+                    "disk {}: pruned {} bytes of undo history before point {keep_from}",
+                    d.id, freed
+                );
+            }
+        }
         Ok(())
     }
 
@@ -509,11 +615,14 @@ impl Worker {
         match self.open_or_create(&disk_id, size_bytes, logical_block_bytes) {
             Ok((image, existed)) => {
                 let handle = self.disks.len() as u32;
+                let tag = self.newest_point(&disk_id)?;
                 self.disks.push(OpenDisk {
                     id: disk_id.clone(),
                     image,
                     size_bytes,
-                    point_cleared: false,
+                    undo: UndoLog::new(undo::disk_dir(&self.shared.config.retention_dir, &disk_id)),
+                    tag,
+                    queued: BTreeMap::new(),
                 });
                 Ok(Message::DiskRegistered {
                     disk_id,
@@ -530,6 +639,16 @@ impl Worker {
                 Err(r)
             }
         }
+    }
+
+    /// The newest point of this agent covering `disk_id`, if any.
+    fn newest_point(&self, disk_id: &str) -> Result<Option<u64>, Refusal> {
+        let points = read_all(&self.shared.config.points_path()).map_err(storage)?;
+        Ok(points
+            .iter()
+            .filter(|p| p.machine == self.agent && p.disks.iter().any(|d| d == disk_id))
+            .map(|p| p.id)
+            .max())
     }
 
     fn open_or_create(
@@ -605,12 +724,7 @@ impl Worker {
             image: file_name,
             size_bytes,
             logical_block_bytes,
-            // A newly created image equals no point yet.
-            image_point: if existed {
-                existing.and_then(|e| e.image_point)
-            } else {
-                None
-            },
+            history_from: existing.map_or(0, |e| e.history_from),
         };
         if reg.get(disk_id) != Some(&entry) {
             reg.put(disk_id, entry).map_err(storage)?;

@@ -1,0 +1,353 @@
+//! The undo journal: before the receiver overwrites part of an image, it
+//! saves what was there. Records live in one segment file per disk and per
+//! point interval, `undo/<disk>/<tag>.undo`, where `tag` is the id of the
+//! newest point the disk had when the overwrite happened. The disk as of
+//! point P is then the live image with every record of segments tagged
+//! ≥ P applied newest first (so for each byte the oldest pre-image wins).
+//! Dropping a point's history is deleting whole segment files.
+//!
+//! Record layout, all integers big-endian:
+//!
+//! | bytes | field |
+//! |---|---|
+//! | 4 | magic `TDUR` |
+//! | 1 | codec: 0 raw, 1 zstd, 2 zeros (no payload) |
+//! | 3 | zero |
+//! | 8 | offset in the disk, bytes |
+//! | 4 | length in the disk, bytes |
+//! | 4 | payload length |
+//! | 32 | BLAKE3 of the 24 bytes above and the payload |
+//! | n | payload |
+//!
+//! A torn last record (crash mid-append) fails its checksum: readers stop
+//! there and the writer cuts it off when it reopens the segment.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use tidemark_common::checksum::checksum;
+
+const MAGIC: [u8; 4] = *b"TDUR";
+const HEADER_BYTES: usize = 24;
+const SUM_BYTES: usize = 32;
+/// Longest record payload accepted when reading: bounds memory on a
+/// damaged file. Writers never store more than one extent per record.
+const MAX_RECORD_BYTES: u32 = 64 << 20;
+const CODEC_RAW: u8 = 0;
+const CODEC_ZSTD: u8 = 1;
+const CODEC_ZERO: u8 = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UndoError {
+    #[error("cannot open undo segment {}", path.display())]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write undo segment {}", path.display())]
+    Append {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read undo segment {}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("undo segment {} is damaged at byte {offset}: {message}", path.display())]
+    Damaged {
+        path: PathBuf,
+        offset: u64,
+        message: String,
+    },
+    #[error("cannot remove undo segment {}", path.display())]
+    Remove {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// One saved pre-image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub offset_bytes: u64,
+    pub len_bytes: u32,
+    /// None: the range was all zeros.
+    pub data: Option<Vec<u8>>,
+}
+
+/// The directory of a disk's undo segments.
+pub fn disk_dir(retention_dir: &Path, disk_id: &str) -> PathBuf {
+    retention_dir.join("undo").join(disk_id)
+}
+
+fn segment_path(dir: &Path, tag: u64) -> PathBuf {
+    dir.join(format!("{tag:020}.undo"))
+}
+
+/// Segment tags present for a disk, ascending.
+pub fn segments(dir: &Path) -> Result<Vec<u64>, UndoError> {
+    let mut tags: Vec<u64> = match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                name.strip_suffix(".undo")?.parse().ok()
+            })
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(source) => {
+            return Err(UndoError::Read {
+                path: dir.to_path_buf(),
+                source,
+            })
+        }
+    };
+    tags.sort_unstable();
+    Ok(tags)
+}
+
+fn encode(offset_bytes: u64, pre: &[u8], out: &mut Vec<u8>) {
+    let (codec, payload) = if pre.iter().all(|&b| b == 0) {
+        (CODEC_ZERO, Vec::new())
+    } else {
+        match zstd::bulk::compress(pre, 1) {
+            Ok(z) if z.len() < pre.len() => (CODEC_ZSTD, z),
+            _ => (CODEC_RAW, pre.to_vec()),
+        }
+    };
+    let start = out.len();
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&[codec, 0, 0, 0]);
+    out.extend_from_slice(&offset_bytes.to_be_bytes());
+    out.extend_from_slice(&(pre.len() as u32).to_be_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    let mut summed = out[start..].to_vec();
+    summed.extend_from_slice(&payload);
+    out.extend_from_slice(&checksum(&summed));
+    out.extend_from_slice(&payload);
+}
+
+/// Decodes records from a segment's bytes; returns them and the length of
+/// the valid prefix (a torn or damaged tail ends the list).
+pub fn decode_all(bytes: &[u8]) -> (Vec<Record>, usize) {
+    let mut out = Vec::new();
+    let mut pos = 0usize;
+    while let Some((rec, len)) = decode_one(&bytes[pos..]) {
+        out.push(rec);
+        pos += len;
+    }
+    (out, pos)
+}
+
+fn decode_one(b: &[u8]) -> Option<(Record, usize)> {
+    let head = b.get(..HEADER_BYTES)?;
+    if head[..4] != MAGIC {
+        return None;
+    }
+    let codec = head[4];
+    let offset_bytes = u64::from_be_bytes(head[8..16].try_into().ok()?);
+    let len_bytes = u32::from_be_bytes(head[16..20].try_into().ok()?);
+    let payload_len = u32::from_be_bytes(head[20..24].try_into().ok()?);
+    if len_bytes > MAX_RECORD_BYTES || payload_len > MAX_RECORD_BYTES {
+        return None;
+    }
+    let sum = b.get(HEADER_BYTES..HEADER_BYTES + SUM_BYTES)?;
+    let payload_start = HEADER_BYTES + SUM_BYTES;
+    let payload = b.get(payload_start..payload_start + payload_len as usize)?;
+    let mut summed = head.to_vec();
+    summed.extend_from_slice(payload);
+    if checksum(&summed)[..] != *sum {
+        return None;
+    }
+    let data = match codec {
+        CODEC_ZERO => None,
+        CODEC_RAW if payload.len() == len_bytes as usize => Some(payload.to_vec()),
+        CODEC_ZSTD => {
+            let d = zstd::bulk::decompress(payload, len_bytes as usize).ok()?;
+            if d.len() != len_bytes as usize {
+                return None;
+            }
+            Some(d)
+        }
+        _ => return None,
+    };
+    Some((
+        Record {
+            offset_bytes,
+            len_bytes,
+            data,
+        },
+        payload_start + payload_len as usize,
+    ))
+}
+
+/// Reads every complete record of a segment, in the order written.
+pub fn read_segment(dir: &Path, tag: u64) -> Result<Vec<Record>, UndoError> {
+    let path = segment_path(dir, tag);
+    let bytes = std::fs::read(&path).map_err(|source| UndoError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(decode_all(&bytes).0)
+}
+
+/// The appending side, one per disk, held by the receiver's session.
+pub struct UndoLog {
+    dir: PathBuf,
+    current: Option<(u64, File)>,
+    buf: Vec<u8>,
+    unsynced: bool,
+}
+
+impl UndoLog {
+    pub fn new(dir: PathBuf) -> UndoLog {
+        UndoLog {
+            dir,
+            current: None,
+            buf: Vec::new(),
+            unsynced: false,
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn segment(&mut self, tag: u64) -> Result<&mut File, UndoError> {
+        if self.current.as_ref().is_none_or(|(t, _)| *t != tag) {
+            std::fs::create_dir_all(&self.dir).map_err(|source| UndoError::Open {
+                path: self.dir.clone(),
+                source,
+            })?;
+            let path = segment_path(&self.dir, tag);
+            let open_err = |source| UndoError::Open {
+                path: path.clone(),
+                source,
+            };
+            let mut f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(open_err)?;
+            // Cut a torn tail left by a crash before appending after it.
+            let bytes = std::fs::read(&path).map_err(open_err)?;
+            let (_, valid) = decode_all(&bytes);
+            if valid != bytes.len() {
+                tracing::warn!(
+                    "undo segment {} ends in {} damaged bytes; cutting them off",
+                    path.display(),
+                    bytes.len() - valid
+                );
+                f.set_len(valid as u64).map_err(open_err)?;
+            }
+            f.seek(SeekFrom::Start(valid as u64)).map_err(open_err)?;
+            tidemark_common::durable::sync_dir(&self.dir).map_err(open_err)?;
+            self.current = Some((tag, f));
+        }
+        Ok(&mut self.current.as_mut().expect("set above").1)
+    }
+
+    /// Saves the bytes at `offset_bytes` before they are overwritten.
+    pub fn append(&mut self, tag: u64, offset_bytes: u64, pre: &[u8]) -> Result<(), UndoError> {
+        self.buf.clear();
+        encode(offset_bytes, pre, &mut self.buf);
+        let path = segment_path(&self.dir, tag);
+        let buf = std::mem::take(&mut self.buf);
+        let r = self.segment(tag)?.write_all(&buf);
+        self.buf = buf;
+        r.map_err(|source| UndoError::Append { path, source })?;
+        self.unsynced = true;
+        Ok(())
+    }
+
+    /// Makes every appended record durable; call before the overwrites.
+    pub fn sync(&mut self) -> Result<(), UndoError> {
+        if !self.unsynced {
+            return Ok(());
+        }
+        if let Some((tag, f)) = &self.current {
+            f.sync_data().map_err(|source| UndoError::Append {
+                path: segment_path(&self.dir, *tag),
+                source,
+            })?;
+        }
+        self.unsynced = false;
+        Ok(())
+    }
+
+    /// Deletes segments tagged below `tag`: points before it can no longer
+    /// be reconstructed.
+    pub fn prune_before(&mut self, tag: u64) -> Result<u64, UndoError> {
+        let mut freed = 0;
+        for t in segments(&self.dir)?.into_iter().filter(|&t| t < tag) {
+            if self.current.as_ref().is_some_and(|(c, _)| *c == t) {
+                self.current = None;
+            }
+            let path = segment_path(&self.dir, t);
+            freed += std::fs::metadata(&path).map_or(0, |m| m.len());
+            std::fs::remove_file(&path).map_err(|source| UndoError::Remove { path, source })?;
+        }
+        Ok(freed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_torn_tails_are_cut() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path().join("disk");
+        let mut log = UndoLog::new(d.clone());
+        log.append(3, 4096, &[7u8; 4096]).expect("append");
+        log.append(3, 0, &[0u8; 512]).expect("append");
+        let random: Vec<u8> = (0..1000u32).map(|i| (i * 7919 % 251) as u8).collect();
+        log.append(5, 100, &random).expect("append");
+        log.sync().expect("sync");
+        assert_eq!(segments(&d).expect("list"), vec![3, 5]);
+        let r3 = read_segment(&d, 3).expect("read");
+        assert_eq!(r3.len(), 2);
+        assert_eq!(r3[0].data.as_deref(), Some(&[7u8; 4096][..]));
+        assert_eq!(r3[1].data, None);
+        assert_eq!(
+            read_segment(&d, 5).expect("read")[0].data.as_deref(),
+            Some(&random[..])
+        );
+
+        // A torn append is ignored by readers and cut by the next writer.
+        let path = segment_path(&d, 5);
+        let mut f = OpenOptions::new().append(true).open(&path).expect("open");
+        f.write_all(b"TDUR\x01garbage").expect("torn");
+        drop(f);
+        assert_eq!(read_segment(&d, 5).expect("read").len(), 1);
+        let mut log = UndoLog::new(d.clone());
+        log.append(5, 0, &[1u8; 16])
+            .expect("append after torn tail");
+        log.sync().expect("sync");
+        assert_eq!(read_segment(&d, 5).expect("read").len(), 2);
+
+        assert!(log.prune_before(5).expect("prune") > 0);
+        assert_eq!(segments(&d).expect("list"), vec![5]);
+    }
+
+    #[test]
+    fn garbage_decodes_to_nothing() {
+        let mut x = 0x9e3779b97f4a7c15u64;
+        for len in [0usize, 10, 60, 61, 100, 4096] {
+            let b: Vec<u8> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            assert_eq!(decode_all(&b), (Vec::new(), 0));
+        }
+    }
+}
