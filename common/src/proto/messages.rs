@@ -642,6 +642,25 @@ mod tests {
         }
     }
 
+    /// The worked examples in docs/PROTOCOL.md.
+    #[test]
+    fn documented_frames() {
+        let mut out = Vec::new();
+        Message::Heartbeat { time_ms: 1 }.encode_frame(&mut out);
+        assert_eq!(out, [0, 0, 0, 9, 10, 0, 0, 0, 0, 0, 0, 0, 1]);
+        out.clear();
+        Message::Zero {
+            seq: 7,
+            disk: 0,
+            offset_bytes: 4096,
+            len_bytes: 8192,
+        }
+        .encode_frame(&mut out);
+        let mut want = vec![0, 0, 0, 0x1d, 6, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 0];
+        want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 0x20, 0]);
+        assert_eq!(out, want);
+    }
+
     #[test]
     fn corrupted_payload_fails_the_checksum() {
         let data = vec![7u8; 4096];
