@@ -8,6 +8,9 @@ command -v qemu-img >/dev/null || need+=(qemu-utils)
 command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 command -v losetup >/dev/null || need+=(util-linux)
 command -v cmp >/dev/null || need+=(diffutils)
+command -v bc >/dev/null || need+=(bc)
+command -v fsck.ext4 >/dev/null || need+=(e2fsprogs)
+command -v fstrim >/dev/null || need+=(util-linux)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then
   echo "install-deps: installing ${need[*]}"

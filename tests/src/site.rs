@@ -56,6 +56,32 @@ impl Site {
         })
     }
 
+    /// Kills the receiver (SIGKILL: no clean shutdown) and starts it again
+    /// on the same address and state.
+    pub fn restart_receiver(&mut self) -> anyhow::Result<()> {
+        self.receiver.kill();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let d = Daemon::spawn({
+                let mut c = receiver_cmd();
+                c.args(["serve", "--config", path(&self.config())]);
+                c
+            })?;
+            match d.wait_for_log("listening on", Duration::from_secs(10)) {
+                Ok(()) => {
+                    self.receiver = d;
+                    return Ok(());
+                }
+                // The killed process may still hold the port for a moment.
+                Err(e) if std::time::Instant::now() < deadline => {
+                    eprintln!("receiver restart: {e}; retrying");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     pub fn config(&self) -> PathBuf {
         self.dir.path().join("rx/receiver.toml")
     }

@@ -322,3 +322,44 @@ fn tracing_switched_off_behind_the_agents_back_requires_resync() -> anyhow::Resu
     );
     Ok(())
 }
+
+#[test]
+fn receiver_killed_mid_stream_loses_nothing() -> anyhow::Result<()> {
+    let mut site = Site::start()?;
+    let dev = LoopDev::create(&site.dir.path().join("r.img"), 64 << 20)?;
+    let cfg = run_config(&site, "run-rx", &[(dev.path(), "disk-r")], "")?;
+    let agent = RunningAgent::start(&cfg, "run-rx")?;
+    let mut rng = SplitMix64::new(29);
+    agent.bookmark(false)?;
+    let writer = {
+        let path = dev.path().to_path_buf();
+        let size = dev.size_bytes();
+        std::thread::spawn(move || -> anyhow::Result<()> {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new().write(true).open(path)?;
+            let mut rng = SplitMix64::new(31);
+            for _ in 0..300 {
+                let at = (rng.next_u64() % (size / 65536)) * 65536;
+                f.write_all_at(&random_block(&mut rng, 65536), at)?;
+                f.sync_data()?;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(400));
+    site.restart_receiver()?;
+    writer.join().expect("writer thread")?;
+    churn(&dev, &mut rng, 50)?;
+    let id = agent.bookmark(false)?;
+    ensure!(
+        site.export("disk-r", &id.to_string())? == dev.read_all()?,
+        "data lost across a receiver crash"
+    );
+    ensure!(
+        agent.log().contains("reconnecting"),
+        "the agent never noticed: {}",
+        agent.log()
+    );
+    Ok(())
+}
