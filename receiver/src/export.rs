@@ -19,7 +19,9 @@ use time::OffsetDateTime;
 
 use crate::config::ReceiverConfig;
 use crate::image::raw::RawImage;
-use crate::image::Image;
+use crate::image::vhd::footer::{fixed_size, Footer};
+use crate::image::vmdk::descriptor::{self, FlatKind};
+use crate::image::{disk_uuid, DiskUuid, Image};
 use crate::journal::points::{read_all, Point};
 use crate::journal::undo;
 use crate::registry::Registry;
@@ -29,7 +31,7 @@ use tidemark_common::proto::PointKind;
 const COPY_CHUNK_BYTES: usize = 4 << 20;
 
 /// Export formats this receiver writes.
-pub const FORMATS: &[&str] = &["raw"];
+pub const FORMATS: &[&str] = &["raw", "vhd-fixed", "vmdk"];
 
 /// How an operator names a point.
 pub const SPEC_HELP: &str =
@@ -166,16 +168,68 @@ pub fn export(
             .with_context(|| format!("cannot fsync export file {}", partial.display()))?;
         Ok::<_, anyhow::Error>(())
     })();
+    let result =
+        result.and_then(|()| finish(format, &partial, out, entry.size_bytes, &disk_uuid(disk)));
     if let Err(e) = result {
         let _ = std::fs::remove_file(&partial);
         return Err(e);
     }
-    std::fs::rename(&partial, out)
-        .with_context(|| format!("cannot rename {} to {}", partial.display(), out.display()))?;
-    if let Some(dir) = out.parent() {
-        tidemark_common::durable::sync_dir(dir)?;
-    }
     Ok(point)
+}
+
+/// Turns the reconstructed raw disk at `partial` into `format` at `out`.
+fn finish(
+    format: &str,
+    partial: &Path,
+    out: &Path,
+    size: u64,
+    uuid: &DiskUuid,
+) -> anyhow::Result<()> {
+    let rename = |from: &Path, to: &Path| {
+        std::fs::rename(from, to)
+            .with_context(|| format!("cannot rename {} to {}", from.display(), to.display()))
+    };
+    let dir = out
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    match format {
+        "raw" => rename(partial, out)?,
+        "vhd-fixed" => {
+            // Raw data, then the footer at a whole number of MiB (Azure).
+            let virtual_size = fixed_size(size);
+            let f = OpenOptions::new().write(true).open(partial)?;
+            f.set_len(virtual_size)?;
+            f.write_all_at(&Footer::fixed(virtual_size, *uuid).encode(), virtual_size)?;
+            f.sync_all()?;
+            rename(partial, out)?;
+        }
+        "vmdk" => {
+            // One flat extent, two descriptors: `vmfs` for ESXi at `out`,
+            // `monolithicFlat` for hosted products and qemu beside it.
+            let stem = out
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .ok_or_else(|| anyhow::anyhow!("--out {} needs a file name", out.display()))?;
+            let flat_name = format!("{stem}-flat.vmdk");
+            rename(partial, &dir.join(&flat_name))?;
+            let hosted = dir.join(format!("{stem}-hosted.vmdk"));
+            for (kind, path) in [
+                (FlatKind::MonolithicFlat, hosted.as_path()),
+                (FlatKind::Vmfs, out),
+            ] {
+                let text = descriptor::flat(kind, size, &flat_name, uuid);
+                tidemark_common::durable::write_atomic(path, text.as_bytes(), 0o644)
+                    .with_context(|| format!("cannot write descriptor {}", path.display()))?;
+            }
+        }
+        other => bail!(
+            "unknown export format {other:?}; supported: {}",
+            FORMATS.join(", ")
+        ),
+    }
+    tidemark_common::durable::sync_dir(dir)?;
+    Ok(())
 }
 
 #[cfg(test)]

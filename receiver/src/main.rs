@@ -89,7 +89,7 @@ enum Command {
         /// `latest` or a point id.
         #[arg(long, default_value = "latest")]
         point: String,
-        /// Output format: raw.
+        /// Output format: raw, vhd-fixed (Azure), vmdk (flat: vmfs descriptor for ESXi plus a -hosted.vmdk for qemu and hosted products).
         #[arg(long, default_value = "raw")]
         format: String,
         #[arg(long)]

@@ -459,3 +459,90 @@ fn a_cut_connection_costs_a_retry_not_the_sync() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn exports_in_every_format_read_back_in_qemu() -> anyhow::Result<()> {
+    require_cmd("qemu-img")?;
+    let site = Site::start()?;
+    // Not a whole number of MiB: the fixed VHD must round up for Azure.
+    let size = (40 << 20) + (64 << 10);
+    let dev = LoopDev::create(&site.dir.path().join("disk.raw"), size)?;
+    let mut rng = tidemark_tests::SplitMix64::new(77);
+    let mut random = vec![0u8; 8 << 20];
+    random
+        .chunks_mut(8)
+        .for_each(|c| c.copy_from_slice(&rng.next_u64().to_le_bytes()));
+    dev.write_at(0, &random)?;
+    dev.write_at(16 << 20, &b"compressible text ".repeat(100_000))?;
+    dev.write_at(size - 4096, &[0x99; 4096])?;
+    let id = "naa.6000c29a1b2c3d4e5f60718293a4b5c6";
+    let cfg = site.agent("agent-x", site.addr, &[(dev.path(), id)])?;
+    point_id(&agent_sync(&cfg, &[]))?;
+    let info = |fmt: &str, file: &Path| -> anyhow::Result<serde_json::Value> {
+        let out = run_ok(Command::new("qemu-img").args([
+            "info",
+            "--output=json",
+            "-f",
+            fmt,
+            path(file),
+        ]))?;
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    let compare = |fmt: &str, file: &Path| {
+        run_ok(Command::new("qemu-img").args([
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            fmt,
+            path(dev.path()),
+            path(file),
+        ]))
+    };
+    let export = |fmt: &str, out: &Path| {
+        run_ok(
+            receiver_cmd()
+                .args(["export", "--config", path(&site.config()), "--disk", id])
+                .args(["--point", "latest", "--format", fmt, "--out", path(out)]),
+        )
+    };
+
+    let vhd = site.dir.path().join("x.vhd");
+    export("vhd-fixed", &vhd)?;
+    compare("vpc", &vhd)?;
+    let want = size.div_ceil(1 << 20) << 20;
+    assert_eq!(info("vpc", &vhd)?["virtual-size"], want);
+    assert_eq!(
+        std::fs::metadata(&vhd)?.len(),
+        want + 512,
+        "N MiB + 512 bytes"
+    );
+
+    let vmdk = site.dir.path().join("x.vmdk");
+    export("vmdk", &vmdk)?;
+    for d in [&vmdk, &site.dir.path().join("x-hosted.vmdk")] {
+        compare("vmdk", d)?;
+        assert_eq!(info("vmdk", d)?["virtual-size"], size);
+        run_ok(Command::new("qemu-img").args(["check", "-f", "vmdk", path(d)]))?;
+    }
+    let text = std::fs::read_to_string(&vmdk)?;
+    assert!(text.contains("createType=\"vmfs\""), "{text}");
+    assert!(
+        text.contains("ddb.uuid = \"60 00 c2 9a 1b 2c 3d 4e-5f 60 71 82 93 a4 b5 c6\""),
+        "the NAA WWID must be the VMDK's UUID: {text}"
+    );
+    let out = receiver_cmd()
+        .args([
+            "export",
+            "--config",
+            path(&site.config()),
+            "--disk",
+            id,
+            "--format",
+            "qcow9",
+        ])
+        .args(["--out", path(&site.dir.path().join("x.q"))])
+        .output()?;
+    assert_fails_with(&out, &["qcow9", "supported"]);
+    Ok(())
+}

@@ -2,6 +2,8 @@
 
 pub mod raw;
 pub mod storage;
+pub mod vhd;
+pub mod vmdk;
 
 use std::path::PathBuf;
 
