@@ -363,3 +363,55 @@ fn receiver_killed_mid_stream_loses_nothing() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn app_consistent_points_run_the_scripts_and_survive_their_failure() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let site = Site::start()?;
+    let dev = LoopDev::create(&site.dir.path().join("a.img"), 32 << 20)?;
+    let cfg = run_config(
+        &site,
+        "run-app",
+        &[(dev.path(), "disk-app")],
+        "script_timeout_secs = 2",
+    )?;
+    let scripts = cfg.parent().context("agent dir")?.join("scripts");
+    std::fs::create_dir_all(&scripts)?;
+    let log = site.dir.path().join("scripts.log");
+    let script = |name: &str, body: &str| -> anyhow::Result<()> {
+        let p = scripts.join(name);
+        std::fs::write(&p, format!("#!/bin/sh\n{body}\n"))?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))?;
+        Ok(())
+    };
+    script(
+        "pre-10-flush",
+        &format!("echo pre:$TIDEMARK_POINT_NAME >> {}", log.display()),
+    )?;
+    script("post-10-resume", &format!("echo post >> {}", log.display()))?;
+    let agent = RunningAgent::start(&cfg, "run-app")?;
+    let mut rng = SplitMix64::new(41);
+    churn(&dev, &mut rng, 30)?;
+    let id = agent.bookmark(true)?;
+    let points = site.points_json()?;
+    let p = points
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["id"] == id))
+        .context("point listed")?;
+    assert_eq!(p["kind"], "app-consistent", "{points}");
+    let ran = std::fs::read_to_string(&log)?;
+    assert!(ran.starts_with("pre:") && ran.ends_with("post\n"), "{ran}");
+    ensure!(site.export("disk-app", "latest-app-consistent")? == dev.read_all()?);
+
+    // A hanging pre script is killed; the point is then crash-consistent.
+    script("pre-20-hang", "sleep 60")?;
+    let id = agent.bookmark(true)?;
+    let points = site.points_json()?;
+    let p = points
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["id"] == id))
+        .context("point listed")?;
+    assert_eq!(p["kind"], "crash-consistent", "{points}");
+    assert!(agent.log().contains("pre script failed"), "{}", agent.log());
+    Ok(())
+}
