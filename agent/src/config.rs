@@ -78,7 +78,7 @@ fn default_server_name() -> String {
     RECEIVER_SERVER_NAME.to_owned()
 }
 fn default_queue_depth() -> usize {
-    32
+    16
 }
 fn default_zstd_level() -> i32 {
     1
@@ -108,7 +108,7 @@ fn default_trace_buffer_kb() -> u32 {
     4096
 }
 fn default_point_max_backlog() -> u64 {
-    256 << 20
+    32 << 20
 }
 
 impl AgentConfig {
@@ -170,11 +170,14 @@ impl AgentConfig {
         }
     }
 
+    /// Pipeline settings with a buffer pool of their own; build once per
+    /// run and reuse.
     pub fn pipeline_settings(&self) -> crate::pipeline::Settings {
         crate::pipeline::Settings {
             queue_depth: self.queue_depth,
             compress_threads: self.compress_threads(),
             zstd_level: self.zstd_level,
+            pool: crate::pipeline::Settings::pool_for(self.queue_depth, self.compress_threads()),
         }
     }
 

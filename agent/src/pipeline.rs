@@ -130,6 +130,18 @@ pub struct Settings {
     pub queue_depth: usize,
     pub compress_threads: usize,
     pub zstd_level: i32,
+    /// Read buffers, shared by every pipeline of a run so they are
+    /// allocated once: see [`Settings::pool_for`].
+    pub pool: BufPool,
+}
+
+impl Settings {
+    /// Enough buffers for every read in flight plus one being compressed
+    /// and one queued per worker: memory stays bounded however large the
+    /// disks are.
+    pub fn pool_for(queue_depth: usize, compress_threads: usize) -> BufPool {
+        BufPool::new(queue_depth + 2 * compress_threads.max(1), READ_BYTES)
+    }
 }
 
 impl Pipeline {
@@ -140,12 +152,11 @@ impl Pipeline {
         progress: Arc<Progress>,
     ) -> Result<Pipeline, PipelineError> {
         let workers_n = settings.compress_threads.max(1);
-        // Enough buffers for every read in flight plus one being compressed
-        // per worker and one queued for each: memory stays bounded however
-        // large the disk is.
-        let pool = BufPool::new(settings.queue_depth + 2 * workers_n, READ_BYTES);
+        let pool = settings.pool.clone();
         let (work_tx, work_rx) = crossbeam_channel::bounded::<(u32, u64, ReadBuf)>(workers_n);
-        let (piece_tx, piece_rx) = mpsc::channel::<Piece>(256);
+        // A few pieces per worker: enough to keep the sender busy, bounded
+        // so compressed data never piles up in memory.
+        let (piece_tx, piece_rx) = mpsc::channel::<Piece>(4 * workers_n);
 
         let mut workers = Vec::new();
         for i in 0..workers_n {

@@ -26,12 +26,15 @@ use crate::pipeline::{Job, Piece, Pipeline, READ_BYTES};
 use crate::progress::{mib, Progress};
 use crate::shipper::{now_ms, Shipper};
 use crate::state::{self, DiskState, ResyncReason};
-use crate::tracking::{disk_counters, DirtyMap, TrackedDisk, Tracker, DEFAULT_GRANULARITY_BYTES};
+use crate::tracking::{disk_counters, granularity_for, DirtyMap, TrackedDisk, Tracker};
 use crate::transport::Connector;
 
-/// Dirty bytes shipped per cycle at most, so a cycle (and its audit) comes
+/// Dirty bytes shipped per round at most, so the audit and points come
 /// round often even while a resync streams the whole disk.
-const CYCLE_BUDGET_BYTES: u64 = 256 << 20;
+const CYCLE_BUDGET_BYTES: u64 = 64 << 20;
+/// How often the trace buffers are drained, whatever else is going on:
+/// often enough that a burst cannot overrun the ring between drains.
+const DRAIN_EVERY: Duration = Duration::from_millis(100);
 
 /// One protected disk at run time.
 struct DiskRun {
@@ -93,7 +96,7 @@ impl DiskRun {
 /// Restores a disk from its saved state when that can be trusted.
 fn restore(dir: &std::path::Path, disk: Disk) -> DiskRun {
     let mut run = DiskRun {
-        dirty: DirtyMap::new(disk.size_bytes, DEFAULT_GRANULARITY_BYTES),
+        dirty: DirtyMap::new(disk.size_bytes, granularity_for(disk.size_bytes)),
         disk,
         pending: Vec::new(),
         base_sectors: 0,
@@ -144,6 +147,7 @@ struct Runner {
     instance: String,
     shipper: Shipper,
     progress: Arc<Progress>,
+    settings: crate::pipeline::Settings,
     last_point: Option<PointInfo>,
 }
 
@@ -175,6 +179,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     admin::serve(&cfg.admin_socket, admin_tx)?;
 
     let mut r = Runner {
+        settings: cfg.pipeline_settings(),
         cfg,
         disks: runs,
         tracker,
@@ -198,6 +203,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
     loop {
         let started = Instant::now();
+        // Requests that came while the loop was busy shipping a backlog.
+        while let Ok(p) = admin_rx.try_recv() {
+            r.answer(p, &mut bookmarks);
+        }
         r.collect()?;
         let now = Instant::now();
         let app_due = next_app.is_some_and(|t| now >= t);
@@ -239,31 +248,40 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
         r.persist(false);
 
-        // Wait out the cycle, answering the receiver and the admin socket.
-        let until = started + cycle;
+        // Wait out the cycle (not at all while a backlog remains), draining
+        // the tracer and answering the receiver and the admin socket.
+        let backlog_left = r.disks.iter().any(|d| !d.dirty.is_clean());
+        let until = if backlog_left && r.shipper.connected() {
+            Instant::now()
+        } else {
+            started + cycle
+        };
         loop {
             let left = until.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
             }
             tokio::select! {
-                res = r.shipper.idle(left) => res?,
-                req = admin_rx.recv() => match req {
-                    Some(Pending { request: Request::Bookmark { app_consistent, name }, reply }) => {
-                        bookmarks.push((app_consistent, name, reply));
-                        break;
+                res = r.shipper.idle(left.min(DRAIN_EVERY)) => {
+                    res?;
+                    r.collect()?;
+                }
+                req = admin_rx.recv() => {
+                    if let Some(p) = req {
+                        if r.answer(p, &mut bookmarks) {
+                            break;
+                        }
                     }
-                    Some(Pending { request: Request::Status, reply }) => {
-                        let _ = reply.send(Reply::Status(r.status()));
-                    }
-                    None => {}
-                },
+                }
                 _ = tokio::signal::ctrl_c() => return r.stop().await,
                 _ = term.recv() => return r.stop().await,
             }
         }
     }
 }
+
+/// A pending `bookmark`: app-consistent?, name, where to answer.
+type Bookmark = (bool, Option<String>, tokio::sync::oneshot::Sender<Reply>);
 
 /// One trace instance per agent, named after it.
 fn instance_name(agent: &str) -> String {
@@ -281,6 +299,23 @@ fn instance_name(agent: &str) -> String {
 }
 
 impl Runner {
+    /// Answers a status request at once; queues a bookmark (returns true).
+    fn answer(&self, p: Pending, bookmarks: &mut Vec<Bookmark>) -> bool {
+        match p.request {
+            Request::Bookmark {
+                app_consistent,
+                name,
+            } => {
+                bookmarks.push((app_consistent, name, p.reply));
+                true
+            }
+            Request::Status => {
+                let _ = p.reply.send(Reply::Status(self.status()));
+                false
+            }
+        }
+    }
+
     /// Drains the tracer into the dirty maps and audits every disk.
     fn collect(&mut self) -> anyhow::Result<()> {
         // Counters first: every write they count has already been traced
@@ -347,10 +382,14 @@ impl Runner {
             });
         }
         if taken > 0 {
-            let mut pipeline =
-                Pipeline::start(jobs, &self.cfg.pipeline_settings(), self.progress.clone())?;
+            let mut pipeline = Pipeline::start(jobs, &self.settings, self.progress.clone())?;
             let mut cut = false;
+            let mut drained_at = Instant::now();
             while let Some(piece) = pipeline.pieces.recv().await {
+                if drained_at.elapsed() >= DRAIN_EVERY {
+                    self.collect()?;
+                    drained_at = Instant::now();
+                }
                 // Once the receiver is away, what is left goes back to the
                 // dirty maps: memory stays bounded however long it is away.
                 let back = if cut {
@@ -512,8 +551,7 @@ impl Runner {
                 ranges,
             });
         }
-        let mut pipeline =
-            Pipeline::start(jobs, &self.cfg.pipeline_settings(), self.progress.clone())?;
+        let mut pipeline = Pipeline::start(jobs, &self.settings, self.progress.clone())?;
         let mut out = Vec::new();
         while let Some(p) = pipeline.pieces.recv().await {
             out.push(p);

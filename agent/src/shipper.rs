@@ -19,7 +19,7 @@ use crate::progress::Progress;
 use crate::transport::{retryable, ConnectError, Connection, Connector};
 
 /// Payload bytes sent but not yet acknowledged.
-pub const WINDOW_BYTES: u64 = 96 << 20;
+pub const WINDOW_BYTES: u64 = 16 << 20;
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
 const INITIAL_BACKOFF: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);

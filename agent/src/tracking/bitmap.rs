@@ -1,12 +1,22 @@
-//! The dirty map: one bit per granule of a disk. At the default 64 KiB
-//! granularity a 4 TiB disk needs 64 Mi bits = 8 MiB, well inside the
-//! agent's memory budget, while a 4 KiB write costs at most one 64 KiB
-//! read (coalescing makes neighbouring writes share it).
+//! The dirty map: one bit per granule of a disk. The granule is as small
+//! as a 4 KiB page while the map stays within 8 MiB ([`granularity_for`]):
+//! 4 KiB up to 256 GiB disks, 64 KiB for a 4 TiB disk. Small granules
+//! matter: a random 4 KiB write costs one granule of reading and shipping.
 
 use std::ops::Range;
 
-/// Default granule. A power of two, at least the largest logical block size.
-pub const DEFAULT_GRANULARITY_BYTES: u64 = 64 << 10;
+/// Most bitmap memory per disk.
+pub const MAX_MAP_BYTES: u64 = 8 << 20;
+
+/// The smallest power-of-two granule, at least 4 KiB, whose map fits
+/// [`MAX_MAP_BYTES`].
+pub fn granularity_for(size_bytes: u64) -> u64 {
+    let granules_max = MAX_MAP_BYTES * 8;
+    size_bytes
+        .div_ceil(granules_max)
+        .next_power_of_two()
+        .max(4096)
+}
 const MAGIC: &[u8; 8] = b"TDMKDMAP";
 const VERSION: u32 = 1;
 /// Serialized header: magic, version, granularity, size, count of set bits.
@@ -259,8 +269,11 @@ mod tests {
     }
 
     #[test]
-    fn four_tib_fits_the_budget() {
-        let m = DirtyMap::new(4 << 40, DEFAULT_GRANULARITY_BYTES);
-        assert_eq!(m.words.len() * 8, 8 << 20);
+    fn granules_stay_small_and_maps_fit_the_budget() {
+        assert_eq!(granularity_for(2 << 30), 4096);
+        assert_eq!(granularity_for(256 << 30), 4096);
+        assert_eq!(granularity_for(4 << 40), 64 << 10);
+        let m = DirtyMap::new(4 << 40, granularity_for(4 << 40));
+        assert_eq!(m.words.len() as u64 * 8, MAX_MAP_BYTES);
     }
 }

@@ -11,7 +11,7 @@ mod tracefs;
 use std::ops::Range;
 use std::path::Path;
 
-pub use bitmap::{DirtyMap, DEFAULT_GRANULARITY_BYTES};
+pub use bitmap::{granularity_for, DirtyMap};
 pub use tracefs::{Tracker, TRACEFS_ROOT};
 
 #[derive(Debug, thiserror::Error)]

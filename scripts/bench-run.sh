@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Benchmark of continuous replication (`tidemark-agent run`) on a loop
+# device under an fio random-write load of 4-64 KiB writes:
+#  1. the guest's own fio throughput and p99 write latency with no agent,
+#     then with the agent replicating, in the same run;
+#  2. at several churn rates: how far the newest durable point lags (time
+#     from asking for a point to the receiver holding it, median and max of
+#     the points taken during the load), agent CPU per 100 MB of churn, and
+#     the agent's peak RSS.
+# Usage (root): scripts/bench-run.sh [DISK_MIB] [SECONDS_PER_STEP] [RATES_MBPS...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+disk_mib=${1:-2048}
+secs=${2:-20}
+shift 2 2>/dev/null || shift $#
+rates=("$@")
+[ ${#rates[@]} -gt 0 ] || rates=(50 100 200 400)
+[ "$(id -u)" -eq 0 ] || { echo "bench-run: needs root" >&2; exit 1; }
+scripts/install-deps.sh
+command -v fio >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fio >/dev/null; }
+cargo build --release --locked -q -p tidemark-agent -p tidemark-receiver
+bin=$PWD/target/release
+work=$(mktemp -d /var/tmp/tidemark-bench-run.XXXXXX)
+loopdev=""; rx=""; ag=""
+cleanup() {
+  [ -n "$ag" ] && kill "$ag" 2>/dev/null && wait "$ag" 2>/dev/null || true
+  [ -n "$rx" ] && kill "$rx" 2>/dev/null && wait "$rx" 2>/dev/null || true
+  rmdir /sys/kernel/tracing/instances/tidemark-bench-run 2>/dev/null || true
+  [ -n "$loopdev" ] && losetup -d "$loopdev" || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+truncate -s "${disk_mib}M" "$work/disk.img"
+loopdev=$(losetup --find --show "$work/disk.img")
+port=$((20000 + RANDOM % 20000))
+"$bin/tidemark-receiver" init --dir "$work/rx" --name bench --listen "127.0.0.1:$port" \
+  --image-dir "$work/images" --retention-dir "$work/retention" >/dev/null
+"$bin/tidemark-receiver" issue-cert --dir "$work/rx" --name bench-run \
+  --receiver "127.0.0.1:$port" --out "$work/agent" >/dev/null
+{
+  printf 'state_dir = "%s"\nadmin_socket = "%s"\n' "$work/state" "$work/agent.sock"
+  printf 'crash_consistent_interval_secs = 0\napp_consistent_interval_secs = 0\n'
+  cat "$work/agent/agent.toml"
+  printf '\n[[disk]]\ndevice = "%s"\nid = "bench-run-disk"\n' "$loopdev"
+} > "$work/agent/run.toml"
+cp "$work/agent/"*.pem "$work/" 2>/dev/null || true
+
+fio_run() { # rate_mbps (0 = unthrottled) seconds json_out
+  local rate=()
+  [ "$1" -gt 0 ] && rate=(--rate="${1}m")
+  fio --name=churn --filename="$loopdev" --ioengine=io_uring --direct=1 --rw=randwrite \
+    --bsrange=4k-64k --iodepth=16 --time_based --runtime="$2" --randrepeat=0 \
+    "${rate[@]}" --output-format=json --output="$3" >/dev/null
+}
+fio_summary() { # json -> "MBps p99_us"
+  python3 - "$1" <<'PY'
+import json, sys
+j = json.load(open(sys.argv[1]))["jobs"][0]["write"]
+p99 = j["clat_ns"]["percentile"].get("99.000000", 0) / 1000
+print(f'{j["bw_bytes"] / 1e6:.1f} {p99:.0f}')
+PY
+}
+
+echo "== guest fio without the agent (${secs}s, unthrottled)"
+fio_run 0 "$secs" "$work/base.json"
+read -r base_bw base_p99 < <(fio_summary "$work/base.json")
+echo "without agent: ${base_bw} MB/s, p99 ${base_p99} us"
+
+"$bin/tidemark-receiver" serve --config "$work/rx/receiver.toml" 2> "$work/rx.log" &
+rx=$!
+for _ in $(seq 1 100); do grep -q "listening on" "$work/rx.log" && break; sleep 0.1; done
+"$bin/tidemark-agent" run --config "$work/agent/run.toml" 2> "$work/agent.log" &
+ag=$!
+for _ in $(seq 1 300); do grep -q "replicating" "$work/agent.log" && break; sleep 0.1; done
+# Initial sync done once the first point is durable.
+"$bin/tidemark-agent" bookmark --config "$work/agent/run.toml" 2>/dev/null >/dev/null
+
+echo "== guest fio with the agent replicating (${secs}s, unthrottled)"
+fio_run 0 "$secs" "$work/with.json" &
+fio_pid=$!
+wait $fio_pid
+read -r with_bw with_p99 < <(fio_summary "$work/with.json")
+echo "with agent:    ${with_bw} MB/s, p99 ${with_p99} us  (throughput $(echo "100 * $with_bw / $base_bw" | bc -l | xargs printf '%.1f')% of baseline, p99 $(echo "100 * ($with_p99 - $base_p99) / $base_p99" | bc -l | xargs printf '%+.1f')%)"
+"$bin/tidemark-agent" bookmark --config "$work/agent/run.toml" 2>/dev/null >/dev/null
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$ag/stat"; }
+hz=$(getconf CLK_TCK)
+printf '\n%10s %12s %14s %14s %16s\n' "rate MB/s" "fio MB/s" "lag p50 (s)" "lag max (s)" "CPU s / 100 MB"
+for rate in "${rates[@]}"; do
+  fio_run "$rate" "$secs" "$work/rate.json" &
+  fio_pid=$!
+  t0=$(cpu_ticks)
+  lags=()
+  sleep 2
+  while kill -0 "$fio_pid" 2>/dev/null; do
+    s=$(date +%s.%N)
+    "$bin/tidemark-agent" bookmark --config "$work/agent/run.toml" 2>/dev/null >/dev/null
+    e=$(date +%s.%N)
+    lags+=("$(echo "$e - $s" | bc -l)")
+    sleep 1
+  done
+  wait "$fio_pid"
+  t1=$(cpu_ticks)
+  read -r bw _ < <(fio_summary "$work/rate.json")
+  churn_mb=$(echo "$bw * $secs" | bc -l)
+  cpu_s=$(echo "($t1 - $t0) / $hz" | bc -l)
+  p50=$(printf '%s\n' "${lags[@]}" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
+  max=$(printf '%s\n' "${lags[@]}" | sort -g | tail -1)
+  printf '%10s %12s %14.2f %14.2f %16.2f\n' "$rate" "$bw" "$p50" "$max" "$(echo "100 * $cpu_s / $churn_mb" | bc -l)"
+done
+echo
+echo "agent peak RSS: $(awk '/VmHWM/ {print $2/1024 " MiB"}' "/proc/$ag/status") (disk ${disk_mib} MiB)"
+grep -c "resync required" "$work/agent.log" | xargs echo "resyncs during the run (1 = the initial sync):"
