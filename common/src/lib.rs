@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod checksum;
+pub mod cli;
 pub mod config;
 pub mod durable;
 pub mod proto;

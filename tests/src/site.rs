@@ -82,6 +82,24 @@ impl Site {
         }
     }
 
+    /// `init` of a second, unrelated receiver (another CA) in this site's
+    /// directory; returns its directory.
+    pub fn unrelated_receiver(&self) -> anyhow::Result<PathBuf> {
+        let other = self.dir.path().join("other");
+        run_ok(receiver_cmd().args([
+            "init",
+            "--dir",
+            path(&other),
+            "--name",
+            "other",
+            "--image-dir",
+            path(&other.join("i")),
+            "--retention-dir",
+            path(&other.join("r")),
+        ]))?;
+        Ok(other)
+    }
+
     pub fn config(&self) -> PathBuf {
         self.dir.path().join("rx/receiver.toml")
     }

@@ -150,17 +150,7 @@ fn agent_rejects_a_receiver_from_another_ca() -> anyhow::Result<()> {
     let dev = LoopDev::create(&site.dir.path().join("disk0.raw"), 16 << 20)?;
     let cfg = site.agent("agent-w", site.addr, &[(dev.path(), "disk-w")])?;
     // Swap in the CA of an unrelated receiver.
-    let other = site.dir.path().join("other");
-    run_ok(
-        receiver_cmd()
-            .args(["init", "--dir", path(&other), "--name", "other"])
-            .args([
-                "--image-dir",
-                path(&other.join("i")),
-                "--retention-dir",
-                path(&other.join("r")),
-            ]),
-    )?;
+    let other = site.unrelated_receiver()?;
     std::fs::copy(other.join("ca.pem"), cfg.with_file_name("ca.pem"))?;
     assert_fails_with(
         &agent_sync(&cfg, &["--give-up-after", "5"]),
@@ -177,17 +167,7 @@ fn receiver_rejects_foreign_and_expired_agent_certificates() -> anyhow::Result<(
 
     // Foreign: a certificate from another CA, trusting the right receiver.
     let cfg = site.agent("agent-f", site.addr, &[(dev.path(), "disk-f")])?;
-    let other = site.dir.path().join("other");
-    run_ok(
-        receiver_cmd()
-            .args(["init", "--dir", path(&other), "--name", "other"])
-            .args([
-                "--image-dir",
-                path(&other.join("i")),
-                "--retention-dir",
-                path(&other.join("r")),
-            ]),
-    )?;
+    let other = site.unrelated_receiver()?;
     run_ok(
         receiver_cmd()
             .args(["issue-cert", "--dir", path(&other), "--name", "agent-f"])

@@ -35,6 +35,10 @@ impl FileStorage {
     pub fn new(file: File) -> Self {
         FileStorage { file }
     }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
 }
 
 /// Zeros written when the filesystem cannot punch holes.

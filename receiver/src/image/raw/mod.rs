@@ -1,23 +1,19 @@
 //! Raw images: the disk byte for byte in a sparse file. Zero ranges are
 //! punched out, so unwritten and zeroed regions take no space.
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use nix::fcntl::{fallocate, FallocateFlags};
-
+use super::storage::{FileStorage, Storage};
 use super::{Image, ImageError};
 
 pub struct RawImage {
     path: PathBuf,
-    file: File,
+    storage: FileStorage,
     size_bytes: u64,
     poisoned: bool,
 }
-
-/// Zeros written when the filesystem cannot punch holes.
-const ZERO_CHUNK_BYTES: usize = 1 << 20;
 
 impl RawImage {
     /// Creates a sparse image of `size_bytes`; fails if the file exists.
@@ -39,7 +35,7 @@ impl RawImage {
         }
         Ok(RawImage {
             path: path.to_path_buf(),
-            file,
+            storage: FileStorage::new(file),
             size_bytes,
             poisoned: false,
         })
@@ -59,7 +55,7 @@ impl RawImage {
         let size_bytes = file.metadata().map_err(open_err)?.len();
         Ok(RawImage {
             path: path.to_path_buf(),
-            file,
+            storage: FileStorage::new(file),
             size_bytes,
             poisoned: false,
         })
@@ -99,40 +95,23 @@ impl Image for RawImage {
 
     fn write_at(&mut self, offset_bytes: u64, data: &[u8]) -> Result<(), ImageError> {
         self.check(offset_bytes, data.len() as u64)?;
-        self.file
-            .write_all_at(data, offset_bytes)
+        self.storage
+            .write_at(data, offset_bytes)
             .map_err(|e| self.write_err(offset_bytes, e))
     }
 
     fn write_zeroes(&mut self, offset_bytes: u64, len_bytes: u64) -> Result<(), ImageError> {
         self.check(offset_bytes, len_bytes)?;
-        let punched = fallocate(
-            &self.file,
-            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
-            offset_bytes as i64,
-            len_bytes as i64,
-        );
-        match punched {
-            Ok(()) => Ok(()),
-            Err(nix::errno::Errno::EOPNOTSUPP) => {
-                let zeros = vec![0u8; ZERO_CHUNK_BYTES];
-                let mut done = 0u64;
-                while done < len_bytes {
-                    let n = (len_bytes - done).min(ZERO_CHUNK_BYTES as u64) as usize;
-                    self.file
-                        .write_all_at(&zeros[..n], offset_bytes + done)
-                        .map_err(|e| self.write_err(offset_bytes + done, e))?;
-                    done += n as u64;
-                }
-                Ok(())
-            }
-            Err(e) => Err(self.write_err(offset_bytes, e.into())),
-        }
+        // Deallocates where the filesystem can, writes zeros where not.
+        self.storage
+            .punch_hole(offset_bytes, len_bytes)
+            .map_err(|e| self.write_err(offset_bytes, e))
     }
 
     fn read_at(&mut self, offset_bytes: u64, buf: &mut [u8]) -> Result<(), ImageError> {
         self.check(offset_bytes, buf.len() as u64)?;
-        self.file
+        self.storage
+            .file()
             .read_exact_at(buf, offset_bytes)
             .map_err(|source| ImageError::Read {
                 path: self.path.clone(),
@@ -147,7 +126,7 @@ impl Image for RawImage {
                 path: self.path.clone(),
             });
         }
-        self.file.sync_data().map_err(|source| {
+        self.storage.sync().map_err(|source| {
             self.poisoned = true;
             ImageError::Sync {
                 path: self.path.clone(),
