@@ -118,9 +118,56 @@ impl ReceiverConfig {
     }
 }
 
+/// The product documents' rules for a retention volume, checked on the
+/// directory as mounted: not FAT/FAT32 (no fsync or rename guarantees the
+/// journal can rest on), and not of zero capacity.
+pub fn check_retention_volume(dir: &Path) -> Result<(), String> {
+    use nix::sys::statfs::{statfs, MSDOS_SUPER_MAGIC};
+    let st = statfs(dir)
+        .map_err(|e| format!("cannot inspect retention directory {}: {e}", dir.display()))?;
+    if st.filesystem_type() == MSDOS_SUPER_MAGIC {
+        return Err(format!(
+            "retention directory {} is on a FAT filesystem; use ext4 or xfs for the retention volume",
+            dir.display()
+        ));
+    }
+    if st.blocks() == 0 {
+        return Err(format!(
+            "retention directory {} is on a volume of zero capacity; mount the retention volume there",
+            dir.display()
+        ));
+    }
+    Ok(())
+}
+
 fn same_dir(a: &Path, b: &Path) -> bool {
     match (a.canonicalize(), b.canonicalize()) {
         (Ok(a), Ok(b)) => a == b,
         _ => a == b,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retention_volume_rules() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(check_retention_volume(dir.path()).is_ok());
+        let err = check_retention_volume(&dir.path().join("missing")).expect_err("missing");
+        assert!(err.contains("missing"), "{err}");
+        let c = ReceiverConfig {
+            name: "r".into(),
+            listen: default_listen(),
+            image_dir: dir.path().into(),
+            retention_dir: dir.path().into(),
+            ca: "ca.pem".into(),
+            cert: "c.pem".into(),
+            key: "k.pem".into(),
+            max_disks: 60,
+            retention_hours: 24,
+        };
+        assert!(c.validate().expect_err("same dir").contains("separate"));
     }
 }

@@ -1,48 +1,89 @@
-//! `points`: the recovery points, for people (a table) and scripts (JSON).
+//! `points`: the recovery points still in the retention window, the four
+//! recovery choices resolved for each disk, and the RPO now — a table for
+//! people, JSON for scripts.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
 
 use crate::config::ReceiverConfig;
+use crate::export::resolve_point;
 use crate::journal::points::{read_all, Point};
+use crate::registry::Registry;
 
-pub fn points(config: &ReceiverConfig, disk: Option<&str>) -> anyhow::Result<Vec<Point>> {
+/// The recovery choices of one disk, as point ids.
+#[derive(Debug, Serialize)]
+pub struct Choices {
+    pub latest: Option<u64>,
+    pub latest_processed: Option<u64>,
+    pub latest_app_consistent: Option<u64>,
+    /// Age of the newest consistent point, in seconds.
+    pub rpo_seconds: Option<i64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Listing {
+    pub points: Vec<Point>,
+    pub disks: BTreeMap<String, Choices>,
+}
+
+pub fn points(config: &ReceiverConfig, disk: Option<&str>) -> anyhow::Result<Listing> {
     let all = read_all(&config.points_path())?;
+    let registry = Registry::open(&config.registry_path())?;
     if let Some(d) = disk {
-        let registry = crate::registry::Registry::open(&config.registry_path())?;
         if registry.get(d).is_none() {
             anyhow::bail!(
                 "unknown disk {d:?}; `tidemark-receiver points` without --disk lists all"
             );
         }
     }
-    Ok(all
-        .into_iter()
-        .filter(|p| disk.is_none_or(|d| p.disks.iter().any(|x| x == d)))
-        .collect())
+    // A point is listed while some disk it covers still has its history.
+    let kept = |p: &Point, d: &str| {
+        p.disks.iter().any(|x| x == d) && registry.get(d).is_none_or(|e| p.id >= e.history_from)
+    };
+    let points: Vec<Point> = all
+        .iter()
+        .filter(|p| match disk {
+            Some(d) => kept(p, d),
+            None => p.disks.iter().any(|d| kept(p, d)),
+        })
+        .cloned()
+        .collect();
+    let now = OffsetDateTime::now_utc();
+    let mut disks = BTreeMap::new();
+    for (id, entry) in registry.iter() {
+        if disk.is_some_and(|d| d != id) {
+            continue;
+        }
+        let pick = |spec| resolve_point(&all, id, entry.history_from, spec).ok();
+        let latest = pick("latest");
+        let rpo_seconds = latest.as_ref().and_then(|p| {
+            OffsetDateTime::parse(&p.recorded_at, &Rfc3339)
+                .ok()
+                .map(|t| (now - t).whole_seconds())
+        });
+        disks.insert(
+            id.clone(),
+            Choices {
+                latest: latest.map(|p| p.id),
+                latest_processed: pick("latest-processed").map(|p| p.id),
+                latest_app_consistent: pick("latest-app-consistent").map(|p| p.id),
+                rpo_seconds,
+            },
+        );
+    }
+    Ok(Listing { points, disks })
 }
 
-pub fn table(points: &[Point]) -> String {
-    let mut rows = vec![[
-        "ID".to_owned(),
-        "RECORDED (UTC)".to_owned(),
-        "KIND".to_owned(),
-        "MACHINE".to_owned(),
-        "NAME".to_owned(),
-        "DISKS".to_owned(),
-    ]];
-    for p in points {
-        rows.push([
-            p.id.to_string(),
-            p.recorded_at.clone(),
-            p.kind.as_str().to_owned(),
-            p.machine.clone(),
-            p.name.clone(),
-            p.disks.join(","),
-        ]);
-    }
-    let widths: Vec<usize> = (0..6)
+fn columns(rows: &[Vec<String>]) -> String {
+    let n = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..n)
         .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
-    for r in &rows {
+    for r in rows {
         let line: Vec<String> = r
             .iter()
             .zip(&widths)
@@ -51,8 +92,47 @@ pub fn table(points: &[Point]) -> String {
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }
-    if points.is_empty() {
+    out
+}
+
+pub fn table(l: &Listing) -> String {
+    let mut rows = vec![["ID", "RECORDED (UTC)", "KIND", "MACHINE", "NAME", "DISKS"]
+        .map(str::to_owned)
+        .to_vec()];
+    for p in &l.points {
+        rows.push(vec![
+            p.id.to_string(),
+            p.recorded_at.clone(),
+            p.kind.as_str().to_owned(),
+            p.machine.clone(),
+            p.name.clone(),
+            p.disks.join(","),
+        ]);
+    }
+    let mut out = columns(&rows);
+    if l.points.is_empty() {
         out.push_str("(no recovery points yet)\n");
     }
+    out.push('\n');
+    let id = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
+    let mut rows = vec![[
+        "DISK",
+        "LATEST",
+        "LATEST-PROCESSED",
+        "LATEST-APP-CONSISTENT",
+        "RPO NOW",
+    ]
+    .map(str::to_owned)
+    .to_vec()];
+    for (disk, c) in &l.disks {
+        rows.push(vec![
+            disk.clone(),
+            id(c.latest),
+            id(c.latest_processed),
+            id(c.latest_app_consistent),
+            c.rpo_seconds.map_or("-".to_owned(), |s| format!("{s}s")),
+        ]);
+    }
+    out.push_str(&columns(&rows));
     out
 }

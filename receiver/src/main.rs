@@ -153,11 +153,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Points { config, disk, json } => {
             let config = ReceiverConfig::load(&config)?;
-            let points = listing::points(&config, disk.as_deref())?;
+            let listing = listing::points(&config, disk.as_deref())?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&points)?);
+                println!("{}", serde_json::to_string_pretty(&listing)?);
             } else {
-                print!("{}", listing::table(&points));
+                print!("{}", listing::table(&listing));
             }
         }
         Command::Export {

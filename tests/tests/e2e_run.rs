@@ -394,7 +394,7 @@ fn app_consistent_points_run_the_scripts_and_survive_their_failure() -> anyhow::
     churn(&dev, &mut rng, 30)?;
     let id = agent.bookmark(true)?;
     let points = site.points_json()?;
-    let p = points
+    let p = points["points"]
         .as_array()
         .and_then(|a| a.iter().find(|p| p["id"] == id))
         .context("point listed")?;
@@ -407,7 +407,7 @@ fn app_consistent_points_run_the_scripts_and_survive_their_failure() -> anyhow::
     script("pre-20-hang", "sleep 60")?;
     let id = agent.bookmark(true)?;
     let points = site.points_json()?;
-    let p = points
+    let p = points["points"]
         .as_array()
         .and_then(|a| a.iter().find(|p| p["id"] == id))
         .context("point listed")?;

@@ -49,7 +49,13 @@ fn sync_exports_byte_for_byte_and_zeros_do_not_travel() -> anyhow::Result<()> {
     );
 
     let points = site.points_json()?;
-    let listed = points.as_array().context("points is an array")?;
+    let listed = points["points"].as_array().context("points is an array")?;
+    assert_eq!(points["disks"]["disk-a"]["latest"], p1);
+    assert_eq!(points["disks"]["disk-a"]["latest_processed"], p1);
+    assert!(points["disks"]["disk-a"]["latest_app_consistent"].is_null());
+    assert!(points["disks"]["disk-a"]["rpo_seconds"]
+        .as_i64()
+        .is_some_and(|s| (0..600).contains(&s)));
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0]["id"], p1);
     assert_eq!(listed[0]["kind"], "crash-consistent");

@@ -50,6 +50,7 @@ pub async fn serve(config: ReceiverConfig) -> anyhow::Result<()> {
             );
         }
     }
+    crate::config::check_retention_volume(&config.retention_dir).map_err(|m| anyhow::anyhow!(m))?;
     // One serve per retention volume: two would interleave point ids.
     let lock_path = config.retention_dir.join("receiver.lock");
     let lock = std::fs::OpenOptions::new()
