@@ -415,3 +415,91 @@ fn app_consistent_points_run_the_scripts_and_survive_their_failure() -> anyhow::
     assert!(agent.log().contains("pre script failed"), "{}", agent.log());
     Ok(())
 }
+
+/// The stamp (a write sequence number) each 4 KiB block of `image` holds.
+fn stamps(image: &[u8]) -> Vec<u64> {
+    image
+        .chunks(4096)
+        .map(|b| u64::from_le_bytes(b[..8].try_into().expect("8 bytes")))
+        .collect()
+}
+
+#[test]
+fn crash_consistent_points_are_consistent_cuts() -> anyhow::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let site = Site::start()?;
+    let blocks = 4096u64;
+    let dev = LoopDev::create(&site.dir.path().join("cut.img"), blocks * 4096)?;
+    let cfg = run_config(&site, "run-cut", &[(dev.path(), "disk-cut")], "")?;
+    let agent = RunningAgent::start(&cfg, "run-cut")?;
+    agent.bookmark(false)?;
+
+    // Bursts of stamped writes with pauses, so some points land in a pause
+    // (crash-consistent) and some in a burst (sync markers).
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let path = dev.path().to_path_buf();
+        let done = done.clone();
+        std::thread::spawn(move || -> anyhow::Result<Vec<(u64, u64)>> {
+            let f = std::fs::OpenOptions::new().write(true).open(path)?;
+            let mut rng = SplitMix64::new(47);
+            let mut log = Vec::new();
+            let mut seq = 0u64;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                for _ in 0..50 {
+                    seq += 1;
+                    let b = rng.next_u64() % blocks;
+                    let block: Vec<u8> = seq.to_le_bytes().repeat(512);
+                    f.write_all_at(&block, b * 4096)?;
+                    f.sync_data()?;
+                    log.push((b, seq));
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            Ok(log)
+        })
+    };
+    let mut ids = Vec::new();
+    for _ in 0..16 {
+        ids.push(agent.bookmark(false)?);
+        std::thread::sleep(Duration::from_millis(120));
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let log = writer.join().expect("writer thread")?;
+
+    let points = site.points_json()?;
+    let kind = |id: u64| {
+        points["points"]
+            .as_array()
+            .and_then(|a| a.iter().find(|p| p["id"] == id))
+            .map(|p| p["kind"].as_str().unwrap_or("").to_owned())
+    };
+    let mut checked = 0;
+    for id in ids {
+        if kind(id).as_deref() != Some("crash-consistent") {
+            continue;
+        }
+        let got = stamps(&site.export("disk-cut", &id.to_string())?);
+        let k = got.iter().copied().max().unwrap_or(0);
+        // Every block must hold its last write with a stamp ≤ k.
+        let mut want = vec![0u64; blocks as usize];
+        for &(b, seq) in log.iter().take_while(|(_, s)| *s <= k) {
+            want[b as usize] = seq;
+        }
+        ensure!(
+            got == want,
+            "point {id} is not a consistent cut at stamp {k}"
+        );
+        checked += 1;
+    }
+    eprintln!(
+        "{checked} crash-consistent points checked, log of {} writes",
+        log.len()
+    );
+    ensure!(
+        checked > 0,
+        "no point landed between bursts: {}",
+        agent.log()
+    );
+    Ok(())
+}
