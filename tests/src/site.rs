@@ -163,6 +163,16 @@ impl Site {
         Ok(bytes)
     }
 
+    /// The kind of a listed point, if it is listed.
+    pub fn point_kind(&self, id: u64) -> anyhow::Result<Option<String>> {
+        let points = self.points_json()?;
+        Ok(points["points"]
+            .as_array()
+            .and_then(|a| a.iter().find(|p| p["id"] == id))
+            .and_then(|p| p["kind"].as_str())
+            .map(str::to_owned))
+    }
+
     pub fn points_json(&self) -> anyhow::Result<serde_json::Value> {
         let out =
             run_ok(receiver_cmd().args(["points", "--config", path(&self.config()), "--json"]))?;

@@ -393,12 +393,7 @@ fn app_consistent_points_run_the_scripts_and_survive_their_failure() -> anyhow::
     let mut rng = SplitMix64::new(41);
     churn(&dev, &mut rng, 30)?;
     let id = agent.bookmark(true)?;
-    let points = site.points_json()?;
-    let p = points["points"]
-        .as_array()
-        .and_then(|a| a.iter().find(|p| p["id"] == id))
-        .context("point listed")?;
-    assert_eq!(p["kind"], "app-consistent", "{points}");
+    assert_eq!(site.point_kind(id)?.as_deref(), Some("app-consistent"));
     let ran = std::fs::read_to_string(&log)?;
     assert!(ran.starts_with("pre:") && ran.ends_with("post\n"), "{ran}");
     ensure!(site.export("disk-app", "latest-app-consistent")? == dev.read_all()?);
@@ -406,12 +401,7 @@ fn app_consistent_points_run_the_scripts_and_survive_their_failure() -> anyhow::
     // A hanging pre script is killed; the point is then crash-consistent.
     script("pre-20-hang", "sleep 60")?;
     let id = agent.bookmark(true)?;
-    let points = site.points_json()?;
-    let p = points["points"]
-        .as_array()
-        .and_then(|a| a.iter().find(|p| p["id"] == id))
-        .context("point listed")?;
-    assert_eq!(p["kind"], "crash-consistent", "{points}");
+    assert_eq!(site.point_kind(id)?.as_deref(), Some("crash-consistent"));
     assert!(agent.log().contains("pre script failed"), "{}", agent.log());
     Ok(())
 }
@@ -467,16 +457,9 @@ fn crash_consistent_points_are_consistent_cuts() -> anyhow::Result<()> {
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let log = writer.join().expect("writer thread")?;
 
-    let points = site.points_json()?;
-    let kind = |id: u64| {
-        points["points"]
-            .as_array()
-            .and_then(|a| a.iter().find(|p| p["id"] == id))
-            .map(|p| p["kind"].as_str().unwrap_or("").to_owned())
-    };
     let mut checked = 0;
     for id in ids {
-        if kind(id).as_deref() != Some("crash-consistent") {
+        if site.point_kind(id)?.as_deref() != Some("crash-consistent") {
             continue;
         }
         let got = stamps(&site.export("disk-cut", &id.to_string())?);
