@@ -46,6 +46,19 @@ pub struct ReceiverConfig {
     /// newest point always stays).
     #[serde(default = "default_retention_hours")]
     pub retention_hours: u32,
+    /// Format of new replica images: `vmdk` (a flat VMDK for ESXi with a
+    /// hosted descriptor beside it) or `raw`.
+    #[serde(default)]
+    pub image_format: ImageFormat,
+}
+
+/// Live replica image formats.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ImageFormat {
+    #[default]
+    Vmdk,
+    Raw,
 }
 
 fn default_listen() -> SocketAddr {
@@ -167,6 +180,7 @@ mod tests {
             key: "k.pem".into(),
             max_disks: 60,
             retention_hours: 24,
+            image_format: ImageFormat::Vmdk,
         };
         assert!(c.validate().expect_err("same dir").contains("separate"));
     }

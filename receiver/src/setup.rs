@@ -43,6 +43,7 @@ pub fn init(o: &InitOptions) -> anyhow::Result<PathBuf> {
         key: "receiver-key.pem".into(),
         max_disks: DEFAULT_MAX_DISKS,
         retention_hours: DEFAULT_RETENTION_HOURS,
+        image_format: Default::default(),
     };
     config.validate().map_err(|m| anyhow::anyhow!("{m}"))?;
     for d in [&config.image_dir, &config.retention_dir] {

@@ -136,11 +136,13 @@ impl Site {
         Ok(cfg)
     }
 
+    /// The data file of a disk's replica: the flat extent of the default
+    /// live format, a flat VMDK.
     pub fn image(&self, disk_id: &str) -> PathBuf {
         self.dir
             .path()
             .join("images")
-            .join(format!("{disk_id}.img"))
+            .join(format!("{disk_id}-flat.vmdk"))
     }
 
     pub fn export(&self, disk: &str, point: &str) -> anyhow::Result<Vec<u8>> {

@@ -532,3 +532,84 @@ fn exports_in_every_format_read_back_in_qemu() -> anyhow::Result<()> {
     assert_fails_with(&out, &["qcow9", "supported"]);
     Ok(())
 }
+
+/// Sets (or adds) the `ddb.uuid` of a VMDK descriptor.
+fn set_ddb_uuid(descriptor: &Path, uuid_text: &str) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(descriptor)?;
+    let mut lines: Vec<String> = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("ddb.uuid "))
+        .map(str::to_owned)
+        .collect();
+    lines.push(format!("ddb.uuid = \"{uuid_text}\""));
+    std::fs::write(descriptor, lines.join("\n") + "\n")?;
+    Ok(())
+}
+
+const NAA_ID: &str = "naa.6000c29a1b2c3d4e5f60718293a4b5c6";
+const NAA_UUID: &str = "60 00 c2 9a 1b 2c 3d 4e-5f 60 71 82 93 a4 b5 c6";
+
+#[test]
+fn an_existing_vmdk_with_the_disks_uuid_is_written_in_place() -> anyhow::Result<()> {
+    require_cmd("qemu-img")?;
+    let site = Site::start()?;
+    let dev = LoopDev::create(&site.dir.path().join("disk.raw"), 32 << 20)?;
+    fill_mixed(&dev, 5)?;
+    // The image the guest's disk came from, made by qemu-img, not by us.
+    let images = site.dir.path().join("images");
+    let vmdk = images.join("web.vmdk");
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "vmdk"])
+            .args([
+                "-o",
+                "subformat=monolithicFlat",
+                path(dev.path()),
+                path(&vmdk),
+            ]),
+    )?;
+    set_ddb_uuid(&vmdk, NAA_UUID)?;
+    dev.write_at(3 << 20, &vec![0x77; 1 << 20])?;
+
+    let cfg = site.agent("agent-v", site.addr, &[(dev.path(), NAA_ID)])?;
+    point_id(&agent_sync(&cfg, &[]))?;
+    assert!(
+        site.receiver.log().contains("found image") && site.receiver.log().contains("web.vmdk"),
+        "{}",
+        site.receiver.log()
+    );
+    assert!(
+        !site.image(NAA_ID).exists(),
+        "no additional disk may be created"
+    );
+    run_ok(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "vmdk"])
+            .args([path(dev.path()), path(&vmdk)]),
+    )?;
+    Ok(())
+}
+
+#[test]
+fn two_images_with_one_uuid_are_an_error_not_a_guess() -> anyhow::Result<()> {
+    require_cmd("qemu-img")?;
+    let site = Site::start()?;
+    let dev = LoopDev::create(&site.dir.path().join("disk.raw"), 16 << 20)?;
+    let images = site.dir.path().join("images");
+    for name in ["a.vmdk", "b.vmdk"] {
+        let p = images.join(name);
+        run_ok(
+            Command::new("qemu-img")
+                .args(["create", "-f", "vmdk", "-o", "subformat=monolithicFlat"])
+                .args([path(&p), "16M"]),
+        )?;
+        set_ddb_uuid(&p, NAA_UUID)?;
+    }
+    let cfg = site.agent("agent-d", site.addr, &[(dev.path(), NAA_ID)])?;
+    assert_fails_with(
+        &agent_sync(&cfg, &["--give-up-after", "2"]),
+        &["a.vmdk", "b.vmdk", "UUID"],
+    );
+    assert!(!site.image(NAA_ID).exists());
+    Ok(())
+}

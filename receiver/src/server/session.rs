@@ -4,6 +4,7 @@
 //! acknowledges.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -19,11 +20,14 @@ use tidemark_common::proto::messages::{Extent, PayloadError};
 use tidemark_common::proto::{ErrorCode, Message, PointKind};
 
 use super::{Shared, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT};
+use crate::config::ImageFormat;
+use crate::image::disk_uuid;
 use crate::image::raw::RawImage;
+use crate::image::vmdk::flat;
 use crate::image::{Image, ImageError};
 use crate::journal::points::read_all;
 use crate::journal::undo::{self, UndoLog};
-use crate::registry::{validate_disk_id, DiskEntry};
+use crate::registry::{validate_disk_id, DiskEntry, Registry};
 use time::format_description::well_known::Rfc3339;
 
 /// Bytes written between fsyncs while the agent keeps the input full;
@@ -685,9 +689,20 @@ impl Worker {
                 ),
             ));
         }
-        let file_name = existing
-            .as_ref()
-            .map_or_else(|| format!("{disk_id}.img"), |e| e.image.clone());
+        // An unregistered disk may still have its image here, made by
+        // someone else (qemu-img, a copy from a datastore): match it by UUID.
+        let found = match &existing {
+            Some(_) => None,
+            None => find_by_uuid(&config.image_dir, disk_id, &reg)?,
+        };
+        let file_name = match (&existing, &found) {
+            (Some(e), _) => e.image.clone(),
+            (None, Some(f)) => f.clone(),
+            (None, None) => match config.image_format {
+                ImageFormat::Vmdk => format!("{disk_id}-flat.vmdk"),
+                ImageFormat::Raw => format!("{disk_id}.img"),
+            },
+        };
         let path = config.image_dir.join(&file_name);
         let (image, existed) = match RawImage::open(&path, true) {
             Ok(img) => (img, true),
@@ -700,7 +715,15 @@ impl Worker {
                         path.display()
                     );
                 }
-                (RawImage::create(&path, size_bytes).map_err(storage)?, false)
+                let img = match config.image_format {
+                    ImageFormat::Vmdk => {
+                        flat::create(&config.image_dir, disk_id, size_bytes, &disk_uuid(disk_id))
+                            .map_err(storage)?
+                            .1
+                    }
+                    ImageFormat::Raw => RawImage::create(&path, size_bytes).map_err(storage)?,
+                };
+                (img, false)
             }
             Err(e) => return Err(storage(e)),
         };
@@ -731,4 +754,51 @@ impl Worker {
         }
         Ok((Box::new(image), existed))
     }
+}
+
+/// The data file of the one flat VMDK in `dir` whose `ddb.uuid` is this
+/// disk's, relative to `dir`. Two such images, or one that another disk
+/// already uses, is an error for the operator to resolve, never a guess.
+fn find_by_uuid(dir: &Path, disk_id: &str, reg: &Registry) -> Result<Option<String>, Refusal> {
+    let uuid = disk_uuid(disk_id);
+    let matches: Vec<flat::FlatVmdk> = flat::scan(dir)
+        .map_err(storage)?
+        .into_iter()
+        .filter(|v| v.uuid == Some(uuid))
+        .collect();
+    let names: Vec<String> = matches
+        .iter()
+        .map(|v| v.descriptor.display().to_string())
+        .collect();
+    let [found] = &matches[..] else {
+        if matches.is_empty() {
+            return Ok(None);
+        }
+        return Err(Refusal::new(
+            ErrorCode::Internal,
+            format!(
+                "images {} all carry the UUID of disk {disk_id}; remove or re-UUID all but one, then the agent's next retry registers it",
+                names.join(", ")
+            ),
+        ));
+    };
+    let name = found
+        .extent
+        .strip_prefix(dir)
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| found.extent.display().to_string());
+    if let Some((other, _)) = reg.iter().find(|(_, e)| e.image == name) {
+        return Err(Refusal::new(
+            ErrorCode::Internal,
+            format!(
+                "image {} carries the UUID of disk {disk_id} but is already the image of disk {other}; fix its ddb.uuid",
+                found.descriptor.display()
+            ),
+        ));
+    }
+    info!(
+        "disk {disk_id}: found image {} by its UUID (original location: only changes travel)",
+        found.descriptor.display()
+    );
+    Ok(Some(name))
 }

@@ -3,3 +3,4 @@
 //! flat VMDK whose `ddb.uuid` is the disk's identity.
 
 pub mod descriptor;
+pub mod flat;
