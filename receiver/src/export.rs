@@ -61,7 +61,7 @@ pub fn resolve_point(
         _ => {
             if let Ok(id) = spec.parse::<u64>() {
                 if id < history_from && points.iter().any(|p| p.id == id) {
-                    bail!("point {id} of disk {disk} is older than the retention window; its history was pruned");
+                    bail!("point {id} of disk {disk} can no longer be reconstructed: its history was pruned (retention window) or its image was recreated");
                 }
                 usable.iter().find(|p| p.id == id)
             } else if let Ok(at) = OffsetDateTime::parse(spec, &Rfc3339) {

@@ -613,3 +613,40 @@ fn two_images_with_one_uuid_are_an_error_not_a_guess() -> anyhow::Result<()> {
     assert!(!site.image(NAA_ID).exists());
     Ok(())
 }
+
+#[test]
+fn a_deleted_replica_is_recreated_with_a_full_copy() -> anyhow::Result<()> {
+    let site = Site::start()?;
+    let dev = LoopDev::create(&site.dir.path().join("disk.raw"), 16 << 20)?;
+    fill_mixed(&dev, 8)?;
+    let cfg = site.agent("agent-z", site.addr, &[(dev.path(), "disk-z")])?;
+    let p1 = point_id(&agent_sync(&cfg, &[]))?;
+    for f in ["disk-z-flat.vmdk", "disk-z.vmdk", "disk-z-hosted.vmdk"] {
+        std::fs::remove_file(site.dir.path().join("images").join(f))?;
+    }
+    let p = point_id(&agent_sync(&cfg, &[]))?;
+    assert!(site
+        .receiver
+        .log()
+        .contains("is missing; creating a new one"));
+    assert!(site.image("disk-z").exists());
+    assert!(site.export("disk-z", &p.to_string())? == dev.read_all()?);
+    // The old point's history went with the old image: refused, not wrong.
+    let out = receiver_cmd()
+        .args([
+            "export",
+            "--config",
+            path(&site.config()),
+            "--disk",
+            "disk-z",
+        ])
+        .args([
+            "--point",
+            &p1.to_string(),
+            "--out",
+            path(&site.dir.path().join("old.raw")),
+        ])
+        .output()?;
+    assert_fails_with(&out, &["pruned"]);
+    Ok(())
+}

@@ -647,12 +647,7 @@ impl Worker {
 
     /// The newest point of this agent covering `disk_id`, if any.
     fn newest_point(&self, disk_id: &str) -> Result<Option<u64>, Refusal> {
-        let points = read_all(&self.shared.config.points_path()).map_err(storage)?;
-        Ok(points
-            .iter()
-            .filter(|p| p.machine == self.agent && p.disks.iter().any(|d| d == disk_id))
-            .map(|p| p.id)
-            .max())
+        points_newest(&self.shared.config.points_path(), &self.agent, disk_id)
     }
 
     fn open_or_create(
@@ -695,7 +690,7 @@ impl Worker {
             Some(_) => None,
             None => find_by_uuid(&config.image_dir, disk_id, &reg)?,
         };
-        let file_name = match (&existing, &found) {
+        let mut file_name = match (&existing, &found) {
             (Some(e), _) => e.image.clone(),
             (None, Some(f)) => f.clone(),
             (None, None) => match config.image_format {
@@ -715,18 +710,31 @@ impl Worker {
                         path.display()
                     );
                 }
+                // A missing image is recreated under this disk's own name.
                 let img = match config.image_format {
                     ImageFormat::Vmdk => {
-                        flat::create(&config.image_dir, disk_id, size_bytes, &disk_uuid(disk_id))
-                            .map_err(storage)?
-                            .1
+                        let (v, img) = flat::create(
+                            &config.image_dir,
+                            disk_id,
+                            size_bytes,
+                            &disk_uuid(disk_id),
+                        )
+                        .map_err(storage)?;
+                        file_name = format!("{disk_id}-flat.vmdk");
+                        debug_assert_eq!(v.extent, config.image_dir.join(&file_name));
+                        img
                     }
-                    ImageFormat::Raw => RawImage::create(&path, size_bytes).map_err(storage)?,
+                    ImageFormat::Raw => {
+                        file_name = format!("{disk_id}.img");
+                        RawImage::create(&config.image_dir.join(&file_name), size_bytes)
+                            .map_err(storage)?
+                    }
                 };
                 (img, false)
             }
             Err(e) => return Err(storage(e)),
         };
+        let path = config.image_dir.join(&file_name);
         if size_bytes > image.size_bytes() {
             return Err(Refusal::new(
                 ErrorCode::DiskTooLarge,
@@ -747,7 +755,16 @@ impl Worker {
             image: file_name,
             size_bytes,
             logical_block_bytes,
-            history_from: existing.map_or(0, |e| e.history_from),
+            history_from: match &existing {
+                // A recreated image has lost its history: only points
+                // taken from now on can be reconstructed.
+                Some(_) if !existed => {
+                    let newest = points_newest(&config.points_path(), &self.agent, disk_id)?;
+                    newest.map_or(0, |p| p + 1)
+                }
+                Some(e) => e.history_from,
+                None => 0,
+            },
         };
         if reg.get(disk_id) != Some(&entry) {
             reg.put(disk_id, entry).map_err(storage)?;
@@ -801,4 +818,14 @@ fn find_by_uuid(dir: &Path, disk_id: &str, reg: &Registry) -> Result<Option<Stri
         found.descriptor.display()
     );
     Ok(Some(name))
+}
+
+/// The newest point of `agent` covering `disk_id`, if any.
+fn points_newest(points: &Path, agent: &str, disk_id: &str) -> Result<Option<u64>, Refusal> {
+    Ok(read_all(points)
+        .map_err(storage)?
+        .iter()
+        .filter(|p| p.machine == agent && p.disks.iter().any(|d| d == disk_id))
+        .map(|p| p.id)
+        .max())
 }
