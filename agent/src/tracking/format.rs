@@ -95,7 +95,7 @@ pub struct BlockEvent {
 impl EventLayout {
     /// Decodes `payload` if it is this event.
     pub fn decode(&self, payload: &[u8]) -> Option<BlockEvent> {
-        let bytes = |f: Field| payload.get(f.offset..f.offset + f.size);
+        let bytes = |f: Field| payload.get(f.offset..f.offset.checked_add(f.size)?);
         let ty = u16::from_le_bytes(bytes(self.common_type)?.try_into().ok()?);
         if ty != self.id {
             return None;
@@ -167,6 +167,76 @@ format:
         p[..2].copy_from_slice(&1u16.to_le_bytes());
         assert_eq!(l.decode(&p), None);
         assert_eq!(l.decode(&p[..10]), None);
+    }
+
+    /// block_bio_complete's format on kernel 6.18: rwbs at 32, no ioprio.
+    const BIO_COMPLETE: &str = "name: block_bio_complete
+ID: 2100
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:unsigned char common_flags;\toffset:2;\tsize:1;\tsigned:0;
+\tfield:unsigned char common_preempt_count;\toffset:3;\tsize:1;\tsigned:0;
+\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
+
+\tfield:dev_t dev;\toffset:8;\tsize:4;\tsigned:0;
+\tfield:sector_t sector;\toffset:16;\tsize:8;\tsigned:0;
+\tfield:unsigned nr_sector;\toffset:24;\tsize:4;\tsigned:0;
+\tfield:int error;\toffset:28;\tsize:4;\tsigned:1;
+\tfield:char rwbs[10];\toffset:32;\tsize:10;\tsigned:0;
+";
+
+    #[test]
+    fn parses_the_bio_format_and_write_zeroes() {
+        let l = layout("2100", BIO_COMPLETE).expect("layout");
+        assert_eq!(l.rwbs.offset, 32);
+        let mut p = vec![0u8; 44];
+        p[..2].copy_from_slice(&2100u16.to_le_bytes());
+        p[8..12].copy_from_slice(&((253u32 << 20) | 1).to_le_bytes());
+        p[16..24].copy_from_slice(&4096u64.to_le_bytes());
+        p[24..28].copy_from_slice(&128u32.to_le_bytes());
+        // Write-zeroes prints as N, discard as D, secure erase as DE.
+        for (rwbs, modifies) in [
+            (&b"NS"[..], true),
+            (b"DS", true),
+            (b"DE", true),
+            (b"FWFS", true),
+            (b"FF", false),
+            (b"RA", false),
+            (b"RSM", false),
+        ] {
+            p[32..42].fill(0);
+            p[32..32 + rwbs.len()].copy_from_slice(rwbs);
+            let e = l.decode(&p).expect("decodes");
+            assert_eq!(e.modifies, modifies, "{}", String::from_utf8_lossy(rwbs));
+            assert_eq!((e.dev, e.sector, e.nr_sector), ((253 << 20) | 1, 4096, 128));
+        }
+        // rwbs without a terminating NUL is still read.
+        p[32..42].copy_from_slice(b"WSSSSSSSSS");
+        assert!(l.decode(&p).expect("decodes").modifies);
+    }
+
+    #[test]
+    fn absurd_offsets_do_not_panic() {
+        let text = "field:unsigned short common_type;\toffset:18446744073709551615;\tsize:2;";
+        let fields = parse_fields(text);
+        let l = EventLayout {
+            id: 1,
+            common_type: fields["common_type"],
+            dev: Field { offset: 8, size: 4 },
+            sector: Field {
+                offset: 16,
+                size: 8,
+            },
+            nr_sector: Field {
+                offset: 24,
+                size: 4,
+            },
+            rwbs: Field {
+                offset: 34,
+                size: 10,
+            },
+        };
+        assert_eq!(l.decode(&[0u8; 64]), None);
     }
 
     #[test]
