@@ -11,6 +11,8 @@ command -v cmp >/dev/null || need+=(diffutils)
 command -v bc >/dev/null || need+=(bc)
 command -v fsck.ext4 >/dev/null || need+=(e2fsprogs)
 command -v fstrim >/dev/null || need+=(util-linux)
+command -v vmdkinfo >/dev/null || need+=(libvmdk-utils)
+command -v 7zz >/dev/null || need+=(7zip)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then
   echo "install-deps: installing ${need[*]}"

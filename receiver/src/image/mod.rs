@@ -47,6 +47,18 @@ pub enum ImageError {
     /// and cleared the error; writing on would acknowledge lost data.
     #[error("image {} had an I/O error earlier; reopen it before writing again", path.display())]
     Poisoned { path: PathBuf },
+    /// The file is not a valid image of its format, or uses a part of the
+    /// format this receiver does not support.
+    #[error("image {} is corrupt or unsupported: {message}", path.display())]
+    Format { path: PathBuf, message: String },
+    /// The format cannot hold a disk this large.
+    #[error("image {} cannot be {format}: {size_bytes} bytes exceeds its limit of {max_bytes} bytes", path.display())]
+    TooLarge {
+        path: PathBuf,
+        size_bytes: u64,
+        max_bytes: u64,
+        format: &'static str,
+    },
 }
 
 /// A disk image open for replication.

@@ -2,15 +2,23 @@
 //! `-flat.vmdk` extent, described by a `vmfs` descriptor for ESXi and a
 //! `monolithicFlat` one for hosted products and qemu. Finding them again by
 //! `ddb.uuid` is how a disk is matched to the very VMDK its guest saw.
+//!
+//! [`FlatImage`] is one such VMDK open as an [`Image`]: writes go to the
+//! data file as they are (zero writes punch holes), so it is crash-safe
+//! like a raw file; the descriptor is written once at create and replaced
+//! atomically when its CID changes on the first write of a session.
 
+use std::fs::OpenOptions;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use super::descriptor::{find_uuid, flat, FlatKind};
+use super::descriptor::{self, find_uuid, flat, Descriptor, FlatKind};
 use crate::image::raw::RawImage;
-use crate::image::{DiskUuid, ImageError};
+use crate::image::storage::{FileStorage, Storage};
+use crate::image::{DiskUuid, Image, ImageError};
 
 /// Descriptors are small text files; anything larger is not one.
-const MAX_DESCRIPTOR_BYTES: u64 = 64 << 10;
+pub const MAX_DESCRIPTOR_BYTES: u64 = 64 << 10;
 
 /// A flat VMDK in the image directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,6 +133,356 @@ pub fn create(
     ))
 }
 
+/// The data file name for descriptor `<name>.vmdk`: `<name>-flat.vmdk`.
+pub fn extent_name(descriptor: &Path) -> Option<String> {
+    let name = descriptor.file_name()?.to_str()?;
+    let stem = name.strip_suffix(".vmdk").unwrap_or(name);
+    Some(format!("{stem}-flat.vmdk"))
+}
+
+/// Writes `text` to a new file `path` durably, failing if it exists:
+/// temp file, fsync, hard link (which never replaces), fsync the directory.
+fn write_new(path: &Path, text: &str) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = dir.join(tmp_name);
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::hard_link(&tmp, path)
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    result?;
+    tidemark_common::durable::sync_dir(dir)
+}
+
+/// A flat VMDK open as a live image: descriptor plus one data file.
+pub struct FlatImage {
+    descriptor_path: PathBuf,
+    extent_path: PathBuf,
+    storage: FileStorage,
+    /// Where the disk starts in the data file (FLAT extent offset).
+    offset_bytes: u64,
+    size_bytes: u64,
+    text: String,
+    uuid: Option<DiskUuid>,
+    kind: FlatKind,
+    writable: bool,
+    poisoned: bool,
+    /// The CID has been changed in this session (on the first write).
+    cid_bumped: bool,
+}
+
+impl FlatImage {
+    /// Creates `<name>-flat.vmdk` (sparse, `size_bytes`) and the descriptor
+    /// at `descriptor_path`; fails if either exists.
+    pub fn create(
+        descriptor_path: &Path,
+        size_bytes: u64,
+        uuid: &DiskUuid,
+        kind: FlatKind,
+    ) -> Result<FlatImage, ImageError> {
+        let create_err = |path: &Path, source| ImageError::Create {
+            path: path.to_path_buf(),
+            source,
+        };
+        let invalid = |m: &str| {
+            create_err(
+                descriptor_path,
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, m),
+            )
+        };
+        if size_bytes == 0 || !size_bytes.is_multiple_of(512) {
+            return Err(invalid("size must be a non-zero multiple of 512 bytes"));
+        }
+        let extent_file = extent_name(descriptor_path)
+            .ok_or_else(|| invalid("the descriptor path needs a UTF-8 file name"))?;
+        if extent_file.contains('"') {
+            return Err(invalid("file names may not contain '\"'"));
+        }
+        if descriptor_path.exists() {
+            return Err(create_err(
+                descriptor_path,
+                std::io::ErrorKind::AlreadyExists.into(),
+            ));
+        }
+        let dir = descriptor_path.parent().unwrap_or(Path::new("."));
+        let extent_path = dir.join(&extent_file);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&extent_path)
+            .map_err(|e| create_err(&extent_path, e))?;
+        let text = flat(kind, size_bytes, &extent_file, uuid);
+        let rest = (|| {
+            file.set_len(size_bytes)?;
+            file.sync_all()?;
+            write_new(descriptor_path, &text)
+        })();
+        if let Err(e) = rest {
+            let _ = std::fs::remove_file(&extent_path);
+            return Err(create_err(descriptor_path, e));
+        }
+        Ok(FlatImage {
+            descriptor_path: descriptor_path.to_path_buf(),
+            extent_path,
+            storage: FileStorage::new(file),
+            offset_bytes: 0,
+            size_bytes,
+            text,
+            uuid: Some(*uuid),
+            kind,
+            writable: true,
+            poisoned: false,
+            cid_bumped: true,
+        })
+    }
+
+    /// Opens the flat VMDK described by `text` (read from
+    /// `descriptor_path`). When `writable`, fixes the descriptor header
+    /// lines qemu misreads and extends a data file shorter than the disk.
+    pub fn open(
+        descriptor_path: &Path,
+        mut text: String,
+        desc: &Descriptor,
+        writable: bool,
+    ) -> Result<FlatImage, ImageError> {
+        let fmt = |message: String| ImageError::Format {
+            path: descriptor_path.to_path_buf(),
+            message,
+        };
+        let kind = match desc.create_type.to_ascii_lowercase().as_str() {
+            "vmfs" => FlatKind::Vmfs,
+            "monolithicflat" => FlatKind::MonolithicFlat,
+            other => return Err(fmt(format!("createType {other:?} is not a flat VMDK"))),
+        };
+        let [extent] = &desc.extents[..] else {
+            return Err(fmt(format!(
+                "{} extents (only single-extent flat VMDKs are supported)",
+                desc.extents.len()
+            )));
+        };
+        if !matches!(extent.kind.as_str(), "FLAT" | "VMFS") {
+            return Err(fmt(format!("extent type {} is not flat", extent.kind)));
+        }
+        if extent.access != "RW" && writable {
+            return Err(fmt(format!("extent is {}, not RW", extent.access)));
+        }
+        let offset_bytes = extent
+            .offset_sectors
+            .unwrap_or(0)
+            .checked_mul(512)
+            .ok_or_else(|| fmt("extent offset out of range".into()))?;
+        let size_bytes = extent
+            .sectors
+            .checked_mul(512)
+            .filter(|s| s.checked_add(offset_bytes).is_some())
+            .ok_or_else(|| fmt("extent size out of range".into()))?;
+        let dir = descriptor_path.parent().unwrap_or(Path::new("."));
+        let extent_path = dir.join(&extent.file);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(&extent_path)
+            .map_err(|source| ImageError::Open {
+                path: extent_path.clone(),
+                source,
+            })?;
+        let mut storage = FileStorage::new(file);
+        let open_err = |source| ImageError::Open {
+            path: extent_path.clone(),
+            source,
+        };
+        let need = offset_bytes + size_bytes;
+        let len = storage.len().map_err(open_err)?;
+        if len < need {
+            if writable {
+                tracing::warn!(
+                    "{}: data file is {len} bytes, the descriptor says {need}; extending it",
+                    extent_path.display()
+                );
+                storage.set_len(need).map_err(open_err)?;
+                storage.sync().map_err(open_err)?;
+            } else {
+                tracing::warn!(
+                    "{}: data file is {len} bytes, the descriptor says {need}; the rest reads as zeros",
+                    extent_path.display()
+                );
+            }
+        }
+        if writable {
+            if let Some((fixed, what)) = descriptor::fix_header_traps(&text) {
+                tracing::warn!(
+                    "{}: rewriting the descriptor header qemu misreads ({})",
+                    descriptor_path.display(),
+                    what.join(", ")
+                );
+                tidemark_common::durable::write_atomic(descriptor_path, fixed.as_bytes(), 0o644)
+                    .map_err(|source| ImageError::Write {
+                        path: descriptor_path.to_path_buf(),
+                        offset_bytes: 0,
+                        source,
+                    })?;
+                text = fixed;
+            }
+        }
+        Ok(FlatImage {
+            descriptor_path: descriptor_path.to_path_buf(),
+            extent_path,
+            storage,
+            offset_bytes,
+            size_bytes,
+            uuid: desc.uuid,
+            text,
+            kind,
+            writable,
+            poisoned: false,
+            cid_bumped: false,
+        })
+    }
+
+    pub fn kind(&self) -> FlatKind {
+        self.kind
+    }
+
+    pub fn uuid(&self) -> Option<DiskUuid> {
+        self.uuid
+    }
+
+    pub fn descriptor_path(&self) -> &Path {
+        &self.descriptor_path
+    }
+
+    pub fn extent_path(&self) -> &Path {
+        &self.extent_path
+    }
+
+    pub fn descriptor_text(&self) -> &str {
+        &self.text
+    }
+
+    fn check(&self, offset_bytes: u64, len_bytes: u64, write: bool) -> Result<(), ImageError> {
+        if self.poisoned {
+            return Err(ImageError::Poisoned {
+                path: self.extent_path.clone(),
+            });
+        }
+        if write && !self.writable {
+            return Err(ImageError::Write {
+                path: self.extent_path.clone(),
+                offset_bytes,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    "image is open read-only",
+                ),
+            });
+        }
+        match offset_bytes.checked_add(len_bytes) {
+            Some(end) if end <= self.size_bytes => Ok(()),
+            _ => Err(ImageError::OutOfRange {
+                path: self.extent_path.clone(),
+                offset_bytes,
+                len_bytes,
+                size_bytes: self.size_bytes,
+            }),
+        }
+    }
+
+    fn write_err(&mut self, offset_bytes: u64, source: std::io::Error) -> ImageError {
+        self.poisoned = true;
+        ImageError::Write {
+            path: self.extent_path.clone(),
+            offset_bytes,
+            source,
+        }
+    }
+
+    /// A new CID on the first modification of a session (FORMATS.md §1.6),
+    /// written with an atomic replace of the descriptor.
+    fn bump_cid(&mut self) -> Result<(), ImageError> {
+        if self.cid_bumped {
+            return Ok(());
+        }
+        self.cid_bumped = true;
+        let old = descriptor::parse(&self.text).ok().and_then(|d| d.cid);
+        let Some(text) = descriptor::replace_cid(&self.text, descriptor::next_cid(old)) else {
+            return Ok(());
+        };
+        tidemark_common::durable::write_atomic(&self.descriptor_path, text.as_bytes(), 0o644)
+            .map_err(|source| {
+                self.poisoned = true;
+                ImageError::Write {
+                    path: self.descriptor_path.clone(),
+                    offset_bytes: 0,
+                    source,
+                }
+            })?;
+        self.text = text;
+        Ok(())
+    }
+}
+
+impl Image for FlatImage {
+    fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    fn write_at(&mut self, offset_bytes: u64, data: &[u8]) -> Result<(), ImageError> {
+        self.check(offset_bytes, data.len() as u64, true)?;
+        self.bump_cid()?;
+        let at = self.offset_bytes + offset_bytes;
+        self.storage
+            .write_at(data, at)
+            .map_err(|e| self.write_err(offset_bytes, e))
+    }
+
+    fn write_zeroes(&mut self, offset_bytes: u64, len_bytes: u64) -> Result<(), ImageError> {
+        self.check(offset_bytes, len_bytes, true)?;
+        self.bump_cid()?;
+        // Deallocates where the filesystem can, writes zeros where not.
+        let at = self.offset_bytes + offset_bytes;
+        self.storage
+            .punch_hole(at, len_bytes)
+            .map_err(|e| self.write_err(offset_bytes, e))
+    }
+
+    fn read_at(&mut self, offset_bytes: u64, buf: &mut [u8]) -> Result<(), ImageError> {
+        self.check(offset_bytes, buf.len() as u64, false)?;
+        self.storage
+            .read_at(buf, self.offset_bytes + offset_bytes)
+            .map_err(|source| ImageError::Read {
+                path: self.extent_path.clone(),
+                offset_bytes,
+                source,
+            })
+    }
+
+    fn flush(&mut self) -> Result<(), ImageError> {
+        if self.poisoned {
+            return Err(ImageError::Poisoned {
+                path: self.extent_path.clone(),
+            });
+        }
+        if !self.writable {
+            return Ok(());
+        }
+        self.storage.sync().map_err(|source| {
+            self.poisoned = true;
+            ImageError::Sync {
+                path: self.extent_path.clone(),
+                source,
+            }
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -159,5 +517,43 @@ mod tests {
         assert!(parse(p, &ok.replace("FLAT", "SPARSE")).is_none());
         assert!(parse(p, &format!("{ok}RW 2048 FLAT \"e\" 0\n")).is_none());
         assert!(parse(p, "KDMV binary").is_none());
+    }
+
+    #[test]
+    fn flat_images_write_read_and_bump_the_cid_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let u = [0x60, 0, 0xc2, 0x9a, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12];
+        let p = dir.path().join("d.vmdk");
+        let mut img = FlatImage::create(&p, 1 << 20, &u, FlatKind::Vmfs).expect("create");
+        assert!(FlatImage::create(&p, 1 << 20, &u, FlatKind::Vmfs).is_err());
+        img.write_at(4096, &[5u8; 8192]).expect("write");
+        img.write_zeroes(8192, 512).expect("zero");
+        img.flush().expect("flush");
+        drop(img);
+        assert_eq!(
+            std::fs::metadata(dir.path().join("d-flat.vmdk"))
+                .expect("extent")
+                .len(),
+            1 << 20
+        );
+        let text = std::fs::read_to_string(&p).expect("descriptor");
+        let desc = descriptor::parse(&text).expect("parse");
+        let mut img = FlatImage::open(&p, text.clone(), &desc, true).expect("open");
+        assert_eq!(img.uuid(), Some(u));
+        assert_eq!(img.kind(), FlatKind::Vmfs);
+        let mut b = vec![0u8; 8192];
+        img.read_at(4096, &mut b).expect("read");
+        assert!(b[..4096].iter().all(|&x| x == 5));
+        assert!(b[4096..4608].iter().all(|&x| x == 0));
+        assert!(b[4608..].iter().all(|&x| x == 5));
+        img.write_at(0, &[1]).expect("write");
+        img.write_at(1, &[1]).expect("write");
+        let after = std::fs::read_to_string(&p).expect("descriptor");
+        assert_ne!(descriptor::parse(&after).expect("parse").cid, desc.cid);
+        assert_eq!(after.len(), text.len(), "only the CID changed");
+        assert!(matches!(
+            img.write_at(1 << 20, &[1]),
+            Err(ImageError::OutOfRange { .. })
+        ));
     }
 }
