@@ -1,12 +1,15 @@
 //! `receiver.toml`: where the receiver listens, where images and the
 //! retention journal live, its TLS identity and its limits.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use tidemark_common::config::{load_toml, resolve, ConfigError};
 use tidemark_common::tls::TlsFiles;
+
+pub use crate::image::live::ImageFormat;
 
 /// Default listen address: all interfaces, HTTPS's port, so the agent's
 /// traffic passes the firewalls that already let 443 out.
@@ -47,18 +50,21 @@ pub struct ReceiverConfig {
     #[serde(default = "default_retention_hours")]
     pub retention_hours: u32,
     /// Format of new replica images: `vmdk` (a flat VMDK for ESXi with a
-    /// hosted descriptor beside it) or `raw`.
+    /// hosted descriptor beside it), `vmdk-sparse`, `vhd-fixed` or `raw`.
+    /// An image found by UUID keeps its own format.
     #[serde(default)]
     pub image_format: ImageFormat,
+    /// Per-disk settings, keyed by disk id: `[disks."<id>"]`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub disks: BTreeMap<String, DiskSettings>,
 }
 
-/// Live replica image formats.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ImageFormat {
-    #[default]
-    Vmdk,
-    Raw,
+/// Settings for one disk that override the receiver's.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSettings {
+    /// Format of this disk's image when a new one is made.
+    pub image_format: Option<ImageFormat>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -118,6 +124,14 @@ impl ReceiverConfig {
             cert: self.cert.clone(),
             key: self.key.clone(),
         }
+    }
+
+    /// The format a new image of `disk_id` is made in.
+    pub fn image_format_for(&self, disk_id: &str) -> ImageFormat {
+        self.disks
+            .get(disk_id)
+            .and_then(|d| d.image_format)
+            .unwrap_or(self.image_format)
     }
 
     /// The persistent disk table.
@@ -181,6 +195,7 @@ mod tests {
             max_disks: 60,
             retention_hours: 24,
             image_format: ImageFormat::Vmdk,
+            disks: BTreeMap::new(),
         };
         assert!(c.validate().expect_err("same dir").contains("separate"));
     }

@@ -21,7 +21,8 @@ use crate::config::ReceiverConfig;
 use crate::image::raw::RawImage;
 use crate::image::vhd::footer::{fixed_size, Footer};
 use crate::image::vmdk::descriptor::{self, FlatKind};
-use crate::image::{disk_uuid, DiskUuid, Image};
+use crate::image::vmdk::{export_stream, VmdkImage, VmdkKind};
+use crate::image::{disk_uuid, live, DiskUuid, Image};
 use crate::journal::points::{read_all, Point};
 use crate::journal::undo;
 use crate::registry::Registry;
@@ -31,7 +32,7 @@ use tidemark_common::proto::PointKind;
 const COPY_CHUNK_BYTES: usize = 4 << 20;
 
 /// Export formats this receiver writes.
-pub const FORMATS: &[&str] = &["raw", "vhd-fixed", "vmdk"];
+pub const FORMATS: &[&str] = &["raw", "vhd-fixed", "vmdk", "vmdk-sparse", "vmdk-stream"];
 
 /// How an operator names a point.
 pub const SPEC_HELP: &str =
@@ -114,7 +115,7 @@ pub fn export(
     let point = resolve_point(&points, disk, entry.history_from, spec)?;
 
     let image_path = config.image_dir.join(&entry.image);
-    let mut image = RawImage::open(&image_path, false)?;
+    let mut image = live::open(entry.format(), &image_path, false)?;
     let mut partial = out.as_os_str().to_owned();
     partial.push(".partial");
     let partial = Path::new(&partial).to_path_buf();
@@ -223,12 +224,68 @@ fn finish(
                     .with_context(|| format!("cannot write descriptor {}", path.display()))?;
             }
         }
+        "vmdk-sparse" => {
+            let tmp = sibling(out, ".sparse-partial");
+            let _ = std::fs::remove_file(&tmp);
+            let made = (|| {
+                let mut src = RawImage::open(partial, false)?;
+                let mut dst =
+                    VmdkImage::create_file(&tmp, size, *uuid, VmdkKind::MonolithicSparse)?;
+                copy_nonzero(&mut src, &mut dst, size)?;
+                dst.close()?;
+                Ok::<_, anyhow::Error>(())
+            })();
+            let _ = std::fs::remove_file(partial);
+            if let Err(e) = made {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+            rename(&tmp, out)?;
+        }
+        "vmdk-stream" => {
+            // Compresses on every core (zlib grains in ascending order, the
+            // layout VMware's import tools accept).
+            let tmp = sibling(out, ".stream-partial");
+            let _ = std::fs::remove_file(&tmp);
+            let made = RawImage::open(partial, false)
+                .and_then(|mut src| export_stream(&mut src, size, *uuid, &tmp, 0));
+            let _ = std::fs::remove_file(partial);
+            made?;
+            rename(&tmp, out)?;
+        }
         other => bail!(
             "unknown export format {other:?}; supported: {}",
             FORMATS.join(", ")
         ),
     }
     tidemark_common::durable::sync_dir(dir)?;
+    Ok(())
+}
+
+/// `path` with `suffix` added to its name.
+fn sibling(path: &Path, suffix: &str) -> std::path::PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(suffix);
+    s.into()
+}
+
+/// Copies the first `size` bytes of `src` into `dst`, leaving out all-zero
+/// pieces (a fresh `dst` reads them as zeros and stores nothing).
+fn copy_nonzero(src: &mut dyn Image, dst: &mut dyn Image, size: u64) -> anyhow::Result<()> {
+    let mut buf = vec![0u8; COPY_CHUNK_BYTES];
+    let mut offset = 0u64;
+    while offset < size {
+        let n = (size - offset).min(COPY_CHUNK_BYTES as u64) as usize;
+        src.read_at(offset, &mut buf[..n])?;
+        // Per 64 KiB, a sparse VMDK grain, so zero grains stay unallocated.
+        for (i, piece) in buf[..n].chunks(64 << 10).enumerate() {
+            if piece.iter().any(|&b| b != 0) {
+                dst.write_at(offset + (i as u64) * (64 << 10), piece)?;
+            }
+        }
+        offset += n as u64;
+    }
+    dst.flush()?;
     Ok(())
 }
 

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tidemark_common::durable::write_atomic;
 
+use crate::image::live::ImageFormat;
+
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error("cannot read disk registry {}", path.display())]
@@ -30,8 +32,13 @@ pub enum RegistryError {
 pub struct DiskEntry {
     /// Name of the agent (certificate CN) that owns the disk.
     pub agent: String,
-    /// Image file name, relative to the image directory.
+    /// Image file name, relative to the image directory (for a flat VMDK
+    /// its data file).
     pub image: String,
+    /// The image's format; absent in registries written before formats
+    /// were recorded (see [`DiskEntry::format`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<ImageFormat>,
     /// Size the agent registered, in bytes.
     pub size_bytes: u64,
     pub logical_block_bytes: u32,
@@ -39,6 +46,13 @@ pub struct DiskEntry {
     /// undo history was pruned.
     #[serde(default)]
     pub history_from: u64,
+}
+
+impl DiskEntry {
+    pub fn format(&self) -> ImageFormat {
+        self.format
+            .unwrap_or_else(|| ImageFormat::infer(&self.image))
+    }
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -139,6 +153,7 @@ mod tests {
         DiskEntry {
             agent: agent.into(),
             image: "d.img".into(),
+            format: None,
             size_bytes: 1 << 20,
             logical_block_bytes: 512,
             history_from: 0,

@@ -44,6 +44,7 @@ pub fn init(o: &InitOptions) -> anyhow::Result<PathBuf> {
         max_disks: DEFAULT_MAX_DISKS,
         retention_hours: DEFAULT_RETENTION_HOURS,
         image_format: Default::default(),
+        disks: Default::default(),
     };
     config.validate().map_err(|m| anyhow::anyhow!("{m}"))?;
     for d in [&config.image_dir, &config.retention_dir] {

@@ -1,5 +1,6 @@
 //! Disk images the receiver writes into: one trait, one folder per format.
 
+pub mod live;
 pub mod raw;
 pub mod storage;
 pub mod vhd;

@@ -22,9 +22,7 @@ use tidemark_common::proto::{ErrorCode, Message, PointKind};
 use super::{Shared, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT};
 use crate::config::ImageFormat;
 use crate::image::disk_uuid;
-use crate::image::raw::RawImage;
-use crate::image::vmdk::flat;
-use crate::image::{Image, ImageError};
+use crate::image::{live, Image, ImageError};
 use crate::journal::points::read_all;
 use crate::journal::undo::{self, UndoLog};
 use crate::registry::{validate_disk_id, DiskEntry, Registry};
@@ -690,17 +688,15 @@ impl Worker {
             Some(_) => None,
             None => find_by_uuid(&config.image_dir, disk_id, &reg)?,
         };
-        let mut file_name = match (&existing, &found) {
-            (Some(e), _) => e.image.clone(),
+        let new_format = config.image_format_for(disk_id);
+        let (mut file_name, format) = match (&existing, &found) {
+            (Some(e), _) => (e.image.clone(), e.format()),
             (None, Some(f)) => f.clone(),
-            (None, None) => match config.image_format {
-                ImageFormat::Vmdk => format!("{disk_id}-flat.vmdk"),
-                ImageFormat::Raw => format!("{disk_id}.img"),
-            },
+            (None, None) => (new_format.file_name(disk_id), new_format),
         };
         let path = config.image_dir.join(&file_name);
-        let (image, existed) = match RawImage::open(&path, true) {
-            Ok(img) => (img, true),
+        let (image, existed, format) = match live::open(format, &path, true) {
+            Ok(img) => (img, true, format),
             Err(ImageError::Open { source, .. })
                 if source.kind() == std::io::ErrorKind::NotFound =>
             {
@@ -710,27 +706,26 @@ impl Worker {
                         path.display()
                     );
                 }
-                // A missing image is recreated under this disk's own name.
-                let img = match config.image_format {
-                    ImageFormat::Vmdk => {
-                        let (v, img) = flat::create(
-                            &config.image_dir,
-                            disk_id,
-                            size_bytes,
-                            &disk_uuid(disk_id),
-                        )
-                        .map_err(storage)?;
-                        file_name = format!("{disk_id}-flat.vmdk");
-                        debug_assert_eq!(v.extent, config.image_dir.join(&file_name));
-                        img
-                    }
-                    ImageFormat::Raw => {
-                        file_name = format!("{disk_id}.img");
-                        RawImage::create(&config.image_dir.join(&file_name), size_bytes)
-                            .map_err(storage)?
-                    }
-                };
-                (img, false)
+                // A missing image is recreated under this disk's own name,
+                // in the format configured now.
+                file_name = new_format.file_name(disk_id);
+                let img = live::create(
+                    new_format,
+                    &config.image_dir,
+                    disk_id,
+                    size_bytes,
+                    disk_uuid(disk_id),
+                )
+                .map_err(|e| match e {
+                    ImageError::TooLarge { .. } => Refusal::new(
+                        ErrorCode::DiskTooLarge,
+                        format!(
+                            "disk {disk_id}: {e}; choose another image_format for it in [disks.\"{disk_id}\"] of receiver.toml"
+                        ),
+                    ),
+                    e => storage(e),
+                })?;
+                (img, false, new_format)
             }
             Err(e) => return Err(storage(e)),
         };
@@ -753,6 +748,7 @@ impl Worker {
         let entry = DiskEntry {
             agent: self.agent.clone(),
             image: file_name,
+            format: Some(format),
             size_bytes,
             logical_block_bytes,
             history_from: match &existing {
@@ -769,23 +765,27 @@ impl Worker {
         if reg.get(disk_id) != Some(&entry) {
             reg.put(disk_id, entry).map_err(storage)?;
         }
-        Ok((Box::new(image), existed))
+        Ok((image, existed))
     }
 }
 
-/// The data file of the one flat VMDK in `dir` whose `ddb.uuid` is this
-/// disk's, relative to `dir`. Two such images, or one that another disk
-/// already uses, is an error for the operator to resolve, never a guess.
-fn find_by_uuid(dir: &Path, disk_id: &str, reg: &Registry) -> Result<Option<String>, Refusal> {
+/// The image in `dir` whose UUID is this disk's, as (registry file name,
+/// format). Two such images, or one that another disk already uses, is an
+/// error for the operator to resolve, never a guess.
+fn find_by_uuid(
+    dir: &Path,
+    disk_id: &str,
+    reg: &Registry,
+) -> Result<Option<(String, ImageFormat)>, Refusal> {
     let uuid = disk_uuid(disk_id);
-    let matches: Vec<flat::FlatVmdk> = flat::scan(dir)
+    let matches: Vec<live::Found> = live::scan(dir)
         .map_err(storage)?
         .into_iter()
-        .filter(|v| v.uuid == Some(uuid))
+        .filter(|v| v.uuid == uuid)
         .collect();
     let names: Vec<String> = matches
         .iter()
-        .map(|v| v.descriptor.display().to_string())
+        .map(|v| v.shown.display().to_string())
         .collect();
     let [found] = &matches[..] else {
         if matches.is_empty() {
@@ -800,24 +800,25 @@ fn find_by_uuid(dir: &Path, disk_id: &str, reg: &Registry) -> Result<Option<Stri
         ));
     };
     let name = found
-        .extent
+        .file
         .strip_prefix(dir)
         .map(|p| p.to_string_lossy().into_owned())
-        .unwrap_or_else(|_| found.extent.display().to_string());
+        .unwrap_or_else(|_| found.file.display().to_string());
     if let Some((other, _)) = reg.iter().find(|(_, e)| e.image == name) {
         return Err(Refusal::new(
             ErrorCode::Internal,
             format!(
-                "image {} carries the UUID of disk {disk_id} but is already the image of disk {other}; fix its ddb.uuid",
-                found.descriptor.display()
+                "image {} carries the UUID of disk {disk_id} but is already the image of disk {other}; give it another UUID",
+                found.shown.display()
             ),
         ));
     }
     info!(
-        "disk {disk_id}: found image {} by its UUID (original location: only changes travel)",
-        found.descriptor.display()
+        "disk {disk_id}: found {} image {} by its UUID (original location: only changes travel)",
+        found.format.name(),
+        found.shown.display()
     );
-    Ok(Some(name))
+    Ok(Some((name, found.format)))
 }
 
 /// The newest point of `agent` covering `disk_id`, if any.

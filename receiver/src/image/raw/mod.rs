@@ -43,6 +43,17 @@ impl RawImage {
 
     /// Opens an existing image for writing (`writable`) or reading.
     pub fn open(path: &Path, writable: bool) -> Result<RawImage, ImageError> {
+        Self::open_prefix(path, writable, None)
+    }
+
+    /// Opens the first `size_bytes` of a file (the whole file if None) as
+    /// the disk: a fixed VHD is the disk followed by its footer, which
+    /// writes must never reach.
+    pub fn open_prefix(
+        path: &Path,
+        writable: bool,
+        size_bytes: Option<u64>,
+    ) -> Result<RawImage, ImageError> {
         let open_err = |source| ImageError::Open {
             path: path.to_path_buf(),
             source,
@@ -52,7 +63,8 @@ impl RawImage {
             .write(writable)
             .open(path)
             .map_err(open_err)?;
-        let size_bytes = file.metadata().map_err(open_err)?.len();
+        let file_bytes = file.metadata().map_err(open_err)?.len();
+        let size_bytes = size_bytes.unwrap_or(file_bytes).min(file_bytes);
         Ok(RawImage {
             path: path.to_path_buf(),
             storage: FileStorage::new(file),
