@@ -3,6 +3,7 @@
 //! to a receiver.
 
 pub mod admin;
+pub mod compare;
 pub mod config;
 pub mod consistency;
 pub mod disks;

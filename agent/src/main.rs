@@ -1,4 +1,4 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 use tidemark_agent::admin::{self, Reply, Request};
 use tidemark_agent::config::AgentConfig;
 use tidemark_agent::progress::mib;
+use tidemark_agent::sync::Mode;
 
 #[derive(Parser)]
 #[command(
@@ -25,6 +26,25 @@ enum Command {
     Sync {
         #[arg(long)]
         config: PathBuf,
+        /// Stop retrying an unreachable receiver after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        give_up_after: u64,
+        /// auto: compare checksums with an image the receiver already has
+        /// (only differing blocks travel), full copy for a new image.
+        #[arg(long, value_enum, default_value_t = Mode::Auto)]
+        mode: Mode,
+    },
+    /// Bring one disk's image at the receiver level with the device and
+    /// take a recovery point: checksum (only differing blocks travel) or
+    /// full. An interrupted resync resumes where it durably got to if the
+    /// disk was not written since. Prints the point id.
+    Resync {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        disk: String,
+        #[arg(long, value_enum, default_value_t = Mode::Checksum)]
+        mode: Mode,
         /// Stop retrying an unreachable receiver after this many seconds.
         #[arg(long, default_value_t = 300)]
         give_up_after: u64,
@@ -66,27 +86,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sync {
             config,
             give_up_after,
-        } => {
-            let cfg = AgentConfig::load(&config)?;
-            let out = runtime()?.block_on(tidemark_agent::sync::sync(
-                &cfg,
-                Duration::from_secs(give_up_after),
-            ))?;
-            let s = out.stats;
-            let secs = out.elapsed.as_secs_f64().max(1e-3);
-            tracing::info!(
-                "sync done in {secs:.1}s: read {} ({:.0} MB/s), {} data sent as {} ({:.2}x), {} zero sent as records; recovery point {} ({})",
-                mib(s.read_bytes),
-                s.read_bytes as f64 / secs / 1e6,
-                mib(s.data_bytes),
-                mib(s.payload_bytes),
-                s.data_bytes as f64 / (s.payload_bytes.max(1)) as f64,
-                mib(s.zero_bytes),
-                out.point_id,
-                out.kind.as_str()
-            );
-            println!("{}", out.point_id);
-        }
+            mode,
+        } => one_shot(&config, give_up_after, mode, None)?,
+        Command::Resync {
+            config,
+            disk,
+            mode,
+            give_up_after,
+        } => one_shot(&config, give_up_after, mode, Some(&disk))?,
         Command::Run { config } => {
             let cfg = AgentConfig::load(&config)?;
             runtime()?.block_on(tidemark_agent::run::run(cfg))?;
@@ -120,6 +127,45 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// `sync` and `resync`: copy, take a point, print its id.
+fn one_shot(
+    config: &Path,
+    give_up_after: u64,
+    mode: Mode,
+    only: Option<&str>,
+) -> anyhow::Result<()> {
+    let cfg = AgentConfig::load(config)?;
+    let out = runtime()?.block_on(tidemark_agent::sync::sync(
+        &cfg,
+        Duration::from_secs(give_up_after),
+        mode,
+        only,
+    ))?;
+    let s = out.stats;
+    let secs = out.elapsed.as_secs_f64().max(1e-3);
+    let compared = if out.compared.iter().any(|&c| c) {
+        format!(
+            ", {} differed from the receiver's image",
+            mib(s.differing_bytes)
+        )
+    } else {
+        String::new()
+    };
+    tracing::info!(
+        "sync done in {secs:.1}s: read {} ({:.0} MB/s){compared}, {} data sent as {} ({:.2}x), {} zero sent as records; recovery point {} ({})",
+        mib(s.read_bytes),
+        s.read_bytes as f64 / secs / 1e6,
+        mib(s.data_bytes),
+        mib(s.payload_bytes),
+        s.data_bytes as f64 / (s.payload_bytes.max(1)) as f64,
+        mib(s.zero_bytes),
+        out.point_id,
+        out.kind.as_str()
+    );
+    println!("{}", out.point_id);
     Ok(())
 }
 

@@ -11,6 +11,7 @@ use tidemark_common::proto::messages::Extent;
 use tidemark_common::proto::{Message, MAX_EXTENT_BYTES};
 use tokio::sync::mpsc;
 
+use crate::compare::{differing, HashBoard, HASH_BLOCK_BYTES};
 use crate::disks::Disk;
 use crate::progress::Progress;
 use crate::source::{BufPool, DeviceReader, ReadBuf, SourceError};
@@ -33,6 +34,15 @@ pub enum Piece {
         offset_bytes: u64,
         len_bytes: u64,
     },
+    /// Checksum sync: ask for the receiver's hashes of a chunk.
+    HashRequest {
+        disk: u32,
+        offset_bytes: u64,
+        len_bytes: u32,
+    },
+    /// Not sent: a pipeline's note that the chunk at `offset_bytes` is
+    /// compared and every piece of it was handed out before this.
+    ChunkDone { disk: u32, offset_bytes: u64 },
 }
 
 impl Piece {
@@ -40,7 +50,7 @@ impl Piece {
     pub fn wire_bytes(&self) -> u64 {
         match self {
             Piece::Data(e) => e.payload.len() as u64 + 64,
-            Piece::Zero { .. } => 32,
+            Piece::Zero { .. } | Piece::HashRequest { .. } | Piece::ChunkDone { .. } => 32,
         }
     }
 
@@ -56,6 +66,17 @@ impl Piece {
                 offset_bytes,
                 len_bytes,
             } => (*disk as usize, *offset_bytes..offset_bytes + len_bytes),
+            Piece::HashRequest {
+                disk,
+                offset_bytes,
+                len_bytes,
+            } => (
+                *disk as usize,
+                *offset_bytes..offset_bytes + u64::from(*len_bytes),
+            ),
+            Piece::ChunkDone { disk, offset_bytes } => {
+                (*disk as usize, *offset_bytes..*offset_bytes)
+            }
         }
     }
 
@@ -64,12 +85,14 @@ impl Piece {
         match self {
             Piece::Data(e) => u64::from(e.len_bytes),
             Piece::Zero { len_bytes, .. } => *len_bytes,
+            Piece::HashRequest { .. } | Piece::ChunkDone { .. } => 0,
         }
     }
 
-    /// The message for a session in which disk index i has `handles[i]`.
-    pub fn to_message(&self, seq: u64, handles: &[u32]) -> Message {
-        match self {
+    /// The message for a session in which disk index i has `handles[i]`;
+    /// None for a note that never goes on the wire.
+    pub fn to_message(&self, seq: u64, handles: &[u32]) -> Option<Message> {
+        Some(match self {
             Piece::Data(e) => {
                 let mut e = e.clone();
                 e.seq = seq;
@@ -86,7 +109,19 @@ impl Piece {
                 offset_bytes: *offset_bytes,
                 len_bytes: *len_bytes,
             },
-        }
+            Piece::HashRequest {
+                disk,
+                offset_bytes,
+                len_bytes,
+            } => Message::HashRequest {
+                seq,
+                disk: handles[*disk as usize],
+                offset_bytes: *offset_bytes,
+                len_bytes: *len_bytes,
+                block_bytes: HASH_BLOCK_BYTES,
+            },
+            Piece::ChunkDone { .. } => return None,
+        })
     }
 }
 
@@ -117,6 +152,8 @@ impl From<SourceError> for Stop {
 
 pub struct Pipeline {
     pub pieces: mpsc::Receiver<Piece>,
+    /// Where checksum-sync jobs wait for the receiver's hashes.
+    pub board: Arc<HashBoard>,
     reader: Option<JoinHandle<Result<(), PipelineError>>>,
     workers: Vec<JoinHandle<()>>,
 }
@@ -124,6 +161,31 @@ pub struct Pipeline {
 pub struct Job {
     pub disk: Disk,
     pub ranges: Vec<Range<u64>>,
+    /// Checksum sync: send only the blocks whose hashes differ from the
+    /// receiver's (which the caller requests through the pipeline's
+    /// [`HashBoard`] for every [`READ_BYTES`] chunk of `ranges`).
+    pub compare: bool,
+}
+
+impl Job {
+    /// Sends everything in `ranges`.
+    pub fn full(disk: Disk, ranges: Vec<Range<u64>>) -> Job {
+        Job {
+            disk,
+            ranges,
+            compare: false,
+        }
+    }
+
+    /// The chunks the reader delivers, in order: what to request hashes
+    /// for, one request per chunk.
+    pub fn chunks(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        self.ranges.iter().flat_map(|r| {
+            (r.start..r.end)
+                .step_by(READ_BYTES)
+                .map(move |off| (off, (r.end - off).min(READ_BYTES as u64) as u32))
+        })
+    }
 }
 
 pub struct Settings {
@@ -153,6 +215,8 @@ impl Pipeline {
     ) -> Result<Pipeline, PipelineError> {
         let workers_n = settings.compress_threads.max(1);
         let pool = settings.pool.clone();
+        let board = Arc::new(HashBoard::default());
+        let compare: Arc<Vec<bool>> = Arc::new(jobs.iter().map(|j| j.compare).collect());
         let (work_tx, work_rx) = crossbeam_channel::bounded::<(u32, u64, ReadBuf)>(workers_n);
         // A few pieces per worker: enough to keep the sender busy, bounded
         // so compressed data never piles up in memory.
@@ -164,10 +228,12 @@ impl Pipeline {
             let tx = piece_tx.clone();
             let progress = progress.clone();
             let level = settings.zstd_level;
+            let board = board.clone();
+            let compare = compare.clone();
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("compress-{i}"))
-                    .spawn(move || compress_worker(rx, tx, level, &progress))
+                    .spawn(move || compress_worker(rx, tx, level, &progress, &board, &compare))
                     .map_err(PipelineError::Spawn)?,
             );
         }
@@ -202,6 +268,7 @@ impl Pipeline {
             .map_err(PipelineError::Spawn)?;
         Ok(Pipeline {
             pieces: piece_rx,
+            board,
             reader: Some(reader),
             workers,
         })
@@ -212,6 +279,8 @@ impl Pipeline {
     /// early: closing `pieces` makes every thread stop.
     pub fn finish(&mut self) -> Result<(), PipelineError> {
         self.pieces.close();
+        // Unblock workers waiting for hashes that will not come now.
+        self.board.close();
         // Unblock workers waiting to hand over a piece.
         while self.pieces.try_recv().is_ok() {}
         let r = match self.reader.take() {
@@ -238,29 +307,56 @@ fn compress_worker(
     tx: mpsc::Sender<Piece>,
     level: i32,
     progress: &Progress,
+    board: &HashBoard,
+    compare: &[bool],
 ) {
     let mut compressor =
         zstd::bulk::Compressor::new(level).expect("zstd level validated by config");
     while let Ok((disk, offset, buf)) = rx.recv() {
-        for (run_off, run_len, zero) in runs(&buf) {
-            let offset_bytes = offset + run_off as u64;
-            let piece = if zero {
-                Progress::add(&progress.zero_bytes, run_len as u64);
-                Piece::Zero {
-                    disk,
-                    offset_bytes,
-                    len_bytes: run_len as u64,
-                }
-            } else {
-                let data = &buf[run_off..run_off + run_len];
-                let e = Extent::pack(0, disk, offset_bytes, data, Some(&mut compressor));
-                Progress::add(&progress.data_bytes, run_len as u64);
-                Progress::add(&progress.payload_bytes, e.payload.len() as u64);
-                Piece::Data(e)
-            };
-            if tx.blocking_send(piece).is_err() {
+        let send: Vec<Range<usize>> = if compare[disk as usize] {
+            let Some(remote) = board.take(disk, offset) else {
                 return;
+            };
+            let d = differing(&buf, &remote);
+            Progress::add(
+                &progress.differing_bytes,
+                d.iter().map(|r| (r.end - r.start) as u64).sum(),
+            );
+            d
+        } else {
+            vec![0..buf.len()]
+        };
+        for part in send {
+            for (run_off, run_len, zero) in runs(&buf[part.clone()]) {
+                let run_off = part.start + run_off;
+                let offset_bytes = offset + run_off as u64;
+                let piece = if zero {
+                    Progress::add(&progress.zero_bytes, run_len as u64);
+                    Piece::Zero {
+                        disk,
+                        offset_bytes,
+                        len_bytes: run_len as u64,
+                    }
+                } else {
+                    let data = &buf[run_off..run_off + run_len];
+                    let e = Extent::pack(0, disk, offset_bytes, data, Some(&mut compressor));
+                    Progress::add(&progress.data_bytes, run_len as u64);
+                    Progress::add(&progress.payload_bytes, e.payload.len() as u64);
+                    Piece::Data(e)
+                };
+                if tx.blocking_send(piece).is_err() {
+                    return;
+                }
             }
+        }
+        // Tells the caller every piece of this chunk is out, so it can
+        // track how far a resync has durably got.
+        let done = Piece::ChunkDone {
+            disk,
+            offset_bytes: offset,
+        };
+        if tx.blocking_send(done).is_err() {
+            return;
         }
         // `buf` drops here and goes back to the pool.
     }

@@ -19,6 +19,8 @@ pub struct Progress {
     pub payload_bytes: AtomicU64,
     /// Disk bytes the receiver acknowledged durable.
     pub acked_bytes: AtomicU64,
+    /// Checksum sync: bytes whose hashes differed from the receiver's.
+    pub differing_bytes: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -29,6 +31,7 @@ pub struct Snapshot {
     pub data_bytes: u64,
     pub payload_bytes: u64,
     pub acked_bytes: u64,
+    pub differing_bytes: u64,
 }
 
 impl Progress {
@@ -45,6 +48,7 @@ impl Progress {
             data_bytes: g(&self.data_bytes),
             payload_bytes: g(&self.payload_bytes),
             acked_bytes: g(&self.acked_bytes),
+            differing_bytes: g(&self.differing_bytes),
         }
     }
 }

@@ -376,16 +376,16 @@ impl Runner {
             if !ranges.is_empty() {
                 d.changed = true;
             }
-            jobs.push(Job {
-                disk: d.disk.clone(),
-                ranges,
-            });
+            jobs.push(Job::full(d.disk.clone(), ranges));
         }
         if taken > 0 {
             let mut pipeline = Pipeline::start(jobs, &self.settings, self.progress.clone())?;
             let mut cut = false;
             let mut drained_at = Instant::now();
             while let Some(piece) = pipeline.pieces.recv().await {
+                if let Piece::ChunkDone { .. } = piece {
+                    continue;
+                }
                 if drained_at.elapsed() >= DRAIN_EVERY {
                     self.collect()?;
                     drained_at = Instant::now();
@@ -546,15 +546,14 @@ impl Runner {
             let ranges = d.dirty.take(u64::MAX, READ_BYTES as u64 * 4);
             d.pending.extend(ranges.iter().cloned());
             d.changed = true;
-            jobs.push(Job {
-                disk: d.disk.clone(),
-                ranges,
-            });
+            jobs.push(Job::full(d.disk.clone(), ranges));
         }
         let mut pipeline = Pipeline::start(jobs, &self.settings, self.progress.clone())?;
         let mut out = Vec::new();
         while let Some(p) = pipeline.pieces.recv().await {
-            out.push(p);
+            if !matches!(p, Piece::ChunkDone { .. }) {
+                out.push(p);
+            }
         }
         pipeline.finish()?;
         Ok(out)

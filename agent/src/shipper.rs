@@ -10,9 +10,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::bail;
+use tidemark_common::proto::frame::FrameError;
 use tidemark_common::proto::{Message, PointKind};
 use tracing::{info, warn};
 
+use crate::compare::HashBoard;
 use crate::disks::Disk;
 use crate::pipeline::Piece;
 use crate::progress::Progress;
@@ -48,6 +50,11 @@ pub struct Shipper {
     next_attempt: Instant,
     backoff: Duration,
     disconnected_since: Option<Instant>,
+    /// Checksum sync: where the receiver's hashes go.
+    hash_board: Option<Arc<HashBoard>>,
+    /// When Some, (disk index, offset) of every data or zero piece the
+    /// receiver acknowledged, for a caller tracking what is durable.
+    pub acked_log: Option<Vec<(usize, u64)>>,
 }
 
 impl Shipper {
@@ -74,9 +81,16 @@ impl Shipper {
             next_attempt: Instant::now(),
             backoff: INITIAL_BACKOFF,
             disconnected_since: None,
+            hash_board: None,
+            acked_log: None,
         };
         s.ensure_connected().await?;
         Ok(s)
+    }
+
+    /// Delivers [`Message::Hashes`] to `board` (None: they are refused).
+    pub fn set_hash_board(&mut self, board: Option<Arc<HashBoard>>) {
+        self.hash_board = board;
     }
 
     pub fn addr(&self) -> &str {
@@ -179,8 +193,10 @@ impl Shipper {
             self.resend.push_back(piece);
             return;
         };
+        let Some(msg) = piece.to_message(self.seq + 1, &self.handles) else {
+            return;
+        };
         self.seq += 1;
-        let msg = piece.to_message(self.seq, &self.handles);
         self.inflight_bytes += piece.wire_bytes();
         self.inflight.insert(self.seq, piece);
         if let Err(e) = c.send_buffered(&msg).await {
@@ -303,12 +319,57 @@ impl Shipper {
                 return Ok(None);
             }
         };
+        self.handle_incoming(msg)
+    }
+
+    /// Handles every message that has already arrived, without waiting;
+    /// reconnects if a connection attempt is due.
+    pub async fn pump_ready(&mut self) -> anyhow::Result<()> {
+        if !self.try_connect().await? {
+            return Ok(());
+        }
+        loop {
+            let Some(c) = self.conn.as_mut() else {
+                return Ok(());
+            };
+            let msg = match c.incoming.try_recv() {
+                Ok(m) => Some(m),
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => return Ok(()),
+                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => None,
+            };
+            self.handle_incoming(msg)?;
+        }
+    }
+
+    fn handle_incoming(
+        &mut self,
+        msg: Option<Result<Message, FrameError>>,
+    ) -> anyhow::Result<Option<Message>> {
         match msg {
             Some(Ok(Message::Ack { seq })) => {
                 let rest = self.inflight.split_off(&(seq + 1));
                 for p in std::mem::replace(&mut self.inflight, rest).into_values() {
                     self.inflight_bytes -= p.wire_bytes();
                     Progress::add(&self.progress.acked_bytes, p.disk_bytes());
+                    if let (Some(log), Piece::Data(_) | Piece::Zero { .. }) =
+                        (self.acked_log.as_mut(), &p)
+                    {
+                        let (disk, range) = p.range();
+                        log.push((disk, range.start));
+                    }
+                }
+                Ok(None)
+            }
+            Some(Ok(Message::Hashes {
+                disk,
+                offset_bytes,
+                hashes,
+                ..
+            })) => {
+                let idx = self.handles.iter().position(|&h| h == disk);
+                match (&self.hash_board, idx) {
+                    (Some(board), Some(idx)) => board.put(idx as u32, offset_bytes, hashes),
+                    _ => self.disconnected("unrequested hashes from receiver"),
                 }
                 Ok(None)
             }

@@ -1,5 +1,5 @@
 //! Sockets on 127.0.0.1: a free port, and a byte-counting TCP proxy with
-//! fault hooks (cut every connection, pause forwarding).
+//! fault hooks (cut every connection, pause forwarding, limit the rate).
 
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
@@ -45,6 +45,8 @@ struct Shared {
     bytes_down: AtomicU64,
     connections: AtomicU64,
     paused: AtomicBool,
+    /// Upstream bytes per second (0: unlimited).
+    rate_up: AtomicU64,
     stopping: AtomicBool,
     next_id: AtomicU64,
     /// Live connections: (client side, server side), for `cut_all`.
@@ -119,6 +121,12 @@ impl CountingProxy {
     /// connections are still accepted and forwarded.
     pub fn cut_all(&self) {
         self.shared.cut_all();
+    }
+
+    /// Limits client → target forwarding to about `bytes_per_sec` (0:
+    /// unlimited), like a slow uplink.
+    pub fn set_rate_up(&self, bytes_per_sec: u64) {
+        self.shared.rate_up.store(bytes_per_sec, Ordering::SeqCst);
     }
 
     /// While paused, no bytes are forwarded in either direction (bytes read
@@ -253,6 +261,10 @@ fn pump(mut from: TcpStream, mut to: TcpStream, up: bool, shared: &Shared) {
         counter.fetch_add(n as u64, Ordering::SeqCst);
         if to.write_all(&buf[..n]).is_err() {
             break;
+        }
+        let rate = shared.rate_up.load(Ordering::SeqCst);
+        if up && rate > 0 {
+            std::thread::sleep(Duration::from_secs_f64(n as f64 / rate as f64));
         }
     }
     let _ = to.shutdown(Shutdown::Write);

@@ -125,7 +125,13 @@ impl Site {
             path(&out),
         ]))?;
         let cfg = out.join("agent.toml");
-        let mut text = std::fs::read_to_string(&cfg)?;
+        // State and socket in the test's own directory, never the host's.
+        let mut text = format!(
+            "state_dir = \"{}\"\nadmin_socket = \"{}\"\n{}",
+            out.join("state").display(),
+            out.join("agent.sock").display(),
+            std::fs::read_to_string(&cfg)?
+        );
         for (dev, id) in disks {
             text.push_str(&format!(
                 "\n[[disk]]\ndevice = \"{}\"\nid = \"{id}\"\n",

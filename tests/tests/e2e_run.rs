@@ -103,10 +103,9 @@ fn run_config(
     let cfg = site.agent(name, site.addr, disks)?;
     let dir = cfg.parent().context("agent dir")?;
     let text = std::fs::read_to_string(&cfg)?;
+    // `site.agent` already put state_dir and admin_socket in `dir`.
     let top = format!(
-        "state_dir = \"{}\"\nadmin_socket = \"{}\"\ncycle_ms = 200\ncrash_consistent_interval_secs = 0\napp_consistent_interval_secs = 0\nscripts_dir = \"{}\"\n{extra}\n",
-        dir.join("state").display(),
-        dir.join("agent.sock").display(),
+        "cycle_ms = 200\ncrash_consistent_interval_secs = 0\napp_consistent_interval_secs = 0\nscripts_dir = \"{}\"\n{extra}\n",
         dir.join("scripts").display(),
     );
     std::fs::write(&cfg, top + &text)?;

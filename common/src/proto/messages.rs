@@ -14,6 +14,13 @@ pub const MAX_EXTENT_BYTES: u32 = 4 << 20;
 pub const MAX_NAME_BYTES: usize = 255;
 /// Longest error message text, in bytes.
 pub const MAX_ERROR_BYTES: usize = 1024;
+/// Largest range one hash request may cover.
+pub const MAX_HASH_RANGE_BYTES: u32 = 16 << 20;
+/// Smallest and largest hash block: a logical block, a large grain.
+pub const MIN_HASH_BLOCK_BYTES: u32 = 512;
+pub const MAX_HASH_BLOCK_BYTES: u32 = 1 << 20;
+/// Most hashes one message carries: a whole range in the smallest blocks.
+pub const MAX_HASHES: u32 = MAX_HASH_RANGE_BYTES / MIN_HASH_BLOCK_BYTES;
 
 /// How an extent's payload is encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,6 +200,18 @@ impl Extent {
     }
 }
 
+fn check_hash_block(block_bytes: u32) -> Result<(), DecodeError> {
+    if !(MIN_HASH_BLOCK_BYTES..=MAX_HASH_BLOCK_BYTES).contains(&block_bytes)
+        || !block_bytes.is_power_of_two()
+    {
+        return Err(DecodeError::BadValue {
+            what: "hash block size",
+            value: u64::from(block_bytes),
+        });
+    }
+    Ok(())
+}
+
 /// One protocol message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -245,6 +264,26 @@ pub enum Message {
         seq: u64,
         point_id: u64,
     },
+    /// Agent → receiver (checksum sync): hash the image's bytes
+    /// `offset_bytes..offset_bytes + len_bytes` of this disk in blocks of
+    /// `block_bytes` (the last one may be shorter) as they stand after
+    /// every earlier message, and answer with [`Message::Hashes`]. Takes a
+    /// sequence number like data, so it is resent after a reconnect.
+    HashRequest {
+        seq: u64,
+        disk: u32,
+        offset_bytes: u64,
+        len_bytes: u32,
+        block_bytes: u32,
+    },
+    /// Receiver → agent: the BLAKE3 of each block of the request `seq`.
+    Hashes {
+        seq: u64,
+        disk: u32,
+        offset_bytes: u64,
+        block_bytes: u32,
+        hashes: Vec<Checksum>,
+    },
     /// Either way; the receiver answers each with its own.
     Heartbeat {
         time_ms: u64,
@@ -268,6 +307,8 @@ mod code {
     pub const POINT_RECORDED: u8 = 9;
     pub const HEARTBEAT: u8 = 10;
     pub const ERROR: u8 = 11;
+    pub const HASH_REQUEST: u8 = 12;
+    pub const HASHES: u8 = 13;
 }
 
 impl Message {
@@ -285,6 +326,8 @@ impl Message {
             Message::PointRecorded { .. } => "point-recorded",
             Message::Heartbeat { .. } => "heartbeat",
             Message::Error { .. } => "error",
+            Message::HashRequest { .. } => "hash-request",
+            Message::Hashes { .. } => "hashes",
         }
     }
 
@@ -388,6 +431,37 @@ impl Message {
                 w.u8(code::ERROR);
                 w.u16(*c as u16);
                 w.string(message, MAX_ERROR_BYTES);
+            }
+            Message::HashRequest {
+                seq,
+                disk,
+                offset_bytes,
+                len_bytes,
+                block_bytes,
+            } => {
+                w.u8(code::HASH_REQUEST);
+                w.u64(*seq);
+                w.u32(*disk);
+                w.u64(*offset_bytes);
+                w.u32(*len_bytes);
+                w.u32(*block_bytes);
+            }
+            Message::Hashes {
+                seq,
+                disk,
+                offset_bytes,
+                block_bytes,
+                hashes,
+            } => {
+                w.u8(code::HASHES);
+                w.u64(*seq);
+                w.u32(*disk);
+                w.u64(*offset_bytes);
+                w.u32(*block_bytes);
+                w.u32(hashes.len() as u32);
+                for h in hashes {
+                    w.bytes(h);
+                }
             }
         }
     }
@@ -514,6 +588,54 @@ impl Message {
                 code: ErrorCode::from_u16(r.u16("error code")?)?,
                 message: r.string("error message", MAX_ERROR_BYTES)?,
             },
+            code::HASH_REQUEST => {
+                let seq = r.u64("seq")?;
+                let disk = r.u32("disk handle")?;
+                let offset_bytes = r.u64("hash range offset")?;
+                let len_bytes = r.u32("hash range length")?;
+                let block_bytes = r.u32("hash block size")?;
+                if len_bytes == 0
+                    || len_bytes > MAX_HASH_RANGE_BYTES
+                    || offset_bytes.checked_add(u64::from(len_bytes)).is_none()
+                {
+                    return Err(DecodeError::BadValue {
+                        what: "hash range length",
+                        value: u64::from(len_bytes),
+                    });
+                }
+                check_hash_block(block_bytes)?;
+                Message::HashRequest {
+                    seq,
+                    disk,
+                    offset_bytes,
+                    len_bytes,
+                    block_bytes,
+                }
+            }
+            code::HASHES => {
+                let seq = r.u64("seq")?;
+                let disk = r.u32("disk handle")?;
+                let offset_bytes = r.u64("hash range offset")?;
+                let block_bytes = r.u32("hash block size")?;
+                check_hash_block(block_bytes)?;
+                let n = r.u32("hash count")?;
+                if n > MAX_HASHES {
+                    return Err(DecodeError::BadValue {
+                        what: "hash count",
+                        value: u64::from(n),
+                    });
+                }
+                let hashes = (0..n)
+                    .map(|_| r.checksum("hash"))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Message::Hashes {
+                    seq,
+                    disk,
+                    offset_bytes,
+                    block_bytes,
+                    hashes,
+                }
+            }
             t => return Err(DecodeError::UnknownType(t)),
         };
         r.finish()?;
@@ -597,6 +719,34 @@ mod tests {
                 code: ErrorCode::ChecksumMismatch,
                 message: m
             }),
+            (
+                any::<u64>(),
+                any::<u32>(),
+                0u64..(1 << 50),
+                1..=MAX_HASH_RANGE_BYTES,
+                9u32..=20
+            )
+                .prop_map(|(seq, disk, o, l, b)| Message::HashRequest {
+                    seq,
+                    disk,
+                    offset_bytes: o,
+                    len_bytes: l,
+                    block_bytes: 1 << b,
+                }),
+            (
+                any::<u64>(),
+                any::<u32>(),
+                any::<u64>(),
+                9u32..=20,
+                proptest::collection::vec(any::<[u8; 32]>(), 0..40)
+            )
+                .prop_map(|(seq, disk, o, b, hashes)| Message::Hashes {
+                    seq,
+                    disk,
+                    offset_bytes: o,
+                    block_bytes: 1 << b,
+                    hashes,
+                }),
         ]
     }
 

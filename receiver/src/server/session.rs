@@ -184,6 +184,7 @@ pub async fn run(
             Message::RegisterDisk { .. }
             | Message::Extent(_)
             | Message::Zero { .. }
+            | Message::HashRequest { .. }
             | Message::Point { .. } => {
                 if in_tx.send(msg).await.is_err() {
                     // The worker stopped and has told the agent why.
@@ -347,6 +348,13 @@ impl Worker {
                 name,
                 agent_time_ms,
             } => self.point(seq, kind, &name, agent_time_ms),
+            Message::HashRequest {
+                seq,
+                disk,
+                offset_bytes,
+                len_bytes,
+                block_bytes,
+            } => self.hashes(seq, disk, offset_bytes, len_bytes, block_bytes),
             other => Err(Refusal::new(
                 ErrorCode::Protocol,
                 format!("unexpected {} message", other.name()),
@@ -388,6 +396,53 @@ impl Worker {
         Ok(())
     }
 
+    /// Checksum sync: hashes a range of the image as every earlier message
+    /// left it. Nothing is written, so the request counts as done once the
+    /// answer is queued; the next ack covers it.
+    fn hashes(
+        &mut self,
+        seq: u64,
+        handle: u32,
+        offset_bytes: u64,
+        len_bytes: u32,
+        block_bytes: u32,
+    ) -> Result<(), Refusal> {
+        self.next_seq(seq)?;
+        let len = u64::from(len_bytes);
+        let d = self.disk_for_write(handle, offset_bytes, len)?;
+        if self.overlaps_queued(d, offset_bytes, offset_bytes + len) {
+            self.apply_queued()?;
+        }
+        self.scratch.resize(len_bytes as usize, 0);
+        self.disks[d]
+            .image
+            .read_at(offset_bytes, &mut self.scratch)
+            .map_err(storage)?;
+        let hashes = self
+            .scratch
+            .chunks(block_bytes as usize)
+            .map(tidemark_common::checksum::checksum)
+            .collect();
+        let _ = self.out.send(Message::Hashes {
+            seq,
+            disk: handle,
+            offset_bytes,
+            block_bytes,
+            hashes,
+        });
+        self.applied_seq = seq;
+        Ok(())
+    }
+
+    /// True if a write queued in this batch touches `start..end`.
+    fn overlaps_queued(&self, d: usize, start: u64, end: u64) -> bool {
+        self.disks[d]
+            .queued
+            .range(..end)
+            .next_back()
+            .is_some_and(|(_, &e)| e > start)
+    }
+
     /// Writes into a disk's image, first saving what it overwrites when
     /// the disk has a point to go back to. The write is then queued until
     /// the batch's undo records are durable (write-ahead: a crash can leave
@@ -408,12 +463,7 @@ impl Worker {
             .map_err(storage);
         };
         let end = offset_bytes + len_bytes;
-        let overlaps = self.disks[d]
-            .queued
-            .range(..end)
-            .next_back()
-            .is_some_and(|(_, &e)| e > offset_bytes);
-        if overlaps {
+        if self.overlaps_queued(d, offset_bytes, end) {
             // The pre-image must include the queued write: apply it first.
             self.apply_queued()?;
         }
