@@ -11,6 +11,8 @@ use std::sync::{Condvar, Mutex};
 
 use tidemark_common::checksum::{checksum, Checksum};
 
+use crate::pipeline::{Job, READ_BYTES};
+
 /// Hash block: the page and filesystem block size, so a scattered 4 KiB
 /// change costs 4 KiB of upload, not a larger block's worth.
 pub const HASH_BLOCK_BYTES: u32 = 4096;
@@ -79,6 +81,55 @@ impl HashBoard {
         // A worker that panicked holding the lock cannot have left the maps
         // half-updated (every update is one call): keep going.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Chunks whose hashes are requested ahead of the reader: enough to hide
+/// the round trip at device speed, far more than the reader can have in
+/// flight (queue depth plus pool), few enough to bound memory (8 KiB of
+/// hashes per chunk).
+pub const HASH_LOOKAHEAD: u64 = 64;
+
+/// The chunks of every checksum job, in the order the reader reads them.
+pub struct ChunkCursor {
+    chunks: Vec<(u32, Range<u64>)>,
+    next: usize,
+    at: u64,
+}
+
+impl ChunkCursor {
+    pub fn new(jobs: &[Job]) -> ChunkCursor {
+        let chunks = jobs
+            .iter()
+            .enumerate()
+            .filter(|(_, j)| j.compare)
+            .flat_map(|(i, j)| j.ranges.iter().map(move |r| (i as u32, r.clone())))
+            .collect::<Vec<_>>();
+        let at = chunks.first().map_or(0, |c| c.1.start);
+        ChunkCursor {
+            chunks,
+            next: 0,
+            at,
+        }
+    }
+}
+
+/// (disk index, offset, length) of each chunk.
+impl Iterator for ChunkCursor {
+    type Item = (u32, u64, u32);
+
+    fn next(&mut self) -> Option<(u32, u64, u32)> {
+        loop {
+            let (disk, range) = self.chunks.get(self.next)?;
+            if self.at < range.end {
+                let len = (range.end - self.at).min(READ_BYTES as u64);
+                let out = (*disk, self.at, len as u32);
+                self.at += len;
+                return Some(out);
+            }
+            self.next += 1;
+            self.at = self.chunks.get(self.next).map_or(0, |c| c.1.start);
+        }
     }
 }
 

@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::admin::{self, DiskStatus, Pending, PointInfo, Reply, Request, Status};
+use crate::compare::{ChunkCursor, HASH_LOOKAHEAD};
 use crate::config::AgentConfig;
 use crate::consistency::freeze::{disk_devices, freeze, mount_points};
 use crate::consistency::scripts::{self, Phase};
@@ -48,6 +49,8 @@ struct DiskRun {
     /// Sectors of traced events since the audit base.
     seen_sectors: u64,
     resync: Option<ResyncReason>,
+    /// The running resync compares checksums (logged once when it starts).
+    comparing: bool,
     changed: bool,
 }
 
@@ -102,6 +105,7 @@ fn restore(dir: &std::path::Path, disk: Disk) -> DiskRun {
         base_sectors: 0,
         seen_sectors: 0,
         resync: None,
+        comparing: false,
         changed: true,
     };
     let reason = match state::load(dir, &run.disk.id) {
@@ -366,7 +370,7 @@ impl Runner {
         }
         let mut jobs = Vec::new();
         let mut taken = 0u64;
-        for d in &mut self.disks {
+        for (i, d) in self.disks.iter_mut().enumerate() {
             let ranges = d.dirty.take(
                 CYCLE_BUDGET_BYTES.saturating_sub(taken),
                 READ_BYTES as u64 * 4,
@@ -376,19 +380,88 @@ impl Runner {
             if !ranges.is_empty() {
                 d.changed = true;
             }
-            jobs.push(Job::full(d.disk.clone(), ranges));
+            // A resync into an image the receiver already has compares
+            // checksums: after a lost event or a reboot most of the disk
+            // is usually still the same. Comparing is always correct; only
+            // a new, empty image (the first sync) is not worth hashing.
+            let compare = match &d.resync {
+                None => false,
+                Some(ResyncReason::Initial) => self.shipper.image_existed.get(i) == Some(&true),
+                Some(_) => true,
+            };
+            if compare && !d.comparing {
+                info!(
+                    "disk {}: resync by checksum comparison: only blocks that differ from the receiver's image travel",
+                    d.disk.id
+                );
+            }
+            d.comparing = compare;
+            jobs.push(Job {
+                disk: d.disk.clone(),
+                ranges,
+                compare,
+            });
         }
         if taken > 0 {
+            let compared: Vec<(usize, Vec<Range<u64>>)> = jobs
+                .iter()
+                .enumerate()
+                .filter(|(_, j)| j.compare)
+                .map(|(i, j)| (i, j.ranges.clone()))
+                .collect();
+            let mut requests = ChunkCursor::new(&jobs);
+            let mut requested = 0u64;
             let mut pipeline = Pipeline::start(jobs, &self.settings, self.progress.clone())?;
+            self.shipper.set_hash_board(Some(pipeline.board.clone()));
             let mut cut = false;
             let mut drained_at = Instant::now();
-            while let Some(piece) = pipeline.pieces.recv().await {
-                if let Piece::ChunkDone { .. } = piece {
-                    continue;
+            loop {
+                while !cut && requested < pipeline.board.consumed() + HASH_LOOKAHEAD {
+                    let Some((disk, offset_bytes, len_bytes)) = requests.next() else {
+                        break;
+                    };
+                    pipeline.board.want(disk, offset_bytes);
+                    let request = Piece::HashRequest {
+                        disk,
+                        offset_bytes,
+                        len_bytes,
+                    };
+                    if self.shipper.try_send(request).await?.is_some() {
+                        cut = true;
+                    }
+                    requested += 1;
                 }
+                if cut {
+                    // The hashes will not come: workers waiting for them
+                    // stop, and what they would have compared is dirty
+                    // again (below).
+                    pipeline.board.close();
+                }
+                self.shipper.flush().await;
+                // However long a compare takes, the trace buffers are
+                // drained on time.
                 if drained_at.elapsed() >= DRAIN_EVERY {
                     self.collect()?;
                     drained_at = Instant::now();
+                }
+                let piece = if requested > pipeline.board.consumed() {
+                    // Workers may be waiting for hashes: keep taking them
+                    // off the connection.
+                    match tokio::time::timeout(Duration::from_millis(5), pipeline.pieces.recv())
+                        .await
+                    {
+                        Ok(p) => p,
+                        Err(_) => {
+                            self.shipper.pump_ready().await?;
+                            continue;
+                        }
+                    }
+                } else {
+                    pipeline.pieces.recv().await
+                };
+                let Some(piece) = piece else { break };
+                if let Piece::ChunkDone { .. } = piece {
+                    continue;
                 }
                 // Once the receiver is away, what is left goes back to the
                 // dirty maps: memory stays bounded however long it is away.
@@ -404,6 +477,18 @@ impl Runner {
                 }
             }
             pipeline.finish()?;
+            self.shipper.set_hash_board(None);
+            if cut {
+                // Compared chunks whose pieces never came out are not known
+                // to be at the receiver: what this cycle took for a
+                // compared disk is dirty again (pieces already sent are
+                // resent by the shipper; marking them too costs a compare).
+                for (i, ranges) in compared {
+                    for r in ranges {
+                        self.disks[i].dirty.mark(r);
+                    }
+                }
+            }
             self.shipper.flush().await;
         }
         self.settle();

@@ -7,7 +7,6 @@
 //! wrote to the disk since.
 
 use std::collections::{BTreeSet, HashMap};
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use tidemark_common::proto::PointKind;
 use tracing::{info, warn};
 
+use crate::compare::{ChunkCursor, HASH_LOOKAHEAD};
 use crate::config::AgentConfig;
 use crate::disks::{open_disk, Disk};
 use crate::pipeline::{Job, Piece, Pipeline, READ_BYTES};
@@ -24,11 +24,6 @@ use crate::progress::{mib, Progress, Reporter, Snapshot};
 use crate::shipper::Shipper;
 use crate::transport::Connector;
 
-/// Chunks whose hashes are requested ahead of the reader: enough to hide
-/// the round trip at device speed, far more than the reader can have in
-/// flight (queue depth plus pool), few enough to bound memory (8 KiB of
-/// hashes per chunk).
-const HASH_LOOKAHEAD: u64 = 64;
 /// How often the resume cursor is saved.
 const SAVE_EVERY: Duration = Duration::from_secs(2);
 
@@ -210,44 +205,6 @@ pub async fn sync(
         image_existed: existed,
         compared,
     })
-}
-
-/// The chunks of every checksum job, in the order the reader reads them.
-struct ChunkCursor {
-    chunks: Vec<(u32, Range<u64>)>,
-    next: usize,
-    at: u64,
-}
-
-impl ChunkCursor {
-    fn new(jobs: &[Job]) -> ChunkCursor {
-        let chunks = jobs
-            .iter()
-            .enumerate()
-            .filter(|(_, j)| j.compare)
-            .flat_map(|(i, j)| j.ranges.iter().map(move |r| (i as u32, r.clone())))
-            .collect::<Vec<_>>();
-        let at = chunks.first().map_or(0, |c| c.1.start);
-        ChunkCursor {
-            chunks,
-            next: 0,
-            at,
-        }
-    }
-
-    fn next(&mut self) -> Option<(u32, u64, u32)> {
-        loop {
-            let (disk, range) = self.chunks.get(self.next)?;
-            if self.at < range.end {
-                let len = (range.end - self.at).min(READ_BYTES as u64);
-                let out = (*disk, self.at, len as u32);
-                self.at += len;
-                return Some(out);
-            }
-            self.next += 1;
-            self.at = self.chunks.get(self.next).map_or(0, |c| c.1.start);
-        }
-    }
 }
 
 /// What a resumed run needs to trust what an interrupted one sent: the

@@ -182,8 +182,8 @@ const NAA_UUID: [u8; 16] = [
 ];
 
 #[test]
-fn qemu_made_sparse_vmdk_and_fixed_vhd_are_found_by_uuid_and_only_changes_travel() -> anyhow::Result<()>
-{
+fn qemu_made_sparse_vmdk_and_fixed_vhd_are_found_by_uuid_and_only_changes_travel(
+) -> anyhow::Result<()> {
     require_cmd("qemu-img")?;
     for (fmt, opts, qfmt, file) in [
         ("vmdk", "subformat=monolithicSparse", "vmdk", "guest.vmdk"),

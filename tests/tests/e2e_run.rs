@@ -292,6 +292,10 @@ fn ring_overrun_is_detected_and_resynced() -> anyhow::Result<()> {
         "overrun not detected: {log}"
     );
     ensure!(
+        log.contains("resync by checksum comparison"),
+        "the resync after an overrun must compare, the image exists: {log}"
+    );
+    ensure!(
         site.export("disk-o", &id.to_string())? == dev.read_all()?,
         "no convergence after the overrun"
     );
