@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# Benchmark: checksum resync of a loop device whose receiver image differs
+# in 1 % of its 4 KiB blocks (scattered at random), side by side with
+# `rsync --inplace --no-whole-file` of the same old and new images to an
+# rsync daemon on 127.0.0.1; and the agent's hashing rate against fio's
+# sequential io_uring read of the same device. Bytes on the wire are
+# counted on the loopback interface. Prints each run and the medians.
+# Usage (root): scripts/bench-resync.sh [SIZE_MIB] [RUNS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+size_mib=${1:-4096}
+runs=${2:-3}
+[ "$(id -u)" -eq 0 ] || { echo "bench-resync: needs root" >&2; exit 1; }
+scripts/install-deps.sh
+for tool in rsync fio; do command -v $tool >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $tool >/dev/null; done
+cargo build --release --locked -q -p tidemark-agent -p tidemark-receiver
+bin=$PWD/target/release
+work=$(mktemp -d /var/tmp/tidemark-bench.XXXXXX)
+loopdev=""
+rx=""
+rsyncd=""
+cleanup() {
+  [ -n "$rx" ] && kill "$rx" 2>/dev/null && wait "$rx" 2>/dev/null || true
+  [ -n "$rsyncd" ] && kill "$(cat "$work/rsyncd.pid" 2>/dev/null)" 2>/dev/null || true
+  [ -n "$loopdev" ] && losetup -d "$loopdev" || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+lo_bytes() { awk '/^ *lo:/ {print $2}' /proc/net/dev; }
+drop() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+
+# Mixed content: per 8 MiB block, 3 MiB random, 2 MiB compressible text, 3 MiB zeros.
+truncate -s "${size_mib}M" "$work/disk.img"
+python3 - "$work/disk.img" "$size_mib" <<'PY'
+import os, sys
+path, mib = sys.argv[1], int(sys.argv[2])
+text = b"".join(b"%08d the quick brown fox jumps over the lazy dog\n" % i for i in range(40000))
+with open(path, "r+b") as f:
+    for blk in range(0, mib, 8):
+        f.seek(blk << 20)
+        f.write(os.urandom(3 << 20))
+        f.write(text[: 2 << 20])
+PY
+loopdev=$(losetup --find --show "$work/disk.img")
+port=$((20000 + RANDOM % 20000))
+"$bin/tidemark-receiver" init --dir "$work/rx" --name bench --listen "127.0.0.1:$port" \
+  --image-dir "$work/images" --retention-dir "$work/retention" >/dev/null
+"$bin/tidemark-receiver" issue-cert --dir "$work/rx" --name bench-agent \
+  --receiver "127.0.0.1:$port" --out "$work/agent" >/dev/null
+printf 'state_dir = "%s"\n%s\n[[disk]]\ndevice = "%s"\nid = "bench-disk"\n' \
+  "$work/agent/state" "$(cat "$work/agent/agent.toml")" "$loopdev" > "$work/agent/agent.toml.new"
+mv "$work/agent/agent.toml.new" "$work/agent/agent.toml"
+"$bin/tidemark-receiver" serve --config "$work/rx/receiver.toml" 2> "$work/rx.log" &
+rx=$!
+for _ in $(seq 1 100); do grep -q "listening on" "$work/rx.log" && break; sleep 0.1; done
+agent() { "$bin/tidemark-agent" "$@" --config "$work/agent/agent.toml" 2>>"$work/agent.log" >/dev/null; }
+agent sync
+cp --sparse=always "$work/disk.img" "$work/old.img"
+
+# rsync daemon over loopback, writing into a copy of the old image.
+mkdir -p "$work/rsync"
+rport=$((port + 1))
+cat > "$work/rsyncd.conf" <<EOF
+pid file = $work/rsyncd.pid
+port = $rport
+address = 127.0.0.1
+use chroot = no
+[bench]
+path = $work/rsync
+read only = no
+uid = root
+gid = root
+EOF
+rsync --daemon --config="$work/rsyncd.conf"
+rsyncd=1
+sleep 0.5
+
+# 1 % of the 4 KiB blocks, scattered; writes new random data into them
+# and saves the old contents so the next run can start from the same state.
+blocks=$((size_mib * 256))
+change() {
+  python3 - "$loopdev" "$blocks" "$1" "$work/undo.bin" <<'PY'
+import os, random, sys
+dev, blocks, seed, undo = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+rng = random.Random(seed)
+chosen = sorted(rng.sample(range(blocks), blocks // 100))
+fd = os.open(dev, os.O_RDWR)
+with open(undo, "wb") as u:
+    for b in chosen:
+        u.write(b.to_bytes(8, "little") + os.pread(fd, 4096, b * 4096))
+        os.pwrite(fd, os.urandom(4096), b * 4096)
+os.fsync(fd)
+os.close(fd)
+PY
+}
+restore() {
+  python3 - "$loopdev" "$work/undo.bin" <<'PY'
+import os, sys
+dev, undo = sys.argv[1], sys.argv[2]
+fd = os.open(dev, os.O_RDWR)
+data = open(undo, "rb").read()
+for i in range(0, len(data), 4104):
+    os.pwrite(fd, data[i + 8:i + 4104], int.from_bytes(data[i:i + 8], "little") * 4096)
+os.fsync(fd)
+os.close(fd)
+PY
+}
+
+ours=(); theirs=(); ratio=(); wire_ours=(); wire_theirs=(); hash_rate=(); fio_rate=()
+for i in $(seq 1 "$runs"); do
+  change "$i"
+  cp --sparse=always "$work/disk.img" "$work/new.img"
+  cp --sparse=always "$work/old.img" "$work/rsync/old.img"
+  drop
+  w0=$(lo_bytes); t0=$(date +%s.%N)
+  agent resync --disk bench-disk --mode checksum
+  t1=$(date +%s.%N); w1=$(lo_bytes)
+  drop
+  t2=$(date +%s.%N)
+  rsync --inplace --no-whole-file --ignore-times "$work/new.img" "rsync://127.0.0.1:$rport/bench/old.img"
+  t3=$(date +%s.%N); w2=$(lo_bytes)
+  cmp -s "$work/new.img" "$work/rsync/old.img" || { echo "rsync result differs" >&2; exit 1; }
+  drop
+  fio_out=$(fio --name=seqread --filename="$loopdev" --rw=read --bs=1M --ioengine=io_uring \
+    --direct=1 --iodepth=16 --readonly --output-format=json)
+  fio_bw=$(echo "$fio_out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["jobs"][0]["read"]["bw_bytes"] / 1e6)')
+  a=$(echo "$t1 - $t0" | bc -l); b=$(echo "$t3 - $t2" | bc -l)
+  hr=$(echo "$size_mib * 1.048576 / $a" | bc -l)
+  ours+=("$a"); theirs+=("$b"); ratio+=("$(echo "$b / $a" | bc -l)")
+  wire_ours+=("$((w1 - w0))"); wire_theirs+=("$((w2 - w1))")
+  hash_rate+=("$hr"); fio_rate+=("$fio_bw")
+  printf 'run %d: checksum resync %.2f s (%d wire bytes, hashing %.0f MB/s)   rsync %.2f s (%d wire bytes)   rsync/ours %.1fx   fio read %.0f MB/s\n' \
+    "$i" "$a" "$((w1 - w0))" "$hr" "$b" "$((w2 - w1))" "$(echo "$b / $a" | bc -l)" "$fio_bw"
+  # Back to the old contents for the next run (itself a checksum resync).
+  restore
+  agent resync --disk bench-disk --mode checksum
+done
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+printf 'median over %d runs, %d MiB, 1%% of blocks changed: checksum resync %.2f s, rsync %.2f s, rsync/ours %.1fx; wire bytes ours %d, rsync %d; hashing %.0f MB/s vs fio %.0f MB/s (%.2f)\n' \
+  "$runs" "$size_mib" "$(median "${ours[@]}")" "$(median "${theirs[@]}")" "$(median "${ratio[@]}")" \
+  "$(median "${wire_ours[@]}")" "$(median "${wire_theirs[@]}")" "$(median "${hash_rate[@]}")" \
+  "$(median "${fio_rate[@]}")" "$(echo "$(median "${hash_rate[@]}") / $(median "${fio_rate[@]}")" | bc -l)"
