@@ -72,6 +72,9 @@ pub trait Image: Send {
     fn read_at(&mut self, offset_bytes: u64, buf: &mut [u8]) -> Result<(), ImageError>;
     /// Everything written so far is durable when this returns Ok.
     fn flush(&mut self) -> Result<(), ImageError>;
+    /// A hint that this range will be read soon (a checksum sync reads the
+    /// image in order); formats that map ranges elsewhere may ignore it.
+    fn prefetch(&self, _offset_bytes: u64, _len_bytes: u64) {}
 }
 
 /// The 16-byte identity an image carries (VMDK `ddb.uuid`, VHD unique id).

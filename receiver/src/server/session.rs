@@ -33,6 +33,10 @@ use time::format_description::well_known::Rfc3339;
 const SYNC_EVERY_BYTES: u64 = 64 << 20;
 /// Pre-images are read and journaled in pieces of at most this size.
 const UNDO_CHUNK_BYTES: u64 = 4 << 20;
+/// How far ahead of a hash request the image is read in the background.
+const HASH_PREFETCH_BYTES: u64 = 16 << 20;
+/// Hash requests at least this large are hashed on two threads.
+const PARALLEL_HASH_BYTES: usize = 256 << 10;
 /// Messages queued between the reader and the worker.
 const WORK_QUEUE: usize = 16;
 
@@ -413,16 +417,16 @@ impl Worker {
         if self.overlaps_queued(d, offset_bytes, offset_bytes + len) {
             self.apply_queued()?;
         }
+        // Requests come in disk order: have the kernel read ahead.
+        self.disks[d]
+            .image
+            .prefetch(offset_bytes + len, HASH_PREFETCH_BYTES);
         self.scratch.resize(len_bytes as usize, 0);
         self.disks[d]
             .image
             .read_at(offset_bytes, &mut self.scratch)
             .map_err(storage)?;
-        let hashes = self
-            .scratch
-            .chunks(block_bytes as usize)
-            .map(tidemark_common::checksum::checksum)
-            .collect();
+        let hashes = hash_blocks(&self.scratch, block_bytes as usize);
         let _ = self.out.send(Message::Hashes {
             seq,
             disk: handle,
@@ -871,6 +875,27 @@ fn find_by_uuid(
     Ok(Some((name, found.format)))
 }
 
+/// BLAKE3 of each `block`-byte piece of `data` (the last may be shorter),
+/// in halves on two threads when there is enough to share.
+fn hash_blocks(data: &[u8], block: usize) -> Vec<tidemark_common::checksum::Checksum> {
+    let hash = |d: &[u8]| -> Vec<_> {
+        d.chunks(block)
+            .map(tidemark_common::checksum::checksum)
+            .collect()
+    };
+    let blocks = data.len().div_ceil(block);
+    if data.len() < PARALLEL_HASH_BYTES || blocks < 2 {
+        return hash(data);
+    }
+    let (a, b) = data.split_at(blocks / 2 * block);
+    std::thread::scope(|s| {
+        let second = s.spawn(|| hash(b));
+        let mut out = hash(a);
+        out.extend(second.join().unwrap_or_else(|_| hash(b)));
+        out
+    })
+}
+
 /// The newest point of `agent` covering `disk_id`, if any.
 fn points_newest(points: &Path, agent: &str, disk_id: &str) -> Result<Option<u64>, Refusal> {
     Ok(read_all(points)
@@ -879,4 +904,23 @@ fn points_newest(points: &Path, agent: &str, disk_id: &str) -> Result<Option<u64
         .filter(|p| p.machine == agent && p.disks.iter().any(|d| d == disk_id))
         .map(|p| p.id)
         .max())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hashing_in_halves_equals_hashing_in_order() {
+        let data: Vec<u8> = (0..(PARALLEL_HASH_BYTES * 2 + 1000))
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        for len in [100, 4096, PARALLEL_HASH_BYTES + 512, data.len()] {
+            let want: Vec<_> = data[..len]
+                .chunks(4096)
+                .map(tidemark_common::checksum::checksum)
+                .collect();
+            assert_eq!(hash_blocks(&data[..len], 4096), want, "len {len}");
+        }
+    }
 }

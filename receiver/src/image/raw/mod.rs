@@ -132,6 +132,16 @@ impl Image for RawImage {
             })
     }
 
+    fn prefetch(&self, offset_bytes: u64, len_bytes: u64) {
+        // Starts the reads in the background; errors only lose the hint.
+        let _ = nix::fcntl::posix_fadvise(
+            self.storage.file(),
+            offset_bytes as i64,
+            len_bytes.min(self.size_bytes.saturating_sub(offset_bytes)) as i64,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+        );
+    }
+
     fn flush(&mut self) -> Result<(), ImageError> {
         if self.poisoned {
             return Err(ImageError::Poisoned {
