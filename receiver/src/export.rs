@@ -111,8 +111,29 @@ pub fn export(
     let Some(entry) = registry.get(disk).cloned() else {
         bail!("unknown disk {disk:?}; list disks with `tidemark-receiver points`");
     };
-    let points = read_all(&config.points_path())?;
-    let point = resolve_point(&points, disk, entry.history_from, spec)?;
+    let all = read_all(&config.points_path())?;
+    let (history_from, points, failover) =
+        crate::failover::visible_points(config, disk, &entry, &all)?;
+    if let Ok(id) = spec.parse::<u64>() {
+        let listed = all
+            .iter()
+            .any(|p| p.id == id && p.disks.iter().any(|d| d == disk));
+        if listed && !points.iter().any(|p| p.id == id) {
+            use crate::failover::State;
+            match &failover {
+                Some(r) if matches!(r.state, State::RollingBack | State::RolledBack) && id > r.point => bail!(
+                    "point {id} is newer than point {} that disk {disk} is rolled back to; `tidemark-receiver rollback --undo --disk {disk}` brings it back",
+                    r.point
+                ),
+                Some(r) if matches!(r.state, State::Committed | State::Reprotected) => bail!(
+                    "point {id} of disk {disk} went with its journal when the disk was committed at point {}",
+                    r.point
+                ),
+                _ => bail!("point {id} of disk {disk} can no longer be reconstructed: its history was pruned (retention window) or its image was recreated"),
+            }
+        }
+    }
+    let point = resolve_point(&points, disk, history_from, spec)?;
 
     let image_path = config.image_dir.join(&entry.image);
     let mut image = live::open(entry.format(), &image_path, false)?;

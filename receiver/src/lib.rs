@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod export;
+pub mod failover;
 pub mod image;
 pub mod journal;
 pub mod listing;

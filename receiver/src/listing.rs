@@ -21,6 +21,9 @@ pub struct Choices {
     pub latest_app_consistent: Option<u64>,
     /// Age of the newest consistent point, in seconds.
     pub rpo_seconds: Option<i64>,
+    /// Set while the disk is failed over at this receiver.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failover: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -39,9 +42,21 @@ pub fn points(config: &ReceiverConfig, disk: Option<&str>) -> anyhow::Result<Lis
             );
         }
     }
-    // A point is listed while some disk it covers still has its history.
+    // A point is listed while some disk it covers can still be exported
+    // at it (history kept, not beyond a rollback).
+    let mut visible: BTreeMap<String, (u64, Vec<Point>, Option<crate::failover::Record>)> =
+        BTreeMap::new();
+    for (id, entry) in registry.iter() {
+        visible.insert(
+            id.clone(),
+            crate::failover::visible_points(config, id, entry, &all)?,
+        );
+    }
     let kept = |p: &Point, d: &str| {
-        p.disks.iter().any(|x| x == d) && registry.get(d).is_none_or(|e| p.id >= e.history_from)
+        p.disks.iter().any(|x| x == d)
+            && visible
+                .get(d)
+                .is_none_or(|(_, v, _)| v.iter().any(|q| q.id == p.id))
     };
     let points: Vec<Point> = all
         .iter()
@@ -53,11 +68,12 @@ pub fn points(config: &ReceiverConfig, disk: Option<&str>) -> anyhow::Result<Lis
         .collect();
     let now = OffsetDateTime::now_utc();
     let mut disks = BTreeMap::new();
-    for (id, entry) in registry.iter() {
+    for (id, _) in registry.iter() {
         if disk.is_some_and(|d| d != id) {
             continue;
         }
-        let pick = |spec| resolve_point(&all, id, entry.history_from, spec).ok();
+        let (history_from, usable, failover) = &visible[id.as_str()];
+        let pick = |spec| resolve_point(usable, id, *history_from, spec).ok();
         let latest = pick("latest");
         let rpo_seconds = latest.as_ref().and_then(|p| {
             OffsetDateTime::parse(&p.recorded_at, &Rfc3339)
@@ -71,6 +87,7 @@ pub fn points(config: &ReceiverConfig, disk: Option<&str>) -> anyhow::Result<Lis
                 latest_processed: pick("latest-processed").map(|p| p.id),
                 latest_app_consistent: pick("latest-app-consistent").map(|p| p.id),
                 rpo_seconds,
+                failover: failover.as_ref().map(|r| r.describe(id)),
             },
         );
     }
@@ -134,5 +151,11 @@ pub fn table(l: &Listing) -> String {
         ]);
     }
     out.push_str(&columns(&rows));
+    for c in l.disks.values() {
+        if let Some(f) = &c.failover {
+            out.push_str(f);
+            out.push('\n');
+        }
+    }
     out
 }

@@ -7,7 +7,7 @@ use tidemark_receiver::config::{
     ReceiverConfig, DEFAULT_IMAGE_DIR, DEFAULT_LISTEN, DEFAULT_RETENTION_DIR,
 };
 use tidemark_receiver::pki::DEFAULT_CERT_DAYS;
-use tidemark_receiver::{export, listing, server, setup};
+use tidemark_receiver::{export, failover, listing, server, setup};
 
 #[derive(Parser)]
 #[command(
@@ -89,11 +89,42 @@ enum Command {
         /// `latest` or a point id.
         #[arg(long, default_value = "latest")]
         point: String,
-        /// Output format: raw, vhd-fixed (Azure), vmdk (flat: vmfs descriptor for ESXi plus a -hosted.vmdk for qemu and hosted products).
+        /// Output format: raw, vhd-fixed (Azure), vmdk (flat: vmfs descriptor for ESXi plus a -hosted.vmdk for qemu and hosted products), vmdk-sparse, vmdk-stream (VMware import).
         #[arg(long, default_value = "raw")]
         format: String,
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Failover in place: stop accepting the disk's replication and roll
+    /// its live image back to a point. The overwritten data is kept until
+    /// `commit`, so `--undo` restores the image as it was.
+    Rollback {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        disk: String,
+        /// The point to roll back to (latest, latest-app-consistent, an id, an RFC 3339 time).
+        #[arg(long, required_unless_present = "undo", conflicts_with = "undo")]
+        point: Option<String>,
+        /// Undo the rollback: the image as it was before, replication allowed again.
+        #[arg(long)]
+        undo: bool,
+    },
+    /// After a rollback: make the image the disk of record and drop the
+    /// disk's journal (older points are gone).
+    Commit {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        disk: String,
+    },
+    /// After a commit: accept replication of the disk again (the agent's
+    /// next connection compares checksums with the committed image).
+    Reprotect {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        disk: String,
     },
 }
 
@@ -175,6 +206,37 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 p.kind.as_str(),
                 out.display()
             );
+        }
+        Command::Rollback {
+            config,
+            disk,
+            point,
+            undo,
+        } => {
+            let config = ReceiverConfig::load(&config)?;
+            if undo {
+                let p = failover::undo_rollback(&config, &disk)?;
+                println!("disk {disk}: rollback to point {p} undone; replication may resume");
+            } else {
+                let spec = point.as_deref().unwrap_or("latest");
+                let p = failover::rollback(&config, &disk, spec)?;
+                println!(
+                    "disk {disk} rolled back to point {} ({}, {}); replication refused until `rollback --undo` or `commit` and `reprotect`",
+                    p.id,
+                    p.kind.as_str(),
+                    p.recorded_at
+                );
+            }
+        }
+        Command::Commit { config, disk } => {
+            let config = ReceiverConfig::load(&config)?;
+            let p = failover::commit(&config, &disk)?;
+            println!("disk {disk} committed at point {p}; its journal is dropped");
+        }
+        Command::Reprotect { config, disk } => {
+            let config = ReceiverConfig::load(&config)?;
+            failover::reprotect(&config, &disk)?;
+            println!("disk {disk}: replication accepted again");
         }
     }
     Ok(())

@@ -20,6 +20,7 @@ mod lock;
 mod loopdev;
 mod net;
 mod prereq;
+pub mod running;
 pub mod site;
 
 pub use bins::{workspace_bin, workspace_root};

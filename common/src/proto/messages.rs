@@ -82,6 +82,9 @@ pub enum ErrorCode {
     Internal = 9,
     /// The disk is being replicated by another connection right now.
     Busy = 10,
+    /// The disk was failed over at the receiver (rolled back or committed):
+    /// replication is refused until the operator allows it again.
+    FailedOver = 11,
 }
 
 impl ErrorCode {
@@ -97,6 +100,7 @@ impl ErrorCode {
             8 => ErrorCode::Limit,
             9 => ErrorCode::Internal,
             10 => ErrorCode::Busy,
+            11 => ErrorCode::FailedOver,
             _ => {
                 return Err(DecodeError::BadValue {
                     what: "error code",

@@ -21,6 +21,7 @@ use tidemark_common::proto::{ErrorCode, Message, PointKind};
 
 use super::{Shared, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT};
 use crate::config::ImageFormat;
+use crate::failover;
 use crate::image::disk_uuid;
 use crate::image::{live, Image, ImageError};
 use crate::journal::points::read_all;
@@ -184,6 +185,9 @@ pub async fn run(
         match msg {
             Message::Heartbeat { .. } => {
                 let _ = out_tx.send(Message::Heartbeat { time_ms: now_ms() });
+                // Wakes an idle worker to look for a failover of its disks;
+                // a busy one looks at its next sync anyway.
+                let _ = in_tx.try_send(msg);
             }
             Message::RegisterDisk { .. }
             | Message::Extent(_)
@@ -226,6 +230,8 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 struct OpenDisk {
+    /// Held while the session may write the disk.
+    _lock: failover::DiskLock,
     id: String,
     image: Box<dyn Image>,
     size_bytes: u64,
@@ -359,6 +365,7 @@ impl Worker {
                 len_bytes,
                 block_bytes,
             } => self.hashes(seq, disk, offset_bytes, len_bytes, block_bytes),
+            Message::Heartbeat { .. } => self.check_failover(),
             other => Err(Refusal::new(
                 ErrorCode::Protocol,
                 format!("unexpected {} message", other.name()),
@@ -540,7 +547,24 @@ impl Worker {
         self.bytes_since_sync += bytes;
     }
 
+    /// Ends the session if an operator failed over one of its disks: the
+    /// failover command waits for the disk's lock, which goes with it.
+    fn check_failover(&self) -> Result<(), Refusal> {
+        for d in &self.disks {
+            if !failover::record_path(&self.shared.config, &d.id).exists() {
+                continue;
+            }
+            let rec = failover::load(&self.shared.config, &d.id)
+                .map_err(|e| Refusal::new(ErrorCode::Internal, format!("disk {}: {e:#}", d.id)))?;
+            if let Some(rec) = rec.filter(failover::Record::blocks_replication) {
+                return Err(Refusal::new(ErrorCode::FailedOver, rec.describe(&d.id)));
+            }
+        }
+        Ok(())
+    }
+
     fn sync_and_ack(&mut self) -> Result<(), Refusal> {
+        self.check_failover()?;
         self.apply_queued()?;
         for &d in &self.dirty {
             self.disks[d].image.flush().map_err(storage)?;
@@ -668,11 +692,23 @@ impl Worker {
                 format!("disk {disk_id} is being replicated by another connection right now; retry when it ends"),
             ));
         }
+        let lock = match self.hold(&disk_id) {
+            Ok(l) => l,
+            Err(r) => {
+                self.shared
+                    .in_use
+                    .lock()
+                    .expect("in_use lock")
+                    .remove(&disk_id);
+                return Err(r);
+            }
+        };
         match self.open_or_create(&disk_id, size_bytes, logical_block_bytes) {
             Ok((image, existed)) => {
                 let handle = self.disks.len() as u32;
                 let tag = self.newest_point(&disk_id)?;
                 self.disks.push(OpenDisk {
+                    _lock: lock,
                     id: disk_id.clone(),
                     image,
                     size_bytes,
@@ -694,6 +730,30 @@ impl Worker {
                     .remove(&disk_id);
                 Err(r)
             }
+        }
+    }
+
+    /// Takes the disk's lock against failover commands and refuses a disk
+    /// that is failed over.
+    fn hold(&self, disk_id: &str) -> Result<failover::DiskLock, Refusal> {
+        let lock = failover::try_lock(&self.shared.config.retention_dir, disk_id)
+            .map_err(storage)?
+            .ok_or_else(|| {
+                Refusal::new(
+                    ErrorCode::Busy,
+                    format!("disk {disk_id} is held by a failover command (rollback, commit) right now; retry when it ends"),
+                )
+            })?;
+        match failover::load(&self.shared.config, disk_id) {
+            Ok(Some(rec)) if rec.blocks_replication() => {
+                warn!("agent {}: {}", self.agent, rec.describe(disk_id));
+                Err(Refusal::new(ErrorCode::FailedOver, rec.describe(disk_id)))
+            }
+            Ok(_) => Ok(lock),
+            Err(e) => Err(Refusal::new(
+                ErrorCode::Internal,
+                format!("disk {disk_id}: {e:#}"),
+            )),
         }
     }
 

@@ -1,0 +1,112 @@
+//! A running `tidemark-agent run` for end-to-end tests, and its config.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{ensure, Context};
+
+use crate::site::{path, run_ok, Site};
+use crate::{workspace_bin, Daemon};
+
+/// A running `tidemark-agent run` and the trace instance it leaves behind.
+pub struct RunningAgent {
+    pub daemon: Option<Daemon>,
+    pub cfg: PathBuf,
+    pub instance: PathBuf,
+}
+
+impl RunningAgent {
+    pub fn start(cfg: &Path, name: &str) -> anyhow::Result<RunningAgent> {
+        let mut a = RunningAgent {
+            daemon: None,
+            cfg: cfg.to_path_buf(),
+            instance: PathBuf::from(format!("/sys/kernel/tracing/instances/tidemark-{name}")),
+        };
+        a.restart()?;
+        Ok(a)
+    }
+
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        let mut cmd = Command::new(workspace_bin("tidemark-agent"));
+        cmd.args(["run", "--config", path(&self.cfg)]);
+        let d = Daemon::spawn(cmd)?;
+        d.wait_for_log("replicating", Duration::from_secs(30))?;
+        self.daemon = Some(d);
+        Ok(())
+    }
+
+    pub fn log(&self) -> String {
+        self.daemon.as_ref().map(Daemon::log).unwrap_or_default()
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            d.kill();
+        }
+    }
+
+    /// SIGTERM and wait: the clean-stop path.
+    pub fn stop(&mut self) -> anyhow::Result<String> {
+        let d = self.daemon.take().context("not running")?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(d.pid() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        let status = d.wait_timeout(Duration::from_secs(30))?;
+        ensure!(status.success(), "clean stop failed: {}", d.log());
+        Ok(d.log())
+    }
+
+    /// Asks for a point and returns its id.
+    pub fn bookmark(&self, app: bool) -> anyhow::Result<u64> {
+        let mut cmd = Command::new(workspace_bin("tidemark-agent"));
+        cmd.args(["bookmark", "--config", path(&self.cfg)]);
+        if app {
+            cmd.arg("--app-consistent");
+        }
+        let out = run_ok(&mut cmd).with_context(|| self.log())?;
+        Ok(String::from_utf8(out.stdout)?.trim().parse()?)
+    }
+
+    pub fn status_json(&self) -> anyhow::Result<serde_json::Value> {
+        let out = run_ok(Command::new(workspace_bin("tidemark-agent")).args([
+            "status",
+            "--config",
+            path(&self.cfg),
+            "--json",
+        ]))?;
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+}
+
+impl Drop for RunningAgent {
+    fn drop(&mut self) {
+        self.kill();
+        // The instance outlives the agent by design; tests must not leak it.
+        if self.instance.exists() {
+            if let Err(e) = std::fs::remove_dir(&self.instance) {
+                eprintln!("cannot remove {}: {e}", self.instance.display());
+            }
+        }
+    }
+}
+
+/// An agent config for `run`: fast cycles, points only on demand.
+pub fn run_config(
+    site: &Site,
+    name: &str,
+    disks: &[(&Path, &str)],
+    extra: &str,
+) -> anyhow::Result<PathBuf> {
+    let cfg = site.agent(name, site.addr, disks)?;
+    let dir = cfg.parent().context("agent dir")?;
+    let text = std::fs::read_to_string(&cfg)?;
+    // `site.agent` already put state_dir and admin_socket in `dir`.
+    let top = format!(
+        "cycle_ms = 200\ncrash_consistent_interval_secs = 0\napp_consistent_interval_secs = 0\nscripts_dir = \"{}\"\n{extra}\n",
+        dir.join("scripts").display(),
+    );
+    std::fs::write(&cfg, top + &text)?;
+    Ok(cfg)
+}

@@ -1,0 +1,270 @@
+//! Failover at the receiver on real loop devices: rollback of the live
+//! image to a point while `serve` runs, undo of the rollback byte for
+//! byte, commit dropping the journal, replication refused while failed
+//! over and accepted again after reprotect.
+
+use std::process::Output;
+
+use anyhow::ensure;
+use tidemark_tests::running::{run_config, RunningAgent};
+use tidemark_tests::site::{
+    agent_sync, assert_fails_with, path, point_id, receiver_cmd, run_ok, Site,
+};
+use tidemark_tests::{fill_mixed, LoopDev, SplitMix64};
+
+fn churn(dev: &LoopDev, rng: &mut SplitMix64, writes: usize) -> anyhow::Result<()> {
+    let blocks = dev.size_bytes() / 4096;
+    for _ in 0..writes {
+        let at = rng.below(blocks - 16) * 4096;
+        let mut data = vec![0u8; 4096 * (1 + rng.below(16) as usize)];
+        rng.fill_bytes(&mut data);
+        dev.write_at(at, &data)?;
+    }
+    Ok(())
+}
+
+fn receiver(site: &Site, args: &[&str]) -> anyhow::Result<Output> {
+    Ok(receiver_cmd()
+        .args([args[0], "--config", path(&site.config())])
+        .args(&args[1..])
+        .output()?)
+}
+
+fn ok(out: Output) -> anyhow::Result<Output> {
+    ensure!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(out)
+}
+
+#[test]
+fn rollback_undo_commit_and_reprotect_while_serve_runs() -> anyhow::Result<()> {
+    let site = Site::start()?;
+    let dev = LoopDev::create(&site.dir.path().join("disk.raw"), 32 << 20)?;
+    let cfg = site.agent("agent-f", site.addr, &[(dev.path(), "disk-f")])?;
+    let mut rng = SplitMix64::new(41);
+    fill_mixed(&dev, 4)?;
+    let p1 = point_id(&agent_sync(&cfg, &[]))?;
+    let at_p1 = dev.read_all()?;
+    churn(&dev, &mut rng, 60)?;
+    let p2 = point_id(&agent_sync(&cfg, &[]))?;
+    let at_p2 = dev.read_all()?;
+    churn(&dev, &mut rng, 60)?;
+    let p3 = point_id(&agent_sync(&cfg, &[]))?;
+    let at_p3 = dev.read_all()?;
+    let live = site.image("disk-f");
+    let before = std::fs::read(&live)?;
+    ensure!(
+        before == at_p3,
+        "live image is not the device before the test"
+    );
+
+    // Roll back to the first point: the live image is that point.
+    ok(receiver(
+        &site,
+        &["rollback", "--disk", "disk-f", "--point", &p1.to_string()],
+    )?)?;
+    ensure!(
+        std::fs::read(&live)? == at_p1,
+        "live image is not point {p1}"
+    );
+    ensure!(
+        site.export("disk-f", "latest")? == at_p1,
+        "latest is not the rollback point"
+    );
+    let out = receiver_cmd()
+        .args([
+            "export",
+            "--config",
+            path(&site.config()),
+            "--disk",
+            "disk-f",
+        ])
+        .args([
+            "--point",
+            &p3.to_string(),
+            "--out",
+            path(&site.dir.path().join("x.raw")),
+        ])
+        .output()?;
+    assert_fails_with(&out, &["newer than point", "rollback --undo"]);
+    // Replication of a failed-over disk is refused, with the reason.
+    churn(&dev, &mut rng, 5)?;
+    assert_fails_with(&agent_sync(&cfg, &[]), &["disk-f", "failed over"]);
+    let log = site.receiver.log();
+    ensure!(log.contains("failed over"), "{log}");
+    ensure!(
+        std::fs::read(&live)? == at_p1,
+        "a refused agent changed the image"
+    );
+
+    // Undo: byte for byte the image before the rollback, every point back.
+    ok(receiver(
+        &site,
+        &["rollback", "--disk", "disk-f", "--undo"],
+    )?)?;
+    ensure!(
+        std::fs::read(&live)? == before,
+        "undo did not restore the image byte for byte"
+    );
+    ensure!(
+        site.export("disk-f", &p3.to_string())? == at_p3,
+        "point {p3} lost"
+    );
+    ensure!(
+        site.export("disk-f", &p2.to_string())? == at_p2,
+        "point {p2} lost"
+    );
+
+    // Roll back to p2 and commit: the journal goes, p2 stays exportable.
+    ok(receiver(
+        &site,
+        &["rollback", "--disk", "disk-f", "--point", &p2.to_string()],
+    )?)?;
+    let twice = receiver(
+        &site,
+        &["rollback", "--disk", "disk-f", "--point", &p1.to_string()],
+    )?;
+    assert_fails_with(&twice, &["already rolled back", "--undo"]);
+    ok(receiver(&site, &["commit", "--disk", "disk-f"])?)?;
+    let journal = site.dir.path().join("retention/undo/disk-f");
+    ensure!(!journal.exists(), "commit must drop the journal");
+    ensure!(
+        site.export("disk-f", &p2.to_string())? == at_p2,
+        "committed point lost"
+    );
+    let out = receiver_cmd()
+        .args([
+            "export",
+            "--config",
+            path(&site.config()),
+            "--disk",
+            "disk-f",
+        ])
+        .args([
+            "--point",
+            &p1.to_string(),
+            "--out",
+            path(&site.dir.path().join("y.raw")),
+        ])
+        .output()?;
+    assert_fails_with(&out, &["committed"]);
+    assert_fails_with(
+        &receiver(&site, &["rollback", "--disk", "disk-f", "--undo"])?,
+        &["committed", "cannot be undone"],
+    );
+    assert_fails_with(&agent_sync(&cfg, &[]), &["disk-f", "reprotect"]);
+
+    // Reprotect: the agent compares with the committed image and the
+    // replica converges to the device.
+    ok(receiver(&site, &["reprotect", "--disk", "disk-f"])?)?;
+    let p4 = point_id(&agent_sync(&cfg, &[]))?;
+    ensure!(
+        site.export("disk-f", &p4.to_string())? == dev.read_all()?,
+        "no convergence after reprotect"
+    );
+    ensure!(
+        site.export("disk-f", &p2.to_string())? == at_p2,
+        "the committed point must survive new writes"
+    );
+    let listing = run_ok(receiver_cmd().args([
+        "points",
+        "--config",
+        path(&site.config()),
+        "--disk",
+        "disk-f",
+        "--json",
+    ]))?;
+    let v: serde_json::Value = serde_json::from_slice(&listing.stdout)?;
+    let ids: Vec<u64> = v["points"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|p| p["id"].as_u64()).collect())
+        .unwrap_or_default();
+    ensure!(
+        ids == vec![p2, p4],
+        "listed {ids:?}: only the committed point and later ones can be exported"
+    );
+    Ok(())
+}
+
+#[test]
+fn failover_commands_name_what_is_wrong() -> anyhow::Result<()> {
+    let site = Site::start()?;
+    let dev = LoopDev::create(&site.dir.path().join("disk.raw"), 8 << 20)?;
+    let cfg = site.agent("agent-e", site.addr, &[(dev.path(), "disk-e")])?;
+    fill_mixed(&dev, 2)?;
+    point_id(&agent_sync(&cfg, &[]))?;
+    for (args, needles) in [
+        (
+            vec!["rollback", "--disk", "nope", "--point", "latest"],
+            vec!["unknown disk", "nope"],
+        ),
+        (
+            vec!["rollback", "--disk", "disk-e", "--point", "999"],
+            vec!["no recovery point", "999"],
+        ),
+        (
+            vec![
+                "rollback",
+                "--disk",
+                "disk-e",
+                "--point",
+                "2001-01-01T00:00:00Z",
+            ],
+            vec!["no point", "before"],
+        ),
+        (
+            vec!["rollback", "--disk", "disk-e", "--undo"],
+            vec!["not rolled back"],
+        ),
+        (
+            vec!["commit", "--disk", "disk-e"],
+            vec!["not failed over", "rollback"],
+        ),
+        (
+            vec!["reprotect", "--disk", "disk-e"],
+            vec!["not failed over"],
+        ),
+    ] {
+        assert_fails_with(&receiver(&site, &args)?, &needles);
+    }
+    // None of that stopped replication.
+    point_id(&agent_sync(&cfg, &[]))?;
+    Ok(())
+}
+
+#[test]
+fn rollback_stops_a_live_replication_session() -> anyhow::Result<()> {
+    let site = Site::start()?;
+    let dev = LoopDev::create(&site.dir.path().join("disk.raw"), 16 << 20)?;
+    fill_mixed(&dev, 6)?;
+    let cfg = run_config(&site, "run-fo", &[(dev.path(), "disk-l")], "")?;
+    let agent = RunningAgent::start(&cfg, "run-fo")?;
+    let p = agent.bookmark(false)?;
+    // The session holds the disk; the rollback waits for it to notice the
+    // failover (at the agent's next heartbeat at the latest) and let go.
+    let started = std::time::Instant::now();
+    ok(receiver(
+        &site,
+        &["rollback", "--disk", "disk-l", "--point", &p.to_string()],
+    )?)?;
+    eprintln!(
+        "rollback waited {:?} for the live session",
+        started.elapsed()
+    );
+    let daemon = agent.daemon.as_ref().expect("running");
+    let status = daemon.wait_timeout(std::time::Duration::from_secs(30))?;
+    ensure!(!status.success(), "the agent must stop with an error");
+    ensure!(
+        agent.log().contains("failed over"),
+        "the agent must say why: {}",
+        agent.log()
+    );
+    ensure!(
+        site.export("disk-l", "latest")? == dev.read_all()?,
+        "the rollback point is not the device as bookmarked"
+    );
+    Ok(())
+}
