@@ -17,6 +17,11 @@ pub enum Request {
         name: Option<String>,
     },
     Status,
+    /// Planned failover: final app-consistent point, then the receiver
+    /// refuses this agent's disks and the agent stops.
+    Failover {
+        leave: Option<crate::config::FailoverLeave>,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -60,9 +60,25 @@ pub struct AgentConfig {
     /// freeze only covers a short read.
     #[serde(default = "default_point_max_backlog")]
     pub point_max_backlog_bytes: u64,
+    /// What `failover` leaves behind after the final point: `stopped`
+    /// (filesystems thawed, agent stopped; the workload stays stopped if a
+    /// pre script stopped it, post scripts are not run) or `frozen`
+    /// (filesystems stay frozen: nothing can change after the point).
+    #[serde(default)]
+    pub failover_leave: FailoverLeave,
     /// Disks to protect.
     #[serde(default, rename = "disk")]
     pub disks: Vec<DiskConfig>,
+}
+
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailoverLeave {
+    #[default]
+    Stopped,
+    Frozen,
 }
 
 #[derive(Debug, Clone, Deserialize)]

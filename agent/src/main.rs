@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use tidemark_agent::admin::{self, Reply, Request};
-use tidemark_agent::config::AgentConfig;
+use tidemark_agent::config::{AgentConfig, FailoverLeave};
 use tidemark_agent::progress::mib;
 use tidemark_agent::sync::Mode;
 
@@ -67,6 +67,17 @@ enum Command {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Planned failover (phase 2): ask the running agent for a final
+    /// app-consistent point; the receiver then refuses this machine's
+    /// disks, and the agent stops (filesystems thawed or left frozen).
+    /// Prints the final point's id.
+    Failover {
+        #[arg(long)]
+        config: PathBuf,
+        /// Overrides `failover_leave` from the config.
+        #[arg(long, value_enum)]
+        leave: Option<FailoverLeave>,
+    },
     /// Show the running agent's disks, backlog and last point.
     Status {
         #[arg(long)]
@@ -115,6 +126,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 Reply::Error(e) => anyhow::bail!("the agent could not take the point: {e}"),
                 Reply::Status(_) => anyhow::bail!("the agent answered a bookmark with a status"),
+            }
+        }
+        Command::Failover { config, leave } => {
+            let cfg = AgentConfig::load(&config)?;
+            match runtime()?.block_on(admin::request(
+                &cfg.admin_socket,
+                &Request::Failover { leave },
+            ))? {
+                Reply::Point { id, kind } => {
+                    tracing::info!("failed over at recovery point {id} ({kind})");
+                    println!("{id}");
+                }
+                Reply::Error(e) => anyhow::bail!("the failover did not complete: {e}"),
+                Reply::Status(_) => anyhow::bail!("the agent answered a failover with a status"),
             }
         }
         Command::Status { config, json } => {

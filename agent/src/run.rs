@@ -19,7 +19,7 @@ use tracing::{info, warn};
 
 use crate::admin::{self, DiskStatus, Pending, PointInfo, Reply, Request, Status};
 use crate::compare::{ChunkCursor, HASH_LOOKAHEAD};
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, FailoverLeave};
 use crate::consistency::freeze::{disk_devices, freeze, mount_points};
 use crate::consistency::scripts::{self, Phase};
 use crate::disks::{open_disk, Disk};
@@ -153,6 +153,8 @@ struct Runner {
     progress: Arc<Progress>,
     settings: crate::pipeline::Settings,
     last_point: Option<PointInfo>,
+    /// A planned failover waiting for the backlog to shrink.
+    failover: Option<(FailoverLeave, tokio::sync::oneshot::Sender<Reply>)>,
 }
 
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
@@ -192,6 +194,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         shipper,
         progress,
         last_point: None,
+        failover: None,
     };
     let now = Instant::now();
     let every = |secs: u64| (secs > 0).then(|| Duration::from_secs(secs));
@@ -224,13 +227,34 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         };
         let backlog: u64 = r.disks.iter().map(|d| d.dirty.dirty_bytes()).sum();
         let resyncing = r.disks.iter().any(|d| d.resync.is_some());
+        if r.failover.is_some() && backlog <= r.cfg.point_max_backlog_bytes && !resyncing {
+            let (leave, reply) = r.failover.take().expect("checked");
+            match r.planned_failover(leave).await {
+                Ok(p) => {
+                    let _ = reply.send(Reply::Point {
+                        id: p.id,
+                        kind: p.kind.clone(),
+                    });
+                    return match leave {
+                        FailoverLeave::Stopped => r.stop().await,
+                        // Saving state would block on a frozen filesystem;
+                        // this machine is not replicated from here on.
+                        FailoverLeave::Frozen => Ok(()),
+                    };
+                }
+                Err(e) => {
+                    warn!("planned failover failed: {e:#}");
+                    let _ = reply.send(Reply::Error(format!("{e:#}")));
+                }
+            }
+        }
         match wanted {
             Some(app) if backlog <= r.cfg.point_max_backlog_bytes && !resyncing => {
                 let name = bookmarks
                     .iter()
                     .find_map(|b| b.1.clone())
                     .unwrap_or_else(|| if app { "app-consistent" } else { "scheduled" }.to_owned());
-                let result = r.point(app, &name).await;
+                let result = r.point(app, &name, None).await;
                 let reply = match &result {
                     Ok(p) => Reply::Point {
                         id: p.id,
@@ -304,8 +328,20 @@ fn instance_name(agent: &str) -> String {
 
 impl Runner {
     /// Answers a status request at once; queues a bookmark (returns true).
-    fn answer(&self, p: Pending, bookmarks: &mut Vec<Bookmark>) -> bool {
+    fn answer(&mut self, p: Pending, bookmarks: &mut Vec<Bookmark>) -> bool {
         match p.request {
+            Request::Failover { leave } => {
+                if self.failover.is_some() {
+                    let _ = p
+                        .reply
+                        .send(Reply::Error("a failover is already under way".into()));
+                    return false;
+                }
+                let leave = leave.unwrap_or(self.cfg.failover_leave);
+                info!("planned failover requested: final app-consistent point, then the receiver refuses this machine's disks (leaving them {leave:?})");
+                self.failover = Some((leave, p.reply));
+                true
+            }
             Request::Bookmark {
                 app_consistent,
                 name,
@@ -532,7 +568,31 @@ impl Runner {
 
     /// Takes a point: freeze, collect, read what is dirty, thaw, ship, and
     /// wait until the receiver holds the point durably.
-    async fn point(&mut self, app: bool, name: &str) -> anyhow::Result<PointInfo> {
+    /// Planned failover, phase 2: the final app-consistent point (its
+    /// filesystems left frozen if asked, post scripts not run: the workload
+    /// stays stopped), then the receiver marks the disks failed over.
+    async fn planned_failover(&mut self, leave: FailoverLeave) -> anyhow::Result<PointInfo> {
+        let p = self.point(true, "failover", Some(leave)).await?;
+        if p.kind != PointKind::AppConsistent.as_str() {
+            warn!(
+                "the final point {} is {}, not app-consistent (see the warnings above); failing over at it anyway",
+                p.id, p.kind
+            );
+        }
+        self.shipper.failover().await?;
+        info!(
+            "planned failover complete: point {} is final, the receiver refuses this machine's disks until the operator allows them again",
+            p.id
+        );
+        Ok(p)
+    }
+
+    async fn point(
+        &mut self,
+        app: bool,
+        name: &str,
+        failover: Option<FailoverLeave>,
+    ) -> anyhow::Result<PointInfo> {
         let mut kind = if app {
             PointKind::AppConsistent
         } else {
@@ -579,8 +639,11 @@ impl Runner {
             Err(e) => Err(e),
         };
         let after: Vec<u64> = self.disks.iter().map(DiskRun::counters).collect();
-        let frozen_for = frozen.map_or(Duration::ZERO, |f| f.thaw());
-        if app {
+        let frozen_for = match (frozen, failover) {
+            (Some(f), Some(FailoverLeave::Frozen)) => f.keep(),
+            (f, _) => f.map_or(Duration::ZERO, |f| f.thaw()),
+        };
+        if app && failover.is_none() {
             let n = name.to_owned();
             let post = tokio::task::spawn_blocking(move || {
                 scripts::run(&scripts_dir, Phase::Post, &n, timeout)

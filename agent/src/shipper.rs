@@ -42,6 +42,8 @@ pub struct Shipper {
     /// From the first registration: whether each image already existed.
     pub image_existed: Vec<bool>,
     seq: u64,
+    /// Highest seq the receiver acknowledged on this connection.
+    acked_seq: u64,
     inflight: BTreeMap<u64, Piece>,
     inflight_bytes: u64,
     resend: VecDeque<Piece>,
@@ -73,6 +75,7 @@ impl Shipper {
             handles: Vec::new(),
             image_existed: Vec::new(),
             seq: 0,
+            acked_seq: 0,
             inflight: BTreeMap::new(),
             inflight_bytes: 0,
             resend: VecDeque::new(),
@@ -298,6 +301,30 @@ impl Shipper {
         }
     }
 
+    /// Planned failover: after everything queued and the final point,
+    /// tells the receiver to refuse this agent's disks from now on, and
+    /// waits until it has durably done so.
+    pub async fn failover(&mut self) -> anyhow::Result<()> {
+        loop {
+            self.ensure_connected().await?;
+            let Some(c) = self.conn.as_mut() else {
+                continue;
+            };
+            self.seq += 1;
+            let seq = self.seq;
+            if let Err(e) = c.send(&Message::Failover { seq }).await {
+                self.disconnected(&e.to_string());
+                continue;
+            }
+            while self.conn.is_some() {
+                self.wait_incoming(None).await?;
+                if self.acked_seq >= seq {
+                    return Ok(());
+                }
+            }
+        }
+    }
+
     /// Waits for one message (or the deadline, or a heartbeat to send) and
     /// handles acks and errors. Returns the message when it is one the
     /// caller may care about.
@@ -347,6 +374,7 @@ impl Shipper {
     ) -> anyhow::Result<Option<Message>> {
         match msg {
             Some(Ok(Message::Ack { seq })) => {
+                self.acked_seq = self.acked_seq.max(seq);
                 let rest = self.inflight.split_off(&(seq + 1));
                 for p in std::mem::replace(&mut self.inflight, rest).into_values() {
                     self.inflight_bytes -= p.wire_bytes();

@@ -305,6 +305,29 @@ pub fn rollback(config: &ReceiverConfig, disk: &str, spec: &str) -> anyhow::Resu
     Ok(point)
 }
 
+/// Planned failover (the agent's `failover`): the image already equals
+/// `point`, the final point the agent took; from now on the disk is failed
+/// over as after a rollback to it, with nothing to undo.
+pub fn mark_failed_over(
+    config: &ReceiverConfig,
+    disk: &str,
+    agent: &str,
+    point: u64,
+) -> anyhow::Result<()> {
+    let history_from = load(config, disk)?.map_or(0, |r| r.history_from);
+    save(
+        config,
+        disk,
+        &Record {
+            state: State::RolledBack,
+            agent: agent.to_owned(),
+            point,
+            history_from,
+            at: now_rfc3339(),
+        },
+    )
+}
+
 /// `rollback --undo`: puts back what the rollback overwrote, byte for
 /// byte, and lets replication continue where it was.
 pub fn undo_rollback(config: &ReceiverConfig, disk: &str) -> anyhow::Result<u64> {

@@ -268,3 +268,154 @@ fn rollback_stops_a_live_replication_session() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Unmounts on drop, so a failing test leaves no mount behind.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn planned_failover_ships_everything_and_the_receiver_refuses_the_agent_after() -> anyhow::Result<()>
+{
+    tidemark_tests::require_cmd("fsck.ext4")?;
+    let site = Site::start()?;
+    let dev = LoopDev::create(&site.dir.path().join("fs.img"), 64 << 20)?;
+    dev.mkfs_ext4()?;
+    let mnt = site.dir.path().join("mnt");
+    std::fs::create_dir_all(&mnt)?;
+    // A long commit interval: the files below sit only in the page cache
+    // until the failover's freeze flushes them.
+    run_ok(std::process::Command::new("mount").args([
+        "-o",
+        "commit=300",
+        path(dev.path()),
+        path(&mnt),
+    ]))?;
+    let _unmount = Unmount(mnt.clone());
+    let cfg = run_config(&site, "run-pf", &[(dev.path(), "disk-pf")], "")?;
+    let agent = RunningAgent::start(&cfg, "run-pf")?;
+    agent.bookmark(false)?;
+    let mut rng = SplitMix64::new(77);
+    let mut expected = Vec::new();
+    for i in 0..12 {
+        let mut data = vec![0u8; 3000 * (i + 1)];
+        rng.fill_bytes(&mut data);
+        std::fs::write(mnt.join(format!("late{i}")), &data)?;
+        expected.push((format!("late{i}"), data));
+    }
+    let out = run_ok(
+        std::process::Command::new(tidemark_tests::workspace_bin("tidemark-agent")).args([
+            "failover",
+            "--config",
+            path(&cfg),
+        ]),
+    )?;
+    let p: u64 = String::from_utf8(out.stdout)?.trim().parse()?;
+    let status = agent
+        .daemon
+        .as_ref()
+        .expect("running")
+        .wait_timeout(std::time::Duration::from_secs(30))?;
+    ensure!(
+        status.success(),
+        "the agent must stop cleanly: {}",
+        agent.log()
+    );
+    ensure!(
+        agent.log().contains("planned failover complete"),
+        "{}",
+        agent.log()
+    );
+    // The final point holds every file written before the failover.
+    let image = site.dir.path().join("final.raw");
+    run_ok(receiver_cmd().args([
+        "export",
+        "--config",
+        path(&site.config()),
+        "--disk",
+        "disk-pf",
+        "--point",
+        &p.to_string(),
+        "--out",
+        path(&image),
+    ]))?;
+    run_ok(std::process::Command::new("fsck.ext4").args(["-n", "-f", path(&image)]))?;
+    let check = site.dir.path().join("check");
+    std::fs::create_dir_all(&check)?;
+    run_ok(std::process::Command::new("mount").args([
+        "-o",
+        "ro,loop,noload",
+        path(&image),
+        path(&check),
+    ]))?;
+    let _unmount_check = Unmount(check.clone());
+    for (name, data) in &expected {
+        let got = std::fs::read(check.join(name))?;
+        ensure!(
+            &got == data,
+            "{name} differs or is missing at the final point {p}"
+        );
+    }
+    let listing =
+        run_ok(receiver_cmd().args(["points", "--config", path(&site.config()), "--json"]))?;
+    let v: serde_json::Value = serde_json::from_slice(&listing.stdout)?;
+    ensure!(v["disks"]["disk-pf"]["latest"] == p, "{v}");
+    ensure!(
+        v["disks"]["disk-pf"]["failover"]
+            .as_str()
+            .is_some_and(|s| s.contains("failed over")),
+        "{v}"
+    );
+    // Later writes from that agent are refused with the reason.
+    std::fs::write(mnt.join("after"), b"too late")?;
+    assert_fails_with(&agent_sync(&cfg, &[]), &["disk-pf", "failed over"]);
+    Ok(())
+}
+
+#[test]
+fn planned_failover_can_leave_the_filesystems_frozen() -> anyhow::Result<()> {
+    tidemark_tests::require_cmd("fsfreeze")?;
+    let site = Site::start()?;
+    let dev = LoopDev::create(&site.dir.path().join("fs.img"), 32 << 20)?;
+    dev.mkfs_ext4()?;
+    let mnt = site.dir.path().join("mnt");
+    std::fs::create_dir_all(&mnt)?;
+    run_ok(std::process::Command::new("mount").args([path(dev.path()), path(&mnt)]))?;
+    // Thaw (harmless if not frozen) before unmounting, whatever happens.
+    struct Thaw(std::path::PathBuf);
+    impl Drop for Thaw {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("fsfreeze")
+                .args(["-u"])
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(mnt.clone());
+    let _thaw = Thaw(mnt.clone());
+    let cfg = run_config(&site, "run-fz", &[(dev.path(), "disk-fz")], "")?;
+    let agent = RunningAgent::start(&cfg, "run-fz")?;
+    agent.bookmark(false)?;
+    std::fs::write(mnt.join("last"), b"written just before the failover")?;
+    run_ok(
+        std::process::Command::new(tidemark_tests::workspace_bin("tidemark-agent")).args([
+            "failover",
+            "--config",
+            path(&cfg),
+            "--leave",
+            "frozen",
+        ]),
+    )?;
+    agent
+        .daemon
+        .as_ref()
+        .expect("running")
+        .wait_timeout(std::time::Duration::from_secs(30))?;
+    // Thawing succeeds only on a frozen filesystem.
+    run_ok(std::process::Command::new("fsfreeze").args(["-u", path(&mnt)]))?;
+    Ok(())
+}

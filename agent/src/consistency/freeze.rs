@@ -114,6 +114,16 @@ impl Frozen {
         self.frozen_at.elapsed()
     }
 
+    /// Leaves the filesystems frozen (planned failover with `leave =
+    /// "frozen"`): nothing may change on this machine after its final
+    /// point. Returns how long they have been frozen so far.
+    pub fn keep(mut self) -> Duration {
+        // Dropping the files keeps the freeze: it belongs to the
+        // filesystem, not to the descriptor that asked for it.
+        self.mounts.clear();
+        self.frozen_at.elapsed()
+    }
+
     fn thaw_all(&mut self) {
         for (path, f) in self.mounts.drain(..).rev() {
             let mut arg: nix::libc::c_int = 0;

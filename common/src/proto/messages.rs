@@ -288,6 +288,12 @@ pub enum Message {
         block_bytes: u32,
         hashes: Vec<Checksum>,
     },
+    /// Agent → receiver (planned failover): the last point before this is
+    /// final; mark every disk of the session failed over at it and refuse
+    /// further replication. Answered with an Ack of `seq`.
+    Failover {
+        seq: u64,
+    },
     /// Either way; the receiver answers each with its own.
     Heartbeat {
         time_ms: u64,
@@ -313,6 +319,7 @@ mod code {
     pub const ERROR: u8 = 11;
     pub const HASH_REQUEST: u8 = 12;
     pub const HASHES: u8 = 13;
+    pub const FAILOVER: u8 = 14;
 }
 
 impl Message {
@@ -332,6 +339,7 @@ impl Message {
             Message::Error { .. } => "error",
             Message::HashRequest { .. } => "hash-request",
             Message::Hashes { .. } => "hashes",
+            Message::Failover { .. } => "failover",
         }
     }
 
@@ -420,6 +428,10 @@ impl Message {
             }
             Message::Ack { seq } => {
                 w.u8(code::ACK);
+                w.u64(*seq);
+            }
+            Message::Failover { seq } => {
+                w.u8(code::FAILOVER);
                 w.u64(*seq);
             }
             Message::PointRecorded { seq, point_id } => {
@@ -581,6 +593,7 @@ impl Message {
                 agent_time_ms: r.u64("agent time")?,
             },
             code::ACK => Message::Ack { seq: r.u64("seq")? },
+            code::FAILOVER => Message::Failover { seq: r.u64("seq")? },
             code::POINT_RECORDED => Message::PointRecorded {
                 seq: r.u64("seq")?,
                 point_id: r.u64("point id")?,
@@ -716,6 +729,7 @@ mod tests {
                 }
             }),
             any::<u64>().prop_map(|seq| Message::Ack { seq }),
+            any::<u64>().prop_map(|seq| Message::Failover { seq }),
             (any::<u64>(), any::<u64>())
                 .prop_map(|(seq, p)| Message::PointRecorded { seq, point_id: p }),
             any::<u64>().prop_map(|t| Message::Heartbeat { time_ms: t }),

@@ -193,6 +193,7 @@ pub async fn run(
             | Message::Extent(_)
             | Message::Zero { .. }
             | Message::HashRequest { .. }
+            | Message::Failover { .. }
             | Message::Point { .. } => {
                 if in_tx.send(msg).await.is_err() {
                     // The worker stopped and has told the agent why.
@@ -366,6 +367,7 @@ impl Worker {
                 block_bytes,
             } => self.hashes(seq, disk, offset_bytes, len_bytes, block_bytes),
             Message::Heartbeat { .. } => self.check_failover(),
+            Message::Failover { seq } => self.planned_failover(seq),
             other => Err(Refusal::new(
                 ErrorCode::Protocol,
                 format!("unexpected {} message", other.name()),
@@ -545,6 +547,35 @@ impl Worker {
         self.dirty.insert(d);
         self.applied_seq = seq;
         self.bytes_since_sync += bytes;
+    }
+
+    /// Planned failover: everything before is durable, then every disk of
+    /// the session is marked failed over at its newest point, then the
+    /// agent gets its ack. Later writes are refused.
+    fn planned_failover(&mut self, seq: u64) -> Result<(), Refusal> {
+        self.next_seq(seq)?;
+        self.sync_and_ack()?;
+        for d in &self.disks {
+            let Some(point) = self.newest_point(&d.id)? else {
+                return Err(Refusal::new(
+                    ErrorCode::Protocol,
+                    format!(
+                        "disk {} has no recovery point to fail over at; take one first",
+                        d.id
+                    ),
+                ));
+            };
+            failover::mark_failed_over(&self.shared.config, &d.id, &self.agent, point)
+                .map_err(|e| Refusal::new(ErrorCode::Storage, format!("disk {}: {e:#}", d.id)))?;
+            info!(
+                "disk {}: planned failover by agent {} at point {point}; replication refused from now on",
+                d.id, self.agent
+            );
+        }
+        self.applied_seq = seq;
+        self.acked_seq = seq;
+        let _ = self.out.send(Message::Ack { seq });
+        Ok(())
     }
 
     /// Ends the session if an operator failed over one of its disks: the
