@@ -25,7 +25,10 @@ pub mod site;
 
 pub use bins::{workspace_bin, workspace_root};
 pub use daemon::Daemon;
-pub use fill::{fill_mixed, plan_fill, region_bytes, FillKind, FillRegion, FillReport, SplitMix64};
+pub use fill::{
+    fill_mixed, plan_fill, region_bytes, scatter_blocks, FillKind, FillRegion, FillReport,
+    SplitMix64,
+};
 pub use lock::{kernel_lock, KernelLock, KERNEL_LOCK_PATH};
 pub use loopdev::LoopDev;
 pub use net::{free_port, CountingProxy};

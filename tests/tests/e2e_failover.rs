@@ -10,7 +10,9 @@ use tidemark_tests::running::{run_config, RunningAgent};
 use tidemark_tests::site::{
     agent_sync, assert_fails_with, path, point_id, receiver_cmd, run_ok, Site,
 };
-use tidemark_tests::{fill_mixed, LoopDev, SplitMix64};
+use tidemark_tests::{
+    fill_mixed, free_port, scatter_blocks, CountingProxy, Daemon, LoopDev, SplitMix64,
+};
 
 fn churn(dev: &LoopDev, rng: &mut SplitMix64, writes: usize) -> anyhow::Result<()> {
     let blocks = dev.size_bytes() / 4096;
@@ -417,5 +419,124 @@ fn planned_failover_can_leave_the_filesystems_frozen() -> anyhow::Result<()> {
         .wait_timeout(std::time::Duration::from_secs(30))?;
     // Thawing succeeds only on a frozen filesystem.
     run_ok(std::process::Command::new("fsfreeze").args(["-u", path(&mnt)]))?;
+    Ok(())
+}
+
+#[test]
+fn reverse_replication_after_failover_sends_only_the_changes() -> anyhow::Result<()> {
+    let site = Site::start()?;
+    // Machine A replicates to this receiver.
+    let a = LoopDev::create(&site.dir.path().join("a.raw"), 32 << 20)?;
+    fill_mixed(&a, 12)?;
+    let cfg_a = site.agent("agent-a", site.addr, &[(a.path(), "disk-web")])?;
+    let p = point_id(&agent_sync(&cfg_a, &[]))?;
+    // Failover: roll back (nothing to undo: the image is at p) and commit.
+    ok(receiver(
+        &site,
+        &["rollback", "--disk", "disk-web", "--point", &p.to_string()],
+    )?)?;
+    ok(receiver(&site, &["commit", "--disk", "disk-web"])?)?;
+    // Machine B is the recovered image; it runs and changes 1 % of it.
+    let b_img = site.dir.path().join("b.raw");
+    run_ok(receiver_cmd().args([
+        "export",
+        "--config",
+        path(&site.config()),
+        "--disk",
+        "disk-web",
+        "--point",
+        &p.to_string(),
+        "--out",
+        path(&b_img),
+    ]))?;
+    let b = LoopDev::create(&b_img, 32 << 20)?;
+    let mut rng = SplitMix64::new(5);
+    let changed = scatter_blocks(&b, &mut rng, (32 << 20) / 4096 / 100)?;
+
+    // The original site: a receiver whose image directory holds A's old
+    // disk (the same disk, so the same UUID: here the VMDK export of p).
+    let orig = site.dir.path().join("orig");
+    let port = free_port();
+    run_ok(receiver_cmd().args([
+        "init",
+        "--dir",
+        path(&orig),
+        "--name",
+        "original-site",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--image-dir",
+        path(&orig.join("images")),
+        "--retention-dir",
+        path(&orig.join("retention")),
+    ]))?;
+    run_ok(receiver_cmd().args([
+        "export",
+        "--config",
+        path(&site.config()),
+        "--disk",
+        "disk-web",
+        "--point",
+        &p.to_string(),
+        "--format",
+        "vmdk",
+        "--out",
+        path(&orig.join("images/web.vmdk")),
+    ]))?;
+    let mut serve = std::process::Command::new(tidemark_tests::workspace_bin("tidemark-receiver"));
+    serve.args(["serve", "--config", path(&orig.join("receiver.toml"))]);
+    let original = Daemon::spawn(serve)?;
+    original.wait_for_log("listening on", std::time::Duration::from_secs(20))?;
+    let proxy = CountingProxy::start(format!("127.0.0.1:{port}").parse()?)?;
+    let agent_b = site.dir.path().join("agent-b");
+    run_ok(receiver_cmd().args([
+        "issue-cert",
+        "--dir",
+        path(&orig),
+        "--name",
+        "agent-b",
+        "--receiver",
+        &proxy.addr().to_string(),
+        "--out",
+        path(&agent_b),
+    ]))?;
+    let cfg_b = agent_b.join("agent.toml");
+    let text = std::fs::read_to_string(&cfg_b)?;
+    std::fs::write(
+        &cfg_b,
+        format!(
+            "state_dir = \"{}\"\n{text}\n[[disk]]\ndevice = \"{}\"\nid = \"disk-web\"\n",
+            agent_b.join("state").display(),
+            b.path().display()
+        ),
+    )?;
+    let back = point_id(&agent_sync(&cfg_b, &[]))?;
+    ensure!(
+        original.log().contains("found vmdk image") && original.log().contains("images/web"),
+        "the original disk was not found by UUID: {}",
+        original.log()
+    );
+    let sent = proxy.bytes_up();
+    eprintln!("reverse replication: {sent} bytes sent for {changed} compressed bytes of changes");
+    ensure!(
+        sent as f64 <= changed as f64 * 1.10 + 16384.0,
+        "{sent} bytes sent for {changed} bytes of changes"
+    );
+    let out = site.dir.path().join("back.raw");
+    run_ok(receiver_cmd().args([
+        "export",
+        "--config",
+        path(&orig.join("receiver.toml")),
+        "--disk",
+        "disk-web",
+        "--point",
+        &back.to_string(),
+        "--out",
+        path(&out),
+    ]))?;
+    ensure!(
+        std::fs::read(&out)? == b.read_all()?,
+        "the original site does not hold B's disk"
+    );
     Ok(())
 }

@@ -7,29 +7,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::ensure;
 use tidemark_tests::site::{agent_sync, assert_fails_with, path, point_id, run_ok, Site};
-use tidemark_tests::{fill_mixed, workspace_bin, CountingProxy, Daemon, LoopDev, SplitMix64};
+use tidemark_tests::{
+    fill_mixed, scatter_blocks, workspace_bin, CountingProxy, Daemon, LoopDev, SplitMix64,
+};
 
 fn agent_cmd() -> Command {
     Command::new(workspace_bin("tidemark-agent"))
-}
-
-/// Overwrites `count` distinct 4 KiB blocks chosen at random with random
-/// data; returns the blocks' zstd-1 compressed size, the least any tool
-/// must send for them.
-fn scatter(dev: &LoopDev, rng: &mut SplitMix64, count: u64) -> anyhow::Result<u64> {
-    let blocks = dev.size_bytes() / 4096;
-    let mut chosen = std::collections::BTreeSet::new();
-    while (chosen.len() as u64) < count {
-        chosen.insert(rng.below(blocks));
-    }
-    let mut compressed = 0u64;
-    for b in chosen {
-        let mut data = vec![0u8; 4096];
-        rng.fill_bytes(&mut data);
-        compressed += zstd::bulk::compress(&data, 1)?.len() as u64;
-        dev.write_at(b * 4096, &data)?;
-    }
-    Ok(compressed)
 }
 
 #[test]
@@ -45,7 +28,7 @@ fn checksum_sync_sends_only_the_differing_blocks() -> anyhow::Result<()> {
     // 1 % of the blocks, scattered.
     let mut rng = SplitMix64::new(11);
     let blocks = dev.size_bytes() / 4096;
-    let compressed = scatter(&dev, &mut rng, blocks / 100)?;
+    let compressed = scatter_blocks(&dev, &mut rng, blocks / 100)?;
     proxy.reset_counts();
     let out = run_ok(
         agent_cmd()
