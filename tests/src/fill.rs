@@ -299,6 +299,25 @@ fn text_block(block: &mut [u8], block_offset: u64) {
     }
 }
 
+/// Overwrites `count` distinct 4 KiB blocks chosen at random with random
+/// data; returns the blocks' zstd-1 compressed size, the least any tool
+/// must send for them.
+pub fn scatter_blocks(dev: &LoopDev, rng: &mut SplitMix64, count: u64) -> anyhow::Result<u64> {
+    let blocks = dev.size_bytes() / 4096;
+    let mut chosen = std::collections::BTreeSet::new();
+    while (chosen.len() as u64) < count {
+        chosen.insert(rng.below(blocks));
+    }
+    let mut compressed = 0u64;
+    for b in chosen {
+        let mut data = vec![0u8; 4096];
+        rng.fill_bytes(&mut data);
+        compressed += zstd::bulk::compress(&data, 1)?.len() as u64;
+        dev.write_at(b * 4096, &data)?;
+    }
+    Ok(compressed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -413,23 +432,4 @@ mod tests {
             assert!(block.iter().all(|&b| b == 0));
         }
     }
-}
-
-/// Overwrites `count` distinct 4 KiB blocks chosen at random with random
-/// data; returns the blocks' zstd-1 compressed size, the least any tool
-/// must send for them.
-pub fn scatter_blocks(dev: &LoopDev, rng: &mut SplitMix64, count: u64) -> anyhow::Result<u64> {
-    let blocks = dev.size_bytes() / 4096;
-    let mut chosen = std::collections::BTreeSet::new();
-    while (chosen.len() as u64) < count {
-        chosen.insert(rng.below(blocks));
-    }
-    let mut compressed = 0u64;
-    for b in chosen {
-        let mut data = vec![0u8; 4096];
-        rng.fill_bytes(&mut data);
-        compressed += zstd::bulk::compress(&data, 1)?.len() as u64;
-        dev.write_at(b * 4096, &data)?;
-    }
-    Ok(compressed)
 }
