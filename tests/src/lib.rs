@@ -16,6 +16,7 @@
 mod bins;
 mod daemon;
 mod fill;
+pub mod fuzzing;
 mod lock;
 mod loopdev;
 mod net;

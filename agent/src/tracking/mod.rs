@@ -13,8 +13,8 @@
 //! - [`bitmap`]: the dirty map and its persisted form.
 
 mod bitmap;
-mod format;
-mod page;
+pub mod format;
+pub mod page;
 mod stats;
 mod tracefs;
 

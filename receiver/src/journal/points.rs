@@ -59,17 +59,23 @@ pub fn read_all(path: &Path) -> Result<Vec<Point>, PointsError> {
             })
         }
     };
-    let complete = complete_len(&bytes);
+    decode(&bytes).map_err(|(line, message)| PointsError::Parse {
+        path: path.to_path_buf(),
+        line,
+        message,
+    })
+}
+
+/// Parses the complete lines of a point log (a torn last line, from a
+/// crash mid-append, is not one); a bad line is (its number, why).
+pub fn decode(bytes: &[u8]) -> Result<Vec<Point>, (usize, String)> {
+    let complete = complete_len(bytes);
     let mut out = Vec::new();
     for (i, line) in bytes[..complete].split(|&b| b == b'\n').enumerate() {
         if line.is_empty() {
             continue;
         }
-        let p: Point = serde_json::from_slice(line).map_err(|e| PointsError::Parse {
-            path: path.to_path_buf(),
-            line: i + 1,
-            message: e.to_string(),
-        })?;
+        let p: Point = serde_json::from_slice(line).map_err(|e| (i + 1, e.to_string()))?;
         out.push(p);
     }
     Ok(out)
