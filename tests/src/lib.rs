@@ -10,6 +10,8 @@
 //! - [`CountingProxy`]: a TCP proxy counting wire bytes, with fault hooks.
 //! - [`Daemon`]: a child process with its output captured, killed on drop.
 //! - [`workspace_bin`]: the path of a freshly built workspace binary.
+//! - [`NotifySocket`]: systemd's notification socket, for READY/WATCHDOG.
+//! - [`raw`]: a protocol client scripting messages over real TLS.
 //! - [`kernel_lock`]: run tests that share kernel resources one at a time.
 //! - [`free_port`], [`require_root`], [`require_cmd`].
 
@@ -19,7 +21,9 @@ mod fill;
 mod lock;
 mod loopdev;
 mod net;
+mod notify;
 mod prereq;
+pub mod raw;
 pub mod site;
 
 pub use bins::{workspace_bin, workspace_root};
@@ -28,4 +32,5 @@ pub use fill::{fill_mixed, plan_fill, region_bytes, FillKind, FillRegion, FillRe
 pub use lock::{kernel_lock, KernelLock, KERNEL_LOCK_PATH};
 pub use loopdev::LoopDev;
 pub use net::{free_port, CountingProxy};
+pub use notify::NotifySocket;
 pub use prereq::{require_cmd, require_root};
