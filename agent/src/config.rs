@@ -205,3 +205,19 @@ impl AgentConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    /// The shipped example must stay loadable by the real loader.
+    #[test]
+    fn example_config_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/examples/agent.toml");
+        let c = AgentConfig::load(&path).expect("systemd/examples/agent.toml loads");
+        assert_eq!(c.disks.len(), 2);
+        assert_eq!(c.admin_socket, default_admin_socket());
+        assert_eq!(c.state_dir, default_state_dir());
+        assert_eq!(c.point_max_backlog_bytes, default_point_max_backlog());
+    }
+}

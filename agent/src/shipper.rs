@@ -67,7 +67,20 @@ impl Shipper {
         give_up_after: Option<Duration>,
         progress: Arc<Progress>,
     ) -> anyhow::Result<Shipper> {
-        let mut s = Shipper {
+        let mut s = Shipper::unconnected(connector, disks, give_up_after, progress);
+        s.ensure_connected().await?;
+        Ok(s)
+    }
+
+    /// A shipper that connects on first use ([`Shipper::idle`] and every
+    /// send try): `run` starts before the network is up.
+    pub fn unconnected(
+        connector: Connector,
+        disks: Vec<Disk>,
+        give_up_after: Option<Duration>,
+        progress: Arc<Progress>,
+    ) -> Shipper {
+        Shipper {
             connector,
             disks,
             give_up_after,
@@ -86,9 +99,7 @@ impl Shipper {
             disconnected_since: None,
             hash_board: None,
             acked_log: None,
-        };
-        s.ensure_connected().await?;
-        Ok(s)
+        }
     }
 
     /// Delivers [`Message::Hashes`] to `board` (None: they are refused).

@@ -197,6 +197,12 @@ impl Connector {
                 "receiver {} presented a certificate this agent does not trust ({c:?}); ca in agent.toml must be that receiver's CA (from its issue-cert)",
                 self.addr
             )),
+            Some(rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRevoked)) => {
+                ConnectError::Fatal(format!(
+                    "receiver {} has revoked this agent's certificate; ask its operator for a new one (tidemark-receiver issue-cert) or to take this agent off revoked_agents / revoked_fingerprints",
+                    self.addr
+                ))
+            }
             Some(rustls::Error::AlertReceived(a)) => ConnectError::Fatal(format!(
                 "receiver {} rejected this agent's certificate ({a:?}); use a current certificate from that receiver's `tidemark-receiver issue-cert`",
                 self.addr

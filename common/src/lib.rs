@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod durable;
 pub mod proto;
+pub mod service;
 pub mod tls;
 
 /// Version string of this build, sent in the hello so a receiver can log it.

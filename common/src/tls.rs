@@ -4,10 +4,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 
 /// The DNS name every receiver certificate carries, whatever host names it
 /// also has. Agents verify this name by default: trust comes from the
@@ -86,15 +88,39 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// A second opinion on a client certificate the CA has already vouched
+/// for: the receiver's deny list. Consulted during the handshake, so a
+/// refused agent never gets as far as the protocol.
+pub trait ClientPolicy: std::fmt::Debug + Send + Sync {
+    /// Ok, or why this certificate is refused (the implementor logs it).
+    fn admit(&self, end_entity: &CertificateDer<'_>) -> Result<(), String>;
+}
+
 /// The receiver's config: only clients with a certificate from `files.ca`.
 pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
+    server_config_with_policy(files, None)
+}
+
+/// [`server_config`] that also refuses what `policy` refuses, with the TLS
+/// alert `certificate_revoked`, so the agent can say why it was turned away.
+pub fn server_config_with_policy(
+    files: &TlsFiles,
+    policy: Option<Arc<dyn ClientPolicy>>,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let roots = load_roots(&files.ca)?;
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+    let ca_verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
         .build()
         .map_err(|e| TlsError::BadCa {
             path: files.ca.clone(),
             message: e.to_string(),
         })?;
+    let verifier: Arc<dyn ClientCertVerifier> = match policy {
+        Some(policy) => Arc::new(PolicyVerifier {
+            inner: ca_verifier,
+            policy,
+        }),
+        None => ca_verifier,
+    };
     let bad_identity = |e: rustls::Error| TlsError::BadIdentity {
         cert: files.cert.clone(),
         key: files.key.clone(),
@@ -138,4 +164,86 @@ pub fn common_name(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let cn = cert.subject().iter_common_name().next()?;
     cn.as_str().ok().map(str::to_owned)
+}
+
+/// SHA-256 of a DER certificate as lowercase hex: what
+/// `openssl x509 -noout -fingerprint -sha256` prints, without the colons.
+pub fn fingerprint_sha256(der: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, der)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The CA's verdict first, then the policy's.
+#[derive(Debug)]
+struct PolicyVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    policy: Arc<dyn ClientPolicy>,
+}
+
+impl ClientCertVerifier for PolicyVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        self.policy
+            .admit(end_entity)
+            .map_err(|_| rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked))?;
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprint_is_sha256_hex() {
+        // SHA-256 of the empty string, from FIPS 180-2 test vectors.
+        assert_eq!(
+            fingerprint_sha256(b""),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+    }
 }

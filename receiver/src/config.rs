@@ -22,6 +22,10 @@ pub const DEFAULT_RETENTION_DIR: &str = "/mnt/retention";
 pub const DEFAULT_MAX_DISKS: usize = 60;
 /// Retention window, from the product documents' failback policy.
 pub const DEFAULT_RETENTION_HOURS: u32 = 24;
+/// Where `serve` answers `status` and `reassign`: the unit's
+/// `RuntimeDirectory=tidemark-receiver`, apart from the agent's
+/// `/run/tidemark` so both services can run on one machine.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/tidemark-receiver/receiver.sock";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -57,6 +61,19 @@ pub struct ReceiverConfig {
     /// Per-disk settings, keyed by disk id: `[disks."<id>"]`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub disks: BTreeMap<String, DiskSettings>,
+    /// Agent names (certificate CNs) refused at the handshake; their live
+    /// sessions are closed when `serve` rereads this file (SIGHUP).
+    #[serde(default)]
+    pub revoked_agents: Vec<String>,
+    /// SHA-256 fingerprints of agent certificates refused at the handshake
+    /// (hex, colons optional: `openssl x509 -noout -fingerprint -sha256`).
+    /// Revokes one certificate without refusing the name's next one.
+    #[serde(default)]
+    pub revoked_fingerprints: Vec<String>,
+    /// Unix socket (mode 0600) on which `serve` answers `status` and
+    /// `reassign`.
+    #[serde(default = "default_admin_socket")]
+    pub admin_socket: PathBuf,
 }
 
 /// Settings for one disk that override the receiver's.
@@ -79,6 +96,23 @@ fn default_retention_hours() -> u32 {
     DEFAULT_RETENTION_HOURS
 }
 
+fn default_admin_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_ADMIN_SOCKET)
+}
+
+/// A certificate fingerprint as the config may spell it, as lowercase hex
+/// without separators; None if it is not 32 bytes of hex.
+pub fn normalize_fingerprint(text: &str) -> Option<String> {
+    let hex: String = text
+        .trim()
+        .trim_start_matches("sha256:")
+        .chars()
+        .filter(|c| *c != ':')
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then_some(hex)
+}
+
 impl ReceiverConfig {
     /// Loads, resolves relative paths against the file, and validates.
     pub fn load(path: &Path) -> Result<ReceiverConfig, ConfigError> {
@@ -89,6 +123,7 @@ impl ReceiverConfig {
             &mut c.ca,
             &mut c.cert,
             &mut c.key,
+            &mut c.admin_socket,
         ] {
             *p = resolve(path, p);
         }
@@ -108,6 +143,20 @@ impl ReceiverConfig {
         }
         if self.max_disks == 0 {
             return Err("max_disks must be at least 1".into());
+        }
+        for name in &self.revoked_agents {
+            if name.trim().is_empty() {
+                return Err(
+                    "revoked_agents holds an empty name; list agent names (certificate CNs)".into(),
+                );
+            }
+        }
+        for f in &self.revoked_fingerprints {
+            if normalize_fingerprint(f).is_none() {
+                return Err(format!(
+                    "revoked_fingerprints: {f:?} is not a SHA-256 fingerprint; give the 64 hex digits `openssl x509 -noout -fingerprint -sha256 -in agent.pem` prints"
+                ));
+            }
         }
         if same_dir(&self.image_dir, &self.retention_dir) {
             return Err(format!(
@@ -196,7 +245,43 @@ mod tests {
             retention_hours: 24,
             image_format: ImageFormat::Vmdk,
             disks: BTreeMap::new(),
+            revoked_agents: Vec::new(),
+            revoked_fingerprints: vec!["AB:".repeat(31) + "AB"],
+            admin_socket: default_admin_socket(),
         };
         assert!(c.validate().expect_err("same dir").contains("separate"));
+        let mut bad = c.clone();
+        bad.retention_dir = dir.path().join("r");
+        assert!(bad.validate().is_ok());
+        bad.revoked_fingerprints.push("abc".into());
+        assert!(bad
+            .validate()
+            .expect_err("short fingerprint")
+            .contains("\"abc\""));
+    }
+
+    /// The shipped example must stay loadable by the real loader.
+    #[test]
+    fn example_config_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/examples/receiver.toml");
+        let c = ReceiverConfig::load(&path).expect("systemd/examples/receiver.toml loads");
+        assert_eq!(c.listen, default_listen());
+        assert_eq!(c.admin_socket, default_admin_socket());
+        assert_eq!(c.revoked_fingerprints.len(), 1);
+        assert!(c.ca.ends_with("examples/ca.pem"));
+    }
+
+    #[test]
+    fn fingerprints_normalize() {
+        let hex = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+        let colons = hex
+            .as_bytes()
+            .chunks(2)
+            .map(|c| std::str::from_utf8(c).expect("ascii").to_uppercase())
+            .collect::<Vec<_>>()
+            .join(":");
+        assert_eq!(normalize_fingerprint(&colons).as_deref(), Some(hex));
+        assert_eq!(normalize_fingerprint(hex).as_deref(), Some(hex));
+        assert_eq!(normalize_fingerprint("xyz"), None);
     }
 }

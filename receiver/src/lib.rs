@@ -2,6 +2,7 @@
 //! agents, writes their disks into images, and keeps recovery points.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod config;
 pub mod export;
 pub mod failover;

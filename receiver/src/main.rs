@@ -7,7 +7,7 @@ use tidemark_receiver::config::{
     ReceiverConfig, DEFAULT_IMAGE_DIR, DEFAULT_LISTEN, DEFAULT_RETENTION_DIR,
 };
 use tidemark_receiver::pki::DEFAULT_CERT_DAYS;
-use tidemark_receiver::{export, failover, listing, server, setup};
+use tidemark_receiver::{admin, export, failover, listing, server, setup};
 
 #[derive(Parser)]
 #[command(
@@ -64,10 +64,33 @@ enum Command {
         #[arg(long, default_value_t = DEFAULT_CERT_DAYS)]
         days: i64,
     },
-    /// Accept agents and write their disks.
+    /// Accept agents and write their disks. SIGHUP rereads the revocation
+    /// lists and the TLS files.
     Serve {
         #[arg(long)]
         config: PathBuf,
+    },
+    /// Show the running receiver's agents (last contact) and disks (state,
+    /// RPO).
+    Status {
+        #[arg(long)]
+        config: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move a disk to another agent (e.g. after failover to a new machine).
+    Reassign {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        disk: String,
+        /// The new owner's name (its certificate CN).
+        #[arg(long)]
+        agent: String,
+        /// Allow an agent that has never connected to this receiver.
+        #[arg(long)]
+        new_agent: bool,
     },
     /// List recovery points.
     Points {
@@ -128,6 +151,12 @@ enum Command {
     },
 }
 
+fn small_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
 fn main() -> ExitCode {
     tidemark_common::cli::init_logging();
     tidemark_common::cli::exit_code(run(Cli::parse()))
@@ -175,12 +204,47 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })?;
             println!("{}", path.display());
         }
-        Command::Serve { config } => {
-            let config = ReceiverConfig::load(&config)?;
+        Command::Serve { config: path } => {
+            let config = ReceiverConfig::load(&path)?;
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
-                .block_on(server::serve(config))?;
+                .block_on(server::serve(config, &path))?;
+        }
+        Command::Status { config, json } => {
+            let config = ReceiverConfig::load(&config)?;
+            let s = small_runtime()?.block_on(admin::status(&config))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{}", admin::table(&s));
+            }
+        }
+        Command::Reassign {
+            config,
+            disk,
+            agent,
+            new_agent,
+        } => {
+            let config = ReceiverConfig::load(&config)?;
+            let r =
+                small_runtime()?.block_on(admin::reassign(&config, &disk, &agent, new_agent))?;
+            if r.from == r.to {
+                println!("disk {} already belongs to agent {}", r.disk, r.to);
+            } else {
+                println!(
+                    "disk {} moved from agent {} to agent {}; points before {} are no longer exportable for it{}",
+                    r.disk,
+                    r.from,
+                    r.to,
+                    r.history_from,
+                    if r.closed_sessions.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; closed the live session of {}", r.closed_sessions.join(", "))
+                    }
+                );
+            }
         }
         Command::Points { config, disk, json } => {
             let config = ReceiverConfig::load(&config)?;

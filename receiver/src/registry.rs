@@ -26,6 +26,25 @@ pub enum RegistryError {
     },
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum ReassignError {
+    #[error(
+        "disk {0:?} is not registered on this receiver; `tidemark-receiver status` lists its disks"
+    )]
+    UnknownDisk(String),
+    #[error(transparent)]
+    Registry(RegistryError),
+}
+
+/// A done reassignment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reassigned {
+    /// The previous owner.
+    pub from: String,
+    /// Oldest point id still exportable for the disk.
+    pub history_from: u64,
+}
+
 /// One protected disk.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -118,6 +137,40 @@ impl Registry {
         Ok(())
     }
 
+    /// Moves a disk to another agent (`tidemark-receiver reassign`). Points
+    /// taken before now stop being exportable for this disk: the new owner's
+    /// writes are journaled under its own points, not under the old owner's
+    /// (`newest_point` is the newest of the writing agent), so the older
+    /// points could not be reconstructed exactly any more.
+    pub fn reassign(
+        &mut self,
+        disk_id: &str,
+        agent: &str,
+        newest_point: Option<u64>,
+    ) -> Result<Reassigned, ReassignError> {
+        let Some(mut entry) = self.get(disk_id).cloned() else {
+            return Err(ReassignError::UnknownDisk(disk_id.to_owned()));
+        };
+        let from = std::mem::replace(&mut entry.agent, agent.to_owned());
+        if from == agent {
+            return Ok(Reassigned {
+                from,
+                history_from: entry.history_from,
+            });
+        }
+        if let Some(p) = newest_point {
+            entry.history_from = entry.history_from.max(p + 1);
+        }
+        let history_from = entry.history_from;
+        self.put(disk_id, entry).map_err(ReassignError::Registry)?;
+        Ok(Reassigned { from, history_from })
+    }
+
+    /// Whether some registered disk belongs to `agent`.
+    pub fn has_agent(&self, agent: &str) -> bool {
+        self.file.disks.values().any(|e| e.agent == agent)
+    }
+
     fn save(&self) -> Result<(), RegistryError> {
         let mut bytes = serde_json::to_vec_pretty(&self.file).expect("registry serializes");
         bytes.push(b'\n');
@@ -179,6 +232,24 @@ mod tests {
         let mut r = Registry::open(&dir.path().join("missing-dir/registry.json")).expect("open");
         assert!(r.put("disk-a", entry("web")).is_err());
         assert!(r.get("disk-a").is_none());
+    }
+
+    #[test]
+    fn reassign_moves_the_disk_and_cuts_history() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("registry.json");
+        let mut r = Registry::open(&p).expect("open");
+        r.put("disk-a", entry("web")).expect("put");
+        assert!(matches!(
+            r.reassign("disk-x", "db", None),
+            Err(ReassignError::UnknownDisk(_))
+        ));
+        let done = r.reassign("disk-a", "db", Some(41)).expect("reassign");
+        assert_eq!(done.from, "web");
+        assert_eq!(done.history_from, 42);
+        let r = Registry::open(&p).expect("reopen");
+        assert_eq!(r.get("disk-a").map(|e| e.agent.as_str()), Some("db"));
+        assert!(r.has_agent("db") && !r.has_agent("web"));
     }
 
     #[test]

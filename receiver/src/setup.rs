@@ -45,6 +45,9 @@ pub fn init(o: &InitOptions) -> anyhow::Result<PathBuf> {
         retention_hours: DEFAULT_RETENTION_HOURS,
         image_format: Default::default(),
         disks: Default::default(),
+        revoked_agents: Vec::new(),
+        revoked_fingerprints: Vec::new(),
+        admin_socket: crate::config::DEFAULT_ADMIN_SOCKET.into(),
     };
     config.validate().map_err(|m| anyhow::anyhow!("{m}"))?;
     for d in [&config.image_dir, &config.retention_dir] {

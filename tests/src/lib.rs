@@ -10,6 +10,8 @@
 //! - [`CountingProxy`]: a TCP proxy counting wire bytes, with fault hooks.
 //! - [`Daemon`]: a child process with its output captured, killed on drop.
 //! - [`workspace_bin`]: the path of a freshly built workspace binary.
+//! - [`NotifySocket`]: systemd's notification socket, for READY/WATCHDOG.
+//! - [`raw`]: a protocol client scripting messages over real TLS.
 //! - [`kernel_lock`]: run tests that share kernel resources one at a time.
 //! - [`free_port`], [`require_root`], [`require_cmd`].
 
@@ -20,7 +22,9 @@ pub mod fuzzing;
 mod lock;
 mod loopdev;
 mod net;
+mod notify;
 mod prereq;
+pub mod raw;
 pub mod running;
 pub mod site;
 
@@ -33,4 +37,5 @@ pub use fill::{
 pub use lock::{kernel_lock, KernelLock, KERNEL_LOCK_PATH};
 pub use loopdev::LoopDev;
 pub use net::{free_port, CountingProxy};
+pub use notify::NotifySocket;
 pub use prereq::{require_cmd, require_root};

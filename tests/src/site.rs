@@ -10,6 +10,9 @@ use anyhow::{ensure, Context};
 
 use crate::{free_port, kernel_lock, require_cmd, require_root, workspace_bin, Daemon, KernelLock};
 
+/// `receiver.toml`'s default admin socket, as `init` writes it.
+const DEFAULT_ADMIN_SOCKET: &str = "/run/tidemark-receiver/receiver.sock";
+
 /// A receiver with its PKI in a temp dir, serving on 127.0.0.1.
 /// Fields drop in order: the receiver stops before its directory goes,
 /// and the kernel lock is released last.
@@ -17,14 +20,28 @@ pub struct Site {
     pub receiver: Daemon,
     pub dir: tempfile::TempDir,
     pub addr: SocketAddr,
-    _lock: KernelLock,
+    /// None for sites that use no kernel resource.
+    _lock: Option<KernelLock>,
 }
 
 impl Site {
+    /// A site for tests with loop devices: root, `losetup` and the kernel
+    /// lock.
     pub fn start() -> anyhow::Result<Site> {
         let lock = kernel_lock();
         require_root()?;
         require_cmd("losetup")?;
+        Site::start_inner(Some(lock), &[])
+    }
+
+    /// A site for tests that only speak TLS on 127.0.0.1 (raw protocol
+    /// clients): no root, no kernel lock. `env` is added to `serve`'s
+    /// environment.
+    pub fn start_network_only(env: &[(&str, &str)]) -> anyhow::Result<Site> {
+        Site::start_inner(None, env)
+    }
+
+    fn start_inner(lock: Option<KernelLock>, env: &[(&str, &str)]) -> anyhow::Result<Site> {
         let dir = tempfile::tempdir()?;
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         run_ok(receiver_cmd().args([
@@ -40,12 +57,22 @@ impl Site {
             "--retention-dir",
             path(&dir.path().join("retention")),
         ]))?;
+        // Each site's own admin socket, not the system default in /run.
+        let cfg = dir.path().join("rx/receiver.toml");
+        let text = std::fs::read_to_string(&cfg)?;
+        let default = format!("admin_socket = \"{DEFAULT_ADMIN_SOCKET}\"");
+        ensure!(text.contains(&default), "init wrote no {default}: {text}");
+        let socket = dir.path().join("rx/receiver.sock");
+        std::fs::write(
+            &cfg,
+            text.replace(
+                &default,
+                &format!("admin_socket = \"{}\"", socket.display()),
+            ),
+        )?;
         let mut cmd = receiver_cmd();
-        cmd.args([
-            "serve",
-            "--config",
-            path(&dir.path().join("rx/receiver.toml")),
-        ]);
+        cmd.args(["serve", "--config", path(&cfg)]);
+        cmd.envs(env.iter().copied());
         let receiver = Daemon::spawn(cmd)?;
         receiver.wait_for_log("listening on", Duration::from_secs(20))?;
         Ok(Site {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context};
 use tidemark_tests::running::{run_config, RunningAgent};
 use tidemark_tests::site::{path, run_ok, Site};
-use tidemark_tests::{require_cmd, workspace_bin, LoopDev, SplitMix64};
+use tidemark_tests::{require_cmd, workspace_bin, Daemon, LoopDev, SplitMix64};
 
 fn random_block(rng: &mut SplitMix64, len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];
@@ -386,5 +386,46 @@ fn crash_consistent_points_are_consistent_cuts() -> anyhow::Result<()> {
         "no point landed between bursts: {}",
         agent.log()
     );
+    Ok(())
+}
+
+/// Under systemd (`Type=notify`): READY once every disk is tracked, even
+/// with the receiver unreachable (the unit starts before the network);
+/// watchdog pings at half WATCHDOG_USEC from the drain loop; STATUS lines
+/// for `systemctl status`.
+#[test]
+fn agent_notifies_ready_watchdog_and_status() -> anyhow::Result<()> {
+    let site = Site::start()?;
+    let dev = LoopDev::create(&site.dir.path().join("notify.img"), 16 << 20)?;
+    let cfg = run_config(&site, "run-notify", &[(dev.path(), "disk-notify")], "")?;
+    // Point the agent at a port nobody listens on first.
+    let text = std::fs::read_to_string(&cfg)?;
+    let dead = format!("127.0.0.1:{}", tidemark_tests::free_port());
+    std::fs::write(&cfg, text.replace(&site.addr.to_string(), &dead))?;
+    let mut notify = tidemark_tests::NotifySocket::bind()?;
+    let mut cmd = Command::new(workspace_bin("tidemark-agent"));
+    cmd.args(["run", "--config", path(&cfg)])
+        .env("NOTIFY_SOCKET", notify.path())
+        .env("WATCHDOG_USEC", "1000000");
+    let agent = RunningAgent {
+        daemon: Some(Daemon::spawn(cmd)?),
+        cfg: cfg.clone(),
+        instance: PathBuf::from("/sys/kernel/tracing/instances/tidemark-run-notify"),
+    };
+    notify
+        .wait_for("READY=1", 1, Duration::from_secs(30))
+        .with_context(|| agent.log())?;
+    let status = notify.last_status().context("no STATUS with READY")?;
+    assert!(
+        status.contains("1 resyncing") && status.contains("receiver unreachable"),
+        "{status}"
+    );
+    notify
+        .wait_for("WATCHDOG=1", 3, Duration::from_secs(10))
+        .with_context(|| agent.log())?;
+    assert!(agent
+        .daemon
+        .as_ref()
+        .is_some_and(|d| d.try_wait().is_ok_and(|s| s.is_none())));
     Ok(())
 }

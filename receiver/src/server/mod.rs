@@ -2,19 +2,28 @@
 //! connection. The network side is async (tokio); each session's disk
 //! writes run on a thread of their own ([`session::Worker`]), so a slow
 //! fsync never stalls other agents' connections.
+//!
+//! SIGHUP rereads receiver.toml: the deny list and the TLS identity (CA,
+//! certificate, key) take effect for new connections at once, sessions of
+//! agents now revoked are closed, all others go on. A file that does not
+//! load is logged and the previous configuration stays.
 
+mod access;
+mod admin;
 mod session;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
+use tidemark_common::service::{self, Watchdog};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
-use tracing::{info, warn, Instrument};
+use tracing::{error, info, warn, Instrument};
 
 use crate::config::ReceiverConfig;
 use crate::journal::points::PointLog;
@@ -26,6 +35,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A session with no message at all for this long is closed. Agents send
 /// heartbeats far more often.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How often the STATUS line for systemd is refreshed (and the watchdog
+/// pinged, when systemd does not ask for more often).
+const STATUS_EVERY: Duration = Duration::from_secs(10);
 
 /// State every session shares.
 pub struct Shared {
@@ -35,10 +47,49 @@ pub struct Shared {
     /// Disk ids some live session has registered.
     pub in_use: Mutex<HashSet<String>>,
     next_session: AtomicU64,
+    /// The deny list in force (replaced on reload).
+    deny: Mutex<Arc<access::DenyList>>,
+    sessions: access::Sessions,
+    started: SystemTime,
 }
 
-/// Runs the receiver until SIGINT or SIGTERM.
-pub async fn serve(config: ReceiverConfig) -> anyhow::Result<()> {
+impl Shared {
+    fn deny(&self) -> Arc<access::DenyList> {
+        self.deny.lock().expect("deny lock").clone()
+    }
+
+    /// Whether the state sessions need is usable: the locks every
+    /// registration and point takes can be taken. A session stuck while
+    /// holding one stalls the others; then the watchdog must not be fed.
+    fn usable(&self) -> bool {
+        let registry = self.registry.lock().is_ok();
+        let points = self.points.lock().is_ok();
+        registry && points
+    }
+
+    fn status_line(&self) -> String {
+        let disks = self.registry.lock().map_or(0, |r| r.len());
+        let replicating = self.in_use.lock().map_or(0, |u| u.len());
+        format!(
+            "{} agent session(s), {replicating} of {disks} disk(s) replicating",
+            self.sessions.count()
+        )
+    }
+}
+
+fn tls_acceptor(
+    config: &ReceiverConfig,
+    deny: Arc<access::DenyList>,
+) -> Result<TlsAcceptor, tidemark_common::tls::TlsError> {
+    let tls = tidemark_common::tls::server_config_with_policy(&config.tls_files(), Some(deny))?;
+    Ok(TlsAcceptor::from(tls))
+}
+
+/// Runs the receiver until SIGINT or SIGTERM; `config_path` is reread on
+/// SIGHUP.
+pub async fn serve(config: ReceiverConfig, config_path: &Path) -> anyhow::Result<()> {
+    // Before anything slow: SIGHUP's default action would kill us.
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     for (what, dir) in [
         ("image directory", &config.image_dir),
         ("retention directory", &config.retention_dir),
@@ -66,8 +117,8 @@ pub async fn serve(config: ReceiverConfig) -> anyhow::Result<()> {
         );
     }
 
-    let tls = tidemark_common::tls::server_config(&config.tls_files())?;
-    let acceptor = TlsAcceptor::from(tls);
+    let deny = Arc::new(access::DenyList::from_config(&config));
+    let mut acceptor = tls_acceptor(&config, deny.clone())?;
     let registry = Registry::open(&config.registry_path())?;
     let points = PointLog::open(&config.points_path())?;
     let listener = TcpListener::bind(config.listen)
@@ -85,9 +136,22 @@ pub async fn serve(config: ReceiverConfig) -> anyhow::Result<()> {
         points: Mutex::new(points),
         in_use: Mutex::new(HashSet::new()),
         next_session: AtomicU64::new(1),
+        deny: Mutex::new(deny),
+        sessions: access::Sessions::default(),
+        started: SystemTime::now(),
     });
+    admin::serve(shared.clone())?;
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut watchdog = Watchdog::from_env();
+    let mut tick = tokio::time::interval(
+        watchdog
+            .period()
+            .map_or(STATUS_EVERY, |p| p.min(STATUS_EVERY)),
+    );
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_status = shared.status_line();
+    service::ready(&last_status);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -106,15 +170,83 @@ pub async fn serve(config: ReceiverConfig) -> anyhow::Result<()> {
                 let span = tracing::info_span!("conn", id, %peer);
                 tokio::spawn(handle_connection(shared, acceptor, tcp, peer, id).instrument(span));
             }
+            _ = tick.tick() => {
+                if shared.usable() {
+                    watchdog.alive();
+                }
+                let line = shared.status_line();
+                if line != last_status {
+                    service::status(&line);
+                    last_status = line;
+                }
+            }
+            _ = hup.recv() => {
+                service::reloading();
+                match reload(&shared, config_path) {
+                    Ok(a) => acceptor = a,
+                    Err(e) => error!("reload of {} failed, keeping the previous configuration: {e}", config_path.display()),
+                }
+                service::ready(&shared.status_line());
+            }
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
         }
     }
     // Sessions never acknowledge before fsync, so stopping here loses
     // nothing an agent was told is durable.
+    service::stopping();
     info!("receiver {} stopping", shared.config.name);
+    let _ = std::fs::remove_file(&shared.config.admin_socket);
     drop(lock);
     Ok(())
+}
+
+/// Settings that only a restart applies.
+const RESTART_ONLY: &[&str] = &[
+    "name",
+    "listen",
+    "image_dir",
+    "retention_dir",
+    "max_disks",
+    "retention_hours",
+    "image_format",
+    "admin_socket",
+];
+
+/// Rereads the config: a new deny list and TLS identity for new
+/// connections, and revoked agents' sessions closed.
+fn reload(shared: &Shared, path: &Path) -> anyhow::Result<TlsAcceptor> {
+    let new = ReceiverConfig::load(path)?;
+    let deny = Arc::new(access::DenyList::from_config(&new));
+    let acceptor = tls_acceptor(&new, deny.clone())?;
+    let (old, fresh) = (
+        serde_json::to_value(&shared.config)?,
+        serde_json::to_value(&new)?,
+    );
+    for key in RESTART_ONLY {
+        if old.get(key) != fresh.get(key) {
+            warn!(
+                "{key} changed in {}; restart the receiver to apply it (reload applies the revocation lists, ca, cert and key)",
+                path.display()
+            );
+        }
+    }
+    *shared.deny.lock().expect("deny lock") = deny.clone();
+    let closed = shared.sessions.close_where(
+        |agent, fingerprint| deny.refuses(Some(agent), fingerprint).is_some(),
+        "its certificate was revoked",
+    );
+    for agent in &closed {
+        warn!("closed the live session of agent {agent}: revoked by the reloaded configuration");
+    }
+    let (names, prints) = deny.counts();
+    info!(
+        "reloaded {}: certificate {}, {names} agent(s) and {prints} fingerprint(s) revoked, {} session(s) closed",
+        path.display(),
+        new.cert.display(),
+        closed.len()
+    );
+    Ok(acceptor)
 }
 
 async fn handle_connection(
@@ -136,18 +268,27 @@ async fn handle_connection(
             return;
         }
     };
-    let cert_name = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .and_then(|c| tidemark_common::tls::common_name(c));
+    let end_entity = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+    let fingerprint =
+        end_entity.map_or_else(String::new, |c| tidemark_common::tls::fingerprint_sha256(c));
+    let cert_name = end_entity.and_then(|c| tidemark_common::tls::common_name(c));
     let Some(cert_name) = cert_name else {
         warn!("rejected connection from {peer}: client certificate has no common name");
         return;
     };
-    match session::run(shared, tls, cert_name.clone(), session_id).await {
-        Ok(()) => info!("agent {cert_name} disconnected"),
-        Err(e) => warn!("session with agent {cert_name} ended: {e:#}"),
+    // A handshake begun under the old deny list may finish after a reload.
+    if let Some(why) = shared.deny().refuses(Some(&cert_name), &fingerprint) {
+        warn!("refused agent {cert_name} from {peer}: {why}");
+        return;
+    }
+    let (_guard, closing) = shared.sessions.open(session_id, &cert_name, &fingerprint);
+    tokio::select! {
+        result = session::run(shared.clone(), tls, cert_name.clone(), session_id) => match result {
+            Ok(()) => info!("agent {cert_name} disconnected"),
+            Err(e) => warn!("session with agent {cert_name} ended: {e:#}"),
+        },
+        // Dropping the session closes the connection; its worker thread
+        // still finishes (and acknowledges) what it had received.
+        Ok(why) = closing => warn!("closed the session of agent {cert_name}: {why}"),
     }
 }

@@ -1,0 +1,51 @@
+//! A raw protocol client speaking mutual TLS with an agent's files, for
+//! tests that script the wire protocol message by message.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use tidemark_common::proto::frame::{read_message, write_message};
+use tidemark_common::proto::handshake;
+use tidemark_common::proto::Message;
+use tidemark_common::tls::{client_config, server_name, TlsFiles};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+pub type Stream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+pub async fn connect(addr: SocketAddr, agent_dir: &Path) -> anyhow::Result<Stream> {
+    let files = TlsFiles {
+        ca: agent_dir.join("ca.pem"),
+        cert: agent_dir.join("agent.pem"),
+        key: agent_dir.join("agent-key.pem"),
+    };
+    let connector = tokio_rustls::TlsConnector::from(client_config(&files)?);
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let mut tls = connector
+        .connect(server_name("tidemark-receiver")?, tcp)
+        .await?;
+    tls.write_all(&handshake::agent_preamble()).await?;
+    let mut reply = [0u8; handshake::PREAMBLE_BYTES];
+    tls.read_exact(&mut reply).await?;
+    handshake::agent_accept(&reply)?;
+    Ok(tls)
+}
+
+pub async fn send(s: &mut Stream, m: &Message) -> anyhow::Result<()> {
+    write_message(s, m, &mut Vec::new()).await?;
+    s.flush().await?;
+    Ok(())
+}
+
+pub async fn recv(s: &mut Stream) -> anyhow::Result<Option<Message>> {
+    let mut buf = Vec::new();
+    Ok(tokio::time::timeout(Duration::from_secs(20), read_message(s, &mut buf)).await??)
+}
+
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(f)
+}
