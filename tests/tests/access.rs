@@ -289,10 +289,8 @@ fn reassign_moves_a_disk_while_serve_runs_and_offline() -> anyhow::Result<()> {
             }
         };
 
-        // Another agent claiming the disk is refused, both names logged.
-        // (While agent-a has it open the claim is answered "busy" first.)
-        drop(sa);
-        wait_idle(&site, "disk-r").await?;
+        // Another agent claiming the disk is refused, both names logged,
+        // even while agent-a has it open (not "busy": retrying cannot help).
         let mut sb = hello(&site, &b, "agent-b").await?;
         match register(&mut sb, "disk-r").await? {
             Message::Error { code, message } => {
@@ -307,6 +305,8 @@ fn reassign_moves_a_disk_while_serve_runs_and_offline() -> anyhow::Result<()> {
         assert!(site.receiver.log().contains(
             "agent agent-b tried to register disk disk-r, which belongs to agent agent-a"
         ));
+        drop(sa);
+        wait_idle(&site, "disk-r").await?;
         let mut sa = hello(&site, &a, "agent-a").await?;
         assert!(matches!(
             register(&mut sa, "disk-r").await?,

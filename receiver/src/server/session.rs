@@ -711,6 +711,25 @@ impl Worker {
                 format!("disk {disk_id} registered twice in one session"),
             ));
         }
+        // Ownership before "busy": another agent claiming this disk must be
+        // told it is not its disk, not to retry later.
+        let owner = self
+            .shared
+            .registry
+            .lock()
+            .expect("registry lock")
+            .get(&disk_id)
+            .map(|e| e.agent.clone());
+        if let Some(owner) = owner.filter(|o| *o != self.agent) {
+            warn!(
+                "agent {} tried to register disk {disk_id}, which belongs to agent {owner}",
+                self.agent
+            );
+            return Err(Refusal::new(
+                ErrorCode::Unauthorized,
+                format!("disk {disk_id} belongs to agent {owner}; give this disk another id, or have the operator reassign it"),
+            ));
+        }
         if !self
             .shared
             .in_use
@@ -788,9 +807,9 @@ impl Worker {
         }
     }
 
-    /// The newest point of this agent covering `disk_id`, if any.
+    /// The newest point covering `disk_id`, if any.
     fn newest_point(&self, disk_id: &str) -> Result<Option<u64>, Refusal> {
-        points_newest(&self.shared.config.points_path(), &self.agent, disk_id)
+        points_newest(&self.shared.config.points_path(), disk_id)
     }
 
     fn open_or_create(
@@ -900,7 +919,7 @@ impl Worker {
                 // A recreated image has lost its history: only points
                 // taken from now on can be reconstructed.
                 Some(_) if !existed => {
-                    let newest = points_newest(&config.points_path(), &self.agent, disk_id)?;
+                    let newest = points_newest(&config.points_path(), disk_id)?;
                     newest.map_or(0, |p| p + 1)
                 }
                 Some(e) => e.history_from,
@@ -987,12 +1006,14 @@ fn hash_blocks(data: &[u8], block: usize) -> Vec<tidemark_common::checksum::Chec
     })
 }
 
-/// The newest point of `agent` covering `disk_id`, if any.
-fn points_newest(points: &Path, agent: &str, disk_id: &str) -> Result<Option<u64>, Refusal> {
+/// The newest point covering `disk_id`, if any.
+fn points_newest(points: &Path, disk_id: &str) -> Result<Option<u64>, Refusal> {
     Ok(read_all(points)
         .map_err(storage)?
         .iter()
-        .filter(|p| p.machine == agent && p.disks.iter().any(|d| d == disk_id))
+        // Any machine's: after a reassign the disk's history goes on under
+        // the new owner, and overwrites must be tagged after its newest point.
+        .filter(|p| p.disks.iter().any(|d| d == disk_id))
         .map(|p| p.id)
         .max())
 }
