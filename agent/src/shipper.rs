@@ -51,7 +51,17 @@ pub struct Shipper {
     last_heartbeat: Instant,
     next_attempt: Instant,
     backoff: Duration,
+    /// Since when no connection has made progress (None: the current one
+    /// has). A connection that registers and is then refused or cut
+    /// before the receiver acknowledges anything does not stop this clock,
+    /// so a receiver that accepts and fails every time (a full volume) is
+    /// retried with backoff and given up on like an unreachable one.
     disconnected_since: Option<Instant>,
+    /// Why the last connection ended before it made progress; reported on
+    /// the next attempt (and in the give-up message).
+    failed_because: Option<String>,
+    /// The receiver refused for good (found after a failed write).
+    refused: Option<String>,
     /// Checksum sync: where the receiver's hashes go.
     hash_board: Option<Arc<HashBoard>>,
     /// When Some, (disk index, offset) of every data or zero piece the
@@ -97,6 +107,8 @@ impl Shipper {
             next_attempt: Instant::now(),
             backoff: INITIAL_BACKOFF,
             disconnected_since: None,
+            failed_because: None,
+            refused: None,
             hash_board: None,
             acked_log: None,
         }
@@ -129,6 +141,13 @@ impl Shipper {
         if Instant::now() < self.next_attempt {
             return Ok(false);
         }
+        if let Some(m) = self.refused.take() {
+            bail!(m);
+        }
+        if let Some(why) = self.failed_because.take() {
+            self.retry_later(&why, "")?;
+            return Ok(false);
+        }
         let attempt = async {
             let mut c = self.connector.connect().await?;
             let r = c.register(self.connector.addr(), &self.disks).await?;
@@ -146,8 +165,9 @@ impl Shipper {
                 }
                 self.handles = r.handles;
                 self.conn = Some(c);
-                self.backoff = INITIAL_BACKOFF;
-                self.disconnected_since = None;
+                // Backoff and the give-up clock reset only when the
+                // receiver acknowledges something (see `progressed`).
+                self.disconnected_since.get_or_insert_with(Instant::now);
                 // What the last connection left unacknowledged goes first.
                 while let Some(p) = self.resend.pop_front() {
                     self.write_piece(p).await;
@@ -160,22 +180,35 @@ impl Shipper {
             }
             Err(ConnectError::Fatal(m)) => bail!(m),
             Err(ConnectError::Retry(m)) => {
-                let since = *self.disconnected_since.get_or_insert_with(Instant::now);
-                if let Some(limit) = self.give_up_after {
-                    if since.elapsed() + self.backoff > limit {
-                        bail!(
-                            "{m}; gave up after {:?} (check that tidemark-receiver serve is running and reachable at {})",
-                            since.elapsed(),
-                            self.connector.addr()
-                        );
-                    }
-                }
-                warn!("{m}; retrying in {:?}", self.backoff);
-                self.next_attempt = Instant::now() + self.backoff;
-                self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+                let hint = format!(
+                    " (check that tidemark-receiver serve is running and reachable at {})",
+                    self.connector.addr()
+                );
+                self.retry_later(&m, &hint)?;
                 Ok(false)
             }
         }
+    }
+
+    /// Schedules the next attempt after a failed one, or gives up when
+    /// the next one would come after `give_up_after` without progress.
+    fn retry_later(&mut self, why: &str, hint: &str) -> anyhow::Result<()> {
+        let since = *self.disconnected_since.get_or_insert_with(Instant::now);
+        if let Some(limit) = self.give_up_after {
+            if since.elapsed() + self.backoff > limit {
+                bail!("{why}; gave up after {:?}{hint}", since.elapsed());
+            }
+        }
+        warn!("{why}; retrying in {:?}", self.backoff);
+        self.next_attempt = Instant::now() + self.backoff;
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        Ok(())
+    }
+
+    /// The receiver answered on this connection: it works again.
+    fn progressed(&mut self) {
+        self.backoff = INITIAL_BACKOFF;
+        self.disconnected_since = None;
     }
 
     /// Connects (retrying with backoff until connected or given up).
@@ -189,16 +222,46 @@ impl Shipper {
     /// Drops the connection; everything unacknowledged will go again.
     fn disconnected(&mut self, why: &str) {
         if self.conn.take().is_some() {
-            warn!(
-                "connection to receiver {} lost: {why}; reconnecting",
-                self.connector.addr()
-            );
+            if self.disconnected_since.is_some() {
+                self.failed_because = Some(format!(
+                    "connection to receiver {} lost: {why}",
+                    self.connector.addr()
+                ));
+            } else {
+                warn!(
+                    "connection to receiver {} lost: {why}; reconnecting",
+                    self.connector.addr()
+                );
+            }
         }
         let inflight = std::mem::take(&mut self.inflight);
         for (_, p) in inflight.into_iter().rev() {
             self.resend.push_front(p);
         }
         self.inflight_bytes = 0;
+    }
+
+    /// A write failed: the receiver usually closed the connection after
+    /// telling us why (a full volume, a refusal), and that reason, not the
+    /// broken pipe, is what the operator needs to see.
+    async fn write_failed(&mut self, e: std::io::Error) {
+        let mut why = e.to_string();
+        if let Some(c) = self.conn.as_mut() {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+            while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, c.incoming.recv()).await {
+                if let Ok(Message::Error { code, message }) = msg {
+                    if !retryable(code) {
+                        self.refused = Some(format!(
+                            "receiver {} refused: {message}",
+                            self.connector.addr()
+                        ));
+                    }
+                    why = format!("receiver reported {code:?}: {message}");
+                    break;
+                }
+            }
+        }
+        self.disconnected(&why);
     }
 
     /// Writes one piece (buffered); on failure the piece waits for resend.
@@ -214,14 +277,14 @@ impl Shipper {
         self.inflight_bytes += piece.wire_bytes();
         self.inflight.insert(self.seq, piece);
         if let Err(e) = c.send_buffered(&msg).await {
-            self.disconnected(&e.to_string());
+            self.write_failed(e).await;
         }
     }
 
     pub async fn flush(&mut self) {
         if let Some(c) = self.conn.as_mut() {
             if let Err(e) = c.flush().await {
-                self.disconnected(&e.to_string());
+                self.write_failed(e).await;
             }
         }
     }
@@ -297,7 +360,7 @@ impl Shipper {
                 agent_time_ms: now_ms(),
             };
             if let Err(e) = c.send(&msg).await {
-                self.disconnected(&e.to_string());
+                self.write_failed(e).await;
                 continue;
             }
             loop {
@@ -324,7 +387,7 @@ impl Shipper {
             self.seq += 1;
             let seq = self.seq;
             if let Err(e) = c.send(&Message::Failover { seq }).await {
-                self.disconnected(&e.to_string());
+                self.write_failed(e).await;
                 continue;
             }
             while self.conn.is_some() {
@@ -351,7 +414,7 @@ impl Shipper {
                 if Instant::now() >= hb_due {
                     self.last_heartbeat = Instant::now();
                     if let Err(e) = c.send(&Message::Heartbeat { time_ms: now_ms() }).await {
-                        self.disconnected(&e.to_string());
+                        self.write_failed(e).await;
                     }
                 }
                 return Ok(None);
@@ -385,6 +448,7 @@ impl Shipper {
     ) -> anyhow::Result<Option<Message>> {
         match msg {
             Some(Ok(Message::Ack { seq })) => {
+                self.progressed();
                 self.acked_seq = self.acked_seq.max(seq);
                 let rest = self.inflight.split_off(&(seq + 1));
                 for p in std::mem::replace(&mut self.inflight, rest).into_values() {
@@ -413,7 +477,10 @@ impl Shipper {
                 }
                 Ok(None)
             }
-            Some(Ok(Message::Heartbeat { .. })) => Ok(None),
+            Some(Ok(Message::Heartbeat { .. })) => {
+                self.progressed();
+                Ok(None)
+            }
             Some(Ok(Message::Error { code, message })) => {
                 if retryable(code) {
                     self.disconnected(&format!("receiver reported {code:?}: {message}"));

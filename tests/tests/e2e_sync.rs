@@ -526,7 +526,10 @@ fn an_existing_vmdk_with_the_disks_uuid_is_written_in_place() -> anyhow::Result<
     let cfg = site.agent("agent-v", site.addr, &[(dev.path(), NAA_ID)])?;
     point_id(&agent_sync(&cfg, &[]))?;
     assert!(
-        site.receiver.log().contains("found image") && site.receiver.log().contains("web.vmdk"),
+        site.receiver
+            .log()
+            .contains("by its UUID (original location")
+            && site.receiver.log().contains("web.vmdk"),
         "{}",
         site.receiver.log()
     );

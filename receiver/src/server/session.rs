@@ -59,11 +59,20 @@ impl Refusal {
 
 fn storage(e: impl std::error::Error) -> Refusal {
     let mut msg = e.to_string();
+    let mut full = false;
     let mut src = e.source();
     while let Some(s) = src {
         msg.push_str(": ");
         msg.push_str(&s.to_string());
+        full |= s
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::StorageFull);
         src = s.source();
+    }
+    if full {
+        // The agent keeps retrying (Storage is retryable) and resends
+        // everything unacknowledged once there is room again.
+        msg.push_str("; the volume is full: free space on it (or grow it); replication resumes by itself, nothing acknowledged was lost");
     }
     Refusal::new(ErrorCode::Storage, msg)
 }
