@@ -47,6 +47,11 @@ impl Site {
         Site::start_inner(None, env, "")
     }
 
+    /// [`Site::start_network_only`] with `extra` added to receiver.toml.
+    pub fn start_network_only_with_config(extra: &str) -> anyhow::Result<Site> {
+        Site::start_inner(None, &[], extra)
+    }
+
     fn start_inner(
         lock: Option<KernelLock>,
         env: &[(&str, &str)],
@@ -73,17 +78,23 @@ impl Site {
         let default = format!("admin_socket = \"{DEFAULT_ADMIN_SOCKET}\"");
         ensure!(text.contains(&default), "init wrote no {default}: {text}");
         let socket = dir.path().join("rx/receiver.sock");
-        // Top-level keys must come before the first table.
-        std::fs::write(
-            &cfg,
-            format!(
-                "{extra}\n{}",
-                text.replace(
-                    &default,
-                    &format!("admin_socket = \"{}\"", socket.display()),
-                )
-            ),
-        )?;
+        // `extra` replaces what init wrote for its keys; top-level keys
+        // must come before the first table.
+        let keys: Vec<String> = extra
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, _)| format!("{} =", k.trim()))
+            .collect();
+        let kept: String = text
+            .replace(
+                &default,
+                &format!("admin_socket = \"{}\"", socket.display()),
+            )
+            .lines()
+            .filter(|l| !keys.iter().any(|k| l.starts_with(k.as_str())))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(&cfg, format!("{extra}\n{kept}"))?;
         let mut cmd = receiver_cmd();
         cmd.args(["serve", "--config", path(&cfg)]);
         cmd.envs(env.iter().copied());
