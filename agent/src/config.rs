@@ -66,6 +66,14 @@ pub struct AgentConfig {
     /// (filesystems stay frozen: nothing can change after the point).
     #[serde(default)]
     pub failover_leave: FailoverLeave,
+    /// Address of the Prometheus text endpoint (`GET /metrics`); off when
+    /// absent.
+    #[serde(default)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Allow `metrics_listen` on an address other than loopback (the
+    /// endpoint has no authentication).
+    #[serde(default)]
+    pub metrics_allow_remote: bool,
     /// Disks to protect.
     #[serde(default, rename = "disk")]
     pub disks: Vec<DiskConfig>,
@@ -175,6 +183,10 @@ impl AgentConfig {
         if !(1..=19).contains(&self.zstd_level) {
             return Err("zstd_level must be between 1 and 19".into());
         }
+        tidemark_common::config::check_metrics_listen(
+            self.metrics_listen,
+            self.metrics_allow_remote,
+        )?;
         Ok(())
     }
 

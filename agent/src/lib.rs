@@ -7,6 +7,7 @@ pub mod compare;
 pub mod config;
 pub mod consistency;
 pub mod disks;
+pub mod metrics;
 pub mod pipeline;
 pub mod progress;
 pub mod run;

@@ -70,6 +70,7 @@ impl DiskRun {
             self.disk.id,
             self.disk.device.display()
         );
+        crate::metrics::get().resync_required(&self.disk.id, &reason);
         self.dirty.mark_all();
         self.resync = Some(reason);
         self.base_sectors = self.counters();
@@ -192,6 +193,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let shipper = Shipper::unconnected(Connector::new(&cfg)?, disks, None, progress.clone());
     let (admin_tx, mut admin_rx) = mpsc::channel::<Pending>(16);
     admin::serve(&cfg.admin_socket, admin_tx)?;
+    if let Some(addr) = cfg.metrics_listen {
+        let registry = Arc::new(crate::metrics::get().registry());
+        tidemark_common::metrics::serve(addr, registry).await?;
+    }
 
     let mut r = Runner {
         settings: cfg.pipeline_settings(),
@@ -662,6 +667,9 @@ impl Runner {
             (Some(f), Some(FailoverLeave::Frozen)) => f.keep(),
             (f, _) => f.map_or(Duration::ZERO, |f| f.thaw()),
         };
+        if !frozen_for.is_zero() {
+            crate::metrics::get().frozen(frozen_for);
+        }
         if app && failover.is_none() {
             let n = name.to_owned();
             let post = tokio::task::spawn_blocking(move || {
@@ -752,6 +760,13 @@ impl Runner {
     }
 
     fn publish_status(&mut self) {
+        let m = crate::metrics::get();
+        m.set_connected(self.shipper.connected());
+        for d in &self.disks {
+            let backlog =
+                d.dirty.dirty_bytes() + d.pending.iter().map(|r| r.end - r.start).sum::<u64>();
+            m.disk(&d.disk.id, d.disk.size_bytes, backlog, d.resync.is_some());
+        }
         let line = self.status_line();
         let due = self.last_status.as_ref().is_none_or(|(at, last)| {
             at.elapsed() >= STATUS_EVERY

@@ -275,6 +275,9 @@ impl Shipper {
         };
         self.seq += 1;
         self.inflight_bytes += piece.wire_bytes();
+        if let Some(d) = self.disks.get(piece.range().0) {
+            crate::metrics::get().shipped(&d.id, piece.disk_bytes(), piece.wire_bytes());
+        }
         self.inflight.insert(self.seq, piece);
         if let Err(e) = c.send_buffered(&msg).await {
             self.write_failed(e).await;

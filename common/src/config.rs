@@ -48,6 +48,21 @@ pub fn resolve(config_path: &Path, p: &Path) -> PathBuf {
     }
 }
 
+/// The rule for both daemons' `metrics_listen`: the endpoint has no
+/// authentication, so it binds to loopback unless the operator says
+/// otherwise with `metrics_allow_remote = true`.
+pub fn check_metrics_listen(
+    listen: Option<std::net::SocketAddr>,
+    allow_remote: bool,
+) -> Result<(), String> {
+    match listen {
+        Some(a) if !a.ip().is_loopback() && !allow_remote => Err(format!(
+            "metrics_listen = \"{a}\" is not a loopback address and the metrics endpoint has no authentication; use 127.0.0.1:PORT, or set metrics_allow_remote = true"
+        )),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -82,6 +97,20 @@ mod tests {
         assert_eq!(
             resolve(Path::new("/etc/x.toml"), Path::new("/abs/ca.pem")),
             PathBuf::from("/abs/ca.pem")
+        );
+    }
+
+    #[test]
+    fn metrics_listen_stays_local_unless_allowed() {
+        let local = "127.0.0.1:9464".parse().ok();
+        let remote = "0.0.0.0:9464".parse().ok();
+        assert!(check_metrics_listen(None, false).is_ok());
+        assert!(check_metrics_listen(local, false).is_ok());
+        assert!(check_metrics_listen(remote, true).is_ok());
+        let e = check_metrics_listen(remote, false).expect_err("refused");
+        assert!(
+            e.contains("0.0.0.0:9464") && e.contains("metrics_allow_remote") && !e.contains('\n'),
+            "{e}"
         );
     }
 }

@@ -59,6 +59,10 @@ pub struct Status {
     /// When this `serve` started (RFC 3339).
     pub started_at: String,
     pub max_disks: usize,
+    #[serde(default)]
+    pub rpo_threshold_secs: u64,
+    #[serde(default)]
+    pub heartbeat_timeout_secs: u64,
     pub agents: Vec<AgentStatus>,
     pub disks: Vec<DiskStatus>,
 }
@@ -76,6 +80,9 @@ pub struct AgentStatus {
     pub revoked: bool,
     /// Disks registered under this agent.
     pub disks: usize,
+    /// `heartbeat lost` while the alarm is raised.
+    #[serde(default)]
+    pub alarms: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -90,6 +97,19 @@ pub struct DiskStatus {
     pub latest_point: Option<u64>,
     /// Age of that point in seconds: the recovery point objective now.
     pub rpo_seconds: Option<i64>,
+    /// `initial-sync` (no point yet), `protected` or `failed-over`, as of
+    /// the last alarm evaluation (every few seconds).
+    #[serde(default)]
+    pub protection: String,
+    /// Why, when failed over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Recovery points listed for this disk.
+    #[serde(default)]
+    pub points: u64,
+    /// `RPO alarm` while the alarm is raised.
+    #[serde(default)]
+    pub alarms: Vec<String>,
 }
 
 /// Sends one request to the running receiver and returns its reply.
@@ -229,13 +249,22 @@ pub fn apply(
 /// The status as a table for people.
 pub fn table(s: &Status) -> String {
     let mut out = format!(
-        "receiver {} on {} since {}; {} of {} disks registered\n\n",
+        "receiver {} on {} since {}; {} of {} disks registered\n",
         s.receiver,
         s.listen,
         s.started_at,
         s.disks.len(),
         s.max_disks
     );
+    let alarms = s.agents.iter().map(|a| a.alarms.len()).sum::<usize>()
+        + s.disks.iter().map(|d| d.alarms.len()).sum::<usize>();
+    out.push_str(&match alarms {
+        0 => "no alarms\n\n".to_owned(),
+        n => format!(
+            "{n} ALARM(S) (RPO over {} s, or no heartbeat for {} s)\n\n",
+            s.rpo_threshold_secs, s.heartbeat_timeout_secs
+        ),
+    });
     out.push_str(&format!(
         "{:<24} {:>8} {:>6}  {:<22} NOTE\n",
         "AGENT", "SESSIONS", "DISKS", "LAST CONTACT"
@@ -246,30 +275,51 @@ pub fn table(s: &Status) -> String {
             (Some(_), Some(ago)) => format!("{} ago", secs(ago)),
             _ => "not since start".to_owned(),
         };
+        let mut notes: Vec<&str> = a.alarms.iter().map(String::as_str).collect();
+        if a.revoked {
+            notes.push("revoked");
+        }
         out.push_str(&format!(
             "{:<24} {:>8} {:>6}  {:<22} {}\n",
             a.name,
             a.sessions,
             a.disks,
             contact,
-            if a.revoked { "revoked" } else { "-" }
+            if notes.is_empty() {
+                "-".to_owned()
+            } else {
+                notes.join(", ")
+            }
         ));
     }
     out.push_str(&format!(
-        "\n{:<32} {:<20} {:<12} {:>10} {:>8}  IMAGE\n",
-        "DISK", "AGENT", "STATE", "LATEST", "RPO"
+        "\n{:<32} {:<20} {:<12} {:<13} {:>10} {:>8}  {:<10} IMAGE\n",
+        "DISK", "AGENT", "STATE", "PROTECTION", "LATEST", "RPO", "ALARM"
     ));
     for d in &s.disks {
         out.push_str(&format!(
-            "{:<32} {:<20} {:<12} {:>10} {:>8}  {}\n",
+            "{:<32} {:<20} {:<12} {:<13} {:>10} {:>8}  {:<10} {}\n",
             d.id,
             d.agent,
             d.state,
+            if d.protection.is_empty() {
+                "-"
+            } else {
+                &d.protection
+            },
             d.latest_point.map_or("-".into(), |p| p.to_string()),
             d.rpo_seconds
                 .map_or("-".into(), |r| secs(u64::try_from(r).unwrap_or(0))),
+            if d.alarms.is_empty() {
+                "-".to_owned()
+            } else {
+                d.alarms.join(", ")
+            },
             d.image
         ));
+    }
+    for d in s.disks.iter().filter(|d| d.reason.is_some()) {
+        out.push_str(&format!("{}\n", d.reason.as_deref().unwrap_or_default()));
     }
     out
 }
@@ -308,6 +358,8 @@ mod tests {
             listen: "0.0.0.0:443".into(),
             started_at: "2026-01-01T00:00:00Z".into(),
             max_disks: 60,
+            rpo_threshold_secs: 900,
+            heartbeat_timeout_secs: 120,
             agents: vec![AgentStatus {
                 name: "web-01".into(),
                 sessions: 1,
@@ -315,6 +367,7 @@ mod tests {
                 last_contact_seconds_ago: Some(0),
                 revoked: false,
                 disks: 1,
+                alarms: vec!["heartbeat lost".into()],
             }],
             disks: vec![DiskStatus {
                 id: "disk-a".into(),
@@ -323,13 +376,21 @@ mod tests {
                 size_bytes: 1 << 30,
                 image: "disk-a-flat.vmdk".into(),
                 latest_point: Some(7),
-                rpo_seconds: Some(300),
+                rpo_seconds: Some(1000),
+                protection: "protected".into(),
+                reason: None,
+                points: 3,
+                alarms: vec!["RPO alarm".into()],
             }],
         };
         let t = table(&s);
+        assert!(
+            t.contains("2 ALARM(S)") && t.contains("RPO alarm") && t.contains("heartbeat lost"),
+            "{t}"
+        );
         assert!(t.contains("1 of 60 disks"), "{t}");
         assert!(
-            t.contains("now") && t.contains("5m") && t.contains("replicating"),
+            t.contains("now") && t.contains("16m") && t.contains("replicating"),
             "{t}"
         );
     }

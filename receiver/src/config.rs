@@ -26,6 +26,16 @@ pub const DEFAULT_RETENTION_HOURS: u32 = 24;
 /// `RuntimeDirectory=tidemark-receiver`, apart from the agent's
 /// `/run/tidemark` so both services can run on one machine.
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/tidemark-receiver/receiver.sock";
+/// RPO alarm threshold: the product documents' 15 minutes.
+pub const DEFAULT_RPO_THRESHOLD_SECS: u64 = 900;
+/// Heartbeat alarm: agents send a heartbeat every 10 s when idle and
+/// retry a lost connection with a backoff of at most 30 s, so 120 s is
+/// several missed heartbeats and several failed reconnects, not one
+/// network hiccup; it also equals the session idle timeout, so a hung
+/// connection and a stopped agent raise the alarm after the same time.
+pub const DEFAULT_HEARTBEAT_TIMEOUT_SECS: u64 = 120;
+/// Above the agents' 10 s heartbeat interval with room for a slow one.
+pub const MIN_HEARTBEAT_TIMEOUT_SECS: u64 = 15;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -74,6 +84,22 @@ pub struct ReceiverConfig {
     /// `reassign`.
     #[serde(default = "default_admin_socket")]
     pub admin_socket: PathBuf,
+    /// A disk whose newest consistent point is older than this many
+    /// seconds raises an RPO alarm (log warning, `status`).
+    #[serde(default = "default_rpo_threshold_secs")]
+    pub rpo_threshold_secs: u64,
+    /// An agent owning disks here that sends nothing for this many seconds
+    /// raises a heartbeat alarm.
+    #[serde(default = "default_heartbeat_timeout_secs")]
+    pub heartbeat_timeout_secs: u64,
+    /// Address of the Prometheus text endpoint (`GET /metrics`); off when
+    /// absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Allow `metrics_listen` on an address other than loopback (the
+    /// endpoint has no authentication).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub metrics_allow_remote: bool,
 }
 
 /// Settings for one disk that override the receiver's.
@@ -98,6 +124,14 @@ fn default_retention_hours() -> u32 {
 
 fn default_admin_socket() -> PathBuf {
     PathBuf::from(DEFAULT_ADMIN_SOCKET)
+}
+
+fn default_rpo_threshold_secs() -> u64 {
+    DEFAULT_RPO_THRESHOLD_SECS
+}
+
+fn default_heartbeat_timeout_secs() -> u64 {
+    DEFAULT_HEARTBEAT_TIMEOUT_SECS
 }
 
 /// A certificate fingerprint as the config may spell it, as lowercase hex
@@ -144,6 +178,17 @@ impl ReceiverConfig {
         if self.max_disks == 0 {
             return Err("max_disks must be at least 1".into());
         }
+        if self.rpo_threshold_secs == 0 {
+            return Err(
+                "rpo_threshold_secs must be at least 1 (seconds; the default is 900)".into(),
+            );
+        }
+        if self.heartbeat_timeout_secs < MIN_HEARTBEAT_TIMEOUT_SECS {
+            return Err(format!(
+                "heartbeat_timeout_secs = {} would raise alarms for healthy agents, which heartbeat every 10 s; use at least {MIN_HEARTBEAT_TIMEOUT_SECS} (the default is {DEFAULT_HEARTBEAT_TIMEOUT_SECS})",
+                self.heartbeat_timeout_secs
+            ));
+        }
         for name in &self.revoked_agents {
             if name.trim().is_empty() {
                 return Err(
@@ -158,6 +203,10 @@ impl ReceiverConfig {
                 ));
             }
         }
+        tidemark_common::config::check_metrics_listen(
+            self.metrics_listen,
+            self.metrics_allow_remote,
+        )?;
         if same_dir(&self.image_dir, &self.retention_dir) {
             return Err(format!(
                 "retention_dir and image_dir are both {}; the retention volume must be separate from the images",
@@ -248,6 +297,10 @@ mod tests {
             revoked_agents: Vec::new(),
             revoked_fingerprints: vec!["AB:".repeat(31) + "AB"],
             admin_socket: default_admin_socket(),
+            rpo_threshold_secs: DEFAULT_RPO_THRESHOLD_SECS,
+            heartbeat_timeout_secs: DEFAULT_HEARTBEAT_TIMEOUT_SECS,
+            metrics_listen: None,
+            metrics_allow_remote: false,
         };
         assert!(c.validate().expect_err("same dir").contains("separate"));
         let mut bad = c.clone();

@@ -48,6 +48,10 @@ pub fn init(o: &InitOptions) -> anyhow::Result<PathBuf> {
         revoked_agents: Vec::new(),
         revoked_fingerprints: Vec::new(),
         admin_socket: crate::config::DEFAULT_ADMIN_SOCKET.into(),
+        rpo_threshold_secs: crate::config::DEFAULT_RPO_THRESHOLD_SECS,
+        heartbeat_timeout_secs: crate::config::DEFAULT_HEARTBEAT_TIMEOUT_SECS,
+        metrics_listen: None,
+        metrics_allow_remote: false,
     };
     config.validate().map_err(|m| anyhow::anyhow!("{m}"))?;
     for d in [&config.image_dir, &config.retention_dir] {

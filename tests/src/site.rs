@@ -28,20 +28,35 @@ impl Site {
     /// A site for tests with loop devices: root, `losetup` and the kernel
     /// lock.
     pub fn start() -> anyhow::Result<Site> {
+        Site::start_with_config("")
+    }
+
+    /// [`Site::start`] with `extra` appended to receiver.toml (top-level
+    /// keys) before `serve` starts.
+    pub fn start_with_config(extra: &str) -> anyhow::Result<Site> {
         let lock = kernel_lock();
         require_root()?;
         require_cmd("losetup")?;
-        Site::start_inner(Some(lock), &[])
+        Site::start_inner(Some(lock), &[], extra)
     }
 
     /// A site for tests that only speak TLS on 127.0.0.1 (raw protocol
     /// clients): no root, no kernel lock. `env` is added to `serve`'s
     /// environment.
     pub fn start_network_only(env: &[(&str, &str)]) -> anyhow::Result<Site> {
-        Site::start_inner(None, env)
+        Site::start_inner(None, env, "")
     }
 
-    fn start_inner(lock: Option<KernelLock>, env: &[(&str, &str)]) -> anyhow::Result<Site> {
+    /// [`Site::start_network_only`] with `extra` added to receiver.toml.
+    pub fn start_network_only_with_config(extra: &str) -> anyhow::Result<Site> {
+        Site::start_inner(None, &[], extra)
+    }
+
+    fn start_inner(
+        lock: Option<KernelLock>,
+        env: &[(&str, &str)],
+        extra: &str,
+    ) -> anyhow::Result<Site> {
         let dir = tempfile::tempdir()?;
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         run_ok(receiver_cmd().args([
@@ -63,13 +78,23 @@ impl Site {
         let default = format!("admin_socket = \"{DEFAULT_ADMIN_SOCKET}\"");
         ensure!(text.contains(&default), "init wrote no {default}: {text}");
         let socket = dir.path().join("rx/receiver.sock");
-        std::fs::write(
-            &cfg,
-            text.replace(
+        // `extra` replaces what init wrote for its keys; top-level keys
+        // must come before the first table.
+        let keys: Vec<String> = extra
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, _)| format!("{} =", k.trim()))
+            .collect();
+        let kept: String = text
+            .replace(
                 &default,
                 &format!("admin_socket = \"{}\"", socket.display()),
-            ),
-        )?;
+            )
+            .lines()
+            .filter(|l| !keys.iter().any(|k| l.starts_with(k.as_str())))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(&cfg, format!("{extra}\n{kept}"))?;
         let mut cmd = receiver_cmd();
         cmd.args(["serve", "--config", path(&cfg)]);
         cmd.envs(env.iter().copied());
@@ -206,6 +231,13 @@ impl Site {
             .and_then(|a| a.iter().find(|p| p["id"] == id))
             .and_then(|p| p["kind"].as_str())
             .map(str::to_owned))
+    }
+
+    /// `tidemark-receiver status --json` of the running receiver.
+    pub fn status_json(&self) -> anyhow::Result<serde_json::Value> {
+        let out =
+            run_ok(receiver_cmd().args(["status", "--config", path(&self.config()), "--json"]))?;
+        Ok(serde_json::from_slice(&out.stdout)?)
     }
 
     pub fn points_json(&self) -> anyhow::Result<serde_json::Value> {

@@ -82,6 +82,8 @@ impl tidemark_common::tls::ClientPolicy for DenyList {
 struct Live {
     agent: String,
     fingerprint: String,
+    /// When its last message came.
+    heard: SystemTime,
     /// Closes the session, saying why.
     close: Option<oneshot::Sender<String>>,
 }
@@ -92,7 +94,7 @@ struct Live {
 pub struct Contact {
     /// Sessions open now.
     pub sessions: usize,
-    /// Now while connected; else when its last session ended.
+    /// Its last message while connected; else when its last session ended.
     pub last: SystemTime,
 }
 
@@ -130,6 +132,7 @@ impl Sessions {
             Live {
                 agent: agent.to_owned(),
                 fingerprint: fingerprint.to_owned(),
+                heard: SystemTime::now(),
                 close: Some(tx),
             },
         );
@@ -142,6 +145,13 @@ impl Sessions {
             .lock()
             .expect("last_seen lock")
             .insert(agent.to_owned(), SystemTime::now());
+    }
+
+    /// A message came on session `id`: the agent is alive.
+    pub fn heard(&self, id: u64) {
+        if let Some(s) = self.live.lock().expect("sessions lock").get_mut(&id) {
+            s.heard = SystemTime::now();
+        }
     }
 
     fn ended(&self, id: u64) {
@@ -172,7 +182,6 @@ impl Sessions {
 
     /// Every agent seen since `serve` started.
     pub fn contacts(&self) -> BTreeMap<String, Contact> {
-        let now = SystemTime::now();
         let mut out: BTreeMap<String, Contact> = self
             .last_seen
             .lock()
@@ -191,10 +200,12 @@ impl Sessions {
         for s in self.live.lock().expect("sessions lock").values() {
             let c = out.entry(s.agent.clone()).or_insert(Contact {
                 sessions: 0,
-                last: now,
+                last: s.heard,
             });
+            // A session that stays open says nothing about whether the
+            // agent still talks: its last message does.
+            c.last = c.last.max(s.heard);
             c.sessions += 1;
-            c.last = now;
         }
         out
     }

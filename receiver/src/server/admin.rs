@@ -8,6 +8,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{info, warn};
 
+use super::health::Alarm;
 use super::Shared;
 use crate::admin::{
     check_target, AgentStatus, DiskStatus, Reassignment, Reply, Request, Status, MAX_REQUEST_BYTES,
@@ -143,11 +144,13 @@ fn status(shared: &Shared) -> anyhow::Result<Status> {
     let deny = shared.deny();
     let contacts = shared.sessions.contacts();
     let now = SystemTime::now();
+    let health = shared.health.disks();
     let registry = shared.registry.lock().expect("registry lock");
     let disks: Vec<DiskStatus> = registry
         .iter()
         .map(|(id, e)| {
             let choices = listing.disks.get(id);
+            let h = health.get(id).cloned().unwrap_or_default();
             DiskStatus {
                 id: id.clone(),
                 agent: e.agent.clone(),
@@ -161,6 +164,14 @@ fn status(shared: &Shared) -> anyhow::Result<Status> {
                 image: e.image.clone(),
                 latest_point: choices.and_then(|c| c.latest),
                 rpo_seconds: choices.and_then(|c| c.rpo_seconds),
+                protection: h.protection,
+                reason: h.reason,
+                points: h.points,
+                alarms: if shared.health.raised(&Alarm::Rpo(id.clone())) {
+                    vec!["RPO alarm".into()]
+                } else {
+                    Vec::new()
+                },
             }
         })
         .collect();
@@ -179,6 +190,11 @@ fn status(shared: &Shared) -> anyhow::Result<Status> {
                     .map(|c| now.duration_since(c.last).map_or(0, |d| d.as_secs())),
                 revoked: deny.refuses_name(&name),
                 disks: disks.iter().filter(|d| d.agent == name).count(),
+                alarms: if shared.health.raised(&Alarm::Heartbeat(name.clone())) {
+                    vec!["heartbeat lost".into()]
+                } else {
+                    Vec::new()
+                },
                 name,
             }
         })
@@ -188,6 +204,8 @@ fn status(shared: &Shared) -> anyhow::Result<Status> {
         listen: shared.config.listen.to_string(),
         started_at: rfc3339(shared.started),
         max_disks: shared.config.max_disks,
+        rpo_threshold_secs: shared.config.rpo_threshold_secs,
+        heartbeat_timeout_secs: shared.config.heartbeat_timeout_secs,
         agents,
         disks,
     })

@@ -10,6 +10,8 @@
 
 mod access;
 mod admin;
+mod health;
+mod metrics;
 mod session;
 
 use std::collections::HashSet;
@@ -51,6 +53,8 @@ pub struct Shared {
     deny: Mutex<Arc<access::DenyList>>,
     sessions: access::Sessions,
     started: SystemTime,
+    health: health::Health,
+    metrics: metrics::Metrics,
 }
 
 impl Shared {
@@ -139,8 +143,14 @@ pub async fn serve(config: ReceiverConfig, config_path: &Path) -> anyhow::Result
         deny: Mutex::new(deny),
         sessions: access::Sessions::default(),
         started: SystemTime::now(),
+        health: health::Health::default(),
+        metrics: metrics::Metrics::default(),
     });
     admin::serve(shared.clone())?;
+    if let Some(addr) = shared.config.metrics_listen {
+        let registry = Arc::new(shared.metrics.registry());
+        tidemark_common::metrics::serve(addr, registry).await?;
+    }
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut watchdog = Watchdog::from_env();
@@ -150,6 +160,9 @@ pub async fn serve(config: ReceiverConfig, config_path: &Path) -> anyhow::Result
             .map_or(STATUS_EVERY, |p| p.min(STATUS_EVERY)),
     );
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut health_tick = tokio::time::interval(health::EVALUATE_EVERY);
+    health_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut evaluating: Option<tokio::task::JoinHandle<()>> = None;
     let mut last_status = shared.status_line();
     service::ready(&last_status);
     loop {
@@ -178,6 +191,18 @@ pub async fn serve(config: ReceiverConfig, config_path: &Path) -> anyhow::Result
                 if line != last_status {
                     service::status(&line);
                     last_status = line;
+                }
+            }
+            _ = health_tick.tick() => {
+                // One evaluation at a time: a slow retention volume must
+                // not pile them up.
+                if evaluating.as_ref().is_none_or(|h| h.is_finished()) {
+                    let shared = shared.clone();
+                    evaluating = Some(tokio::task::spawn_blocking(move || {
+                        if let Err(e) = health::evaluate(&shared) {
+                            warn!("cannot evaluate RPO and heartbeat alarms: {e:#}");
+                        }
+                    }));
                 }
             }
             _ = hup.recv() => {
@@ -211,6 +236,10 @@ const RESTART_ONLY: &[&str] = &[
     "retention_hours",
     "image_format",
     "admin_socket",
+    "rpo_threshold_secs",
+    "heartbeat_timeout_secs",
+    "metrics_listen",
+    "metrics_allow_remote",
 ];
 
 /// Rereads the config: a new deny list and TLS identity for new

@@ -180,7 +180,10 @@ pub async fn run(
         let msg = match tokio::time::timeout(IDLE_TIMEOUT, read_message(&mut rd, &mut buf)).await {
             Err(_) => break Err(anyhow::anyhow!("no message for {IDLE_TIMEOUT:?}")),
             Ok(Ok(None)) => break Ok(()),
-            Ok(Ok(Some(m))) => m,
+            Ok(Ok(Some(m))) => {
+                shared.sessions.heard(session_id);
+                m
+            }
             Ok(Err(FrameError::Io(e))) => break Err(anyhow::Error::new(e).context("reading")),
             Ok(Err(e)) => {
                 let text = format!("{e}: {}", error_chain(&e));
@@ -413,6 +416,11 @@ impl Worker {
                 )
             })?;
         let data = data.to_vec();
+        self.shared.metrics.received(
+            &self.disks[d].id,
+            u64::from(e.len_bytes),
+            e.payload.len() as u64,
+        );
         self.overwrite(d, e.offset_bytes, u64::from(e.len_bytes), Some(data))?;
         self.written(d, e.seq, u64::from(e.len_bytes));
         Ok(())
