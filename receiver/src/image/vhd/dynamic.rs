@@ -30,7 +30,9 @@
 //! - The tail footer needs no sync of its own. Writing it before the block
 //!   means that at every syscall boundary the file ends with a valid
 //!   footer, so a killed process (page cache intact) leaves an image every
-//!   reader opens as it is. After a power cut the unsynced tail may be
+//!   reader opens as it is. It also extends the file over the whole new
+//!   block, so a block only partly written still lies inside the file
+//!   (qemu refuses a BAT entry whose block passes the end of the file). After a power cut the unsynced tail may be
 //!   missing or followed by orphan block bytes; that is all a cut can
 //!   leave, because the head copy, the header and, for referenced blocks,
 //!   the data never depend on unsynced writes. The next writable open
