@@ -12,6 +12,7 @@ command -v bc >/dev/null || need+=(bc)
 command -v fsck.ext4 >/dev/null || need+=(e2fsprogs)
 command -v fstrim >/dev/null || need+=(util-linux)
 command -v vmdkinfo >/dev/null || need+=(libvmdk-utils)
+command -v vhdiinfo >/dev/null || need+=(libvhdi-utils)
 command -v 7zz >/dev/null || need+=(7zip)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then

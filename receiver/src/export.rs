@@ -19,6 +19,7 @@ use time::OffsetDateTime;
 
 use crate::config::ReceiverConfig;
 use crate::image::raw::RawImage;
+use crate::image::vhd::export_dynamic;
 use crate::image::vhd::footer::{fixed_size, Footer};
 use crate::image::vmdk::descriptor::{self, FlatKind};
 use crate::image::vmdk::{export_stream, VmdkImage, VmdkKind};
@@ -32,7 +33,14 @@ use tidemark_common::proto::PointKind;
 const COPY_CHUNK_BYTES: usize = 4 << 20;
 
 /// Export formats this receiver writes.
-pub const FORMATS: &[&str] = &["raw", "vhd-fixed", "vmdk", "vmdk-sparse", "vmdk-stream"];
+pub const FORMATS: &[&str] = &[
+    "raw",
+    "vhd",
+    "vhd-fixed",
+    "vmdk",
+    "vmdk-sparse",
+    "vmdk-stream",
+];
 
 /// How an operator names a point.
 pub const SPEC_HELP: &str =
@@ -134,6 +142,16 @@ pub fn export(
         }
     }
     let point = resolve_point(&points, disk, history_from, spec)?;
+
+    // A disk the format cannot hold is refused before minutes of copying.
+    let limit = match format {
+        "vhd" => Some(live::ImageFormat::Vhd),
+        "vhd-fixed" => Some(live::ImageFormat::VhdFixed),
+        _ => None,
+    };
+    if let Some(f) = limit {
+        live::check_size(f, out, entry.size_bytes)?;
+    }
 
     let image_path = config.image_dir.join(&entry.image);
     let mut image = live::open(entry.format(), &image_path, false)?;
@@ -261,6 +279,15 @@ fn finish(
                 let _ = std::fs::remove_file(&tmp);
                 return Err(e);
             }
+            rename(&tmp, out)?;
+        }
+        "vhd" => {
+            let tmp = sibling(out, ".vhd-partial");
+            let _ = std::fs::remove_file(&tmp);
+            let made = RawImage::open(partial, false)
+                .and_then(|mut src| export_dynamic(&mut src, size, *uuid, &tmp));
+            let _ = std::fs::remove_file(partial);
+            made?;
             rename(&tmp, out)?;
         }
         "vmdk-stream" => {

@@ -7,7 +7,7 @@
 use tidemark_agent::tracking::DirtyMap;
 use tidemark_common::proto::Message;
 use tidemark_receiver::image::storage::CrashStorage;
-use tidemark_receiver::image::vhd::footer::Footer;
+use tidemark_receiver::image::vhd::{self, footer::Footer};
 use tidemark_receiver::image::vmdk::sparse_header::SparseHeader;
 use tidemark_receiver::image::vmdk::{self, descriptor, VmdkImage};
 use tidemark_receiver::image::Image;
@@ -19,6 +19,7 @@ pub const TARGETS: &[&str] = &[
     "vmdk_sparse",
     "vmdk_stream",
     "vhd_footer",
+    "vhd_dynamic",
     "undo_journal",
     "point_log",
     "receiver_config",
@@ -73,7 +74,30 @@ pub fn run(target: &str, data: &[u8]) -> bool {
             valid
         }
         "vmdk_stream" => vmdk::validate_stream(&CrashStorage::new(data.to_vec(), None)).is_ok(),
-        "vhd_footer" => Footer::decode(data).is_some(),
+        "vhd_footer" => Footer::decode(data).is_ok(),
+        "vhd_dynamic" => {
+            let path = std::path::Path::new("fuzz.vhd");
+            let storage = CrashStorage::new(data.to_vec(), None);
+            let _ = vhd::probe_storage(&storage, path);
+            let valid = vhd::validate_dynamic(&storage).is_ok();
+            // A writable open repairs the tail and orphans on these bytes.
+            for writable in [false, true] {
+                let storage = Box::new(CrashStorage::new(data.to_vec(), None));
+                if let Ok(mut img) = vhd::DynamicVhd::open(storage, path, writable) {
+                    let size = img.size_bytes();
+                    let mut buf = vec![0u8; 65536];
+                    for at in [0, size / 2, size.saturating_sub(65536)] {
+                        let n = (size - at.min(size)).min(65536) as usize;
+                        let _ = img.read_at(at, &mut buf[..n]);
+                    }
+                    if writable && size >= 4096 {
+                        let _ = img.write_at(size / 3 / 512 * 512, &[0x5a; 4096]);
+                        let _ = img.flush();
+                    }
+                }
+            }
+            valid
+        }
         "undo_journal" => {
             let (records, valid) = tidemark_receiver::journal::undo::decode_all(data);
             !records.is_empty() && valid == data.len()
@@ -242,6 +266,19 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         "valid-fixed",
         Footer::fixed(1 << 30, uuid).encode().to_vec(),
     ));
+
+    let storage = CrashStorage::new(Vec::new(), None);
+    let mut img = vhd::DynamicVhd::create(
+        Box::new(storage.clone()),
+        std::path::Path::new("seed.vhd"),
+        6 << 20,
+        uuid,
+    )
+    .expect("dynamic vhd");
+    img.write_at(4096, &text[..4096]).expect("write");
+    img.write_at((4 << 20) + 512, &text[..1024]).expect("write");
+    img.close().expect("close");
+    out.push(("vhd_dynamic", "valid-small", storage.durable()));
 
     let mut log = tidemark_receiver::journal::undo::UndoLog::new(dir.path().join("undo"));
     log.append(3, 4096, &text[..4096]).expect("append");

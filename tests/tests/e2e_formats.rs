@@ -1,5 +1,5 @@
-//! Live image formats end to end: replicas kept as sparse VMDK and fixed
-//! VHD (chosen per receiver and per disk), exports of every point in every
+//! Live image formats end to end: replicas kept as sparse VMDK, dynamic
+//! and fixed VHD (chosen per receiver and per disk), exports of every point in every
 //! export format checked by qemu-img, and images made by qemu-img found by
 //! their UUID so only changes travel.
 
@@ -7,6 +7,8 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::ensure;
+use tidemark_receiver::image::storage::FileStorage;
+use tidemark_receiver::image::vhd::{validate_dynamic, validate_fixed, VhdKind};
 use tidemark_tests::site::{
     agent_sync, assert_fails_with, path, point_id, receiver_cmd, run_ok, Site,
 };
@@ -65,35 +67,47 @@ fn churn(dev: &LoopDev, rng: &mut SplitMix64, writes: usize) -> anyhow::Result<(
 }
 
 #[test]
-fn sparse_vmdk_and_fixed_vhd_replicas_export_every_point_in_every_format() -> anyhow::Result<()> {
+fn sparse_vmdk_and_vhd_replicas_export_every_point_in_every_format() -> anyhow::Result<()> {
     require_cmd("qemu-img")?;
     let mut site = Site::start()?;
-    set_formats(&mut site, "vmdk-sparse", &[("disk-h", "vhd-fixed")])?;
+    set_formats(
+        &mut site,
+        "vmdk-sparse",
+        &[("disk-h", "vhd-fixed"), ("disk-d", "vhd")],
+    )?;
     // Not whole grains or MiB: the last partial grain and Azure's rounding.
     let size = (24 << 20) + (12 << 10);
     let s = LoopDev::create(&site.dir.path().join("s.raw"), size)?;
     let h = LoopDev::create(&site.dir.path().join("h.raw"), size)?;
+    let d = LoopDev::create(&site.dir.path().join("d.raw"), size)?;
     let cfg = site.agent(
         "agent-f",
         site.addr,
-        &[(s.path(), "disk-s"), (h.path(), "disk-h")],
+        &[
+            (s.path(), "disk-s"),
+            (h.path(), "disk-h"),
+            (d.path(), "disk-d"),
+        ],
     )?;
     let mut rng = SplitMix64::new(31);
     let mut phases = Vec::new();
     for phase in 0..3 {
         churn(&s, &mut rng, if phase == 0 { 200 } else { 40 })?;
         churn(&h, &mut rng, if phase == 0 { 200 } else { 40 })?;
+        churn(&d, &mut rng, if phase == 0 { 200 } else { 40 })?;
         // The last, partial grain changes in every phase.
         s.write_at(size - 4096, &[phase + 1; 4096])?;
         h.write_at(size - 4096, &[phase + 1; 4096])?;
+        d.write_at(size - 4096, &[phase + 1; 4096])?;
         let p = point_id(&agent_sync(&cfg, &[]))?;
-        phases.push((p, s.read_all()?, h.read_all()?));
+        phases.push((p, s.read_all()?, h.read_all()?, d.read_all()?));
     }
     let images = site.dir.path().join("images");
     let live_s = images.join("disk-s.vmdk");
     let live_h = images.join("disk-h.vhd");
+    let live_d = images.join("disk-d.vhd");
     ensure!(
-        live_s.exists() && live_h.exists(),
+        live_s.exists() && live_h.exists() && live_d.exists(),
         "live images not where expected"
     );
     assert!(
@@ -102,10 +116,15 @@ fn sparse_vmdk_and_fixed_vhd_replicas_export_every_point_in_every_format() -> an
     );
     qemu_compare(s.path(), "vmdk", &live_s)?;
     qemu_compare(h.path(), "vpc", &live_h)?;
+    qemu_compare(d.path(), "vpc", &live_d)?;
     run_ok(Command::new("qemu-img").args(["check", "-f", "vmdk", path(&live_s)]))?;
+    // qemu-img check has no VHD check: our structural one, which reads the
+    // footer copies, header, BAT and bitmaps as the spec lays them out.
+    validate_vhd(&live_d, VhdKind::Dynamic)?;
+    validate_vhd(&live_h, VhdKind::Fixed)?;
 
-    for (p, want_s, want_h) in &phases {
-        for (disk, want) in [("disk-s", want_s), ("disk-h", want_h)] {
+    for (p, want_s, want_h, want_d) in &phases {
+        for (disk, want) in [("disk-s", want_s), ("disk-h", want_h), ("disk-d", want_d)] {
             let out = site.dir.path().join(format!("{disk}-{p}.raw"));
             export(&site, disk, &p.to_string(), "raw", &out)?;
             assert!(
@@ -117,7 +136,7 @@ fn sparse_vmdk_and_fixed_vhd_replicas_export_every_point_in_every_format() -> an
     }
     // Every export format of the oldest point, read back by qemu-img
     // against the device as it was then.
-    let (p1, first_s, _) = &phases[0];
+    let (p1, first_s, _, _) = &phases[0];
     let then = site.dir.path().join("then.raw");
     std::fs::write(&then, first_s)?;
     for (fmt, qfmt, name) in [
@@ -125,6 +144,7 @@ fn sparse_vmdk_and_fixed_vhd_replicas_export_every_point_in_every_format() -> an
         ("vmdk-sparse", "vmdk", "x-sparse.vmdk"),
         ("vmdk-stream", "vmdk", "x-stream.vmdk"),
         ("vhd-fixed", "vpc", "x.vhd"),
+        ("vhd", "vpc", "x-dynamic.vhd"),
         ("raw", "raw", "x.raw"),
     ] {
         let out = site.dir.path().join(name);
@@ -134,6 +154,8 @@ fn sparse_vmdk_and_fixed_vhd_replicas_export_every_point_in_every_format() -> an
             run_ok(Command::new("qemu-img").args(["check", "-f", "vmdk", path(&out)]))?;
         }
     }
+    validate_vhd(&site.dir.path().join("x.vhd"), VhdKind::Fixed)?;
+    validate_vhd(&site.dir.path().join("x-dynamic.vhd"), VhdKind::Dynamic)?;
     let stream = std::fs::read(site.dir.path().join("x-stream.vmdk"))?;
     let text = String::from_utf8_lossy(&stream[512..2048]);
     assert!(text.contains("streamOptimized"), "{text}");
@@ -159,20 +181,36 @@ fn set_embedded_uuid(vmdk: &Path, uuid_text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Sets the unique id of a fixed VHD made by qemu-img and fixes the footer
-/// checksum (one's complement of the byte sum, VHD spec).
+/// Sets the unique id of a VHD made by qemu-img in its footer (and in the
+/// copy at offset 0 a dynamic VHD has) and fixes the checksum (one's
+/// complement of the byte sum, VHD spec).
 fn set_vhd_uuid(vhd: &Path, uuid: [u8; 16]) -> anyhow::Result<()> {
     let mut bytes = std::fs::read(vhd)?;
-    let at = bytes.len() - 512;
-    let footer = &mut bytes[at..];
-    footer[68..84].copy_from_slice(&uuid);
-    footer[64..68].fill(0);
-    let sum = footer
-        .iter()
-        .fold(0u32, |a, &b| a.wrapping_add(u32::from(b)));
-    footer[64..68].copy_from_slice(&(!sum).to_be_bytes());
+    let tail = bytes.len() - 512;
+    let mut copies = vec![tail];
+    if bytes.starts_with(b"conectix") {
+        copies.push(0);
+    }
+    for at in copies {
+        let footer = &mut bytes[at..at + 512];
+        footer[68..84].copy_from_slice(&uuid);
+        footer[64..68].fill(0);
+        let sum = footer
+            .iter()
+            .fold(0u32, |a, &b| a.wrapping_add(u32::from(b)));
+        footer[64..68].copy_from_slice(&(!sum).to_be_bytes());
+    }
     std::fs::write(vhd, bytes)?;
     Ok(())
+}
+
+fn validate_vhd(file: &Path, kind: VhdKind) -> anyhow::Result<()> {
+    let storage = FileStorage::new(std::fs::File::open(file)?);
+    let checked = match kind {
+        VhdKind::Dynamic => validate_dynamic(&storage),
+        VhdKind::Fixed => validate_fixed(&storage),
+    };
+    checked.map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))
 }
 
 const NAA_ID: &str = "naa.6000c29a1b2c3d4e5f60718293a4b5c6";
@@ -182,15 +220,21 @@ const NAA_UUID: [u8; 16] = [
 ];
 
 #[test]
-fn qemu_made_sparse_vmdk_and_fixed_vhd_are_found_by_uuid_and_only_changes_travel(
-) -> anyhow::Result<()> {
+fn qemu_made_sparse_vmdk_and_vhds_are_found_by_uuid_and_only_changes_travel() -> anyhow::Result<()>
+{
     require_cmd("qemu-img")?;
     for (fmt, opts, qfmt, file) in [
         ("vmdk", "subformat=monolithicSparse", "vmdk", "guest.vmdk"),
         ("vpc", "subformat=fixed,force_size=on", "vpc", "guest.vhd"),
+        (
+            "vpc",
+            "subformat=dynamic,force_size=on",
+            "vpc",
+            "guest-dyn.vhd",
+        ),
     ] {
         let site = Site::start()?;
-        let dev = LoopDev::create(&site.dir.path().join(format!("{qfmt}.raw")), 32 << 20)?;
+        let dev = LoopDev::create(&site.dir.path().join("guest.raw"), 32 << 20)?;
         fill_mixed(&dev, 9)?;
         // The image the guest's disk came from, made by qemu-img.
         let image = site.dir.path().join("images").join(file);
@@ -211,7 +255,7 @@ fn qemu_made_sparse_vmdk_and_fixed_vhd_are_found_by_uuid_and_only_changes_travel
         dev.write_at(7 << 20, &changed)?;
 
         let proxy = CountingProxy::start(site.addr)?;
-        let name = format!("agent-{qfmt}");
+        let name = format!("agent-{}", file.replace('.', "-"));
         let cfg = site.agent(&name, proxy.addr(), &[(dev.path(), NAA_ID)])?;
         point_id(&agent_sync(&cfg, &[]))?;
         let log = site.receiver.log();
@@ -244,6 +288,13 @@ fn a_disk_too_large_for_its_format_is_refused_at_registration() -> anyhow::Resul
     assert_fails_with(
         &agent_sync(&cfg, &["--give-up-after", "2"]),
         &["big", "monolithicSparse", "image_format"],
+    );
+    // qemu reads a dynamic VHD only up to 2040 GiB.
+    set_formats(&mut site, "vhd", &[])?;
+    let cfg = site.agent("agent-b2", site.addr, &[(dev.path(), "big")])?;
+    assert_fails_with(
+        &agent_sync(&cfg, &["--give-up-after", "2"]),
+        &["big", "dynamic VHD", "vhd-fixed"],
     );
     let images: Vec<_> = std::fs::read_dir(site.dir.path().join("images"))?.collect();
     assert!(images.is_empty(), "nothing may be created: {images:?}");

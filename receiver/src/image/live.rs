@@ -24,6 +24,9 @@ pub enum ImageFormat {
     Vmdk,
     /// monolithicSparse VMDK `<id>.vmdk`: one file, grows as data arrives.
     VmdkSparse,
+    /// Dynamic VHD `<id>.vhd`: sparse, grows in 2 MiB blocks (Hyper-V,
+    /// qemu; at most 2040 GiB, qemu's limit).
+    Vhd,
     /// Fixed VHD `<id>.vhd`: the disk then a footer (Hyper-V, Azure).
     VhdFixed,
     /// The disk byte for byte, `<id>.img`.
@@ -35,6 +38,7 @@ impl ImageFormat {
         match self {
             ImageFormat::Vmdk => "vmdk",
             ImageFormat::VmdkSparse => "vmdk-sparse",
+            ImageFormat::Vhd => "vhd",
             ImageFormat::VhdFixed => "vhd-fixed",
             ImageFormat::Raw => "raw",
         }
@@ -45,6 +49,7 @@ impl ImageFormat {
         match self {
             ImageFormat::Vmdk => super::vmdk::max_size_bytes(VmdkKind::FlatVmfs),
             ImageFormat::VmdkSparse => super::vmdk::max_size_bytes(VmdkKind::MonolithicSparse),
+            ImageFormat::Vhd => vhd::dynamic::MAX_SIZE_BYTES,
             ImageFormat::VhdFixed => VHD_FIXED_MAX_BYTES,
             ImageFormat::Raw => i64::MAX as u64,
         }
@@ -56,7 +61,7 @@ impl ImageFormat {
         match self {
             ImageFormat::Vmdk => format!("{disk_id}-flat.vmdk"),
             ImageFormat::VmdkSparse => format!("{disk_id}.vmdk"),
-            ImageFormat::VhdFixed => format!("{disk_id}.vhd"),
+            ImageFormat::Vhd | ImageFormat::VhdFixed => format!("{disk_id}.vhd"),
             ImageFormat::Raw => format!("{disk_id}.img"),
         }
     }
@@ -84,6 +89,9 @@ pub fn check_size(format: ImageFormat, path: &Path, size_bytes: u64) -> Result<(
             format: match format {
                 ImageFormat::Vmdk => "an ESXi (vmfs) VMDK",
                 ImageFormat::VmdkSparse => "a monolithicSparse VMDK (use image_format = \"vmdk\")",
+                ImageFormat::Vhd => {
+                    "a dynamic VHD (qemu reads no more; use image_format = \"vhd-fixed\" or \"vmdk\")"
+                }
                 ImageFormat::VhdFixed => "a fixed VHD (Azure's limit)",
                 ImageFormat::Raw => "a raw image",
             },
@@ -110,7 +118,17 @@ pub fn create(
             uuid,
             VmdkKind::MonolithicSparse,
         )?),
-        ImageFormat::VhdFixed => Box::new(vhd::fixed::create(&path, size_bytes, uuid)?),
+        ImageFormat::Vhd => Box::new(vhd::DynamicVhd::create_file(
+            &path,
+            size_bytes.div_ceil(512) * 512,
+            uuid,
+        )?),
+        // Whole MiB: Azure refuses anything else.
+        ImageFormat::VhdFixed => Box::new(vhd::FixedVhd::create_file(
+            &path,
+            vhd::footer::fixed_size(size_bytes),
+            uuid,
+        )?),
         ImageFormat::Raw => Box::new(RawImage::create(&path, size_bytes)?),
     })
 }
@@ -126,7 +144,8 @@ pub fn open(
         // change after creation, so the data is all that is written.
         ImageFormat::Vmdk | ImageFormat::Raw => Box::new(RawImage::open(path, writable)?),
         ImageFormat::VmdkSparse => Box::new(VmdkImage::open_file(path, writable)?),
-        ImageFormat::VhdFixed => Box::new(vhd::fixed::open(path, writable)?),
+        ImageFormat::Vhd => Box::new(vhd::DynamicVhd::open_file(path, writable)?),
+        ImageFormat::VhdFixed => Box::new(vhd::FixedVhd::open_file(path, writable)?),
     })
 }
 
@@ -144,7 +163,7 @@ pub struct Found {
 }
 
 /// Every image directly in `dir` that carries a UUID, made by us or not:
-/// flat and sparse VMDKs (`ddb.uuid`) and fixed VHDs (footer unique id).
+/// flat and sparse VMDKs (`ddb.uuid`) and VHDs (footer unique id).
 /// Files that are not images, or are damaged, are skipped: only a match
 /// matters, and a damaged match would be refused when opened.
 pub fn scan(dir: &Path) -> std::io::Result<Vec<Found>> {
@@ -186,13 +205,16 @@ pub fn scan(dir: &Path) -> std::io::Result<Vec<Found>> {
                 }
             }
             Some("vhd") => {
-                if let Ok(Some(f)) = vhd::fixed::footer(&p) {
+                if let Ok(Some((uuid, kind, size_bytes))) = vhd::probe(&p) {
                     found.push(Found {
                         shown: p.clone(),
                         file: p,
-                        format: ImageFormat::VhdFixed,
-                        uuid: f.uuid,
-                        size_bytes: f.current_size,
+                        format: match kind {
+                            vhd::VhdKind::Fixed => ImageFormat::VhdFixed,
+                            vhd::VhdKind::Dynamic => ImageFormat::Vhd,
+                        },
+                        uuid,
+                        size_bytes,
                     });
                 }
             }
@@ -212,6 +234,7 @@ mod tests {
         for (i, format) in [
             ImageFormat::Vmdk,
             ImageFormat::VmdkSparse,
+            ImageFormat::Vhd,
             ImageFormat::VhdFixed,
             ImageFormat::Raw,
         ]
@@ -235,7 +258,7 @@ mod tests {
         let mut formats: Vec<&str> = found.iter().map(|f| f.format.name()).collect();
         formats.sort();
         // A raw image has no UUID to be found by.
-        assert_eq!(formats, ["vhd-fixed", "vmdk", "vmdk-sparse"]);
+        assert_eq!(formats, ["vhd", "vhd-fixed", "vmdk", "vmdk-sparse"]);
         for f in &found {
             let i = f.uuid[0] - 1;
             assert_eq!(
@@ -256,6 +279,8 @@ mod tests {
             four_tib,
             [1; 16],
         );
+        assert!(matches!(e, Err(ImageError::TooLarge { .. })));
+        let e = create(ImageFormat::Vhd, dir.path(), "big", four_tib, [1; 16]);
         assert!(matches!(e, Err(ImageError::TooLarge { .. })));
         assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 0);
         // The formats the issue requires for 4 TiB take it (sparse files).

@@ -1,112 +1,304 @@
-//! Fixed VHDs as live images: the disk byte for byte, then the footer
-//! (FORMATS.md §2.2). The footer is written once, when the image is made,
-//! and replication writes only ever touch the data before it, so a crash
-//! can never leave a footer that disagrees with the data: there is no
-//! metadata to keep in step.
+//! Fixed VHD written in place: the disk byte for byte, then the footer
+//! (FORMATS.md §2.3). The footer is written once at create and never
+//! moves, so the image is crash-safe by construction (§2.6): a flush is a
+//! plain data sync. Zero ranges are punched out, so the file stays sparse
+//! on the host (and uploads fast, §2.5).
 
 use std::fs::OpenOptions;
-use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use super::footer::{fixed_size, Footer, DISK_TYPE_FIXED, FOOTER_BYTES};
-use crate::image::raw::RawImage;
-use crate::image::{DiskUuid, ImageError};
+use super::footer::{Footer, DISK_TYPE_FIXED, FIXED_DATA_OFFSET, FOOTER_BYTES};
+use super::header::SECTOR_BYTES;
+use crate::image::storage::{FileStorage, Storage};
+use crate::image::{DiskUuid, Image, ImageError};
 
-/// Creates `path` as a fixed VHD holding a disk of `disk_bytes` (rounded
-/// up to whole MiB, which Azure requires), carrying `uuid`. The file is
-/// complete (footer and all) under a temporary name before it appears
-/// under its own, so a crash leaves either no image or a whole one.
-pub fn create(path: &Path, disk_bytes: u64, uuid: DiskUuid) -> Result<RawImage, ImageError> {
-    let create_err = |source| ImageError::Create {
-        path: path.to_path_buf(),
-        source,
-    };
-    if path.exists() {
-        return Err(create_err(std::io::Error::from(
-            std::io::ErrorKind::AlreadyExists,
-        )));
-    }
-    let virtual_size = fixed_size(disk_bytes);
-    let mut partial = path.as_os_str().to_owned();
-    partial.push(".partial");
-    let partial = Path::new(&partial);
-    let made = (|| {
+/// A fixed VHD open as a live image.
+pub struct FixedVhd {
+    path: PathBuf,
+    storage: Box<dyn Storage>,
+    footer: Footer,
+    writable: bool,
+    poisoned: bool,
+}
+
+impl FixedVhd {
+    /// Creates `path` (which must not exist) as a fixed VHD of
+    /// `size_bytes` (a multiple of 512; Azure wants whole MiB, see
+    /// [`super::footer::fixed_size`]) carrying `uuid`.
+    pub fn create_file(
+        path: &Path,
+        size_bytes: u64,
+        uuid: DiskUuid,
+    ) -> Result<FixedVhd, ImageError> {
+        let create_err = |source| ImageError::Create {
+            path: path.to_path_buf(),
+            source,
+        };
         let file = OpenOptions::new()
+            .read(true)
             .write(true)
-            .create(true)
-            .truncate(true)
-            .open(partial)?;
-        file.set_len(virtual_size + FOOTER_BYTES as u64)?;
-        file.write_all_at(&Footer::fixed(virtual_size, uuid).encode(), virtual_size)?;
-        file.sync_all()?;
-        std::fs::rename(partial, path)?;
+            .create_new(true)
+            .open(path)
+            .map_err(create_err)?;
+        let img = match Self::create(Box::new(FileStorage::new(file)), path, size_bytes, uuid) {
+            Ok(img) => img,
+            Err(e) => {
+                let _ = std::fs::remove_file(path);
+                return Err(e);
+            }
+        };
         let dir = match path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d,
             _ => Path::new("."),
         };
-        tidemark_common::durable::sync_dir(dir)
-    })();
-    if let Err(e) = made {
-        let _ = std::fs::remove_file(partial);
-        return Err(create_err(e));
+        tidemark_common::durable::sync_dir(dir).map_err(create_err)?;
+        Ok(img)
     }
-    RawImage::open_prefix(path, true, Some(virtual_size))
-}
 
-/// Reads the footer at the end of `path`: Some for a fixed VHD, None for a
-/// file that does not end in a valid fixed-disk footer.
-pub fn footer(path: &Path) -> Result<Option<Footer>, ImageError> {
-    let open_err = |source| ImageError::Open {
-        path: path.to_path_buf(),
-        source,
-    };
-    let file = std::fs::File::open(path).map_err(open_err)?;
-    let len = file.metadata().map_err(open_err)?.len();
-    if len < FOOTER_BYTES as u64 {
-        return Ok(None);
+    pub fn open_file(path: &Path, writable: bool) -> Result<FixedVhd, ImageError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .map_err(|source| ImageError::Open {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Self::open(Box::new(FileStorage::new(file)), path, writable)
     }
-    let mut b = [0u8; FOOTER_BYTES];
-    file.read_exact_at(&mut b, len - FOOTER_BYTES as u64)
-        .map_err(|source| ImageError::Read {
+
+    /// Lays out a new image on empty `storage`.
+    pub fn create(
+        mut storage: Box<dyn Storage>,
+        path: &Path,
+        size_bytes: u64,
+        uuid: DiskUuid,
+    ) -> Result<FixedVhd, ImageError> {
+        let create_err = |source| ImageError::Create {
             path: path.to_path_buf(),
-            offset_bytes: len - FOOTER_BYTES as u64,
+            source,
+        };
+        if size_bytes == 0 || !size_bytes.is_multiple_of(SECTOR_BYTES) {
+            return Err(create_err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "size must be a non-zero multiple of 512 bytes",
+            )));
+        }
+        if storage.len().map_err(create_err)? != 0 {
+            return Err(create_err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "the file is not empty",
+            )));
+        }
+        let footer = Footer::fixed(size_bytes, uuid);
+        storage
+            .write_at(&footer.encode(), size_bytes)
+            .and_then(|()| storage.sync())
+            .map_err(create_err)?;
+        Ok(FixedVhd {
+            path: path.to_path_buf(),
+            storage,
+            footer,
+            writable: true,
+            poisoned: false,
+        })
+    }
+
+    /// Opens a fixed VHD: a valid fixed footer in the last 512 bytes whose
+    /// Current Size is the rest of the file.
+    pub fn open(
+        storage: Box<dyn Storage>,
+        path: &Path,
+        writable: bool,
+    ) -> Result<FixedVhd, ImageError> {
+        let fmt = |m: String| ImageError::Format {
+            path: path.to_path_buf(),
+            message: m,
+        };
+        let len = storage.len().map_err(|source| ImageError::Open {
+            path: path.to_path_buf(),
             source,
         })?;
-    Ok(Footer::decode(&b)
-        .filter(|f| f.disk_type == DISK_TYPE_FIXED && f.current_size == len - FOOTER_BYTES as u64))
+        if len < FOOTER_BYTES as u64 {
+            return Err(fmt(format!("{len} bytes is too short for a VHD")));
+        }
+        let at = len - FOOTER_BYTES as u64;
+        let mut b = [0u8; FOOTER_BYTES];
+        storage
+            .read_at(&mut b, at)
+            .map_err(|source| ImageError::Read {
+                path: path.to_path_buf(),
+                offset_bytes: at,
+                source,
+            })?;
+        let footer = Footer::decode(&b).map_err(|e| fmt(format!("footer: {e}")))?;
+        if footer.disk_type != DISK_TYPE_FIXED {
+            return Err(fmt(format!("disk type {}, not fixed", footer.disk_type)));
+        }
+        if footer.current_size != at {
+            return Err(fmt(format!(
+                "footer says {} bytes but {at} bytes precede it",
+                footer.current_size
+            )));
+        }
+        if footer.data_offset != FIXED_DATA_OFFSET {
+            tracing::warn!(
+                "{}: fixed VHD with data offset {:#x} (cloud-hypervisor wants all ones)",
+                path.display(),
+                footer.data_offset
+            );
+        }
+        Ok(FixedVhd {
+            path: path.to_path_buf(),
+            storage,
+            footer,
+            writable,
+            poisoned: false,
+        })
+    }
+
+    pub fn uuid(&self) -> DiskUuid {
+        self.footer.uuid
+    }
+
+    pub fn footer(&self) -> &Footer {
+        &self.footer
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Flushes; dropping does the same but can only log a failure.
+    pub fn close(mut self) -> Result<(), ImageError> {
+        let r = self.flush();
+        self.writable = false;
+        r
+    }
+
+    fn check(&self, offset_bytes: u64, len_bytes: u64, write: bool) -> Result<(), ImageError> {
+        if self.poisoned {
+            return Err(ImageError::Poisoned {
+                path: self.path.clone(),
+            });
+        }
+        if write && !self.writable {
+            return Err(ImageError::Write {
+                path: self.path.clone(),
+                offset_bytes,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    "image is open read-only",
+                ),
+            });
+        }
+        let size_bytes = self.size_bytes();
+        match offset_bytes.checked_add(len_bytes) {
+            Some(end) if end <= size_bytes => Ok(()),
+            _ => Err(ImageError::OutOfRange {
+                path: self.path.clone(),
+                offset_bytes,
+                len_bytes,
+                size_bytes,
+            }),
+        }
+    }
+
+    fn write_err(&mut self, offset_bytes: u64, source: std::io::Error) -> ImageError {
+        self.poisoned = true;
+        ImageError::Write {
+            path: self.path.clone(),
+            offset_bytes,
+            source,
+        }
+    }
 }
 
-/// Opens a fixed VHD (ours, or one made by qemu-img or Hyper-V): the disk
-/// is everything before the footer.
-pub fn open(path: &Path, writable: bool) -> Result<RawImage, ImageError> {
-    let Some(f) = footer(path)? else {
-        return Err(ImageError::Format {
-            path: path.to_path_buf(),
-            message: "no fixed-disk VHD footer at the end of the file".into(),
-        });
-    };
-    RawImage::open_prefix(path, writable, Some(f.current_size))
+impl Image for FixedVhd {
+    fn size_bytes(&self) -> u64 {
+        self.footer.current_size
+    }
+
+    fn write_at(&mut self, offset_bytes: u64, data: &[u8]) -> Result<(), ImageError> {
+        self.check(offset_bytes, data.len() as u64, true)?;
+        self.storage
+            .write_at(data, offset_bytes)
+            .map_err(|e| self.write_err(offset_bytes, e))
+    }
+
+    fn write_zeroes(&mut self, offset_bytes: u64, len_bytes: u64) -> Result<(), ImageError> {
+        self.check(offset_bytes, len_bytes, true)?;
+        if len_bytes == 0 {
+            return Ok(());
+        }
+        self.storage
+            .punch_hole(offset_bytes, len_bytes)
+            .map_err(|e| self.write_err(offset_bytes, e))
+    }
+
+    fn read_at(&mut self, offset_bytes: u64, buf: &mut [u8]) -> Result<(), ImageError> {
+        self.check(offset_bytes, buf.len() as u64, false)?;
+        self.storage
+            .read_at(buf, offset_bytes)
+            .map_err(|source| ImageError::Read {
+                path: self.path.clone(),
+                offset_bytes,
+                source,
+            })
+    }
+
+    fn flush(&mut self) -> Result<(), ImageError> {
+        if self.poisoned {
+            return Err(ImageError::Poisoned {
+                path: self.path.clone(),
+            });
+        }
+        if !self.writable {
+            return Ok(());
+        }
+        self.storage.sync().map_err(|source| {
+            self.poisoned = true;
+            ImageError::Sync {
+                path: self.path.clone(),
+                source,
+            }
+        })
+    }
+}
+
+impl Drop for FixedVhd {
+    fn drop(&mut self) {
+        if self.writable && !self.poisoned {
+            if let Err(e) = self.flush() {
+                tracing::warn!("closing {} failed: {e}", self.path.display());
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::image::Image;
+    use crate::image::storage::CrashStorage;
 
     #[test]
-    fn writes_never_reach_the_footer() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let p = dir.path().join("d.vhd");
-        let mut img = create(&p, (3 << 20) + 512, [9; 16]).expect("create");
-        assert_eq!(img.size_bytes(), 4 << 20);
-        img.write_at((4 << 20) - 4096, &[0xee; 4096]).expect("last");
-        assert!(img.write_at(4 << 20, &[1]).is_err());
-        img.flush().expect("flush");
-        let f = footer(&p).expect("read").expect("footer");
-        assert_eq!((f.current_size, f.uuid), (4 << 20, [9; 16]));
-        assert_eq!(open(&p, false).expect("open").size_bytes(), 4 << 20);
-        assert!(create(&p, 1 << 20, [1; 16]).is_err(), "must not clobber");
-        std::fs::write(dir.path().join("junk"), [0u8; 4096]).expect("junk");
-        assert!(footer(&dir.path().join("junk")).expect("read").is_none());
+    fn a_fixed_image_is_the_disk_then_the_footer() {
+        let s = CrashStorage::new(Vec::new(), None);
+        let mut img = FixedVhd::create(Box::new(s.clone()), Path::new("f.vhd"), 1 << 20, [3; 16])
+            .expect("create");
+        img.write_at(1000, &[4u8; 5000]).expect("write");
+        img.write_zeroes(2000, 100).expect("zero");
+        assert!(
+            img.write_at((1 << 20) - 1, &[1, 2]).is_err(),
+            "past the end"
+        );
+        img.close().expect("close");
+        let live = s.live();
+        assert_eq!(live.len(), (1 << 20) + 512);
+        assert!(live[1000..2000].iter().all(|&x| x == 4));
+        assert!(live[2000..2100].iter().all(|&x| x == 0));
+        let img = FixedVhd::open(Box::new(s), Path::new("f.vhd"), false).expect("open");
+        assert_eq!(img.uuid(), [3; 16]);
+        assert_eq!(img.size_bytes(), 1 << 20);
     }
 }

@@ -18,16 +18,17 @@ use crate::image::storage::Storage;
 /// Problems listed before the rest are summarised.
 const MAX_PROBLEMS: usize = 20;
 
-/// Collected problems.
+/// Collected problems (shared with the VHD validators).
 #[derive(Default)]
-struct Problems(Vec<String>);
+pub(crate) struct Problems(Vec<String>);
 
 impl Problems {
-    fn add(&mut self, p: String) {
+    pub(crate) fn add(&mut self, p: String) {
         self.0.push(p);
     }
 
-    fn result(self) -> Result<(), String> {
+    /// Ok, or the problems joined with "; ", the first first.
+    pub(crate) fn result(self) -> Result<(), String> {
         if self.0.is_empty() {
             return Ok(());
         }

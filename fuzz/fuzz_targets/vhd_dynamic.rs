@@ -1,0 +1,5 @@
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    tidemark_tests::fuzzing::run("vhd_dynamic", data);
+});
