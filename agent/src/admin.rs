@@ -3,11 +3,13 @@
 //! each disk's state. Root only (the socket is 0600).
 
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "kebab-case")]
@@ -64,8 +66,44 @@ pub struct Pending {
     pub reply: oneshot::Sender<Reply>,
 }
 
+/// Admin connections still being answered: the run loop waits for them
+/// before the process exits, or a reply sent just before stopping (the
+/// failover's final point) would be lost with the runtime.
+#[derive(Clone, Default)]
+pub struct Answering(Arc<(AtomicUsize, Notify)>);
+
+impl Answering {
+    fn enter(&self) -> AnsweringGuard {
+        self.0 .0.fetch_add(1, Ordering::SeqCst);
+        AnsweringGuard(self.clone())
+    }
+
+    /// Waits until every connection has its reply written, at most `max`.
+    pub async fn drain(&self, max: std::time::Duration) {
+        let _ = tokio::time::timeout(max, async {
+            loop {
+                let notified = self.0 .1.notified();
+                if self.0 .0.load(Ordering::SeqCst) == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        })
+        .await;
+    }
+}
+
+struct AnsweringGuard(Answering);
+
+impl Drop for AnsweringGuard {
+    fn drop(&mut self) {
+        self.0 .0 .0.fetch_sub(1, Ordering::SeqCst);
+        self.0 .0 .1.notify_waiters();
+    }
+}
+
 /// Listens on `path` (replacing a stale socket) and forwards requests.
-pub fn serve(path: &Path, tx: mpsc::Sender<Pending>) -> anyhow::Result<()> {
+pub fn serve(path: &Path, tx: mpsc::Sender<Pending>) -> anyhow::Result<Answering> {
     use std::os::unix::fs::PermissionsExt;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
@@ -76,18 +114,22 @@ pub fn serve(path: &Path, tx: mpsc::Sender<Pending>) -> anyhow::Result<()> {
     let listener = UnixListener::bind(path)
         .map_err(|e| anyhow::anyhow!("cannot listen on admin socket {}: {e}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let answering = Answering::default();
+    let counted = answering.clone();
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
             let tx = tx.clone();
+            let guard = counted.enter();
             tokio::spawn(async move {
                 let _ = handle(stream, tx).await;
+                drop(guard);
             });
         }
     });
-    Ok(())
+    Ok(answering)
 }
 
 async fn handle(stream: UnixStream, tx: mpsc::Sender<Pending>) -> std::io::Result<()> {

@@ -192,7 +192,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // and the tracer must be drained while the receiver is unreachable.
     let shipper = Shipper::unconnected(Connector::new(&cfg)?, disks, None, progress.clone());
     let (admin_tx, mut admin_rx) = mpsc::channel::<Pending>(16);
-    admin::serve(&cfg.admin_socket, admin_tx)?;
+    let answering = admin::serve(&cfg.admin_socket, admin_tx)?;
     if let Some(addr) = cfg.metrics_listen {
         let registry = Arc::new(crate::metrics::get().registry());
         tidemark_common::metrics::serve(addr, registry).await?;
@@ -257,6 +257,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                         id: p.id,
                         kind: p.kind.clone(),
                     });
+                    answering.drain(Duration::from_secs(5)).await;
                     return match leave {
                         FailoverLeave::Stopped => r.stop().await,
                         // Saving state would block on a frozen filesystem;
