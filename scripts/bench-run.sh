@@ -35,7 +35,7 @@ truncate -s "${disk_mib}M" "$work/disk.img"
 loopdev=$(losetup --find --show "$work/disk.img")
 port=$((20000 + RANDOM % 20000))
 "$bin/tidemark-receiver" init --dir "$work/rx" --name bench --listen "127.0.0.1:$port" \
-  --image-dir "$work/images" --retention-dir "$work/retention" >/dev/null
+  --image-dir "$work/images" --retention-dir "$work/retention" --retention-on-root-filesystem >/dev/null
 "$bin/tidemark-receiver" issue-cert --dir "$work/rx" --name bench-run \
   --receiver "127.0.0.1:$port" --out "$work/agent" >/dev/null
 {

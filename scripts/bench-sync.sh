@@ -37,7 +37,7 @@ PY
 loopdev=$(losetup --find --show "$work/disk.img")
 port=$((20000 + RANDOM % 20000))
 "$bin/tidemark-receiver" init --dir "$work/rx" --name bench --listen "127.0.0.1:$port" \
-  --image-dir "$work/images" --retention-dir "$work/retention" >/dev/null
+  --image-dir "$work/images" --retention-dir "$work/retention" --retention-on-root-filesystem >/dev/null
 "$bin/tidemark-receiver" issue-cert --dir "$work/rx" --name bench-agent \
   --receiver "127.0.0.1:$port" --out "$work/agent" >/dev/null
 printf '\n[[disk]]\ndevice = "%s"\nid = "bench-disk"\n' "$loopdev" >> "$work/agent/agent.toml"

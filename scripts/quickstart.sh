@@ -30,7 +30,7 @@ trap cleanup EXIT
 
 echo "== receiver: CA, certificate, receiver.toml"
 "$bin/tidemark-receiver" init --dir "$work/receiver" --name quickstart-receiver \
-  --listen "127.0.0.1:$port" --image-dir "$work/images" --retention-dir "$work/retention"
+  --listen "127.0.0.1:$port" --image-dir "$work/images" --retention-dir "$work/retention" --retention-on-root-filesystem
 "$bin/tidemark-receiver" issue-cert --dir "$work/receiver" --name quickstart-agent \
   --receiver "127.0.0.1:$port" --out "$work/agent"
 

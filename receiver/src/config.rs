@@ -21,7 +21,9 @@ pub const DEFAULT_RETENTION_DIR: &str = "/mnt/retention";
 /// Disks one receiver protects, from the product documents.
 pub const DEFAULT_MAX_DISKS: usize = 60;
 /// Retention window, from the product documents' failback policy.
-pub const DEFAULT_RETENTION_HOURS: u32 = 24;
+pub const DEFAULT_RETENTION_HOURS: f64 = 24.0;
+/// Longest retention window accepted: a year.
+pub const MAX_RETENTION_HOURS: f64 = 8760.0;
 /// Where `serve` answers `status` and `reassign`: the unit's
 /// `RuntimeDirectory=tidemark-receiver`, apart from the agent's
 /// `/run/tidemark` so both services can run on one machine.
@@ -60,9 +62,19 @@ pub struct ReceiverConfig {
     #[serde(default = "default_max_disks")]
     pub max_disks: usize,
     /// Hours of recovery points kept; older undo history is pruned (the
-    /// newest point always stays).
+    /// newest point always stays). Fractions are allowed (0.5: 30 min).
     #[serde(default = "default_retention_hours")]
-    pub retention_hours: u32,
+    pub retention_hours: f64,
+    /// Cap on the undo journal (all disks together), in GiB: above it the
+    /// oldest history is pruned first, with a warning, even inside the
+    /// window; a disk's newest point always stays. None: only the window
+    /// and the volume's size limit it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention_max_gib: Option<f64>,
+    /// Accept a retention directory on the root filesystem, where a
+    /// growing journal could fill the system's own disk (test set-ups).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retention_on_root_filesystem: bool,
     /// Format of new replica images: `vmdk` (a flat VMDK for ESXi with a
     /// hosted descriptor beside it), `vmdk-sparse`, `vhd-fixed` or `raw`.
     /// An image found by UUID keeps its own format.
@@ -118,7 +130,7 @@ fn default_max_disks() -> usize {
     DEFAULT_MAX_DISKS
 }
 
-fn default_retention_hours() -> u32 {
+fn default_retention_hours() -> f64 {
     DEFAULT_RETENTION_HOURS
 }
 
@@ -172,8 +184,18 @@ impl ReceiverConfig {
         if self.name.is_empty() {
             return Err("name must not be empty".into());
         }
-        if self.retention_hours == 0 {
-            return Err("retention_hours must be at least 1".into());
+        if !(self.retention_hours > 0.0 && self.retention_hours <= MAX_RETENTION_HOURS) {
+            return Err(format!(
+                "retention_hours = {} is out of range; give hours above 0 and at most {MAX_RETENTION_HOURS} (fractions allowed; the default is {DEFAULT_RETENTION_HOURS})",
+                self.retention_hours
+            ));
+        }
+        if let Some(g) = self.retention_max_gib {
+            if !(g > 0.0 && g.is_finite()) {
+                return Err(format!(
+                    "retention_max_gib = {g} must be a size in GiB above 0 (fractions allowed), or left out for no cap"
+                ));
+            }
         }
         if self.max_disks == 0 {
             return Err("max_disks must be at least 1".into());
@@ -245,11 +267,24 @@ impl ReceiverConfig {
 
 /// The product documents' rules for a retention volume, checked on the
 /// directory as mounted: not FAT/FAT32 (no fsync or rename guarantees the
-/// journal can rest on), and not of zero capacity.
-pub fn check_retention_volume(dir: &Path) -> Result<(), String> {
+/// journal can rest on), not of zero capacity, and not the root
+/// filesystem unless `allow_root` (a journal that fills `/` takes the
+/// master target down with it; better not to start).
+pub fn check_retention_volume(dir: &Path, allow_root: bool) -> Result<(), String> {
     use nix::sys::statfs::{statfs, MSDOS_SUPER_MAGIC};
+    use std::os::unix::fs::MetadataExt;
     let st = statfs(dir)
         .map_err(|e| format!("cannot inspect retention directory {}: {e}", dir.display()))?;
+    let on_root = match (std::fs::metadata(dir), std::fs::metadata("/")) {
+        (Ok(d), Ok(r)) => d.dev() == r.dev(),
+        _ => false,
+    };
+    if on_root && !allow_root {
+        return Err(format!(
+            "retention directory {} is on the root filesystem, which a growing journal would fill; mount the retention volume there, or set retention_on_root_filesystem = true in receiver.toml for a test set-up",
+            dir.display()
+        ));
+    }
     if st.filesystem_type() == MSDOS_SUPER_MAGIC {
         return Err(format!(
             "retention directory {} is on a FAT filesystem; use ext4 or xfs for the retention volume",
@@ -279,8 +314,13 @@ mod tests {
     #[test]
     fn retention_volume_rules() {
         let dir = tempfile::tempdir().expect("tempdir");
-        assert!(check_retention_volume(dir.path()).is_ok());
-        let err = check_retention_volume(&dir.path().join("missing")).expect_err("missing");
+        assert!(check_retention_volume(dir.path(), true).is_ok());
+        let err = check_retention_volume(Path::new("/"), false).expect_err("root filesystem");
+        assert!(
+            err.contains("root filesystem") && err.contains("retention_on_root_filesystem"),
+            "{err}"
+        );
+        let err = check_retention_volume(&dir.path().join("missing"), true).expect_err("missing");
         assert!(err.contains("missing"), "{err}");
         let c = ReceiverConfig {
             name: "r".into(),
@@ -291,7 +331,9 @@ mod tests {
             cert: "c.pem".into(),
             key: "k.pem".into(),
             max_disks: 60,
-            retention_hours: 24,
+            retention_hours: 24.0,
+            retention_max_gib: None,
+            retention_on_root_filesystem: false,
             image_format: ImageFormat::Vmdk,
             disks: BTreeMap::new(),
             revoked_agents: Vec::new(),

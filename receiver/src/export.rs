@@ -204,6 +204,15 @@ pub fn export(
                 }
             }
         }
+        // Retention may have pruned this point's history while we read:
+        // then the segments we saw were not all of it.
+        let now = Registry::open(&config.registry_path())?;
+        if now.get(disk).is_some_and(|e| e.history_from > point.id) {
+            bail!(
+                "point {} of disk {disk} was pruned by retention while it was being exported; pick a newer point (`tidemark-receiver points --disk {disk}`)",
+                point.id
+            );
+        }
         file.sync_all()
             .with_context(|| format!("cannot fsync export file {}", partial.display()))?;
         Ok::<_, anyhow::Error>(())

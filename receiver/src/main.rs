@@ -36,6 +36,10 @@ enum Command {
         /// Retention volume (registry, recovery points).
         #[arg(long, default_value = DEFAULT_RETENTION_DIR)]
         retention_dir: PathBuf,
+        /// Allow the retention directory on the root filesystem (test
+        /// set-ups; a full journal would fill the system's disk).
+        #[arg(long)]
+        retention_on_root_filesystem: bool,
         /// Receiver name (certificate CN); defaults to the host name.
         #[arg(long)]
         name: Option<String>,
@@ -169,6 +173,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             image_dir,
             retention_dir,
+            retention_on_root_filesystem,
             name,
             hosts,
             days,
@@ -183,6 +188,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 listen,
                 image_dir,
                 retention_dir,
+                retention_on_root_filesystem,
                 hosts,
                 days,
             })?;

@@ -16,6 +16,8 @@ pub struct InitOptions {
     pub listen: SocketAddr,
     pub image_dir: PathBuf,
     pub retention_dir: PathBuf,
+    /// Write `retention_on_root_filesystem = true` (test set-ups).
+    pub retention_on_root_filesystem: bool,
     /// Extra host names / IPs for the receiver certificate.
     pub hosts: Vec<String>,
     pub days: i64,
@@ -43,6 +45,8 @@ pub fn init(o: &InitOptions) -> anyhow::Result<PathBuf> {
         key: "receiver-key.pem".into(),
         max_disks: DEFAULT_MAX_DISKS,
         retention_hours: DEFAULT_RETENTION_HOURS,
+        retention_max_gib: None,
+        retention_on_root_filesystem: o.retention_on_root_filesystem,
         image_format: Default::default(),
         disks: Default::default(),
         revoked_agents: Vec::new(),

@@ -71,6 +71,7 @@ impl Site {
             path(&dir.path().join("images")),
             "--retention-dir",
             path(&dir.path().join("retention")),
+            "--retention-on-root-filesystem",
         ]))?;
         // Each site's own admin socket, not the system default in /run.
         let cfg = dir.path().join("rx/receiver.toml");
@@ -148,6 +149,7 @@ impl Site {
             path(&other.join("i")),
             "--retention-dir",
             path(&other.join("r")),
+            "--retention-on-root-filesystem",
         ]))?;
         Ok(other)
     }

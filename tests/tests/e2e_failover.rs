@@ -469,6 +469,7 @@ fn reverse_replication_after_failover_sends_only_the_changes() -> anyhow::Result
         path(&orig.join("images")),
         "--retention-dir",
         path(&orig.join("retention")),
+        "--retention-on-root-filesystem",
     ]))?;
     run_ok(receiver_cmd().args([
         "export",

@@ -8,7 +8,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{ensure, Context};
-use tidemark_tests::site::{agent_sync, assert_fails_with, path, point_id, run_ok, Site};
+use tidemark_tests::site::{
+    agent_sync, assert_fails_with, path, point_id, receiver_cmd, run_ok, Site,
+};
 use tidemark_tests::{fill_mixed, scatter_blocks, LoopDev, SplitMix64};
 
 /// Unmounts on drop. Lazily: the guard drops before the site, whose
@@ -117,10 +119,12 @@ fn kill_during(
     Ok(out)
 }
 
-#[test]
-fn receiver_killed_at_random_moments_loses_nothing_acknowledged() -> anyhow::Result<()> {
-    const TRIALS: usize = 30;
-    let mut site = Site::start()?;
+/// SIGKILLs the receiver at random moments of `trials` syncs, restarting it
+/// each time, and checks every point it acknowledged: each exports exactly
+/// the device as it was, or (only when `pruning`) is refused as pruned.
+/// Returns how many were refused.
+fn kill_trials(extra_config: &str, trials: usize, pruning: bool) -> anyhow::Result<usize> {
+    let mut site = Site::start_with_config(extra_config)?;
     let dev = LoopDev::create(&site.dir.path().join("disk.raw"), 16 << 20)?;
     fill_mixed(&dev, 5)?;
     let cfg = site.agent("agent-k", site.addr, &[(dev.path(), "disk-k")])?;
@@ -129,7 +133,7 @@ fn receiver_killed_at_random_moments_loses_nothing_acknowledged() -> anyhow::Res
     // Every point the receiver acknowledged, with the device as it was.
     let mut acknowledged: Vec<(u64, Vec<u8>)> = Vec::new();
     let mut interrupted = 0;
-    for trial in 0..TRIALS {
+    for trial in 0..trials {
         scatter_blocks(&dev, &mut rng, 64)?;
         let at = dev.read_all()?;
         let out = kill_during(&mut site, &mut rng, || {
@@ -144,22 +148,215 @@ fn receiver_killed_at_random_moments_loses_nothing_acknowledged() -> anyhow::Res
         }
         // After the restart the replica converges to the device.
         let id = point_id(&agent_sync(&cfg, &[])).with_context(|| format!("trial {trial}"))?;
-        acknowledged.push((id, dev.read_all()?));
+        let now = dev.read_all()?;
+        if pruning {
+            // The window is shorter than a trial: check while it is in it.
+            ensure!(
+                site.export("disk-k", &id.to_string())? == now,
+                "trial {trial}: point {id} differs"
+            );
+        }
+        acknowledged.push((id, now));
     }
-    // Every acknowledged point still exports exactly, and the image passes
-    // qemu-img's check.
+    let mut refused = 0;
+    let newest = acknowledged.iter().map(|(id, _)| *id).max().unwrap_or(0);
     for (id, want) in &acknowledged {
-        ensure!(
-            &site.export("disk-k", &id.to_string())? == want,
-            "point {id} differs"
-        );
+        match site.export("disk-k", &id.to_string()) {
+            Ok(got) => ensure!(&got == want, "point {id} differs"),
+            Err(e) if pruning && *id != newest && format!("{e:#}").contains("pruned") => {
+                refused += 1
+            }
+            Err(e) => return Err(e.context(format!("point {id}"))),
+        }
     }
     let image: &Path = &site.image("disk-k");
     let descriptor = image.with_file_name("disk-k.vmdk");
     run_ok(Command::new("qemu-img").args(["check", "-f", "vmdk", path(&descriptor)]))?;
     eprintln!(
-        "{TRIALS} trials, {interrupted} syncs cut by the kill, {} acknowledged points checked",
+        "{trials} trials, {interrupted} syncs cut by the kill, {} acknowledged points checked, {refused} refused as pruned",
         acknowledged.len(),
+    );
+    Ok(refused)
+}
+
+#[test]
+fn receiver_killed_at_random_moments_loses_nothing_acknowledged() -> anyhow::Result<()> {
+    kill_trials("", 30, false)?;
+    Ok(())
+}
+
+#[test]
+fn receiver_killed_while_it_prunes_keeps_every_point_in_the_window() -> anyhow::Result<()> {
+    // 0.0002 h = 0.72 s: nearly every point prunes the history before it,
+    // so kills land in pruning too.
+    let refused = kill_trials("retention_hours = 0.0002", 20, true)?;
+    ensure!(refused > 0, "nothing was pruned: the test did not prune");
+    Ok(())
+}
+
+/// Bytes the disk's undo segments take on the retention volume.
+fn undo_bytes(site: &Site, disk: &str) -> anyhow::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = site.dir.path().join("retention/undo").join(disk);
+    let mut total = 0;
+    for e in std::fs::read_dir(&dir).with_context(|| format!("{}", dir.display()))? {
+        total += e?.metadata()?.blocks() * 512;
+    }
+    Ok(total)
+}
+
+fn random_write(dev: &LoopDev, rng: &mut SplitMix64, at: u64, len: usize) -> anyhow::Result<()> {
+    let mut data = vec![0u8; len];
+    rng.fill_bytes(&mut data);
+    dev.write_at(at, &data)?;
+    Ok(())
+}
+
+fn export_fails(site: &Site, disk: &str, point: u64) -> std::process::Output {
+    receiver_cmd()
+        .args(["export", "--config", path(&site.config()), "--disk", disk])
+        .args(["--point", &point.to_string(), "--format", "raw", "--out"])
+        .arg(site.dir.path().join("refused.raw"))
+        .output()
+        .expect("run tidemark-receiver export")
+}
+
+#[test]
+fn a_short_window_prunes_old_points_and_reclaims_their_space() -> anyhow::Result<()> {
+    // 0.0005 h = 1.8 s.
+    let site = Site::start_with_config("retention_hours = 0.0005")?;
+    let dev = LoopDev::create(&site.dir.path().join("disk.raw"), 16 << 20)?;
+    let mut rng = SplitMix64::new(4);
+    random_write(&dev, &mut rng, 0, 16 << 20)?;
+    let cfg = site.agent("agent-w", site.addr, &[(dev.path(), "disk-w")])?;
+    let p1 = point_id(&agent_sync(&cfg, &[]))?;
+    // Random over random: 6 MiB of incompressible pre-images.
+    random_write(&dev, &mut rng, 1 << 20, 6 << 20)?;
+    let p2 = point_id(&agent_sync(&cfg, &[]))?;
+    let at_p2 = dev.read_all()?;
+    let before = undo_bytes(&site, "disk-w")?;
+    ensure!(before >= 6 << 20, "journal holds {before} bytes");
+    ensure!(site.export("disk-w", &p1.to_string())? != at_p2);
+
+    std::thread::sleep(Duration::from_millis(2500));
+    random_write(&dev, &mut rng, 12 << 20, 64 << 10)?;
+    let p3 = point_id(&agent_sync(&cfg, &[]))?;
+    let after = undo_bytes(&site, "disk-w")?;
+    ensure!(
+        after < 1 << 20,
+        "space not reclaimed: {before} bytes before, {after} after"
+    );
+    let listed: Vec<u64> = site.points_json()?["points"]
+        .as_array()
+        .context("points")?
+        .iter()
+        .filter_map(|p| p["id"].as_u64())
+        .collect();
+    ensure!(
+        !listed.contains(&p1) && !listed.contains(&p2) && listed.contains(&p3),
+        "listed {listed:?}"
+    );
+    assert_fails_with(&export_fails(&site, "disk-w", p1), &["pruned"]);
+    ensure!(site.export("disk-w", &p3.to_string())? == dev.read_all()?);
+    ensure!(site.receiver.log().contains("pruned"));
+    Ok(())
+}
+
+#[test]
+fn the_size_cap_prunes_the_oldest_history_first_with_a_warning() -> anyhow::Result<()> {
+    // 5 MiB: two 3 MiB generations of history do not fit.
+    let site = Site::start_with_config("retention_max_gib = 0.0048828125")?;
+    let dev = LoopDev::create(&site.dir.path().join("disk.raw"), 16 << 20)?;
+    let mut rng = SplitMix64::new(6);
+    random_write(&dev, &mut rng, 0, 16 << 20)?;
+    let cfg = site.agent("agent-c", site.addr, &[(dev.path(), "disk-c")])?;
+    let p1 = point_id(&agent_sync(&cfg, &[]))?;
+    random_write(&dev, &mut rng, 0, 3 << 20)?;
+    let p2 = point_id(&agent_sync(&cfg, &[]))?;
+    let at_p2 = dev.read_all()?;
+    ensure!(
+        !site.receiver.log().contains("retention_max_gib"),
+        "3 MiB of history is under the cap"
+    );
+    random_write(&dev, &mut rng, 8 << 20, 3 << 20)?;
+    let p3 = point_id(&agent_sync(&cfg, &[]))?;
+    let log = site.receiver.log();
+    ensure!(
+        log.contains("retention_max_gib") && log.contains(&format!("before {p2}")),
+        "no warning naming the cap: {log}"
+    );
+    let bytes = undo_bytes(&site, "disk-c")?;
+    ensure!(bytes <= 5 << 20, "journal at {bytes} bytes");
+    assert_fails_with(&export_fails(&site, "disk-c", p1), &["pruned"]);
+    ensure!(site.export("disk-c", &p2.to_string())? == at_p2);
+    ensure!(site.export("disk-c", &p3.to_string())? == dev.read_all()?);
+    Ok(())
+}
+
+#[test]
+fn retention_volumes_that_break_the_rules_are_refused_at_start() -> anyhow::Result<()> {
+    let site = Site::start()?;
+    let serve = |extra: &str| -> anyhow::Result<std::process::Output> {
+        let cfg = site.dir.path().join("rules.toml");
+        let text = std::fs::read_to_string(site.config())?;
+        let kept: String = text
+            .lines()
+            .filter(|l| {
+                !l.starts_with("retention_dir")
+                    && !l.starts_with("retention_on_root_filesystem")
+                    && !l.starts_with("listen")
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let port = tidemark_tests::free_port();
+        std::fs::write(
+            &cfg,
+            format!("{extra}\nlisten = \"127.0.0.1:{port}\"\n{kept}"),
+        )?;
+        let mut child = receiver_cmd()
+            .args(["serve", "--config", path(&cfg)])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        let until = std::time::Instant::now() + Duration::from_secs(20);
+        while child.try_wait()?.is_none() {
+            if std::time::Instant::now() > until {
+                let _ = child.kill();
+                anyhow::bail!("serve started with {extra:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(child.wait_with_output()?)
+    };
+    // The root filesystem: a directory right under /.
+    let on_root = PathBuf::from(format!("/tidemark-retention-test-{}", std::process::id()));
+    std::fs::create_dir_all(&on_root)?;
+    let out = serve(&format!("retention_dir = \"{}\"", on_root.display()));
+    let _ = std::fs::remove_dir_all(&on_root);
+    assert_fails_with(&out?, &["root filesystem", "retention_on_root_filesystem"]);
+
+    // Zero capacity: ramfs reports no blocks at all. (FAT, also refused,
+    // cannot be mounted here: this kernel has no vfat.)
+    let mnt = site.dir.path().join("ramfs");
+    std::fs::create_dir_all(&mnt)?;
+    run_ok(Command::new("mount").args(["-t", "ramfs", "none", path(&mnt)]))?;
+    let _m = Mounted(mnt.clone());
+    assert_fails_with(
+        &serve(&format!(
+            "retention_dir = \"{}\"\nretention_on_root_filesystem = true",
+            mnt.display()
+        ))?,
+        &["zero capacity"],
+    );
+
+    // The image directory itself.
+    let images = site.dir.path().join("images");
+    assert_fails_with(
+        &serve(&format!(
+            "retention_dir = \"{}\"\nretention_on_root_filesystem = true",
+            images.display()
+        ))?,
+        &["retention_dir", "image_dir"],
     );
     Ok(())
 }

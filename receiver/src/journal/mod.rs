@@ -1,5 +1,7 @@
-//! The retention journal on the retention volume. So far: the recovery
-//! point log. Redo/undo logs for point-in-time recovery come next.
+//! The retention journal on the retention volume: the recovery point log,
+//! the undo segments that rebuild every point, and the retention rules
+//! that decide how much of them stays (docs/JOURNAL.md).
 
 pub mod points;
+pub mod retention;
 pub mod undo;

@@ -82,7 +82,7 @@ pub fn disk_dir(retention_dir: &Path, disk_id: &str) -> PathBuf {
     retention_dir.join("undo").join(disk_id)
 }
 
-fn segment_path(dir: &Path, tag: u64) -> PathBuf {
+pub fn segment_path(dir: &Path, tag: u64) -> PathBuf {
     dir.join(format!("{tag:020}.undo"))
 }
 
@@ -193,6 +193,24 @@ pub fn read_segment(dir: &Path, tag: u64) -> Result<Vec<Record>, UndoError> {
     Ok(decode_all(&bytes).0)
 }
 
+/// Deletes a disk's segments tagged below `tag` (another session, or a
+/// prune racing this one, may have deleted some already); returns the
+/// bytes freed. A session appending to a deleted segment cannot happen:
+/// it appends under the disk's newest point, which is never below `tag`.
+pub fn remove_before(dir: &Path, tag: u64) -> Result<u64, UndoError> {
+    let mut freed = 0;
+    for t in segments(dir)?.into_iter().filter(|&t| t < tag) {
+        let path = segment_path(dir, t);
+        freed += std::fs::metadata(&path).map_or(0, |m| m.len());
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(UndoError::Remove { path, source }),
+        }
+    }
+    Ok(freed)
+}
+
 /// The appending side, one per disk, held by the receiver's session.
 pub struct UndoLog {
     dir: PathBuf,
@@ -282,16 +300,10 @@ impl UndoLog {
     /// Deletes segments tagged below `tag`: points before it can no longer
     /// be reconstructed.
     pub fn prune_before(&mut self, tag: u64) -> Result<u64, UndoError> {
-        let mut freed = 0;
-        for t in segments(&self.dir)?.into_iter().filter(|&t| t < tag) {
-            if self.current.as_ref().is_some_and(|(c, _)| *c == t) {
-                self.current = None;
-            }
-            let path = segment_path(&self.dir, t);
-            freed += std::fs::metadata(&path).map_or(0, |m| m.len());
-            std::fs::remove_file(&path).map_err(|source| UndoError::Remove { path, source })?;
+        if self.current.as_ref().is_some_and(|(c, _)| *c < tag) {
+            self.current = None;
         }
-        Ok(freed)
+        remove_before(&self.dir, tag)
     }
 }
 

@@ -48,6 +48,9 @@ pub struct Shared {
     pub points: Mutex<PointLog>,
     /// Disk ids some live session has registered.
     pub in_use: Mutex<HashSet<String>>,
+    /// Taken while the journal is held to `retention_max_gib`: two
+    /// sessions pruning at once would each count what the other frees.
+    pub cap_lock: Mutex<()>,
     next_session: AtomicU64,
     /// The deny list in force (replaced on reload).
     deny: Mutex<Arc<access::DenyList>>,
@@ -105,7 +108,17 @@ pub async fn serve(config: ReceiverConfig, config_path: &Path) -> anyhow::Result
             );
         }
     }
-    crate::config::check_retention_volume(&config.retention_dir).map_err(|m| anyhow::anyhow!(m))?;
+    crate::config::check_retention_volume(
+        &config.retention_dir,
+        config.retention_on_root_filesystem,
+    )
+    .map_err(|m| anyhow::anyhow!(m))?;
+    if config.retention_on_root_filesystem {
+        warn!(
+            "retention directory {} may be on the root filesystem (retention_on_root_filesystem = true): a growing journal can fill it",
+            config.retention_dir.display()
+        );
+    }
     // One serve per retention volume: two would interleave point ids.
     let lock_path = config.retention_dir.join("receiver.lock");
     let lock = std::fs::OpenOptions::new()
@@ -139,6 +152,7 @@ pub async fn serve(config: ReceiverConfig, config_path: &Path) -> anyhow::Result
         registry: Mutex::new(registry),
         points: Mutex::new(points),
         in_use: Mutex::new(HashSet::new()),
+        cap_lock: Mutex::new(()),
         next_session: AtomicU64::new(1),
         deny: Mutex::new(deny),
         sessions: access::Sessions::default(),
@@ -234,6 +248,8 @@ const RESTART_ONLY: &[&str] = &[
     "retention_dir",
     "max_disks",
     "retention_hours",
+    "retention_max_gib",
+    "retention_on_root_filesystem",
     "image_format",
     "admin_socket",
     "rpo_threshold_secs",

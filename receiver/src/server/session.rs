@@ -27,7 +27,6 @@ use crate::image::{live, Image, ImageError};
 use crate::journal::points::read_all;
 use crate::journal::undo::{self, UndoLog};
 use crate::registry::{validate_disk_id, DiskEntry, Registry};
-use time::format_description::well_known::Rfc3339;
 
 /// Bytes written between fsyncs while the agent keeps the input full;
 /// bounds how much an agent holds unacknowledged.
@@ -670,37 +669,57 @@ impl Worker {
         Ok(())
     }
 
-    /// Drops undo history no point inside the retention window needs. The
-    /// newest point always stays.
+    /// Drops undo history no point inside the retention window needs (the
+    /// newest point always stays), then holds the journal to its size cap.
     fn prune(&mut self, newest: &crate::journal::points::Point) -> Result<(), Refusal> {
-        let window = time::Duration::hours(i64::from(self.shared.config.retention_hours));
-        let cutoff = time::OffsetDateTime::now_utc() - window;
-        let points = read_all(&self.shared.config.points_path()).map_err(storage)?;
+        use crate::journal::retention;
+        let config = &self.shared.config;
+        let points = read_all(&config.points_path()).map_err(storage)?;
+        let cutoff = retention::cutoff(config.retention_hours);
         for d in &mut self.disks {
-            let keep_from = points
-                .iter()
-                .filter(|p| p.disks.contains(&d.id))
-                .filter(|p| {
-                    time::OffsetDateTime::parse(&p.recorded_at, &Rfc3339).is_ok_and(|t| t >= cutoff)
-                })
-                .map(|p| p.id)
-                .min()
+            let keep_from = retention::window_start(&points, &d.id, cutoff)
                 .unwrap_or(newest.id)
                 .min(newest.id);
             let freed = d.undo.prune_before(keep_from).map_err(storage)?;
-            let mut reg = self.shared.registry.lock().expect("registry lock");
-            if let Some(mut e) = reg.get(&d.id).cloned() {
-                if e.history_from < keep_from {
-                    e.history_from = keep_from;
-                    reg.put(&d.id, e).map_err(storage)?;
-                }
-            }
+            retention::prune_disk(
+                &config.retention_dir,
+                &self.shared.registry,
+                &d.id,
+                keep_from,
+            )
+            .map_err(storage)?;
             if freed > 0 {
                 info!(
                     "disk {}: pruned {} bytes of undo history before point {keep_from}",
                     d.id, freed
                 );
             }
+        }
+        let Some(cap_gib) = config.retention_max_gib else {
+            return Ok(());
+        };
+        let cap = (cap_gib * f64::from(1u32 << 30)) as u64;
+        // A disk being failed over needs its whole journal.
+        let skip = |disk: &str| failover::record_path(config, disk).exists();
+        let _one_at_a_time = self.shared.cap_lock.lock().expect("cap lock");
+        let (pruned, met) = retention::enforce_cap(
+            &config.retention_dir,
+            &self.shared.registry,
+            &points,
+            cap,
+            skip,
+        )
+        .map_err(storage)?;
+        for p in &pruned {
+            warn!(
+                "retention_max_gib = {cap_gib} reached: disk {} lost {} bytes of history, its points before {} can no longer be recovered; raise retention_max_gib or shorten retention_hours",
+                p.disk, p.freed_bytes, p.keep_from
+            );
+        }
+        if !met {
+            warn!(
+                "retention_max_gib = {cap_gib} cannot be met: what is left is each disk's newest history (or a disk being failed over); raise retention_max_gib"
+            );
         }
         Ok(())
     }
