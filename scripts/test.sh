@@ -16,7 +16,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # everything else runs in parallel.
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test --workspace --locked 2>&1 | tee "$log"
+cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log"
 scripts/quickstart.sh
 # One closing line over every test binary (doc-test runs report 0 tests).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
