@@ -75,6 +75,10 @@ pub struct ReceiverConfig {
     /// growing journal could fill the system's own disk (test set-ups).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub retention_on_root_filesystem: bool,
+    /// `[thinning]`: keep every recent point, fewer older ones. Off when
+    /// absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thinning: Option<crate::journal::thinning::Thinning>,
     /// Format of new replica images: `vmdk` (a flat VMDK for ESXi with a
     /// hosted descriptor beside it), `vmdk-sparse`, `vhd-fixed` or `raw`.
     /// An image found by UUID keeps its own format.
@@ -189,6 +193,9 @@ impl ReceiverConfig {
                 "retention_hours = {} is out of range; give hours above 0 and at most {MAX_RETENTION_HOURS} (fractions allowed; the default is {DEFAULT_RETENTION_HOURS})",
                 self.retention_hours
             ));
+        }
+        if let Some(t) = &self.thinning {
+            t.validate()?;
         }
         if let Some(g) = self.retention_max_gib {
             if !(g > 0.0 && g.is_finite()) {
@@ -334,6 +341,7 @@ mod tests {
             retention_hours: 24.0,
             retention_max_gib: None,
             retention_on_root_filesystem: false,
+            thinning: None,
             image_format: ImageFormat::Vmdk,
             disks: BTreeMap::new(),
             revoked_agents: Vec::new(),

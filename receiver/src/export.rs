@@ -128,6 +128,9 @@ pub fn export(
             .any(|p| p.id == id && p.disks.iter().any(|d| d == disk));
         if listed && !points.iter().any(|p| p.id == id) {
             use crate::failover::State;
+            if crate::journal::thinning::load(&config.retention_dir)?.contains(&id) {
+                bail!("point {id} of disk {disk} was thinned ([thinning] keeps one older point per slot); pick a listed point (`tidemark-receiver points --disk {disk}`)");
+            }
             match &failover {
                 Some(r) if matches!(r.state, State::RollingBack | State::RolledBack) && id > r.point => bail!(
                     "point {id} is newer than point {} that disk {disk} is rolled back to; `tidemark-receiver rollback --undo --disk {disk}` brings it back",

@@ -434,8 +434,10 @@ pub fn visible_points(
     all: &[Point],
 ) -> anyhow::Result<(u64, Vec<Point>, Option<Record>)> {
     let rec = load(config, disk)?;
+    let thinned = crate::journal::thinning::load(&config.retention_dir)?;
     let keep = |id: u64| {
         id >= entry.history_from
+            && !thinned.contains(&id)
             && rec.as_ref().is_none_or(|r| match r.state {
                 State::RollingBack | State::RolledBack => id >= r.history_from && id <= r.point,
                 State::Committed | State::Reprotected => id == r.point || id >= r.history_from,

@@ -47,6 +47,7 @@ pub fn init(o: &InitOptions) -> anyhow::Result<PathBuf> {
         retention_hours: DEFAULT_RETENTION_HOURS,
         retention_max_gib: None,
         retention_on_root_filesystem: o.retention_on_root_filesystem,
+        thinning: None,
         image_format: Default::default(),
         disks: Default::default(),
         revoked_agents: Vec::new(),

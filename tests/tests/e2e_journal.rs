@@ -360,3 +360,64 @@ fn retention_volumes_that_break_the_rules_are_refused_at_start() -> anyhow::Resu
     );
     Ok(())
 }
+
+#[test]
+fn thinning_keeps_one_older_point_per_slot_and_every_kept_point_exports() -> anyhow::Result<()> {
+    // Every point is "older" at once; one kept per 2 s slot.
+    let site = Site::start_with_config(
+        "thinning = { keep_all_hours = 0, keep_one_per_minutes = 0.0333333 }",
+    )?;
+    let dev = LoopDev::create(&site.dir.path().join("disk.raw"), 16 << 20)?;
+    let mut rng = SplitMix64::new(12);
+    random_write(&dev, &mut rng, 0, 16 << 20)?;
+    let cfg = site.agent("agent-t", site.addr, &[(dev.path(), "disk-t")])?;
+    let mut states = vec![(point_id(&agent_sync(&cfg, &[]))?, dev.read_all()?)];
+    const ROUNDS: usize = 10;
+    for _ in 0..ROUNDS {
+        // The same 2 MiB again and again: folded segments overlap.
+        random_write(&dev, &mut rng, 4 << 20, 2 << 20)?;
+        std::thread::sleep(Duration::from_millis(400));
+        states.push((point_id(&agent_sync(&cfg, &[]))?, dev.read_all()?));
+    }
+    let listed: Vec<u64> = site.points_json()?["points"]
+        .as_array()
+        .context("points")?
+        .iter()
+        .filter_map(|p| p["id"].as_u64())
+        .collect();
+    let (first, last) = (states[0].0, states[ROUNDS].0);
+    ensure!(
+        listed.contains(&first) && listed.contains(&last),
+        "oldest and newest must stay: {listed:?}"
+    );
+    let mut thinned = 0;
+    for (id, want) in &states {
+        if listed.contains(id) {
+            ensure!(
+                &site.export("disk-t", &id.to_string())? == want,
+                "point {id} differs"
+            );
+        } else {
+            assert_fails_with(&export_fails(&site, "disk-t", *id), &["thinned"]);
+            thinned += 1;
+        }
+    }
+    ensure!(
+        thinned >= 3,
+        "only {thinned} of {} points thinned",
+        ROUNDS + 1
+    );
+    // Without thinning every round would keep its 2 MiB of pre-images.
+    let bytes = undo_bytes(&site, "disk-t")?;
+    let unthinned = (ROUNDS as u64) * (2 << 20);
+    ensure!(
+        bytes < unthinned * 3 / 4,
+        "journal {bytes} bytes, {unthinned} without thinning"
+    );
+    ensure!(site.receiver.log().contains("thinning: forgot"));
+    eprintln!(
+        "{} points, {thinned} thinned, journal {bytes} bytes ({unthinned} without thinning)",
+        ROUNDS + 1
+    );
+    Ok(())
+}

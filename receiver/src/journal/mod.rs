@@ -4,4 +4,5 @@
 
 pub mod points;
 pub mod retention;
+pub mod thinning;
 pub mod undo;

@@ -183,6 +183,90 @@ fn decode_one(b: &[u8]) -> Option<(Record, usize)> {
     ))
 }
 
+/// Folds segment `from` into the older segment `into` of the same disk, so
+/// that point `from` can be forgotten (thinning) while every other point
+/// rebuilds as before: `into`'s records, then `from`'s, applied newest
+/// first, leave the oldest pre-image of each byte, exactly what `into`
+/// then `from` did as two segments. A record of `from` whose whole range
+/// `into` already holds can never win, and is left out: that is what
+/// thinning saves. The result replaces `into` atomically (written beside
+/// it, synced, renamed, directory synced); `from` stays for the caller to
+/// delete once the point is recorded as thinned. Running this again after
+/// a crash is harmless: the copy of `from` in `into` now covers `from`.
+/// Returns the bytes of `from` kept.
+pub fn fold_into(dir: &Path, into: u64, from: u64) -> Result<u64, UndoError> {
+    let read = |tag: u64| -> Result<Vec<u8>, UndoError> {
+        let path = segment_path(dir, tag);
+        match std::fs::read(&path) {
+            Ok(b) => Ok(b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(source) => Err(UndoError::Read { path, source }),
+        }
+    };
+    let older = read(into)?;
+    let newer = read(from)?;
+    let (older_spans, older_valid) = spans(&older);
+    let mut covered: Vec<(u64, u64)> = older_spans
+        .iter()
+        .map(|s| (s.0, s.0 + u64::from(s.1)))
+        .collect();
+    covered.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(covered.len());
+    for (a, b) in covered {
+        match merged.last_mut() {
+            Some(last) if a <= last.1 => last.1 = last.1.max(b),
+            _ => merged.push((a, b)),
+        }
+    }
+    let holds = |start: u64, end: u64| {
+        let i = merged.partition_point(|r| r.0 <= start);
+        i > 0 && merged[i - 1].1 >= end
+    };
+    let mut out = older[..older_valid].to_vec();
+    let mut kept = 0u64;
+    for (offset, len, range) in spans(&newer).0 {
+        if !holds(offset, offset + u64::from(len)) {
+            kept += range.len() as u64;
+            out.extend_from_slice(&newer[range]);
+        }
+    }
+    let path = segment_path(dir, into);
+    let tmp = dir.join(format!("{into:020}.undo.fold"));
+    let write_err = |source| UndoError::Append {
+        path: path.clone(),
+        source,
+    };
+    let mut f = File::create(&tmp).map_err(write_err)?;
+    f.write_all(&out).map_err(write_err)?;
+    f.sync_all().map_err(write_err)?;
+    drop(f);
+    std::fs::rename(&tmp, &path).map_err(write_err)?;
+    tidemark_common::durable::sync_dir(dir).map_err(write_err)?;
+    Ok(kept)
+}
+
+/// `(offset, length, bytes of the record in the segment)` of every
+/// complete record, and the valid prefix's length.
+fn spans(bytes: &[u8]) -> (Vec<(u64, u32, std::ops::Range<usize>)>, usize) {
+    let mut out = Vec::new();
+    let mut pos = 0usize;
+    while let Some((rec, len)) = decode_one(&bytes[pos..]) {
+        out.push((rec.offset_bytes, rec.len_bytes, pos..pos + len));
+        pos += len;
+    }
+    (out, pos)
+}
+
+/// Removes one segment (a thinned point's, once folded).
+pub fn remove(dir: &Path, tag: u64) -> Result<(), UndoError> {
+    let path = segment_path(dir, tag);
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(UndoError::Remove { path, source }),
+    }
+}
+
 /// Reads every complete record of a segment, in the order written.
 pub fn read_segment(dir: &Path, tag: u64) -> Result<Vec<Record>, UndoError> {
     let path = segment_path(dir, tag);
@@ -310,6 +394,68 @@ impl UndoLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The disk as of point `p`: `live` with the segments tagged >= p
+    /// applied newest first.
+    fn rebuild(dir: &Path, live: &[u8], p: u64) -> Vec<u8> {
+        let mut disk = live.to_vec();
+        for t in segments(dir).expect("ls").into_iter().rev() {
+            if t < p {
+                break;
+            }
+            for r in read_segment(dir, t).expect("read").into_iter().rev() {
+                let at = r.offset_bytes as usize;
+                let n = r.len_bytes as usize;
+                match r.data {
+                    Some(d) => disk[at..at + n].copy_from_slice(&d),
+                    None => disk[at..at + n].fill(0),
+                }
+            }
+        }
+        disk
+    }
+
+    #[test]
+    fn folding_a_segment_forgets_its_point_and_keeps_every_other() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path().join("disk");
+        let mut log = UndoLog::new(d.clone());
+        // Points 1..=4 with writes between them, overlapping on purpose.
+        let mut disk = vec![0u8; 64 << 10];
+        let mut states = vec![disk.clone()];
+        let mut x = 7u64;
+        for tag in 1..=4u64 {
+            for _ in 0..12 {
+                x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                let at = (x >> 33) as usize % 60 * 1024;
+                let n = 1024 * (1 + (x >> 20) as usize % 4);
+                let n = n.min(disk.len() - at);
+                log.append(tag, at as u64, &disk[at..at + n])
+                    .expect("append");
+                let v = (x >> 8) as u8;
+                disk[at..at + n].fill(if tag == 3 { 0 } else { v });
+            }
+            states.push(disk.clone());
+        }
+        log.sync().expect("sync");
+        // Writes tagged t come after point t: states[p - 1] is the disk at
+        // point p.
+        for p in 1..=4u64 {
+            assert_eq!(rebuild(&d, &disk, p), states[p as usize - 1], "point {p}");
+        }
+        let before = std::fs::metadata(segment_path(&d, 2)).expect("2").len()
+            + std::fs::metadata(segment_path(&d, 3)).expect("3").len();
+        fold_into(&d, 2, 3).expect("fold");
+        // Crash before the removal: folding again changes nothing.
+        let once = std::fs::read(segment_path(&d, 2)).expect("read");
+        fold_into(&d, 2, 3).expect("fold again");
+        assert_eq!(std::fs::read(segment_path(&d, 2)).expect("read"), once);
+        remove(&d, 3).expect("remove");
+        assert!(once.len() as u64 <= before);
+        for p in [1u64, 2, 4] {
+            assert_eq!(rebuild(&d, &disk, p), states[p as usize - 1], "point {p}");
+        }
+    }
 
     #[test]
     fn records_round_trip_and_torn_tails_are_cut() {

@@ -250,6 +250,7 @@ const RESTART_ONLY: &[&str] = &[
     "retention_hours",
     "retention_max_gib",
     "retention_on_root_filesystem",
+    "thinning",
     "image_format",
     "admin_socket",
     "rpo_threshold_secs",

@@ -695,6 +695,9 @@ impl Worker {
                 );
             }
         }
+        if let Some(policy) = &config.thinning {
+            self.thin(policy, &points)?;
+        }
         let Some(cap_gib) = config.retention_max_gib else {
             return Ok(());
         };
@@ -721,6 +724,44 @@ impl Worker {
                 "retention_max_gib = {cap_gib} cannot be met: what is left is each disk's newest history (or a disk being failed over); raise retention_max_gib"
             );
         }
+        Ok(())
+    }
+
+    /// Forgets old points of this session's disks that thinning does not
+    /// keep.
+    fn thin(
+        &self,
+        policy: &crate::journal::thinning::Thinning,
+        points: &[crate::journal::points::Point],
+    ) -> Result<(), Refusal> {
+        use crate::journal::thinning;
+        let config = &self.shared.config;
+        let disks: Vec<(String, u64)> = {
+            let reg = self.shared.registry.lock().expect("registry lock");
+            self.disks
+                .iter()
+                .filter(|d| !failover::record_path(config, &d.id).exists())
+                .filter_map(|d| reg.get(&d.id).map(|e| (d.id.clone(), e.history_from)))
+                .collect()
+        };
+        let thinned = thinning::load(&config.retention_dir).map_err(storage)?;
+        let ids = thinning::choose(
+            policy,
+            points,
+            &disks,
+            &thinned,
+            time::OffsetDateTime::now_utc(),
+        );
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let freed = thinning::thin(&config.retention_dir, points, &disks, &ids).map_err(storage)?;
+        info!(
+            "thinning: forgot {} point(s) older than {} h ({:?}), {freed} bytes of undo history freed",
+            ids.len(),
+            policy.keep_all_hours,
+            ids
+        );
         Ok(())
     }
 
