@@ -164,6 +164,15 @@ pub fn thin(
 ) -> Result<u64, ThinningError> {
     let mut thinned = load(retention_dir)?;
     let mut freed = 0u64;
+    // Segments of points thinned before a crash cut the removal short.
+    for (d, _) in disks {
+        let dir = undo::disk_dir(retention_dir, d);
+        for t in undo::segments(&dir)? {
+            if thinned.contains(&t) {
+                undo::remove(&dir, t)?;
+            }
+        }
+    }
     for &id in ids {
         let Some(p) = points.iter().find(|p| p.id == id) else {
             continue;
