@@ -89,7 +89,19 @@ enum Command {
 
 fn main() -> ExitCode {
     tidemark_common::cli::init_logging();
-    tidemark_common::cli::exit_code(run(Cli::parse()))
+    let result = run(Cli::parse());
+    let refused = result.as_ref().err().is_some_and(|e| {
+        e.chain().any(|c| {
+            c.downcast_ref::<tidemark_agent::transport::Refused>()
+                .is_some()
+        })
+    });
+    let code = tidemark_common::cli::exit_code(result);
+    if refused {
+        ExitCode::from(tidemark_agent::transport::REFUSED_EXIT_CODE)
+    } else {
+        code
+    }
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {

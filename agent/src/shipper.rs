@@ -18,7 +18,7 @@ use crate::compare::HashBoard;
 use crate::disks::Disk;
 use crate::pipeline::Piece;
 use crate::progress::Progress;
-use crate::transport::{retryable, ConnectError, Connection, Connector};
+use crate::transport::{retryable, ConnectError, Connection, Connector, Refused};
 
 /// Payload bytes sent but not yet acknowledged.
 pub const WINDOW_BYTES: u64 = 16 << 20;
@@ -142,7 +142,7 @@ impl Shipper {
             return Ok(false);
         }
         if let Some(m) = self.refused.take() {
-            bail!(m);
+            return Err(Refused(m).into());
         }
         if let Some(why) = self.failed_because.take() {
             self.retry_later(&why, "")?;
@@ -178,7 +178,7 @@ impl Shipper {
                 self.flush().await;
                 Ok(self.conn.is_some())
             }
-            Err(ConnectError::Fatal(m)) => bail!(m),
+            Err(ConnectError::Fatal(m)) => Err(Refused(m).into()),
             Err(ConnectError::Retry(m)) => {
                 let hint = format!(
                     " (check that tidemark-receiver serve is running and reachable at {})",
@@ -489,7 +489,11 @@ impl Shipper {
                     self.disconnected(&format!("receiver reported {code:?}: {message}"));
                     Ok(None)
                 } else {
-                    bail!("receiver {} refused: {message}", self.connector.addr())
+                    Err(Refused(format!(
+                        "receiver {} refused: {message}",
+                        self.connector.addr()
+                    ))
+                    .into())
                 }
             }
             Some(Ok(m @ Message::PointRecorded { .. })) => Ok(Some(m)),

@@ -34,6 +34,17 @@ pub enum ConnectError {
     Fatal(String),
 }
 
+/// The receiver refused for good (its trust, an authorization, a failed
+/// over disk): retrying, or restarting the agent, cannot fix it. `main`
+/// exits with [`REFUSED_EXIT_CODE`] so systemd stops restarting
+/// (`RestartPreventExitStatus=`).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
+/// Exit status of a command the receiver refused for good.
+pub const REFUSED_EXIT_CODE: u8 = 3;
+
 /// Receiver error codes worth retrying: they describe a passing state.
 pub fn retryable(code: ErrorCode) -> bool {
     matches!(

@@ -94,7 +94,11 @@ fn rollback_undo_commit_and_reprotect_while_serve_runs() -> anyhow::Result<()> {
     assert_fails_with(&out, &["newer than point", "rollback --undo"]);
     // Replication of a failed-over disk is refused, with the reason.
     churn(&dev, &mut rng, 5)?;
-    assert_fails_with(&agent_sync(&cfg, &[]), &["disk-f", "failed over"]);
+    let refused = agent_sync(&cfg, &[]);
+    assert_fails_with(&refused, &["disk-f", "failed over"]);
+    // Refused for good: exit 3, which the unit's RestartPreventExitStatus
+    // keeps systemd from restarting into.
+    assert_eq!(refused.status.code(), Some(3));
     let log = site.receiver.log();
     ensure!(log.contains("failed over"), "{log}");
     ensure!(

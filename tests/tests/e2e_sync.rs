@@ -143,6 +143,7 @@ fn unreachable_receiver_is_retried_then_reported() -> anyhow::Result<()> {
     let cfg = site.agent("agent-u", nobody, &[(dev.path(), "disk-u")])?;
     let out = agent_sync(&cfg, &["--give-up-after", "3"]);
     assert_fails_with(&out, &[&nobody.to_string(), "gave up"]);
+    assert_eq!(out.status.code(), Some(1), "a passing state is no refusal");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("retrying in"),
