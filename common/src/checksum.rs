@@ -14,6 +14,15 @@ pub fn checksum(data: &[u8]) -> Checksum {
     *blake3::hash(data).as_bytes()
 }
 
+/// The checksum of `parts` concatenated, without concatenating them.
+pub fn checksum_parts(parts: &[&[u8]]) -> Checksum {
+    let mut h = blake3::Hasher::new();
+    for p in parts {
+        h.update(p);
+    }
+    *h.finalize().as_bytes()
+}
+
 /// Lower-case hex, for logs and error messages.
 pub fn to_hex(sum: &Checksum) -> String {
     sum.iter().map(|b| format!("{b:02x}")).collect()

@@ -72,6 +72,13 @@ pub trait Image: Send {
     fn read_at(&mut self, offset_bytes: u64, buf: &mut [u8]) -> Result<(), ImageError>;
     /// Everything written so far is durable when this returns Ok.
     fn flush(&mut self) -> Result<(), ImageError>;
+    /// True only when the whole range is known to read as zeros without
+    /// reading it (unallocated in the file or the format); false when it
+    /// holds data or the image cannot tell. Saves reading pre-images of
+    /// holes.
+    fn is_hole(&self, _offset_bytes: u64, _len_bytes: u64) -> bool {
+        false
+    }
     /// A hint that this range will be read soon (a checksum sync reads the
     /// image in order); formats that map ranges elsewhere may ignore it.
     fn prefetch(&self, _offset_bytes: u64, _len_bytes: u64) {}

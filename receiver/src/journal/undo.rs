@@ -26,7 +26,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use tidemark_common::checksum::checksum;
+use tidemark_common::checksum::checksum_parts;
 
 const MAGIC: [u8; 4] = *b"TDUR";
 const HEADER_BYTES: usize = 24;
@@ -109,24 +109,31 @@ pub fn segments(dir: &Path) -> Result<Vec<u64>, UndoError> {
 }
 
 fn encode(offset_bytes: u64, pre: &[u8], out: &mut Vec<u8>) {
-    let (codec, payload) = if pre.iter().all(|&b| b == 0) {
-        (CODEC_ZERO, Vec::new())
-    } else {
-        match zstd::bulk::compress(pre, 1) {
-            Ok(z) if z.len() < pre.len() => (CODEC_ZSTD, z),
-            _ => (CODEC_RAW, pre.to_vec()),
-        }
+    if pre.iter().all(|&b| b == 0) {
+        return encode_zeros(offset_bytes, pre.len() as u32, out);
+    }
+    let compressed = zstd::bulk::compress(pre, 1).ok();
+    let (codec, payload) = match &compressed {
+        Some(z) if z.len() < pre.len() => (CODEC_ZSTD, &z[..]),
+        _ => (CODEC_RAW, pre),
     };
+    encode_parts(codec, offset_bytes, pre.len() as u32, payload, out);
+}
+
+fn encode_zeros(offset_bytes: u64, len_bytes: u32, out: &mut Vec<u8>) {
+    encode_parts(CODEC_ZERO, offset_bytes, len_bytes, &[], out);
+}
+
+fn encode_parts(codec: u8, offset_bytes: u64, len_bytes: u32, payload: &[u8], out: &mut Vec<u8>) {
     let start = out.len();
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&[codec, 0, 0, 0]);
     out.extend_from_slice(&offset_bytes.to_be_bytes());
-    out.extend_from_slice(&(pre.len() as u32).to_be_bytes());
+    out.extend_from_slice(&len_bytes.to_be_bytes());
     out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    let mut summed = out[start..].to_vec();
-    summed.extend_from_slice(&payload);
-    out.extend_from_slice(&checksum(&summed));
-    out.extend_from_slice(&payload);
+    let sum = checksum_parts(&[&out[start..], payload]);
+    out.extend_from_slice(&sum);
+    out.extend_from_slice(payload);
 }
 
 /// Decodes records from a segment's bytes; returns them and the length of
@@ -156,9 +163,7 @@ fn decode_one(b: &[u8]) -> Option<(Record, usize)> {
     let sum = b.get(HEADER_BYTES..HEADER_BYTES + SUM_BYTES)?;
     let payload_start = HEADER_BYTES + SUM_BYTES;
     let payload = b.get(payload_start..payload_start + payload_len as usize)?;
-    let mut summed = head.to_vec();
-    summed.extend_from_slice(payload);
-    if checksum(&summed)[..] != *sum {
+    if checksum_parts(&[head, payload])[..] != *sum {
         return None;
     }
     let data = match codec {
@@ -357,6 +362,10 @@ impl UndoLog {
     pub fn append(&mut self, tag: u64, offset_bytes: u64, pre: &[u8]) -> Result<(), UndoError> {
         self.buf.clear();
         encode(offset_bytes, pre, &mut self.buf);
+        self.write_buf(tag)
+    }
+
+    fn write_buf(&mut self, tag: u64) -> Result<(), UndoError> {
         let path = segment_path(&self.dir, tag);
         let buf = std::mem::take(&mut self.buf);
         let r = self.segment(tag)?.write_all(&buf);
@@ -364,6 +373,19 @@ impl UndoLog {
         r.map_err(|source| UndoError::Append { path, source })?;
         self.unsynced = true;
         Ok(())
+    }
+
+    /// Saves that `len_bytes` at `offset_bytes` were zeros (a hole the
+    /// image knows of), without a buffer of them.
+    pub fn append_zeros(
+        &mut self,
+        tag: u64,
+        offset_bytes: u64,
+        len_bytes: u32,
+    ) -> Result<(), UndoError> {
+        self.buf.clear();
+        encode_zeros(offset_bytes, len_bytes, &mut self.buf);
+        self.write_buf(tag)
     }
 
     /// Makes every appended record durable; call before the overwrites.

@@ -497,13 +497,22 @@ impl Worker {
             self.apply_queued()?;
         }
         let disk = &mut self.disks[d];
-        let mut pre = vec![0u8; len_bytes.min(UNDO_CHUNK_BYTES) as usize];
+        if data.is_none() && disk.image.is_hole(offset_bytes, len_bytes) {
+            // Zeros over a hole change nothing: no history, no write.
+            return Ok(());
+        }
+        let mut pre = Vec::new();
         let mut at = offset_bytes;
         while at < end {
-            let n = (end - at).min(UNDO_CHUNK_BYTES) as usize;
-            disk.image.read_at(at, &mut pre[..n]).map_err(storage)?;
-            disk.undo.append(tag, at, &pre[..n]).map_err(storage)?;
-            at += n as u64;
+            let n = (end - at).min(UNDO_CHUNK_BYTES);
+            if disk.image.is_hole(at, n) {
+                disk.undo.append_zeros(tag, at, n as u32).map_err(storage)?;
+            } else {
+                pre.resize(n as usize, 0);
+                disk.image.read_at(at, &mut pre).map_err(storage)?;
+                disk.undo.append(tag, at, &pre).map_err(storage)?;
+            }
+            at += n;
         }
         disk.queued.insert(offset_bytes, end);
         self.queued.push(Queued {

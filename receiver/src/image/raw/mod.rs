@@ -132,6 +132,19 @@ impl Image for RawImage {
             })
     }
 
+    fn is_hole(&self, offset_bytes: u64, len_bytes: u64) -> bool {
+        use nix::unistd::{lseek, Whence};
+        if self.check(offset_bytes, len_bytes).is_err() {
+            return false;
+        }
+        // SEEK_DATA may call a hole data (then we read), never the reverse.
+        match lseek(self.storage.file(), offset_bytes as i64, Whence::SeekData) {
+            Ok(next_data) => next_data as u64 >= offset_bytes + len_bytes,
+            Err(nix::errno::Errno::ENXIO) => true,
+            Err(_) => false,
+        }
+    }
+
     fn prefetch(&self, offset_bytes: u64, len_bytes: u64) {
         // Starts the reads in the background; errors only lose the hint.
         let _ = nix::fcntl::posix_fadvise(
@@ -187,5 +200,20 @@ mod tests {
             RawImage::open(&p, false).expect("open").size_bytes(),
             1 << 20
         );
+    }
+
+    #[test]
+    fn holes_are_known_without_reading_and_data_never_looks_like_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("h.img");
+        let mut img = RawImage::create(&p, 8 << 20).expect("create");
+        assert!(img.is_hole(0, 8 << 20));
+        img.write_at(3 << 20, &[1u8; 4096]).expect("write");
+        assert!(!img.is_hole(0, 8 << 20));
+        assert!(!img.is_hole((3 << 20) + 4095, 1));
+        assert!(img.is_hole(4 << 20, 4 << 20));
+        img.write_zeroes(3 << 20, 1 << 20).expect("punch");
+        assert!(img.is_hole(0, 8 << 20));
+        assert!(!img.is_hole(8 << 20, 1), "beyond the end is no hole");
     }
 }
