@@ -166,6 +166,9 @@ struct Runner {
 }
 
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    // Certificates and key first: a configuration mistake is reported
+    // before any device or trace instance is touched.
+    let connector = Connector::new(&cfg)?;
     let disks: Vec<Disk> = cfg.disks.iter().map(open_disk).collect::<Result<_, _>>()?;
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("cannot create state_dir {}", cfg.state_dir.display()))?;
@@ -190,7 +193,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let progress = Arc::new(Progress::default());
     // Connected later, from the loop: the unit starts before the network,
     // and the tracer must be drained while the receiver is unreachable.
-    let shipper = Shipper::unconnected(Connector::new(&cfg)?, disks, None, progress.clone());
+    let shipper = Shipper::unconnected(connector, disks, None, progress.clone());
     let (admin_tx, mut admin_rx) = mpsc::channel::<Pending>(16);
     let answering = admin::serve(&cfg.admin_socket, admin_tx)?;
     if let Some(addr) = cfg.metrics_listen {

@@ -59,6 +59,9 @@ pub async fn sync(
     only: Option<&str>,
 ) -> anyhow::Result<SyncOutcome> {
     let started = Instant::now();
+    // Certificates and key first: a configuration mistake is reported
+    // before any device is opened.
+    let connector = Connector::new(cfg)?;
     let mut disks = Vec::new();
     for c in &cfg.disks {
         // A disk without an explicit id gets one from its device, so it has
@@ -80,7 +83,7 @@ pub async fn sync(
     }
     let progress = Arc::new(Progress::default());
     let mut shipper = Shipper::connect(
-        Connector::new(cfg)?,
+        connector,
         disks.clone(),
         Some(give_up_after),
         progress.clone(),

@@ -31,6 +31,12 @@ pub enum TlsError {
         path: PathBuf,
         source: rustls_pki_types::pem::Error,
     },
+    #[error("private key {} is readable by {who} (mode {mode:04o}); run chmod 600 {}", path.display(), path.display())]
+    KeyExposed {
+        path: PathBuf,
+        mode: u32,
+        who: &'static str,
+    },
     #[error("CA certificate {} is not usable: {message}", path.display())]
     BadCa { path: PathBuf, message: String },
     #[error("certificate {} and key {} do not form a usable identity: {message}", cert.display(), key.display())]
@@ -66,7 +72,37 @@ fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
+/// Refuses a private key other users can read: whoever can read it can
+/// pose as this side. Like PostgreSQL's rule, a key owned by root may be
+/// group-readable (0640) for a service user of that group who is not its
+/// owner: the receiver's documented install.
+fn check_key_mode(path: &Path) -> Result<(), TlsError> {
+    use std::os::unix::fs::MetadataExt;
+    // A missing file is reported by the read, with the path.
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Ok(());
+    };
+    let mode = meta.mode() & 0o7777;
+    let exposed = |who| {
+        Err(TlsError::KeyExposed {
+            path: path.to_path_buf(),
+            mode,
+            who,
+        })
+    };
+    if mode & 0o007 != 0 {
+        return exposed("others");
+    }
+    let root_owned_for_group =
+        meta.uid() == 0 && nix::unistd::geteuid().as_raw() != 0 && mode & 0o030 == 0;
+    if mode & 0o070 != 0 && !root_owned_for_group {
+        return exposed("its group");
+    }
+    Ok(())
+}
+
 fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    check_key_mode(path)?;
     PrivateKeyDer::from_pem_file(path).map_err(|source| TlsError::ReadKey {
         path: path.to_path_buf(),
         source,
@@ -237,6 +273,30 @@ impl ClientCertVerifier for PolicyVerifier {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exposed_keys_are_refused_by_name() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("tdm-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let key = dir.join("key.pem");
+        std::fs::write(&key, "not a key").expect("write");
+        let set = |mode| {
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).expect("chmod")
+        };
+        set(0o644);
+        let e = check_key_mode(&key)
+            .expect_err("world-readable")
+            .to_string();
+        assert!(
+            e.contains("key.pem") && e.contains("others") && e.contains("chmod 600"),
+            "{e}"
+        );
+        set(0o600);
+        assert!(check_key_mode(&key).is_ok());
+        assert!(check_key_mode(&dir.join("missing.pem")).is_ok());
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
 
     #[test]
     fn fingerprint_is_sha256_hex() {

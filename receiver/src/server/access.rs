@@ -1,7 +1,9 @@
 //! Who may connect, and who is connected: the deny list from
 //! receiver.toml (agent names and certificate fingerprints), consulted
 //! during the TLS handshake, and the table of live sessions, so that a
-//! revocation or a reassignment can close the sessions it concerns.
+//! revocation or a reassignment can close the sessions it concerns; and
+//! the connections still in their handshake, of which only so many are
+//! kept.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
@@ -211,6 +213,57 @@ impl Sessions {
     }
 }
 
+/// Connections not yet past TLS, preamble and hello. Anyone who can reach
+/// the port can open them, so only [`Handshaking::MAX`] are kept: a new one
+/// pushes out the oldest, which has had the most time to finish. An agent
+/// finishes in milliseconds, so a flood of idle or trickling connections
+/// cannot keep it out, and holds no more than this many sockets and tasks.
+#[derive(Debug, Default)]
+pub struct Handshaking {
+    /// By connection id, which grows with time: the first is the oldest.
+    waiting: Mutex<BTreeMap<u64, oneshot::Sender<()>>>,
+}
+
+/// A connection's place among the handshaking ones, given up on drop.
+pub struct HandshakeSlot<'a> {
+    table: &'a Handshaking,
+    id: u64,
+}
+
+impl Drop for HandshakeSlot<'_> {
+    fn drop(&mut self) {
+        self.table.lock().remove(&self.id);
+    }
+}
+
+impl Handshaking {
+    /// Most connections kept in their handshake at once.
+    pub const MAX: usize = 128;
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, oneshot::Sender<()>>> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes a place for connection `id`; the receiver fires if it is
+    /// pushed out by newer ones.
+    pub fn enter(&self, id: u64) -> (HandshakeSlot<'_>, oneshot::Receiver<()>) {
+        let (tx, rx) = oneshot::channel();
+        let mut waiting = self.lock();
+        waiting.insert(id, tx);
+        while waiting.len() > Self::MAX {
+            if let Some((_, oldest)) = waiting.pop_first() {
+                let _ = oldest.send(());
+            }
+        }
+        (HandshakeSlot { table: self, id }, rx)
+    }
+
+    /// Connections in their handshake now.
+    pub fn count(&self) -> usize {
+        self.lock().len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -244,5 +297,19 @@ mod tests {
         assert_eq!(c["web-01"].sessions, 0);
         assert_eq!(c["db-01"].sessions, 1);
         assert_eq!(s.count(), 1);
+    }
+
+    #[test]
+    fn the_oldest_handshake_makes_room() {
+        let h = Handshaking::default();
+        let mut kept: Vec<_> = (0..Handshaking::MAX as u64).map(|i| h.enter(i)).collect();
+        assert!(kept.iter_mut().all(|(_, rx)| rx.try_recv().is_err()));
+        let (_newest, mut rx) = h.enter(1000);
+        assert!(rx.try_recv().is_err(), "the newest stays");
+        assert!(kept[0].1.try_recv().is_ok(), "the oldest was pushed out");
+        assert!(kept[1].1.try_recv().is_err());
+        assert_eq!(h.count(), Handshaking::MAX);
+        kept.truncate(10);
+        assert_eq!(h.count(), 10);
     }
 }

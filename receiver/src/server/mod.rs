@@ -31,7 +31,7 @@ use crate::config::ReceiverConfig;
 use crate::journal::points::PointLog;
 use crate::registry::Registry;
 
-/// Time a client gets to complete TLS and the preamble: a peer that
+/// Time a client gets to complete TLS, the preamble and hello: a peer that
 /// connects and says nothing must not hold a task forever.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A session with no message at all for this long is closed. Agents send
@@ -55,6 +55,7 @@ pub struct Shared {
     /// The deny list in force (replaced on reload).
     deny: Mutex<Arc<access::DenyList>>,
     sessions: access::Sessions,
+    handshaking: access::Handshaking,
     started: SystemTime,
     health: health::Health,
     metrics: metrics::Metrics,
@@ -77,10 +78,16 @@ impl Shared {
     fn status_line(&self) -> String {
         let disks = self.registry.lock().map_or(0, |r| r.len());
         let replicating = self.in_use.lock().map_or(0, |u| u.len());
-        format!(
+        let handshaking = self.handshaking.count();
+        let mut line = format!(
             "{} agent session(s), {replicating} of {disks} disk(s) replicating",
             self.sessions.count()
-        )
+        );
+        // Only worth a mention when it is more than agents reconnecting.
+        if handshaking > 8 {
+            line.push_str(&format!(", {handshaking} connection(s) in their handshake"));
+        }
+        line
     }
 }
 
@@ -156,6 +163,7 @@ pub async fn serve(config: ReceiverConfig, config_path: &Path) -> anyhow::Result
         next_session: AtomicU64::new(1),
         deny: Mutex::new(deny),
         sessions: access::Sessions::default(),
+        handshaking: access::Handshaking::default(),
         started: SystemTime::now(),
         health: health::Health::default(),
         metrics: metrics::Metrics::default(),
@@ -303,38 +311,72 @@ async fn handle_connection(
     session_id: u64,
 ) {
     let _ = tcp.set_nodelay(true);
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            warn!("rejected connection from {peer}: TLS handshake failed: {e}");
-            return;
-        }
-        Err(_) => {
-            warn!("rejected connection from {peer}: no TLS handshake within {HANDSHAKE_TIMEOUT:?}");
+    let (slot, pushed_out) = shared.handshaking.enter(session_id);
+    // One deadline for TLS, preamble and hello together: a peer trickling
+    // each part just inside its own limit would otherwise hold the
+    // connection three times as long.
+    let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+    let admitted = tokio::select! {
+        r = tokio::time::timeout_at(deadline, admit(&shared, acceptor, tcp, peer, session_id)) => r,
+        _ = pushed_out => {
+            warn!(
+                "dropped connection from {peer} before its handshake finished: {} newer connections were handshaking (the oldest go first)",
+                access::Handshaking::MAX
+            );
             return;
         }
     };
+    drop(slot);
+    let (greeted, fingerprint) = match admitted {
+        Ok(Ok(Some(a))) => a,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            warn!("rejected connection from {peer}: {e:#}");
+            return;
+        }
+        Err(_) => {
+            warn!("rejected connection from {peer}: TLS handshake, preamble and hello not done within {HANDSHAKE_TIMEOUT:?}");
+            return;
+        }
+    };
+    let agent = greeted.agent.clone();
+    let (_guard, closing) = shared.sessions.open(session_id, &agent, &fingerprint);
+    tokio::select! {
+        result = session::run(shared.clone(), greeted, session_id) => match result {
+            Ok(()) => info!("agent {agent} disconnected"),
+            Err(e) => warn!("session with agent {agent} ended: {e:#}"),
+        },
+        // Dropping the session closes the connection; its worker thread
+        // still finishes (and acknowledges) what it had received.
+        Ok(why) = closing => warn!("closed the session of agent {agent}: {why}"),
+    }
+}
+
+/// TLS, the certificate's name and the deny list, then preamble and hello.
+/// None: refused, and already logged.
+async fn admit(
+    shared: &Shared,
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    session_id: u64,
+) -> anyhow::Result<Option<(session::Greeted, String)>> {
+    let tls = acceptor.accept(tcp).await.context("TLS handshake failed")?;
     let end_entity = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
     let fingerprint =
         end_entity.map_or_else(String::new, |c| tidemark_common::tls::fingerprint_sha256(c));
     let cert_name = end_entity.and_then(|c| tidemark_common::tls::common_name(c));
     let Some(cert_name) = cert_name else {
         warn!("rejected connection from {peer}: client certificate has no common name");
-        return;
+        return Ok(None);
     };
     // A handshake begun under the old deny list may finish after a reload.
     if let Some(why) = shared.deny().refuses(Some(&cert_name), &fingerprint) {
         warn!("refused agent {cert_name} from {peer}: {why}");
-        return;
+        return Ok(None);
     }
-    let (_guard, closing) = shared.sessions.open(session_id, &cert_name, &fingerprint);
-    tokio::select! {
-        result = session::run(shared.clone(), tls, cert_name.clone(), session_id) => match result {
-            Ok(()) => info!("agent {cert_name} disconnected"),
-            Err(e) => warn!("session with agent {cert_name} ended: {e:#}"),
-        },
-        // Dropping the session closes the connection; its worker thread
-        // still finishes (and acknowledges) what it had received.
-        Ok(why) = closing => warn!("closed the session of agent {cert_name}: {why}"),
-    }
+    let greeted = session::greet(shared, tls, &cert_name, session_id)
+        .await
+        .with_context(|| format!("agent {cert_name}"))?;
+    Ok(Some((greeted, fingerprint)))
 }

@@ -6,20 +6,21 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tracing::{info, warn};
 
 use tidemark_common::proto::frame::{read_message, write_message, FrameError};
 use tidemark_common::proto::handshake::{self, PREAMBLE_BYTES};
 use tidemark_common::proto::messages::{Extent, PayloadError};
-use tidemark_common::proto::{ErrorCode, Message, PointKind};
+use tidemark_common::proto::{ErrorCode, Message, PointKind, MAX_FRAME_BYTES};
 
-use super::{Shared, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT};
+use super::{Shared, IDLE_TIMEOUT};
 use crate::config::ImageFormat;
 use crate::failover;
 use crate::image::disk_uuid;
@@ -39,6 +40,23 @@ const HASH_PREFETCH_BYTES: u64 = 16 << 20;
 const PARALLEL_HASH_BYTES: usize = 256 << 10;
 /// Messages queued between the reader and the worker.
 const WORK_QUEUE: usize = 16;
+/// Frame bytes queued between the reader and the worker: the agent's own
+/// window (16 MiB of payload) and one more frame, so an agent that ignores
+/// acks cannot make a session hold more.
+const QUEUE_BYTES: usize = (16 << 20) + MAX_FRAME_BYTES;
+/// Overwrites held back for their undo records at most: a well-behaved
+/// agent's window stays below it, one sending compressible data without
+/// waiting for acks would otherwise make us hold up to SYNC_EVERY_BYTES.
+const QUEUED_MAX_BYTES: u64 = 32 << 20;
+/// Replies queued for the agent. A Hashes reply is up to 1 MiB, so this
+/// bounds what an agent that stops reading can make us hold to 16 MiB.
+const OUT_QUEUE: usize = 16;
+/// A session whose agent takes nothing we send for this long is closed:
+/// it stopped reading, and its replies would pile up.
+const WRITE_TIMEOUT: Duration = IDLE_TIMEOUT;
+
+/// A message for the worker and its share of [`QUEUE_BYTES`].
+type Work = (Message, OwnedSemaphorePermit);
 
 /// Why a session stopped, as sent to the agent.
 #[derive(Debug)]
@@ -82,19 +100,24 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-pub async fn run(
-    shared: Arc<Shared>,
-    tls: TlsStream<tokio::net::TcpStream>,
-    cert_name: String,
+/// A connection past preamble and hello.
+pub struct Greeted {
+    rd: ReadHalf<TlsStream<TcpStream>>,
+    wr: WriteHalf<TlsStream<TcpStream>>,
+    pub agent: String,
+}
+
+/// Preamble and hello; the caller bounds the time they take.
+pub async fn greet(
+    shared: &Shared,
+    tls: TlsStream<TcpStream>,
+    cert_name: &str,
     session_id: u64,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Greeted> {
     let (mut rd, mut wr) = tokio::io::split(tls);
 
     let mut pre = [0u8; PREAMBLE_BYTES];
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, rd.read_exact(&mut pre))
-        .await
-        .context("no preamble in time")?
-        .context("reading preamble")?;
+    rd.read_exact(&mut pre).await.context("reading preamble")?;
     match handshake::receiver_choose(&pre) {
         Ok(v) => wr.write_all(&handshake::receiver_reply(v)).await?,
         Err(e) => {
@@ -108,9 +131,21 @@ pub async fn run(
 
     let mut buf = Vec::new();
     let mut scratch = Vec::new();
-    let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_message(&mut rd, &mut buf))
-        .await
-        .context("no hello in time")??;
+    let hello = match read_message(&mut rd, &mut buf).await {
+        Ok(m) => m,
+        Err(e) => {
+            let text = describe(&e);
+            if !matches!(e, FrameError::Io(_)) {
+                let err = Message::Error {
+                    code: ErrorCode::Protocol,
+                    message: text.clone(),
+                };
+                let _ = write_message(&mut wr, &err, &mut scratch).await;
+                let _ = wr.shutdown().await;
+            }
+            anyhow::bail!("protocol error before hello: {text}");
+        }
+    };
     let agent = match hello {
         Some(Message::Hello {
             agent_name,
@@ -144,27 +179,56 @@ pub async fn run(
     )
     .await?;
     wr.flush().await?;
+    Ok(Greeted { rd, wr, agent })
+}
 
-    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Message>();
-    let writer = tokio::spawn(async move {
+/// How the task writing to the agent ended.
+enum WriterEnd {
+    /// Everything queued was sent, or an error was and the session ends.
+    Done,
+    Failed(std::io::Error),
+    /// The agent took nothing for [`WRITE_TIMEOUT`].
+    Stalled,
+}
+
+pub async fn run(shared: Arc<Shared>, greeted: Greeted, session_id: u64) -> anyhow::Result<()> {
+    let Greeted {
+        mut rd,
+        mut wr,
+        agent,
+    } = greeted;
+    let mut buf = Vec::new();
+
+    let (out_tx, mut out_rx) = mpsc::channel::<Message>(OUT_QUEUE);
+    let mut writer = tokio::spawn(async move {
         let mut scratch = Vec::new();
         while let Some(msg) = out_rx.recv().await {
             let is_error = matches!(msg, Message::Error { .. });
-            if write_message(&mut wr, &msg, &mut scratch).await.is_err() {
-                break;
-            }
             // Batch what is queued, then flush once.
-            if (out_rx.is_empty() || is_error) && wr.flush().await.is_err() {
-                break;
+            let flush = out_rx.is_empty() || is_error;
+            let wrote = tokio::time::timeout(WRITE_TIMEOUT, async {
+                write_message(&mut wr, &msg, &mut scratch).await?;
+                if flush {
+                    wr.flush().await?;
+                }
+                Ok::<_, std::io::Error>(())
+            })
+            .await;
+            match wrote {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return WriterEnd::Failed(e),
+                Err(_) => return WriterEnd::Stalled,
             }
             if is_error {
                 let _ = wr.shutdown().await;
                 break;
             }
         }
+        WriterEnd::Done
     });
 
-    let (in_tx, in_rx) = mpsc::channel::<Message>(WORK_QUEUE);
+    let budget = Arc::new(Semaphore::new(QUEUE_BYTES));
+    let (in_tx, in_rx) = mpsc::channel::<Work>(WORK_QUEUE);
     let worker = {
         let shared = shared.clone();
         let out = out_tx.clone();
@@ -175,8 +239,24 @@ pub async fn run(
             .context("cannot start session thread")?
     };
 
+    let mut writer_ended = false;
     let result = loop {
-        let msg = match tokio::time::timeout(IDLE_TIMEOUT, read_message(&mut rd, &mut buf)).await {
+        let read = tokio::select! {
+            r = tokio::time::timeout(IDLE_TIMEOUT, read_message(&mut rd, &mut buf)) => r,
+            end = &mut writer => {
+                writer_ended = true;
+                break match end {
+                    // It sent the worker's refusal, which the worker logged.
+                    Ok(WriterEnd::Done) => Ok(()),
+                    Ok(WriterEnd::Failed(e)) => Err(anyhow::Error::new(e).context("writing")),
+                    Ok(WriterEnd::Stalled) => Err(anyhow::anyhow!(
+                        "the agent accepted nothing we sent for {WRITE_TIMEOUT:?}; it stopped reading"
+                    )),
+                    Err(e) => Err(anyhow::anyhow!("writer task failed: {e}")),
+                };
+            }
+        };
+        let msg = match read {
             Err(_) => break Err(anyhow::anyhow!("no message for {IDLE_TIMEOUT:?}")),
             Ok(Ok(None)) => break Ok(()),
             Ok(Ok(Some(m))) => {
@@ -185,20 +265,30 @@ pub async fn run(
             }
             Ok(Err(FrameError::Io(e))) => break Err(anyhow::Error::new(e).context("reading")),
             Ok(Err(e)) => {
-                let text = format!("{e}: {}", error_chain(&e));
-                let _ = out_tx.send(Message::Error {
-                    code: ErrorCode::Protocol,
-                    message: text.clone(),
-                });
+                let text = describe(&e);
+                say(
+                    &out_tx,
+                    Message::Error {
+                        code: ErrorCode::Protocol,
+                        message: text.clone(),
+                    },
+                )
+                .await;
                 break Err(anyhow::anyhow!("protocol error: {text}"));
             }
         };
+        // What the message holds until the worker is done with it.
+        let cost = buf.len().min(QUEUE_BYTES) as u32;
         match msg {
             Message::Heartbeat { .. } => {
-                let _ = out_tx.send(Message::Heartbeat { time_ms: now_ms() });
+                // A full queue means the agent is not reading what we send:
+                // one more answer would only wait there too.
+                let _ = out_tx.try_send(Message::Heartbeat { time_ms: now_ms() });
                 // Wakes an idle worker to look for a failover of its disks;
                 // a busy one looks at its next sync anyway.
-                let _ = in_tx.try_send(msg);
+                if let Ok(permit) = budget.clone().try_acquire_many_owned(cost) {
+                    let _ = in_tx.try_send((msg, permit));
+                }
             }
             Message::RegisterDisk { .. }
             | Message::Extent(_)
@@ -206,7 +296,10 @@ pub async fn run(
             | Message::HashRequest { .. }
             | Message::Failover { .. }
             | Message::Point { .. } => {
-                if in_tx.send(msg).await.is_err() {
+                let Ok(permit) = budget.clone().acquire_many_owned(cost).await else {
+                    break Ok(());
+                };
+                if in_tx.send((msg, permit)).await.is_err() {
                     // The worker stopped and has told the agent why.
                     break Ok(());
                 }
@@ -216,23 +309,41 @@ pub async fn run(
             }
             other => {
                 let text = format!("unexpected {} message from an agent", other.name());
-                let _ = out_tx.send(Message::Error {
-                    code: ErrorCode::Protocol,
-                    message: text.clone(),
-                });
+                say(
+                    &out_tx,
+                    Message::Error {
+                        code: ErrorCode::Protocol,
+                        message: text.clone(),
+                    },
+                )
+                .await;
                 break Err(anyhow::anyhow!(text));
             }
         }
     };
     drop(in_tx);
     drop(out_tx);
+    // The worker may wait on a full reply queue; the writer empties it or
+    // gives up within WRITE_TIMEOUT, which releases the worker.
     let _ = tokio::task::spawn_blocking(move || worker.join()).await;
-    let _ = writer.await;
+    if !writer_ended
+        && tokio::time::timeout(WRITE_TIMEOUT, &mut writer)
+            .await
+            .is_err()
+    {
+        writer.abort();
+    }
     result
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut parts = Vec::new();
+/// Queues an error for the agent, waiting a little if the queue is full.
+async fn say(out: &mpsc::Sender<Message>, msg: Message) {
+    let _ = tokio::time::timeout(Duration::from_secs(5), out.send(msg)).await;
+}
+
+/// The error and its causes on one line.
+fn describe(e: &dyn std::error::Error) -> String {
+    let mut parts = vec![e.to_string()];
     let mut src = e.source();
     while let Some(s) = src {
         parts.push(s.to_string());
@@ -269,7 +380,7 @@ struct Queued {
 struct Worker {
     shared: Arc<Shared>,
     agent: String,
-    out: mpsc::UnboundedSender<Message>,
+    out: mpsc::Sender<Message>,
     disks: Vec<OpenDisk>,
     /// Handles written since the last fsync.
     dirty: BTreeSet<usize>,
@@ -281,10 +392,12 @@ struct Worker {
     decompressor: zstd::bulk::Decompressor<'static>,
     scratch: Vec<u8>,
     queued: Vec<Queued>,
+    /// Data bytes held in `queued`.
+    queued_bytes: u64,
 }
 
 impl Worker {
-    fn new(shared: Arc<Shared>, agent: String, out: mpsc::UnboundedSender<Message>) -> Self {
+    fn new(shared: Arc<Shared>, agent: String, out: mpsc::Sender<Message>) -> Self {
         Worker {
             shared,
             agent,
@@ -297,14 +410,21 @@ impl Worker {
             decompressor: zstd::bulk::Decompressor::new().expect("zstd context allocates"),
             scratch: Vec::new(),
             queued: Vec::new(),
+            queued_bytes: 0,
         }
     }
 
-    fn run(mut self, mut rx: mpsc::Receiver<Message>) {
+    /// Queues a message for the agent; waits while the queue is full (the
+    /// agent is slow to read), and drops it once the writer is gone.
+    fn reply(&self, msg: Message) -> Result<(), mpsc::error::SendError<Message>> {
+        self.out.blocking_send(msg)
+    }
+
+    fn run(mut self, mut rx: mpsc::Receiver<Work>) {
         let result = self.pump(&mut rx);
         if let Err(r) = &result {
             warn!("refusing agent {}: {:?}: {}", self.agent, r.code, r.message);
-            let _ = self.out.send(Message::Error {
+            let _ = self.reply(Message::Error {
                 code: r.code,
                 message: r.message.clone(),
             });
@@ -317,9 +437,14 @@ impl Worker {
         }
     }
 
-    fn pump(&mut self, rx: &mut mpsc::Receiver<Message>) -> Result<(), Refusal> {
+    fn pump(&mut self, rx: &mut mpsc::Receiver<Work>) -> Result<(), Refusal> {
         loop {
-            let msg = match rx.try_recv() {
+            if self.out.is_closed() {
+                // The agent is gone or stopped reading: nothing more can be
+                // acknowledged, so work queued behind it is wasted.
+                return Ok(());
+            }
+            let (msg, _held) = match rx.try_recv() {
                 Ok(m) => m,
                 Err(mpsc::error::TryRecvError::Empty) => {
                     // Input drained: make what we have durable and say so
@@ -348,7 +473,7 @@ impl Worker {
                 logical_block_bytes,
             } => {
                 let reply = self.register(disk_id, size_bytes, logical_block_bytes)?;
-                let _ = self.out.send(reply);
+                let _ = self.reply(reply);
                 Ok(())
             }
             Message::Extent(e) => self.extent(e),
@@ -452,7 +577,7 @@ impl Worker {
             .read_at(offset_bytes, &mut self.scratch)
             .map_err(storage)?;
         let hashes = hash_blocks(&self.scratch, block_bytes as usize);
-        let _ = self.out.send(Message::Hashes {
+        let _ = self.reply(Message::Hashes {
             seq,
             disk: handle,
             offset_bytes,
@@ -515,12 +640,16 @@ impl Worker {
             at += n;
         }
         disk.queued.insert(offset_bytes, end);
+        self.queued_bytes += data.as_ref().map_or(0, |b| b.len() as u64);
         self.queued.push(Queued {
             disk: d,
             offset_bytes,
             data,
             len_bytes,
         });
+        if self.queued_bytes >= QUEUED_MAX_BYTES {
+            self.apply_queued()?;
+        }
         Ok(())
     }
 
@@ -533,6 +662,7 @@ impl Worker {
             d.undo.sync().map_err(storage)?;
             d.queued.clear();
         }
+        self.queued_bytes = 0;
         for q in std::mem::take(&mut self.queued) {
             let image = &mut self.disks[q.disk].image;
             match q.data {
@@ -599,7 +729,7 @@ impl Worker {
         }
         self.applied_seq = seq;
         self.acked_seq = seq;
-        let _ = self.out.send(Message::Ack { seq });
+        let _ = self.reply(Message::Ack { seq });
         Ok(())
     }
 
@@ -629,7 +759,7 @@ impl Worker {
         self.bytes_since_sync = 0;
         if self.applied_seq > self.acked_seq {
             self.acked_seq = self.applied_seq;
-            let _ = self.out.send(Message::Ack {
+            let _ = self.reply(Message::Ack {
                 seq: self.acked_seq,
             });
         }
@@ -671,7 +801,7 @@ impl Worker {
             self.agent,
             self.disks.len()
         );
-        let _ = self.out.send(Message::PointRecorded {
+        let _ = self.reply(Message::PointRecorded {
             seq,
             point_id: point.id,
         });
@@ -799,13 +929,16 @@ impl Worker {
         }
         // Ownership before "busy": another agent claiming this disk must be
         // told it is not its disk, not to retry later.
-        let owner = self
-            .shared
-            .registry
-            .lock()
-            .expect("registry lock")
-            .get(&disk_id)
-            .map(|e| e.agent.clone());
+        let (owner, registered) = {
+            let reg = self.shared.registry.lock().expect("registry lock");
+            (reg.get(&disk_id).map(|e| e.agent.clone()), reg.len())
+        };
+        // Before the disk's lock is taken, which creates its directory on
+        // the retention volume: a refused disk leaves nothing behind.
+        // open_or_create checks again under the registry lock.
+        if owner.is_none() && registered >= self.shared.config.max_disks {
+            return Err(self.too_many_disks(registered));
+        }
         if let Some(owner) = owner.filter(|o| *o != self.agent) {
             warn!(
                 "agent {} tried to register disk {disk_id}, which belongs to agent {owner}",
@@ -869,6 +1002,17 @@ impl Worker {
         }
     }
 
+    fn too_many_disks(&self, registered: usize) -> Refusal {
+        let config = &self.shared.config;
+        Refusal::new(
+            ErrorCode::Limit,
+            format!(
+                "receiver {} already protects {registered} disks (max_disks = {}); raise max_disks or use another receiver",
+                config.name, config.max_disks
+            ),
+        )
+    }
+
     /// Takes the disk's lock against failover commands and refuses a disk
     /// that is failed over.
     fn hold(&self, disk_id: &str) -> Result<failover::DiskLock, Refusal> {
@@ -922,15 +1066,7 @@ impl Worker {
                 ));
             }
         } else if reg.len() >= config.max_disks {
-            return Err(Refusal::new(
-                ErrorCode::Limit,
-                format!(
-                    "receiver {} already protects {} disks (max_disks = {}); raise max_disks or use another receiver",
-                    config.name,
-                    reg.len(),
-                    config.max_disks
-                ),
-            ));
+            return Err(self.too_many_disks(reg.len()));
         }
         // An unregistered disk may still have its image here, made by
         // someone else (qemu-img, a copy from a datastore): match it by UUID.
