@@ -9,7 +9,7 @@
 //! overwrite that reached the copy has its record in what is read.
 
 use std::fs::OpenOptions;
-use std::io::{Seek, SeekFrom, Write};
+
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -162,25 +162,15 @@ pub fn export(
     partial.push(".partial");
     let partial = Path::new(&partial).to_path_buf();
     let result = (|| {
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .open(&partial)
             .with_context(|| format!("cannot create export file {}", partial.display()))?;
         let size = entry.size_bytes;
-        let mut buf = vec![0u8; COPY_CHUNK_BYTES];
-        let mut offset = 0u64;
-        while offset < size {
-            let n = (size - offset).min(COPY_CHUNK_BYTES as u64) as usize;
-            image.read_at(offset, &mut buf[..n])?;
-            if buf[..n].iter().any(|&b| b != 0) {
-                file.seek(SeekFrom::Start(offset))?;
-                file.write_all(&buf[..n])
-                    .with_context(|| format!("cannot write export file {}", partial.display()))?;
-            }
-            offset += n as u64;
-        }
+        copy_data(image.as_mut(), &file, size)
+            .with_context(|| format!("cannot write export file {}", partial.display()))?;
         file.set_len(size)?;
         // Only now read the undo journal (see the module comment).
         let dir = undo::disk_dir(&config.retention_dir, disk);
@@ -227,6 +217,66 @@ pub fn export(
         return Err(e);
     }
     Ok(point)
+}
+
+/// Copies the data of `image` into `file` at the same offsets, leaving
+/// holes and zero MiB unwritten (the file is sparse). One thread reads
+/// ahead while this one writes, so the disk always has a read in flight,
+/// as qemu-img keeps several requests going; holes are skipped unread.
+fn copy_data(image: &mut dyn Image, file: &std::fs::File, size: u64) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileExt;
+    const PIECE: u64 = 1 << 20;
+    const IN_FLIGHT: usize = 8;
+    const READ_AHEAD: u64 = 16 << 20;
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(IN_FLIGHT);
+    let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    for _ in 0..IN_FLIGHT + 2 {
+        let _ = free_tx.send(Vec::with_capacity(PIECE as usize));
+    }
+    std::thread::scope(|s| {
+        let recycle = free_tx.clone();
+        let reader = s.spawn(move || -> Result<(), crate::image::ImageError> {
+            image.prefetch(0, READ_AHEAD);
+            let mut at = 0u64;
+            while at < size {
+                let n = (size - at).min(PIECE);
+                if at.is_multiple_of(4 * PIECE) {
+                    image.prefetch(at + READ_AHEAD, 4 * PIECE);
+                }
+                if !image.is_hole(at, n) {
+                    let Ok(mut buf) = free_rx.recv() else {
+                        return Ok(());
+                    };
+                    buf.resize(n as usize, 0);
+                    image.read_at(at, &mut buf)?;
+                    if buf.iter().any(|&b| b != 0) {
+                        if full_tx.send((at, buf)).is_err() {
+                            // The writer stopped; it reports why.
+                            return Ok(());
+                        }
+                    } else {
+                        let _ = recycle.send(buf);
+                    }
+                }
+                at += n;
+            }
+            Ok(())
+        });
+        let mut written = Ok(());
+        for (at, buf) in full_rx {
+            if let Err(e) = file.write_all_at(&buf, at) {
+                written = Err(e);
+                break;
+            }
+            let _ = free_tx.send(buf);
+        }
+        let read = reader
+            .join()
+            .map_err(|_| anyhow::anyhow!("the export's reader thread panicked"))?;
+        read?;
+        written?;
+        Ok(())
+    })
 }
 
 /// Turns the reconstructed raw disk at `partial` into `format` at `out`.
@@ -336,6 +386,10 @@ fn copy_nonzero(src: &mut dyn Image, dst: &mut dyn Image, size: u64) -> anyhow::
     let mut offset = 0u64;
     while offset < size {
         let n = (size - offset).min(COPY_CHUNK_BYTES as u64) as usize;
+        if src.is_hole(offset, n as u64) {
+            offset += n as u64;
+            continue;
+        }
         src.read_at(offset, &mut buf[..n])?;
         // Per 64 KiB, a sparse VMDK grain, so zero grains stay unallocated.
         for (i, piece) in buf[..n].chunks(64 << 10).enumerate() {
