@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::sync::{Condvar, Mutex};
 
-use tidemark_common::checksum::{checksum, Checksum};
+use tidemark_common::checksum::{block_checksum, Checksum};
 
 use crate::pipeline::{Job, READ_BYTES};
 
@@ -148,7 +148,7 @@ pub fn differing(buf: &[u8], remote: &[Checksum]) -> Vec<Range<usize>> {
     }
     let mut out: Vec<Range<usize>> = Vec::new();
     for (i, (b, r)) in buf.chunks(block).zip(remote).enumerate() {
-        if checksum(b) == *r {
+        if block_checksum(b) == *r {
             continue;
         }
         let start = i * block;
@@ -164,6 +164,7 @@ pub fn differing(buf: &[u8], remote: &[Checksum]) -> Vec<Range<usize>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tidemark_common::checksum::checksum;
 
     #[test]
     fn only_changed_blocks_differ_and_neighbours_merge() {

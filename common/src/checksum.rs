@@ -14,6 +14,33 @@ pub fn checksum(data: &[u8]) -> Checksum {
     *blake3::hash(data).as_bytes()
 }
 
+/// Longest block [`block_checksum`] recognises as zeros without hashing.
+const ZERO_BLOCK_MAX: usize = 64 << 10;
+static ZEROS: [u8; ZERO_BLOCK_MAX] = [0; ZERO_BLOCK_MAX];
+
+/// The checksum of `len` zero bytes; the common 4 KiB block's is computed
+/// once.
+pub fn zero_checksum(len: usize) -> Checksum {
+    static FOUR_KIB: std::sync::OnceLock<Checksum> = std::sync::OnceLock::new();
+    if len == 4096 {
+        *FOUR_KIB.get_or_init(|| checksum(&ZEROS[..4096]))
+    } else if len <= ZERO_BLOCK_MAX {
+        checksum(&ZEROS[..len])
+    } else {
+        checksum(&vec![0u8; len])
+    }
+}
+
+/// [`checksum`] of one block, where an all-zero block (a disk's unused
+/// space: compared far faster than hashed) costs no hashing.
+pub fn block_checksum(block: &[u8]) -> Checksum {
+    if block.len() <= ZERO_BLOCK_MAX && block == &ZEROS[..block.len()] {
+        zero_checksum(block.len())
+    } else {
+        checksum(block)
+    }
+}
+
 /// The checksum of `parts` concatenated, without concatenating them.
 pub fn checksum_parts(parts: &[&[u8]]) -> Checksum {
     let mut h = blake3::Hasher::new();
@@ -31,6 +58,18 @@ pub fn to_hex(sum: &Checksum) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zero_blocks_skip_hashing_but_not_correctness() {
+        for len in [1usize, 512, 4095, 4096, 65536, 65537] {
+            let zero = vec![0u8; len];
+            assert_eq!(block_checksum(&zero), checksum(&zero), "{len}");
+            assert_eq!(zero_checksum(len), checksum(&zero), "{len}");
+            let mut one = zero.clone();
+            one[len - 1] = 1;
+            assert_eq!(block_checksum(&one), checksum(&one), "{len}");
+        }
+    }
 
     #[test]
     fn known_vector() {

@@ -571,12 +571,23 @@ impl Worker {
         self.disks[d]
             .image
             .prefetch(offset_bytes + len, HASH_PREFETCH_BYTES);
-        self.scratch.resize(len_bytes as usize, 0);
-        self.disks[d]
-            .image
-            .read_at(offset_bytes, &mut self.scratch)
-            .map_err(storage)?;
-        let hashes = hash_blocks(&self.scratch, block_bytes as usize);
+        let block = (block_bytes as usize).max(1);
+        let hashes = if self.disks[d].image.is_hole(offset_bytes, len) {
+            // Unallocated: zeros, known without reading or hashing.
+            (0..len_bytes as usize)
+                .step_by(block)
+                .map(|at| {
+                    tidemark_common::checksum::zero_checksum(block.min(len_bytes as usize - at))
+                })
+                .collect()
+        } else {
+            self.scratch.resize(len_bytes as usize, 0);
+            self.disks[d]
+                .image
+                .read_at(offset_bytes, &mut self.scratch)
+                .map_err(storage)?;
+            hash_blocks(&self.scratch, block)
+        };
         let _ = self.reply(Message::Hashes {
             seq,
             disk: handle,
@@ -1212,7 +1223,7 @@ fn find_by_uuid(
 fn hash_blocks(data: &[u8], block: usize) -> Vec<tidemark_common::checksum::Checksum> {
     let hash = |d: &[u8]| -> Vec<_> {
         d.chunks(block)
-            .map(tidemark_common::checksum::checksum)
+            .map(tidemark_common::checksum::block_checksum)
             .collect()
     };
     let blocks = data.len().div_ceil(block);
