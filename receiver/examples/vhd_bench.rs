@@ -14,6 +14,8 @@
 //! the qemu time compared ("qemu s") includes an fsync of its output
 //! right after it exits; "qemu nosync" is the bare convert, for reference.
 //!
+//! `--only fixed` runs just the cases whose name contains `fixed`.
+//!
 //! ```text
 //! cargo run --release -p tidemark-receiver --example vhd_bench -- [--size-mib 2048] [--runs 3]
 //! ```
@@ -155,6 +157,13 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let size_mib = arg(&args, "--size-mib", 2048);
     let runs = arg(&args, "--runs", 3).max(1);
+    // Runs only the cases whose name contains this (one case alone: the
+    // earlier cases' writeback does not weigh on it).
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
     let size = (size_mib * MIB) as u64;
     let scratch = Scratch(PathBuf::from(format!(
         "/var/tmp/tidemark-vhd-bench-{}",
@@ -231,6 +240,9 @@ fn main() {
     ours_live(&src, &zero, &out, VhdKind::Fixed);
     remove_vhd(&dir);
     for (name, ours, subformat) in cases {
+        if only.as_deref().is_some_and(|o| !name.contains(o)) {
+            continue;
+        }
         let mut t_ours = Vec::new();
         let mut t_qemu = Vec::new();
         let mut t_nosync = Vec::new();
