@@ -39,3 +39,23 @@ pub use loopdev::LoopDev;
 pub use net::{free_port, CountingProxy};
 pub use notify::NotifySocket;
 pub use prereq::{require_cmd, require_root};
+
+/// Trials a randomized fault test runs: `TIDEMARK_TRIALS` when set (the
+/// soak script's 50 and more), else the suite's `default`.
+pub fn trials(default: usize) -> usize {
+    std::env::var("TIDEMARK_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A randomized fault test's seed: `base`, varied by `TIDEMARK_SEED` when
+/// set (the soak script's rounds), so a failure is reproduced by setting
+/// the same value.
+pub fn seed(base: u64) -> u64 {
+    let extra: u64 = std::env::var("TIDEMARK_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    base ^ extra.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}

@@ -129,7 +129,7 @@ fn kill_trials(extra_config: &str, trials: usize, pruning: bool) -> anyhow::Resu
     fill_mixed(&dev, 5)?;
     let cfg = site.agent("agent-k", site.addr, &[(dev.path(), "disk-k")])?;
     point_id(&agent_sync(&cfg, &[]))?;
-    let mut rng = SplitMix64::new(99);
+    let mut rng = SplitMix64::new(tidemark_tests::seed(99));
     // Every point the receiver acknowledged, with the device as it was.
     let mut acknowledged: Vec<(u64, Vec<u8>)> = Vec::new();
     let mut interrupted = 0;
@@ -181,7 +181,7 @@ fn kill_trials(extra_config: &str, trials: usize, pruning: bool) -> anyhow::Resu
 
 #[test]
 fn receiver_killed_at_random_moments_loses_nothing_acknowledged() -> anyhow::Result<()> {
-    kill_trials("", 30, false)?;
+    kill_trials("", tidemark_tests::trials(30), false)?;
     Ok(())
 }
 
@@ -189,7 +189,7 @@ fn receiver_killed_at_random_moments_loses_nothing_acknowledged() -> anyhow::Res
 fn receiver_killed_while_it_prunes_keeps_every_point_in_the_window() -> anyhow::Result<()> {
     // 0.0002 h = 0.72 s: nearly every point prunes the history before it,
     // so kills land in pruning too.
-    let refused = kill_trials("retention_hours = 0.0002", 20, true)?;
+    let refused = kill_trials("retention_hours = 0.0002", tidemark_tests::trials(20), true)?;
     ensure!(refused > 0, "nothing was pruned: the test did not prune");
     Ok(())
 }
