@@ -805,6 +805,7 @@ impl Runner {
     fn publish_status(&mut self) {
         let m = crate::metrics::get();
         m.set_connected(self.shipper.connected());
+        m.set_send_cap(self.shipper.send_cap().0);
         for d in &self.disks {
             let backlog =
                 d.dirty.dirty_bytes() + d.pending.iter().map(|r| r.end - r.start).sum::<u64>();
