@@ -41,6 +41,15 @@ pub struct Status {
     pub connected: bool,
     pub last_point: Option<PointInfo>,
     pub disks: Vec<DiskStatus>,
+    /// Cap on bytes sent to the receiver now (None: unlimited).
+    #[serde(default)]
+    pub send_cap_bytes_per_sec: Option<u64>,
+    /// The `[[throttle.window]]` that sets it (None: `throttle.rate`).
+    #[serde(default)]
+    pub send_cap_window: Option<String>,
+    /// Cap on reads of sync and resync (None: unlimited).
+    #[serde(default)]
+    pub sync_read_cap_bytes_per_sec: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

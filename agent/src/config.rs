@@ -74,6 +74,9 @@ pub struct AgentConfig {
     /// endpoint has no authentication).
     #[serde(default)]
     pub metrics_allow_remote: bool,
+    /// Send and read caps (`[throttle]`, `[[throttle.window]]`).
+    #[serde(default)]
+    pub throttle: crate::throttle::ThrottleConfig,
     /// Disks to protect.
     #[serde(default, rename = "disk")]
     pub disks: Vec<DiskConfig>,
@@ -187,7 +190,24 @@ impl AgentConfig {
             self.metrics_listen,
             self.metrics_allow_remote,
         )?;
+        self.send_throttle()?;
+        self.read_limit()?;
         Ok(())
+    }
+
+    /// The send cap schedule; None when nothing is ever capped.
+    pub fn send_throttle(&self) -> Result<Option<crate::throttle::SendThrottle>, String> {
+        let schedule = crate::throttle::Schedule::from_config(&self.throttle)?;
+        Ok(crate::throttle::SendThrottle::new(schedule))
+    }
+
+    /// The read cap of `sync`, `resync` and resyncs in `run`, if any.
+    pub fn read_limit(&self) -> Result<Option<crate::throttle::ReadLimit>, String> {
+        Ok(match &self.throttle.sync_read_rate {
+            Some(v) => crate::throttle::parse_rate("throttle.sync_read_rate", v)?
+                .map(crate::throttle::ReadLimit::new),
+            None => None,
+        })
     }
 
     pub fn tls_files(&self) -> TlsFiles {
@@ -205,6 +225,7 @@ impl AgentConfig {
             queue_depth: self.queue_depth,
             compress_threads: self.compress_threads(),
             zstd_level: self.zstd_level,
+            read_limit: self.read_limit().ok().flatten(),
             pool: crate::pipeline::Settings::pool_for(self.queue_depth, self.compress_threads()),
         }
     }
@@ -231,5 +252,57 @@ mod example_tests {
         assert_eq!(c.admin_socket, default_admin_socket());
         assert_eq!(c.state_dir, default_state_dir());
         assert_eq!(c.point_max_backlog_bytes, default_point_max_backlog());
+    }
+}
+
+#[cfg(test)]
+mod throttle_tests {
+    use super::*;
+
+    const BASE: &str = "name = \"a\"\nreceiver = \"r:443\"\nca = \"ca.pem\"\ncert = \"a.pem\"\nkey = \"k.pem\"\n[[disk]]\ndevice = \"/dev/null\"\n";
+
+    fn load(extra: &str) -> Result<AgentConfig, String> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let p = dir.path().join("agent.toml");
+        std::fs::write(&p, format!("{BASE}{extra}")).expect("write");
+        AgentConfig::load(&p).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn throttle_tables_load() {
+        let c = load(
+            "[throttle]\nrate = \"20 MiB/s\"\nsync_read_rate = 52428800\n\
+             [[throttle.window]]\ndays = [\"mon-fri\"]\nfrom = \"08:00\"\nto = \"18:00\"\nrate = \"4 MiB/s\"\n\
+             [[throttle.window]]\ndays = [\"sat\", \"sun\"]\nfrom = \"22:00\"\nto = \"06:00\"\nrate = \"unlimited\"\n",
+        )
+        .expect("valid");
+        assert_eq!(c.read_limit().unwrap().map(|l| l.rate), Some(50 << 20));
+        assert!(c.send_throttle().unwrap().is_some());
+        let none = load("").expect("no throttle");
+        assert!(none.send_throttle().unwrap().is_none());
+        assert!(none.read_limit().unwrap().is_none());
+    }
+
+    #[test]
+    fn bad_throttle_values_name_the_key() {
+        for (extra, want) in [
+            (
+                "[throttle]\nrate = 0\n",
+                "throttle.rate = 0 must be more than 0",
+            ),
+            (
+                "[throttle]\nsync_read_rate = \"lots\"\n",
+                "throttle.sync_read_rate = \"lots\" is not a rate",
+            ),
+            (
+                "[[throttle.window]]\nfrom = \"8h\"\nto = \"18:00\"\nrate = \"1 MiB/s\"\n",
+                "[[throttle.window]] number 1: from = \"8h\" is not a time",
+            ),
+            ("[throttle]\nburst = 3\n", "unknown field `burst`"),
+        ] {
+            let e = load(extra).expect_err(extra);
+            assert!(e.contains(want), "{e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
     }
 }

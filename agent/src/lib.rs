@@ -15,5 +15,6 @@ pub mod shipper;
 pub mod source;
 pub mod state;
 pub mod sync;
+pub mod throttle;
 pub mod tracking;
 pub mod transport;

@@ -7,6 +7,7 @@ use tidemark_agent::admin::{self, Reply, Request};
 use tidemark_agent::config::{AgentConfig, FailoverLeave};
 use tidemark_agent::progress::mib;
 use tidemark_agent::sync::Mode;
+use tidemark_agent::throttle::show_rate;
 
 #[derive(Parser)]
 #[command(
@@ -231,6 +232,15 @@ fn status_table(s: &admin::Status) -> String {
         )),
         None => out.push_str("no point taken by this run yet\n"),
     }
+    let rate = |r: Option<u64>| r.map_or_else(|| "unlimited".to_owned(), show_rate);
+    out.push_str(&format!(
+        "send cap {}{}, sync/resync reads {}\n",
+        rate(s.send_cap_bytes_per_sec),
+        s.send_cap_window
+            .as_ref()
+            .map_or_else(String::new, |w| format!(" ({w})")),
+        rate(s.sync_read_cap_bytes_per_sec)
+    ));
     out.push_str(&format!(
         "{:<24} {:<16} {:<16} {:>12}  REASON\n",
         "DISK", "DEVICE", "STATE", "BACKLOG"

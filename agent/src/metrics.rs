@@ -33,6 +33,7 @@ pub struct Metrics {
     tracker_loss_events: Family<Labels, Counter>,
     freeze_seconds: Histogram,
     connected: Gauge,
+    send_cap: Gauge,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
@@ -43,6 +44,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     tracker_loss_events: Family::default(),
     freeze_seconds: Histogram::new(FREEZE_BUCKETS),
     connected: Gauge::default(),
+    send_cap: Gauge::default(),
 });
 
 pub fn get() -> &'static Metrics {
@@ -87,6 +89,11 @@ impl Metrics {
             "connected",
             "1 while connected to the receiver",
             self.connected.clone(),
+        );
+        r.register(
+            "send_cap_bytes_per_second",
+            "Cap on bytes sent to the receiver per second now (0: unlimited)",
+            self.send_cap.clone(),
         );
         r
     }
@@ -134,6 +141,10 @@ impl Metrics {
         self.freeze_seconds.observe(d.as_secs_f64());
     }
 
+    pub fn set_send_cap(&self, cap: Option<u64>) {
+        self.send_cap.set(cap.map_or(0, |c| c as i64));
+    }
+
     pub fn set_connected(&self, connected: bool) {
         self.connected.set(connected.into());
     }
@@ -152,6 +163,7 @@ mod tests {
         m.resync_required("disk-a", &ResyncReason::EventsLost("overrun".into()));
         m.resync_required("disk-a", &ResyncReason::Initial);
         m.frozen(Duration::from_millis(20));
+        m.set_send_cap(Some(2 << 20));
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &reg).expect("encodes");
         for want in [
@@ -161,6 +173,7 @@ mod tests {
             "tidemark_agent_resync_progress_ratio{disk=\"disk-a\"} 0.75",
             "tidemark_agent_tracker_loss_events_total{disk=\"disk-a\"} 1",
             "tidemark_agent_freeze_seconds_count 1",
+            "tidemark_agent_send_cap_bytes_per_second 2097152",
         ] {
             assert!(text.contains(want), "{want} missing from\n{text}");
         }

@@ -165,6 +165,8 @@ pub struct Job {
     /// receiver's (which the caller requests through the pipeline's
     /// [`HashBoard`] for every [`READ_BYTES`] chunk of `ranges`).
     pub compare: bool,
+    /// A sync or resync: reads go at `throttle.sync_read_rate`.
+    pub limit_reads: bool,
 }
 
 impl Job {
@@ -174,6 +176,7 @@ impl Job {
             disk,
             ranges,
             compare: false,
+            limit_reads: false,
         }
     }
 
@@ -192,6 +195,9 @@ pub struct Settings {
     pub queue_depth: usize,
     pub compress_threads: usize,
     pub zstd_level: i32,
+    /// Read cap for jobs with `limit_reads`, shared by every pipeline of a
+    /// run so that cycles cannot add up to more.
+    pub read_limit: Option<crate::throttle::ReadLimit>,
     /// Read buffers, shared by every pipeline of a run so they are
     /// allocated once: see [`Settings::pool_for`].
     pub pool: BufPool,
@@ -240,6 +246,7 @@ impl Pipeline {
         drop(piece_tx);
 
         let qd = settings.queue_depth;
+        let read_limit = settings.read_limit.clone();
         let reader = std::thread::Builder::new()
             .name("reader".into())
             .spawn(move || {
@@ -251,6 +258,9 @@ impl Pipeline {
                     };
                     let mut reader =
                         DeviceReader::open(&job.disk.device, qd, false).map_err(read_err)?;
+                    if job.limit_reads {
+                        reader.set_read_limit(read_limit.clone());
+                    }
                     let r = reader.read_ranges(&job.ranges, &pool, |off, buf| {
                         Progress::add(&progress.read_bytes, buf.len() as u64);
                         work_tx

@@ -163,6 +163,8 @@ struct Runner {
     /// being collected the agent is doing its job.
     watchdog: Watchdog,
     last_status: Option<(Instant, String)>,
+    /// Last drain of the tracer.
+    drained_at: Instant,
 }
 
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
@@ -193,7 +195,22 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let progress = Arc::new(Progress::default());
     // Connected later, from the loop: the unit starts before the network,
     // and the tracer must be drained while the receiver is unreachable.
-    let shipper = Shipper::unconnected(connector, disks, None, progress.clone());
+    let mut shipper = Shipper::unconnected(connector, disks, None, progress.clone());
+    shipper.set_throttle(cfg.send_throttle().map_err(anyhow::Error::msg)?);
+    let (cap, window) = shipper.send_cap();
+    if let Some(r) = cfg.read_limit().map_err(anyhow::Error::msg)? {
+        info!(
+            "resync reads capped at {} (throttle.sync_read_rate)",
+            crate::throttle::show_rate(r.rate)
+        );
+    }
+    if cap.is_some() || !cfg.throttle.windows.is_empty() {
+        info!(
+            "send cap now {}{}",
+            cap.map_or_else(|| "unlimited".to_owned(), crate::throttle::show_rate),
+            window.map_or_else(String::new, |w| format!(" ({w})"))
+        );
+    }
     let (admin_tx, mut admin_rx) = mpsc::channel::<Pending>(16);
     let answering = admin::serve(&cfg.admin_socket, admin_tx)?;
     if let Some(addr) = cfg.metrics_listen {
@@ -214,6 +231,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         failover: None,
         watchdog: Watchdog::from_env(),
         last_status: None,
+        drained_at: Instant::now(),
     };
     let now = Instant::now();
     let every = |secs: u64| (secs > 0).then(|| Duration::from_secs(secs));
@@ -390,6 +408,7 @@ impl Runner {
         // the events seen must cover at least this much.
         let counted: Vec<u64> = self.disks.iter().map(DiskRun::counters).collect();
         let drained = self.tracker.drain()?;
+        self.drained_at = Instant::now();
         for (i, d) in self.disks.iter_mut().enumerate() {
             for range in drained.ranges.get(i).into_iter().flatten() {
                 d.dirty.mark(range.clone());
@@ -425,6 +444,24 @@ impl Runner {
             }
         }
         Ok(())
+    }
+
+    /// Drains the tracer if it is due: however long a compare, a throttled
+    /// read or the send cap takes, the trace buffers are drained on time.
+    fn collect_due(&mut self) -> anyhow::Result<()> {
+        if self.drained_at.elapsed() >= DRAIN_EVERY {
+            self.collect()?;
+        }
+        Ok(())
+    }
+
+    /// Waits until the send cap lets the next piece go, draining the
+    /// tracer meanwhile.
+    async fn pace(&mut self) -> anyhow::Result<()> {
+        while !self.shipper.ready(self.drained_at + DRAIN_EVERY).await? {
+            self.collect_due()?;
+        }
+        self.collect_due()
     }
 
     /// Reads up to a cycle's budget of dirty data and hands it to the shipper.
@@ -464,6 +501,7 @@ impl Runner {
                 disk: d.disk.clone(),
                 ranges,
                 compare,
+                limit_reads: d.resync.is_some(),
             });
         }
         if taken > 0 {
@@ -478,7 +516,6 @@ impl Runner {
             let mut pipeline = Pipeline::start(jobs, &self.settings, self.progress.clone())?;
             self.shipper.set_hash_board(Some(pipeline.board.clone()));
             let mut cut = false;
-            let mut drained_at = Instant::now();
             loop {
                 while !cut && requested < pipeline.board.consumed() + HASH_LOOKAHEAD {
                     let Some((disk, offset_bytes, len_bytes)) = requests.next() else {
@@ -490,6 +527,7 @@ impl Runner {
                         offset_bytes,
                         len_bytes,
                     };
+                    self.pace().await?;
                     if self.shipper.try_send(request).await?.is_some() {
                         cut = true;
                     }
@@ -502,12 +540,7 @@ impl Runner {
                     pipeline.board.close();
                 }
                 self.shipper.flush().await;
-                // However long a compare takes, the trace buffers are
-                // drained on time.
-                if drained_at.elapsed() >= DRAIN_EVERY {
-                    self.collect()?;
-                    drained_at = Instant::now();
-                }
+                self.collect_due()?;
                 let piece = if requested > pipeline.board.consumed() {
                     // Workers may be waiting for hashes: keep taking them
                     // off the connection.
@@ -521,7 +554,14 @@ impl Runner {
                         }
                     }
                 } else {
-                    pipeline.pieces.recv().await
+                    // Reads may be throttled: wake up to drain meanwhile.
+                    match tokio::time::timeout(DRAIN_EVERY, pipeline.pieces.recv()).await {
+                        Ok(p) => p,
+                        Err(_) => {
+                            self.shipper.pump_ready().await?;
+                            continue;
+                        }
+                    }
                 };
                 let Some(piece) = piece else { break };
                 if let Piece::ChunkDone { .. } = piece {
@@ -532,6 +572,7 @@ impl Runner {
                 let back = if cut {
                     Some(piece)
                 } else {
+                    self.pace().await?;
                     self.shipper.try_send(piece).await?
                 };
                 if let Some(p) = back {
@@ -698,8 +739,10 @@ impl Runner {
             kind = PointKind::SyncMarker;
         }
         for p in pieces {
+            self.pace().await?;
             self.shipper.send(p).await?;
         }
+        self.pace().await?;
         let agent_time_ms = now_ms();
         let id = self.shipper.point(kind, name).await?;
         self.settle();
@@ -766,6 +809,7 @@ impl Runner {
     fn publish_status(&mut self) {
         let m = crate::metrics::get();
         m.set_connected(self.shipper.connected());
+        m.set_send_cap(self.shipper.send_cap().0);
         for d in &self.disks {
             let backlog =
                 d.dirty.dirty_bytes() + d.pending.iter().map(|r| r.end - r.start).sum::<u64>();
@@ -783,7 +827,11 @@ impl Runner {
     }
 
     fn status(&self) -> Status {
+        let (send_cap, send_window) = self.shipper.send_cap();
         Status {
+            send_cap_bytes_per_sec: send_cap,
+            send_cap_window: send_window,
+            sync_read_cap_bytes_per_sec: self.settings.read_limit.as_ref().map(|l| l.rate),
             agent: self.cfg.name.clone(),
             receiver: self.cfg.receiver.clone(),
             connected: self.shipper.connected(),

@@ -18,6 +18,7 @@ use crate::compare::HashBoard;
 use crate::disks::Disk;
 use crate::pipeline::Piece;
 use crate::progress::Progress;
+use crate::throttle::{SendThrottle, RECHECK_EVERY};
 use crate::transport::{retryable, ConnectError, Connection, Connector, Refused};
 
 /// Payload bytes sent but not yet acknowledged.
@@ -67,6 +68,8 @@ pub struct Shipper {
     /// When Some, (disk index, offset) of every data or zero piece the
     /// receiver acknowledged, for a caller tracking what is durable.
     pub acked_log: Option<Vec<(usize, u64)>>,
+    /// The send cap, when one is configured.
+    throttle: Option<SendThrottle>,
 }
 
 impl Shipper {
@@ -111,7 +114,86 @@ impl Shipper {
             refused: None,
             hash_board: None,
             acked_log: None,
+            throttle: None,
         }
+    }
+
+    /// Caps what is sent from now on (wire bytes, after compression).
+    pub fn set_throttle(&mut self, throttle: Option<SendThrottle>) {
+        self.throttle = throttle;
+    }
+
+    /// The send cap in force now and the window that sets it; (None,
+    /// None): unlimited.
+    pub fn send_cap(&self) -> (Option<u64>, Option<String>) {
+        self.throttle
+            .as_ref()
+            .map_or((None, None), SendThrottle::cap_now)
+    }
+
+    /// When the send cap lets the next message go (None: now), at most
+    /// [`RECHECK_EVERY`] ahead so a window that opens is noticed.
+    fn paced_until(&mut self) -> Option<Instant> {
+        let now = Instant::now();
+        let at = self.throttle.as_mut()?.ready_at(now)?;
+        Some(at.min(now + RECHECK_EVERY))
+    }
+
+    /// Waits until `until`, handling what the receiver sends meanwhile
+    /// (acks, hashes, heartbeats), without reconnecting.
+    async fn wait_until(&mut self, until: Instant) -> anyhow::Result<()> {
+        self.flush().await;
+        while Instant::now() < until {
+            if self.conn.is_none() {
+                tokio::time::sleep_until(until.into()).await;
+                break;
+            }
+            self.wait_incoming(Some(until)).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits until the send cap lets the next message go; Ok(false) if
+    /// `until` came first.
+    async fn pace(&mut self, until: Option<Instant>) -> anyhow::Result<bool> {
+        while let Some(at) = self.paced_until() {
+            match until {
+                Some(u) if u <= at => {
+                    self.wait_until(u).await?;
+                    return Ok(self.paced_until().is_none());
+                }
+                _ => self.wait_until(at).await?,
+            }
+        }
+        Ok(true)
+    }
+
+    /// Writes, at the send cap, what the last connection left
+    /// unacknowledged: it goes before anything newer. Ok(false): the
+    /// connection is gone, or `until` came, with some of it left.
+    async fn push_resends(&mut self, until: Option<Instant>) -> anyhow::Result<bool> {
+        while !self.resend.is_empty() {
+            if self.conn.is_none() || !self.pace(until).await? || self.conn.is_none() {
+                return Ok(false);
+            }
+            let p = self.resend.pop_front().expect("checked above");
+            self.write_piece(p).await;
+        }
+        Ok(self.conn.is_some())
+    }
+
+    /// Until `until` at most: writes what waits for a resend and waits
+    /// for the send cap. Ok(true) when the next piece may go now (or
+    /// there is no connection to wait for). Lets a caller with other
+    /// duties (draining the tracer) wait in slices.
+    pub async fn ready(&mut self, until: Instant) -> anyhow::Result<bool> {
+        if self.conn.is_none() {
+            return Ok(true);
+        }
+        if !self.push_resends(Some(until)).await? {
+            return Ok(self.conn.is_none());
+        }
+        self.pace(Some(until)).await
     }
 
     /// Delivers [`Message::Hashes`] to `board` (None: they are refused).
@@ -168,13 +250,9 @@ impl Shipper {
                 // Backoff and the give-up clock reset only when the
                 // receiver acknowledges something (see `progressed`).
                 self.disconnected_since.get_or_insert_with(Instant::now);
-                // What the last connection left unacknowledged goes first.
-                while let Some(p) = self.resend.pop_front() {
-                    self.write_piece(p).await;
-                    if self.conn.is_none() {
-                        return Ok(false);
-                    }
-                }
+                // What the last connection left unacknowledged goes first,
+                // at the send cap: every path that writes pushes it before
+                // anything newer (`push_resends`).
                 self.flush().await;
                 Ok(self.conn.is_some())
             }
@@ -275,6 +353,9 @@ impl Shipper {
         };
         self.seq += 1;
         self.inflight_bytes += piece.wire_bytes();
+        if let Some(t) = self.throttle.as_mut() {
+            t.spend(piece.wire_bytes(), Instant::now());
+        }
         if let Some(d) = self.disks.get(piece.range().0) {
             crate::metrics::get().shipped(&d.id, piece.disk_bytes(), piece.wire_bytes());
         }
@@ -296,11 +377,18 @@ impl Shipper {
     pub async fn send(&mut self, piece: Piece) -> anyhow::Result<()> {
         loop {
             self.ensure_connected().await?;
-            if self.inflight_bytes < WINDOW_BYTES {
+            if !self.push_resends(None).await? {
+                continue;
+            }
+            if self.inflight_bytes >= WINDOW_BYTES {
+                self.flush().await;
+                self.wait_incoming(None).await?;
+                continue;
+            }
+            self.pace(None).await?;
+            if self.conn.is_some() {
                 break;
             }
-            self.flush().await;
-            self.wait_incoming(None).await?;
         }
         self.write_piece(piece).await;
         Ok(())
@@ -316,6 +404,10 @@ impl Shipper {
                 tokio::time::sleep_until(self.next_attempt.min(until).into()).await;
                 continue;
             }
+            if !self.push_resends(Some(until)).await? {
+                continue;
+            }
+            self.flush().await;
             self.wait_incoming(Some(until)).await?;
         }
         Ok(())
@@ -325,12 +417,19 @@ impl Shipper {
     /// full; hands the piece back if the connection is (or goes) away, so
     /// the caller can mark its range dirty instead of holding its data.
     pub async fn try_send(&mut self, piece: Piece) -> anyhow::Result<Option<Piece>> {
-        while self.conn.is_some() && self.inflight_bytes >= WINDOW_BYTES {
-            self.flush().await;
-            self.wait_incoming(None).await?;
-        }
-        if self.conn.is_none() {
-            return Ok(Some(piece));
+        loop {
+            if self.conn.is_none() || !self.push_resends(None).await? {
+                return Ok(Some(piece));
+            }
+            if self.inflight_bytes >= WINDOW_BYTES {
+                self.flush().await;
+                self.wait_incoming(None).await?;
+                continue;
+            }
+            self.pace(None).await?;
+            if self.conn.is_some() {
+                break;
+            }
         }
         self.write_piece(piece).await;
         Ok(None)
@@ -351,11 +450,19 @@ impl Shipper {
     pub async fn point(&mut self, kind: PointKind, name: &str) -> anyhow::Result<u64> {
         loop {
             self.ensure_connected().await?;
+            // A point follows its data, and is sent at the cap like it: a
+            // transfer ends when its point is out, not before.
+            if !self.push_resends(None).await? || !self.pace(None).await? {
+                continue;
+            }
             let Some(c) = self.conn.as_mut() else {
                 continue;
             };
             self.seq += 1;
             let seq = self.seq;
+            if let Some(t) = self.throttle.as_mut() {
+                t.spend(64, Instant::now());
+            }
             let msg = Message::Point {
                 seq,
                 kind,
@@ -384,6 +491,9 @@ impl Shipper {
     pub async fn failover(&mut self) -> anyhow::Result<()> {
         loop {
             self.ensure_connected().await?;
+            if !self.push_resends(None).await? {
+                continue;
+            }
             let Some(c) = self.conn.as_mut() else {
                 continue;
             };

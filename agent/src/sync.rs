@@ -89,6 +89,7 @@ pub async fn sync(
         progress.clone(),
     )
     .await?;
+    shipper.set_throttle(cfg.send_throttle().map_err(anyhow::Error::msg)?);
     let existed = shipper.image_existed.clone();
     let mut jobs = Vec::new();
     let mut resumes = Vec::new();
@@ -124,6 +125,7 @@ pub async fn sync(
                 Vec::new()
             },
             compare,
+            limit_reads: true,
         });
         resumes.push(resume.starting_at(from));
     }

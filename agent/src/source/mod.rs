@@ -51,6 +51,7 @@ pub struct DeviceReader {
     ring: Option<io_uring::IoUring>,
     queue_depth: usize,
     direct: bool,
+    limit: Option<crate::throttle::ReadLimit>,
 }
 
 impl DeviceReader {
@@ -113,6 +114,7 @@ impl DeviceReader {
             ring,
             queue_depth,
             direct,
+            limit: None,
         })
     }
 
@@ -122,6 +124,12 @@ impl DeviceReader {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Issues reads no faster than `limit` allows (None: as fast as the
+    /// device goes).
+    pub fn set_read_limit(&mut self, limit: Option<crate::throttle::ReadLimit>) {
+        self.limit = limit;
     }
 
     /// Reads every byte of `ranges` in pieces of at most the pool's buffer
@@ -155,10 +163,16 @@ impl DeviceReader {
                 .map(move |off| (off, (r.end - off).min(piece) as usize))
         });
         match self.ring.as_mut() {
-            Some(ring) => {
-                uring::read_pieces(ring, &self.file, self.queue_depth, pieces, pool, deliver)
-            }
-            None => pread::read_pieces(&self.file, pieces, pool, deliver),
+            Some(ring) => uring::read_pieces(
+                ring,
+                &self.file,
+                self.queue_depth,
+                pieces,
+                pool,
+                self.limit.as_ref(),
+                deliver,
+            ),
+            None => pread::read_pieces(&self.file, pieces, pool, self.limit.as_ref(), deliver),
         }
     }
 }

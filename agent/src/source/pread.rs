@@ -9,9 +9,16 @@ pub(super) fn read_pieces<E: From<SourceError>>(
     file: &File,
     pieces: impl Iterator<Item = (u64, usize)>,
     pool: &BufPool,
+    limit: Option<&crate::throttle::ReadLimit>,
     mut deliver: impl FnMut(u64, ReadBuf) -> Result<(), E>,
 ) -> Result<(), E> {
     for (offset, len) in pieces {
+        if let Some(l) = limit {
+            if let Some(wait) = l.wait() {
+                std::thread::sleep(wait);
+            }
+            l.spend(len as u64);
+        }
         let mut buf = pool.get();
         let mut done = 0;
         while done < len {

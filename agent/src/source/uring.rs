@@ -22,6 +22,7 @@ pub(super) fn read_pieces<E: From<SourceError>>(
     queue_depth: usize,
     mut pieces: impl Iterator<Item = (u64, usize)>,
     pool: &BufPool,
+    limit: Option<&crate::throttle::ReadLimit>,
     mut deliver: impl FnMut(u64, ReadBuf) -> Result<(), E>,
 ) -> Result<(), E> {
     let fd = types::Fd(file.as_raw_fd());
@@ -34,6 +35,15 @@ pub(super) fn read_pieces<E: From<SourceError>>(
         // Fill the queue while there is work, a free slot and a buffer.
         while failed.is_none() && in_flight < queue_depth {
             let Some((offset, len)) = next else { break };
+            if let Some(wait) = limit.and_then(|l| l.wait()) {
+                // Completions are delivered meanwhile; only with nothing
+                // in flight is there nothing to do but sleep.
+                if in_flight > 0 {
+                    break;
+                }
+                std::thread::sleep(wait);
+                continue;
+            }
             let buf = match pool.try_get() {
                 Some(b) => b,
                 // All buffers are out: reap first if we can, else wait for
@@ -53,6 +63,9 @@ pub(super) fn read_pieces<E: From<SourceError>>(
             });
             if let Err(e) = submit(ring, fd, &mut slots, idx) {
                 return Err(abandon(&mut slots, e));
+            }
+            if let Some(l) = limit {
+                l.spend(len as u64);
             }
             in_flight += 1;
             next = pieces.next();
