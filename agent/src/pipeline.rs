@@ -251,6 +251,11 @@ impl Pipeline {
             .name("reader".into())
             .spawn(move || {
                 for (idx, job) in jobs.iter().enumerate() {
+                    if job.ranges.is_empty() {
+                        // Nothing to read: a device that is gone or
+                        // refused is not even opened.
+                        continue;
+                    }
                     let device = job.disk.device.display().to_string();
                     let read_err = |source| PipelineError::Read {
                         device: device.clone(),

@@ -55,6 +55,15 @@ struct DiskRun {
     /// The running resync compares checksums (logged once when it starts).
     comparing: bool,
     changed: bool,
+    /// The diskseq this disk's tracking and dirty map belong to.
+    diskseq: Option<u64>,
+    /// The device is gone (size 0: a loop device detached, a medium
+    /// removed); nothing is read from it until it is back.
+    absent: bool,
+    /// The device is smaller than its replica: it is not replicated (and
+    /// no point is taken) until it has its size back. Why, for the log and
+    /// `status`.
+    refused: Option<String>,
 }
 
 impl DiskRun {
@@ -78,6 +87,55 @@ impl DiskRun {
         self.changed = true;
     }
 
+    /// Takes in the device's current size. Returns true when the disk grew:
+    /// the dirty map covers the new range, all of it dirty, and the
+    /// receiver must be told the new size. A smaller device is refused,
+    /// never replicated as it is: the receiver would have to cut the
+    /// replica, and a shrink that is undone (an operator's mistake) would
+    /// have lost that data.
+    fn apply_size(&mut self, now: u64) -> bool {
+        let was = self.disk.size_bytes;
+        if now < was {
+            if self.refused.is_none() {
+                let why = format!(
+                    "the disk shrank from {was} to {now} bytes and its replica is never truncated; give the disk back its size (replication resumes with a resync) or protect the smaller disk under a new id"
+                );
+                warn!(
+                    "disk {} ({}): {why}",
+                    self.disk.id,
+                    self.disk.device.display()
+                );
+                self.refused = Some(why);
+                self.changed = true;
+            }
+            return false;
+        }
+        if self.refused.take().is_some() {
+            info!(
+                "disk {} ({}): back to {now} bytes after it had shrunk",
+                self.disk.id,
+                self.disk.device.display()
+            );
+            self.require_resync(ResyncReason::Resized(format!(
+                "it was smaller than its replica ({was} bytes) for a while"
+            )));
+        }
+        if now == was {
+            return false;
+        }
+        info!(
+            "disk {} ({}): grew from {was} to {now} bytes: registering it again at the new size and sending the new {}",
+            self.disk.id,
+            self.disk.device.display(),
+            mib(now - was)
+        );
+        self.dirty = self.dirty.grown(now);
+        self.dirty.mark(was..now);
+        self.disk.size_bytes = now;
+        self.changed = true;
+        true
+    }
+
     fn save(&self, dir: &std::path::Path, clean_stop: bool) -> std::io::Result<()> {
         let mut map =
             DirtyMap::from_bytes(&self.dirty.to_bytes()).expect("a map reads back what it wrote");
@@ -89,7 +147,7 @@ impl DiskRun {
             &DiskState {
                 disk_id: self.disk.id.clone(),
                 boot_id: state::boot_id(),
-                diskseq: state::diskseq(&self.disk.sysfs),
+                diskseq: self.diskseq,
                 base_sectors: self.base_sectors,
                 seen_sectors: self.seen_sectors,
                 clean_stop,
@@ -103,6 +161,9 @@ impl DiskRun {
 /// Restores a disk from its saved state when that can be trusted.
 fn restore(dir: &std::path::Path, disk: Disk) -> DiskRun {
     let mut run = DiskRun {
+        diskseq: state::diskseq(&disk.sysfs),
+        absent: false,
+        refused: None,
         dirty: DirtyMap::new(disk.size_bytes, granularity_for(disk.size_bytes)),
         disk,
         pending: Vec::new(),
@@ -143,7 +204,26 @@ fn restore(dir: &std::path::Path, disk: Disk) -> DiskRun {
     if let Some(r) = reason {
         run.require_resync(r);
     }
+    // A saved map is of the size the disk had then: a disk resized while
+    // the agent was down is handled as if it happened now.
+    let device = run.disk.size_bytes;
+    if run.dirty.size_bytes() != device {
+        run.disk.size_bytes = run.dirty.size_bytes();
+        run.apply_size(device);
+    }
     run
+}
+
+/// The device's current size from sysfs (`size`, in 512-byte sectors, for
+/// a disk and a partition alike): a read of a small file, cheap enough
+/// for every cycle. None when it cannot be read.
+fn device_size(sysfs: &std::path::Path) -> Option<u64> {
+    std::fs::read_to_string(sysfs.join("size"))
+        .ok()?
+        .trim()
+        .parse::<u64>()
+        .ok()?
+        .checked_mul(512)
 }
 
 /// What the loop needs besides the disks.
@@ -188,14 +268,15 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         info!("trace instance {instance} (re)created: writes while the agent was down are only known from the audit");
     }
     let runs: Vec<DiskRun> = disks
-        .iter()
-        .cloned()
+        .into_iter()
         .map(|d| restore(&cfg.state_dir, d))
         .collect();
     let progress = Arc::new(Progress::default());
     // Connected later, from the loop: the unit starts before the network,
     // and the tracer must be drained while the receiver is unreachable.
-    let mut shipper = Shipper::unconnected(connector, disks, None, progress.clone());
+    // Registered at the replica's size, which a shrunk disk keeps.
+    let registered = runs.iter().map(|r| r.disk.clone()).collect();
+    let mut shipper = Shipper::unconnected(connector, registered, None, progress.clone());
     shipper.set_throttle(cfg.send_throttle().map_err(anyhow::Error::msg)?);
     let (cap, window) = shipper.send_cap();
     if let Some(r) = cfg.read_limit().map_err(anyhow::Error::msg)? {
@@ -254,22 +335,51 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         while let Ok(p) = admin_rx.try_recv() {
             r.answer(p, &mut bookmarks);
         }
+        let grown = r.check_host();
+        if !grown.is_empty() {
+            // What is in flight was sent under the old registration: let
+            // it be acknowledged there rather than sent twice.
+            r.shipper.await_acks(Duration::from_secs(5)).await?;
+            r.settle();
+            for (i, size) in grown {
+                r.shipper.resize(i, size);
+            }
+        }
         r.collect()?;
         let now = Instant::now();
         let app_due = next_app.is_some_and(|t| now >= t);
         let crash_due = next_crash.is_some_and(|t| now >= t);
-        let wanted = if !bookmarks.is_empty() {
+        let mut wanted = if !bookmarks.is_empty() {
             Some(bookmarks.iter().any(|b| b.0))
         } else if app_due || crash_due {
             Some(app_due)
         } else {
             None
         };
+        let blocked = r.blocked();
+        if let (Some(why), Some(_)) = (&blocked, wanted) {
+            // A point claims every disk of the machine: none while one of
+            // them is not being replicated.
+            warn!("no recovery point: {why}");
+            for (_, _, tx) in bookmarks.drain(..) {
+                let _ = tx.send(Reply::Error(why.clone()));
+            }
+            if app_due {
+                next_app = app_every.map(|d| now + d);
+            }
+            if crash_due {
+                next_crash = crash_every.map(|d| now + d);
+            }
+            wanted = None;
+        }
         let backlog: u64 = r.disks.iter().map(|d| d.dirty.dirty_bytes()).sum();
         let resyncing = r.disks.iter().any(|d| d.resync.is_some());
         // A point needs the receiver: waiting for it inside the point would
         // stop draining the tracer.
-        let ready = backlog <= r.cfg.point_max_backlog_bytes && !resyncing && r.shipper.connected();
+        let ready = backlog <= r.cfg.point_max_backlog_bytes
+            && !resyncing
+            && blocked.is_none()
+            && r.shipper.connected();
         if r.failover.is_some() && ready {
             let (leave, reply) = r.failover.take().expect("checked");
             match r.planned_failover(leave).await {
@@ -401,6 +511,81 @@ impl Runner {
         }
     }
 
+    /// Looks at every disk's device: gone, back, re-attached (diskseq),
+    /// grown or shrunk. Returns the disks that grew, with their new size,
+    /// for the receiver to learn. Only from the top of the loop: a size
+    /// must not change under a point or a compare.
+    fn check_host(&mut self) -> Vec<(usize, u64)> {
+        let mut grown = Vec::new();
+        for (i, d) in self.disks.iter_mut().enumerate() {
+            let size = device_size(&d.disk.sysfs).unwrap_or(0);
+            if size == 0 {
+                if !d.absent {
+                    warn!(
+                        "disk {} ({}): the device is gone (size 0: detached, or no medium); nothing of it is replicated until it is back, then a resync compares it with the replica",
+                        d.disk.id,
+                        d.disk.device.display()
+                    );
+                    d.absent = true;
+                }
+                continue;
+            }
+            let seq = state::diskseq(&d.disk.sysfs);
+            let came_back = std::mem::take(&mut d.absent);
+            if came_back {
+                info!(
+                    "disk {} ({}): the device is back ({} bytes)",
+                    d.disk.id,
+                    d.disk.device.display(),
+                    size
+                );
+            }
+            if seq != d.diskseq {
+                d.diskseq = seq;
+                d.require_resync(ResyncReason::DiskReplaced);
+            } else if came_back {
+                d.require_resync(ResyncReason::Resized(
+                    "the device had no size for a while (no medium)".into(),
+                ));
+            }
+            if d.apply_size(size) {
+                match TrackedDisk::from_sysfs(i, &d.disk.sysfs, size) {
+                    Ok(t) => {
+                        self.tracker.update_disk(t.clone());
+                        if let Some(slot) = self.tracked.get_mut(i) {
+                            *slot = t;
+                        }
+                    }
+                    // Events past the old end are dropped then; the whole
+                    // new range is dirty anyway, and the audit counts them.
+                    Err(e) => warn!(
+                        "disk {}: cannot read {} after it grew: {e}",
+                        d.disk.id,
+                        d.disk.sysfs.display()
+                    ),
+                }
+                grown.push((i, size));
+            }
+        }
+        grown
+    }
+
+    /// Why no point can be taken now, if a disk is not being replicated.
+    fn blocked(&self) -> Option<String> {
+        self.disks.iter().find_map(|d| {
+            let (id, dev) = (&d.disk.id, d.disk.device.display());
+            if let Some(why) = &d.refused {
+                Some(format!("disk {id} ({dev}) is not replicated: {why}"))
+            } else if d.absent {
+                Some(format!(
+                    "disk {id} ({dev}) is gone (detached); points resume once it is back and resynced"
+                ))
+            } else {
+                None
+            }
+        })
+    }
+
     /// Drains the tracer into the dirty maps and audits every disk.
     fn collect(&mut self) -> anyhow::Result<()> {
         // Counters first: every write they count has already been traced
@@ -434,6 +619,11 @@ impl Runner {
             self.tracker = t;
         }
         for (d, c) in self.disks.iter_mut().zip(counted) {
+            if d.absent {
+                // A detached device's counters mean nothing; its return
+                // costs a resync anyway.
+                continue;
+            }
             let counted_since = c.saturating_sub(d.base_sectors);
             if c < d.base_sectors || d.seen_sectors < counted_since {
                 let detail = format!(
@@ -472,10 +662,16 @@ impl Runner {
         let mut jobs = Vec::new();
         let mut taken = 0u64;
         for (i, d) in self.disks.iter_mut().enumerate() {
-            let ranges = d.dirty.take(
-                CYCLE_BUDGET_BYTES.saturating_sub(taken),
-                READ_BYTES as u64 * 4,
-            );
+            // One job per disk, also an empty one: pieces name their disk
+            // by job index.
+            let ranges = if d.absent || d.refused.is_some() {
+                Vec::new()
+            } else {
+                d.dirty.take(
+                    CYCLE_BUDGET_BYTES.saturating_sub(taken),
+                    READ_BYTES as u64 * 4,
+                )
+            };
             taken += ranges.iter().map(|r| r.end - r.start).sum::<u64>();
             d.pending.extend(ranges.iter().cloned());
             if !ranges.is_empty() {
@@ -511,6 +707,8 @@ impl Runner {
                 .filter(|(_, j)| j.compare)
                 .map(|(i, j)| (i, j.ranges.clone()))
                 .collect();
+            let taken_ranges: Vec<Vec<Range<u64>>> =
+                jobs.iter().map(|j| j.ranges.clone()).collect();
             let mut requests = ChunkCursor::new(&jobs);
             let mut requested = 0u64;
             let mut pipeline = Pipeline::start(jobs, &self.settings, self.progress.clone())?;
@@ -581,8 +779,20 @@ impl Runner {
                     self.disks[disk].dirty.mark(range);
                 }
             }
-            pipeline.finish()?;
+            let read = pipeline.finish();
             self.shipper.set_hash_board(None);
+            if let Err(e) = read {
+                // A device that went away mid-read (detached) must not
+                // stop the agent: what this round took is dirty again, and
+                // the next round's look at the devices says what happened.
+                warn!("reading the disks failed: {e}; retrying what this round took");
+                for (i, ranges) in taken_ranges.into_iter().enumerate() {
+                    for r in ranges {
+                        self.disks[i].dirty.mark(r);
+                    }
+                }
+                cut = true;
+            }
             if cut {
                 // Compared chunks whose pieces never came out are not known
                 // to be at the receiver: what this cycle took for a
@@ -784,7 +994,16 @@ impl Runner {
     /// "3 disk(s) protected, 1 resyncing, receiver connected, backlog
     /// 12 MiB, RPO 4 s" for `systemctl status`.
     fn status_line(&self) -> String {
-        let resyncing = self.disks.iter().filter(|d| d.resync.is_some()).count();
+        let stalled = self
+            .disks
+            .iter()
+            .filter(|d| d.absent || d.refused.is_some())
+            .count();
+        let resyncing = self
+            .disks
+            .iter()
+            .filter(|d| d.resync.is_some() && !d.absent && d.refused.is_none())
+            .count();
         let backlog: u64 = self
             .disks
             .iter()
@@ -795,8 +1014,13 @@ impl Runner {
             |p| format!("RPO {} s", now_ms().saturating_sub(p.agent_time_ms) / 1000),
         );
         format!(
-            "{} disk(s) protected, {resyncing} resyncing, receiver {}, backlog {}, {rpo}",
-            self.disks.len() - resyncing,
+            "{} disk(s) protected, {resyncing} resyncing,{} receiver {}, backlog {}, {rpo}",
+            self.disks.len() - resyncing - stalled,
+            if stalled > 0 {
+                format!(" {stalled} not replicated (see status),")
+            } else {
+                String::new()
+            },
             if self.shipper.connected() {
                 "connected"
             } else {
@@ -842,12 +1066,19 @@ impl Runner {
                 .map(|d| DiskStatus {
                     id: d.disk.id.clone(),
                     device: d.disk.device.display().to_string(),
-                    state: if d.resync.is_some() {
+                    state: if d.refused.is_some() {
+                        "size-refused".into()
+                    } else if d.absent {
+                        "detached".into()
+                    } else if d.resync.is_some() {
                         "resync-required".into()
                     } else {
                         "protected".into()
                     },
-                    resync_reason: d.resync.as_ref().map(ToString::to_string),
+                    resync_reason: d
+                        .refused
+                        .clone()
+                        .or_else(|| d.resync.as_ref().map(ToString::to_string)),
                     dirty_bytes: d.dirty.dirty_bytes()
                         + d.pending.iter().map(|r| r.end - r.start).sum::<u64>(),
                 })

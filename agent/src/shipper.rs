@@ -297,6 +297,28 @@ impl Shipper {
         Ok(())
     }
 
+    /// The disk at `index` has a new size. RegisterDisk is once per
+    /// session, so the connection is closed and the next one registers
+    /// every disk again (at once, no backoff); what was not acknowledged
+    /// goes again after it, as after any disconnect.
+    pub fn resize(&mut self, index: usize, size_bytes: u64) {
+        if let Some(d) = self.disks.get_mut(index) {
+            d.size_bytes = size_bytes;
+        }
+        if self.conn.take().is_some() {
+            info!(
+                "reconnecting to receiver {} to register the new size",
+                self.connector.addr()
+            );
+            let inflight = std::mem::take(&mut self.inflight);
+            for (_, p) in inflight.into_iter().rev() {
+                self.resend.push_front(p);
+            }
+            self.inflight_bytes = 0;
+            self.next_attempt = Instant::now();
+        }
+    }
+
     /// Drops the connection; everything unacknowledged will go again.
     fn disconnected(&mut self, why: &str) {
         if self.conn.take().is_some() {

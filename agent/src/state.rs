@@ -22,6 +22,9 @@ pub enum ResyncReason {
     Rebooted,
     /// The device was detached and attached again (diskseq changed).
     DiskReplaced,
+    /// The disk came back to (at least) its replicated size after it had
+    /// shrunk: what it holds now is unknown.
+    Resized(String),
     /// Someone changed or switched off the trace instance.
     TracingChanged(String),
     /// The saved state could not be read.
@@ -38,6 +41,7 @@ impl std::fmt::Display for ResyncReason {
             ResyncReason::DiskReplaced => {
                 write!(f, "the disk was detached and re-attached (diskseq changed)")
             }
+            ResyncReason::Resized(d) => write!(f, "the disk was resized: {d}"),
             ResyncReason::TracingChanged(d) => {
                 write!(f, "tracing was changed behind the agent's back: {d}")
             }

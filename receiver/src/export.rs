@@ -145,6 +145,8 @@ pub fn export(
         }
     }
     let point = resolve_point(&points, disk, history_from, spec)?;
+    // As large as the disk was at the point (it may have grown since).
+    let size = entry.size_at(point.id);
 
     // A disk the format cannot hold is refused before minutes of copying.
     let limit = match format {
@@ -153,7 +155,7 @@ pub fn export(
         _ => None,
     };
     if let Some(f) = limit {
-        live::check_size(f, out, entry.size_bytes)?;
+        live::check_size(f, out, size)?;
     }
 
     let image_path = config.image_dir.join(&entry.image);
@@ -168,7 +170,6 @@ pub fn export(
             .truncate(true)
             .open(&partial)
             .with_context(|| format!("cannot create export file {}", partial.display()))?;
-        let size = entry.size_bytes;
         copy_data(image.as_mut(), &file, size)
             .with_context(|| format!("cannot write export file {}", partial.display()))?;
         file.set_len(size)?;
@@ -180,12 +181,15 @@ pub fn export(
                 break;
             }
             for rec in undo::read_segment(&dir, tag)?.into_iter().rev() {
-                let end = rec.offset_bytes + u64::from(rec.len_bytes);
-                if end > size {
+                // Past the point's size (written after the disk grew), or
+                // straddling it: only what lies within the point counts.
+                if rec.offset_bytes >= size {
                     continue;
                 }
+                let end = (rec.offset_bytes + u64::from(rec.len_bytes)).min(size);
                 match &rec.data {
-                    Some(d) => file.write_all_at(d, rec.offset_bytes)?,
+                    Some(d) => file
+                        .write_all_at(&d[..(end - rec.offset_bytes) as usize], rec.offset_bytes)?,
                     None => {
                         let mut at = rec.offset_bytes;
                         while at < end {
@@ -210,8 +214,7 @@ pub fn export(
             .with_context(|| format!("cannot fsync export file {}", partial.display()))?;
         Ok::<_, anyhow::Error>(())
     })();
-    let result =
-        result.and_then(|()| finish(format, &partial, out, entry.size_bytes, &disk_uuid(disk)));
+    let result = result.and_then(|()| finish(format, &partial, out, size, &disk_uuid(disk)));
     if let Err(e) = result {
         let _ = std::fs::remove_file(&partial);
         return Err(e);

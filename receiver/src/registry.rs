@@ -65,9 +65,32 @@ pub struct DiskEntry {
     /// undo history was pruned.
     #[serde(default)]
     pub history_from: u64,
+    /// The sizes the disk had before it grew, oldest first: points up to
+    /// `through_point` export at `size_bytes` of the first entry that
+    /// covers them, later points at the entry's own `size_bytes`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sizes_before: Vec<SizeBefore>,
+}
+
+/// The size a disk had up to a point, before it grew.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SizeBefore {
+    pub through_point: u64,
+    pub size_bytes: u64,
 }
 
 impl DiskEntry {
+    /// The disk's size at point `id`: a point is exported as large as the
+    /// disk was when it was taken, so a machine recovered to it sees the
+    /// disk it had (its partition table and filesystems agree with it).
+    pub fn size_at(&self, id: u64) -> u64 {
+        self.sizes_before
+            .iter()
+            .find(|s| id <= s.through_point)
+            .map_or(self.size_bytes, |s| s.size_bytes)
+    }
+
     pub fn format(&self) -> ImageFormat {
         self.format
             .unwrap_or_else(|| ImageFormat::infer(&self.image))
@@ -210,7 +233,31 @@ mod tests {
             size_bytes: 1 << 20,
             logical_block_bytes: 512,
             history_from: 0,
+            sizes_before: Vec::new(),
         }
+    }
+
+    #[test]
+    fn points_before_a_growth_keep_their_size() {
+        let mut e = entry("web");
+        e.size_bytes = 8 << 20;
+        e.sizes_before = vec![
+            SizeBefore {
+                through_point: 3,
+                size_bytes: 1 << 20,
+            },
+            SizeBefore {
+                through_point: 9,
+                size_bytes: 4 << 20,
+            },
+        ];
+        assert_eq!(e.size_at(1), 1 << 20);
+        assert_eq!(e.size_at(3), 1 << 20);
+        assert_eq!(e.size_at(4), 4 << 20);
+        assert_eq!(e.size_at(9), 4 << 20);
+        assert_eq!(e.size_at(10), 8 << 20);
+        let json = serde_json::to_string(&entry("web")).expect("json");
+        assert!(!json.contains("sizes_before"), "{json}");
     }
 
     #[test]

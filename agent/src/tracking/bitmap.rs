@@ -119,6 +119,30 @@ impl DirtyMap {
         }
     }
 
+    /// The same dirty granules on a disk grown to `size_bytes` (the new
+    /// range clean: the caller decides what it holds). The granule
+    /// coarsens if the grown disk's map would pass [`MAX_MAP_BYTES`]; a
+    /// coarser granule only ever widens what is dirty.
+    pub fn grown(&self, size_bytes: u64) -> DirtyMap {
+        let gran = self.granularity_bytes.max(granularity_for(size_bytes));
+        let mut out = DirtyMap::new(size_bytes.max(self.size_bytes), gran);
+        if gran == self.granularity_bytes {
+            out.words[..self.words.len()].copy_from_slice(&self.words);
+            out.set = self.set;
+            out.low_word = if self.set == 0 {
+                out.words.len()
+            } else {
+                self.low_word
+            };
+        } else {
+            let mut copy = self.clone();
+            for r in copy.take(u64::MAX, u64::MAX) {
+                out.mark(r);
+            }
+        }
+        out
+    }
+
     pub fn mark_all(&mut self) {
         self.mark(0..self.size_bytes);
     }
@@ -279,6 +303,29 @@ mod tests {
     use std::collections::BTreeSet;
 
     const G: u64 = 4096;
+
+    #[test]
+    fn a_grown_map_keeps_its_dirt_and_the_new_range_is_clean() {
+        let mut m = DirtyMap::new(10 * G + 100, G);
+        m.mark(G..3 * G);
+        m.mark(10 * G..10 * G + 1);
+        let mut g = m.grown(200 * G);
+        assert_eq!(g.granularity_bytes(), G);
+        assert_eq!(g.dirty_bytes(), 3 * G);
+        g.mark(150 * G..151 * G);
+        assert_eq!(
+            g.take(u64::MAX, u64::MAX),
+            vec![G..3 * G, 10 * G..11 * G, 150 * G..151 * G]
+        );
+        // Past 256 GiB the granule coarsens and dirt widens, never shrinks.
+        let mut m = DirtyMap::new(1 << 30, G);
+        m.mark(5 * G..6 * G);
+        let mut g = m.grown(1 << 40);
+        assert_eq!(g.granularity_bytes(), granularity_for(1 << 40));
+        let r = g.take(u64::MAX, u64::MAX);
+        assert_eq!(r.len(), 1);
+        assert!(r[0].start <= 5 * G && r[0].end >= 6 * G);
+    }
 
     /// Granules of a model set as coalesced byte ranges of at most
     /// `per_range` granules, clipped to `size`.

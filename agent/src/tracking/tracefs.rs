@@ -406,6 +406,15 @@ impl Tracker {
         ))
     }
 
+    /// Replaces what is known of disk `disk.index` (its size after it
+    /// grew). The filter names only the device number, so the instance is
+    /// left as it is.
+    pub fn update_disk(&mut self, disk: TrackedDisk) {
+        for d in self.disks.iter_mut().filter(|d| d.index == disk.index) {
+            *d = disk.clone();
+        }
+    }
+
     pub fn instance_dir(&self) -> &Path {
         &self.dir
     }

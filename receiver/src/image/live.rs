@@ -133,6 +133,64 @@ pub fn create(
     })
 }
 
+/// Grows the registered image `path` of `format` so that it holds a disk
+/// of `size_bytes`, where the format allows it in place: raw (a longer
+/// sparse file), flat VMDK (the data file, then its descriptors) and fixed
+/// VHD (the footer moves). Sparse VMDKs and dynamic VHDs are refused:
+/// their grain directory or BAT was sized for the old disk. Safe to call
+/// again after a crash half-way; `was_bytes` is the size the disk was
+/// registered at before, where an unfinished fixed-VHD grow left its old
+/// footer.
+pub fn grow(
+    format: ImageFormat,
+    path: &Path,
+    size_bytes: u64,
+    was_bytes: Option<u64>,
+) -> Result<(), ImageError> {
+    check_size(format, path, size_bytes)?;
+    match format {
+        ImageFormat::Raw => {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(|source| ImageError::Open {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+            let grow = || -> std::io::Result<()> {
+                if file.metadata()?.len() < size_bytes {
+                    file.set_len(size_bytes)?;
+                    file.sync_all()?;
+                }
+                Ok(())
+            };
+            grow().map_err(|source| ImageError::Write {
+                path: path.to_path_buf(),
+                offset_bytes: size_bytes,
+                source,
+            })
+        }
+        ImageFormat::Vmdk => flat::grow(path, size_bytes),
+        ImageFormat::VhdFixed => {
+            let mut img = vhd::FixedVhd::open_file(path, true)?;
+            img.grow(vhd::footer::fixed_size(size_bytes))?;
+            if let Some(was) = was_bytes {
+                img.clear_stale_footer(vhd::footer::fixed_size(was))?;
+            }
+            img.close()
+        }
+        ImageFormat::VmdkSparse | ImageFormat::Vhd => Err(ImageError::CannotGrow {
+            path: path.to_path_buf(),
+            size_bytes,
+            format: if format == ImageFormat::Vhd {
+                "a dynamic VHD"
+            } else {
+                "a monolithicSparse VMDK"
+            },
+        }),
+    }
+}
+
 /// Opens the registered image file `path` of `format`.
 pub fn open(
     format: ImageFormat,
@@ -265,6 +323,48 @@ mod tests {
                 f.file.file_name().and_then(|n| n.to_str()),
                 Some(f.format.file_name(&format!("disk{i}")).as_str())
             );
+        }
+    }
+
+    #[test]
+    fn growable_formats_grow_and_sparse_ones_refuse() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (i, format) in [
+            ImageFormat::Vmdk,
+            ImageFormat::VmdkSparse,
+            ImageFormat::Vhd,
+            ImageFormat::VhdFixed,
+            ImageFormat::Raw,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let id = format!("g{i}");
+            let mut img = create(format, dir.path(), &id, 2 << 20, [i as u8 + 1; 16])
+                .unwrap_or_else(|e| panic!("create {}: {e}", format.name()));
+            img.write_at(1 << 20, &[0x33; 4096]).expect("write");
+            img.flush().expect("flush");
+            drop(img);
+            let path = dir.path().join(format.file_name(&id));
+            let r = grow(format, &path, 5 << 20, Some(2 << 20));
+            if matches!(format, ImageFormat::VmdkSparse | ImageFormat::Vhd) {
+                assert!(
+                    matches!(r, Err(ImageError::CannotGrow { .. })),
+                    "{}",
+                    format.name()
+                );
+                continue;
+            }
+            r.unwrap_or_else(|e| panic!("grow {}: {e}", format.name()));
+            // Twice is harmless (a crash may have cut the first short).
+            grow(format, &path, 5 << 20, Some(2 << 20)).expect("again");
+            let mut img = open(format, &path, false).expect("open");
+            assert_eq!(img.size_bytes(), 5 << 20, "{}", format.name());
+            let mut b = vec![0u8; 4096];
+            img.read_at(1 << 20, &mut b).expect("read");
+            assert!(b.iter().all(|&x| x == 0x33), "{}", format.name());
+            img.read_at((5 << 20) - 4096, &mut b).expect("read the end");
+            assert!(b.iter().all(|&x| x == 0), "{}", format.name());
         }
     }
 

@@ -52,6 +52,13 @@ pub enum ImageError {
     /// format this receiver does not support.
     #[error("image {} is corrupt or unsupported: {message}", path.display())]
     Format { path: PathBuf, message: String },
+    /// The disk grew and its image's format cannot follow in place.
+    #[error("image {} is {format}, which cannot grow in place to {size_bytes} bytes", path.display())]
+    CannotGrow {
+        path: PathBuf,
+        size_bytes: u64,
+        format: &'static str,
+    },
     /// The format cannot hold a disk this large.
     #[error("image {} cannot be {format}: {size_bytes} bytes exceeds its limit of {max_bytes} bytes", path.display())]
     TooLarge {

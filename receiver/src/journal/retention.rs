@@ -207,6 +207,7 @@ mod tests {
             size_bytes: 1 << 20,
             logical_block_bytes: 512,
             history_from: 0,
+            sizes_before: Vec::new(),
         }
     }
 

@@ -27,7 +27,7 @@ use crate::image::disk_uuid;
 use crate::image::{live, Image, ImageError};
 use crate::journal::points::read_all;
 use crate::journal::undo::{self, UndoLog};
-use crate::registry::{validate_disk_id, DiskEntry, Registry};
+use crate::registry::{validate_disk_id, DiskEntry, Registry, SizeBefore};
 
 /// Bytes written between fsyncs while the agent keeps the input full;
 /// bounds how much an agent holds unacknowledged.
@@ -1127,6 +1127,52 @@ impl Worker {
             Err(e) => return Err(storage(e)),
         };
         let path = config.image_dir.join(&file_name);
+        // The size the disk was registered at, if its image is the one
+        // registered (a recreated image starts afresh).
+        let registered = existing.as_ref().filter(|_| existed).map(|e| e.size_bytes);
+        if let Some(was) = registered.filter(|&was| size_bytes < was) {
+            warn!(
+                "agent {}: disk {disk_id} shrank from {was} to {size_bytes} bytes; refused",
+                self.agent
+            );
+            return Err(Refusal::new(
+                ErrorCode::DiskTooLarge,
+                format!(
+                    "disk {disk_id} is {size_bytes} bytes, smaller than the {was} bytes its replica {} holds, and a replica is never truncated; give the disk back its size, or protect the smaller disk under a new id",
+                    path.display()
+                ),
+            ));
+        }
+        let mut image = image;
+        let grows =
+            size_bytes > image.size_bytes() || registered.is_some_and(|was| size_bytes > was);
+        if existed && grows {
+            let was = image.size_bytes();
+            // The image's files change under it: not through this handle.
+            drop(image);
+            live::grow(format, &path, size_bytes, registered).map_err(|e| match e {
+                ImageError::CannotGrow { .. } => Refusal::new(
+                    ErrorCode::DiskTooLarge,
+                    format!(
+                        "disk {disk_id} grew to {size_bytes} bytes but {e}; give it image_format = \"vmdk\" in [disks.\"{disk_id}\"] of receiver.toml and move the image out of {} (the next registration makes a new image at the new size and copies the disk; older points do not export from it)",
+                        config.image_dir.display()
+                    ),
+                ),
+                ImageError::TooLarge { .. } => Refusal::new(
+                    ErrorCode::DiskTooLarge,
+                    format!("disk {disk_id} grew to {size_bytes} bytes: {e}"),
+                ),
+                e => storage(e),
+            })?;
+            image = live::open(format, &path, true).map_err(storage)?;
+            if image.size_bytes() > was {
+                info!(
+                    "disk {disk_id}: grew, image {} grown from {was} to {} bytes",
+                    path.display(),
+                    image.size_bytes()
+                );
+            }
+        }
         if size_bytes > image.size_bytes() {
             return Err(Refusal::new(
                 ErrorCode::DiskTooLarge,
@@ -1157,6 +1203,27 @@ impl Worker {
                 }
                 Some(e) => e.history_from,
                 None => 0,
+            },
+            sizes_before: match (&existing, registered) {
+                (Some(e), Some(was)) => {
+                    let mut sizes = e.sizes_before.clone();
+                    if size_bytes > was {
+                        // Points up to the newest one were taken at the
+                        // old size; one already recorded for the same
+                        // point holds the smaller, older size.
+                        let newest = points_newest(&config.points_path(), disk_id)?;
+                        if let Some(p) =
+                            newest.filter(|&p| sizes.last().is_none_or(|l| l.through_point < p))
+                        {
+                            sizes.push(SizeBefore {
+                                through_point: p,
+                                size_bytes: was,
+                            });
+                        }
+                    }
+                    sizes
+                }
+                _ => Vec::new(),
             },
         };
         if reg.get(disk_id) != Some(&entry) {

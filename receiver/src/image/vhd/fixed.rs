@@ -169,6 +169,70 @@ impl FixedVhd {
         &self.path
     }
 
+    /// Grows the disk to `size_bytes` (a multiple of 512; nothing happens
+    /// if it is not larger). The footer moves: the new one is written at
+    /// the new end and made durable first, so a crash at any point leaves
+    /// one valid footer as the file's last 512 bytes (the old size before,
+    /// the new size after). Only then are the old footer's bytes, now
+    /// inside the disk, zeroed. A crash before that leaves them in the
+    /// grown range, where no data was accepted yet: [`clear_stale_footer`]
+    /// finds them on the next registration.
+    pub fn grow(&mut self, size_bytes: u64) -> Result<(), ImageError> {
+        let old = self.footer.current_size;
+        if size_bytes <= old {
+            return Ok(());
+        }
+        if !size_bytes.is_multiple_of(SECTOR_BYTES) {
+            return Err(self.write_err(
+                size_bytes,
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "a fixed VHD grows to a multiple of 512 bytes",
+                ),
+            ));
+        }
+        let mut footer = self.footer.clone();
+        footer.current_size = size_bytes;
+        footer.original_size = footer.original_size.max(size_bytes);
+        footer.geometry = super::footer::geometry(size_bytes);
+        if let Err(e) = self
+            .storage
+            .write_at(&footer.encode(), size_bytes)
+            .and_then(|()| self.storage.sync())
+        {
+            return Err(self.write_err(size_bytes, e));
+        }
+        self.footer = footer;
+        self.clear_stale_footer(old)
+    }
+
+    /// Zeroes a footer left at `at` inside the disk by a grow that did not
+    /// finish; anything else there is left alone.
+    pub fn clear_stale_footer(&mut self, at: u64) -> Result<(), ImageError> {
+        if at + FOOTER_BYTES as u64 > self.footer.current_size {
+            return Ok(());
+        }
+        let mut b = [0u8; FOOTER_BYTES];
+        self.storage
+            .read_at(&mut b, at)
+            .map_err(|source| ImageError::Read {
+                path: self.path.clone(),
+                offset_bytes: at,
+                source,
+            })?;
+        if !Footer::has_cookie(&b) {
+            return Ok(());
+        }
+        if let Err(e) = self
+            .storage
+            .punch_hole(at, FOOTER_BYTES as u64)
+            .and_then(|()| self.storage.sync())
+        {
+            return Err(self.write_err(at, e));
+        }
+        Ok(())
+    }
+
     /// Flushes; dropping does the same but can only log a failure.
     pub fn close(mut self) -> Result<(), ImageError> {
         let r = self.flush();
@@ -280,6 +344,27 @@ impl Drop for FixedVhd {
 mod tests {
     use super::*;
     use crate::image::storage::CrashStorage;
+
+    #[test]
+    fn a_grown_fixed_image_reopens_at_its_new_size_with_its_data() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("g.vhd");
+        let mut img = FixedVhd::create_file(&p, 1 << 20, [3; 16]).expect("create");
+        img.write_at(4096, &[9; 4096]).expect("write");
+        img.grow(3 << 20).expect("grow");
+        drop(img);
+        let mut img = FixedVhd::open_file(&p, true).expect("reopen");
+        assert_eq!(img.size_bytes(), 3 << 20);
+        assert_eq!(img.uuid(), [3; 16]);
+        let mut b = vec![0u8; 4096];
+        img.read_at(4096, &mut b).expect("read");
+        assert!(b.iter().all(|&x| x == 9));
+        // The old footer's place is disk now, and reads as zeros.
+        let mut b = vec![1u8; 512];
+        img.read_at(1 << 20, &mut b).expect("read");
+        assert!(b.iter().all(|&x| x == 0));
+        assert_eq!(std::fs::metadata(&p).expect("stat").len(), (3 << 20) + 512);
+    }
 
     #[test]
     fn a_fixed_image_is_the_disk_then_the_footer() {

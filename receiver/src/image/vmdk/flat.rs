@@ -133,6 +133,105 @@ pub fn create(
     ))
 }
 
+/// Grows the flat VMDK whose data file is `extent` to `size_bytes`: the
+/// data file first (made durable), then every descriptor in its directory
+/// that names it, each replaced atomically. A crash in between leaves a
+/// data file longer than its descriptors say, which readers accept (they
+/// read what the descriptor describes); calling this again finishes it.
+pub fn grow(extent: &Path, size_bytes: u64) -> Result<(), ImageError> {
+    let err = |path: &Path, source| ImageError::Write {
+        path: path.to_path_buf(),
+        offset_bytes: size_bytes,
+        source,
+    };
+    let file = OpenOptions::new()
+        .write(true)
+        .open(extent)
+        .map_err(|source| ImageError::Open {
+            path: extent.to_path_buf(),
+            source,
+        })?;
+    let len = file.metadata().map_err(|e| err(extent, e))?.len();
+    if len < size_bytes {
+        file.set_len(size_bytes)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| err(extent, e))?;
+    }
+    let size_bytes = size_bytes.max(len);
+    let dir = extent.parent().unwrap_or(Path::new("."));
+    let target = extent.canonicalize().map_err(|e| err(extent, e))?;
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| err(dir, e))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "vmdk"))
+        .collect();
+    paths.sort();
+    for p in paths {
+        let small =
+            std::fs::metadata(&p).is_ok_and(|m| m.is_file() && m.len() <= MAX_DESCRIPTOR_BYTES);
+        let Some(text) = small.then(|| std::fs::read_to_string(&p).ok()).flatten() else {
+            continue;
+        };
+        let Some(v) = parse(&p, &text) else {
+            continue;
+        };
+        if v.extent.canonicalize().ok().as_ref() != Some(&target) || v.size_bytes == size_bytes {
+            continue;
+        }
+        let resized = resize_descriptor(&text, size_bytes / 512);
+        tidemark_common::durable::write_atomic(&p, resized.as_bytes(), 0o644)
+            .map_err(|e| err(&p, e))?;
+    }
+    Ok(())
+}
+
+/// `text` with its one extent line and its cylinder count saying
+/// `sectors`; every other line (CID, UUID, adapter) as it was.
+fn resize_descriptor(text: &str, sectors: u64) -> String {
+    let field = |key: &str| {
+        text.lines().find_map(|l| {
+            let (k, v) = l.split_once('=')?;
+            (k.trim() == key).then(|| v.trim().trim_matches('"').parse::<u64>().ok())?
+        })
+    };
+    let heads = field("ddb.geometry.heads")
+        .filter(|&h| h > 0)
+        .unwrap_or(255);
+    let per_track = field("ddb.geometry.sectors")
+        .filter(|&s| s > 0)
+        .unwrap_or(63);
+    let mut out = String::with_capacity(text.len() + 8);
+    for line in text.split_inclusive('\n') {
+        let body = line.trim_end_matches(['\n', '\r']);
+        let ending = &line[body.len()..];
+        let trimmed = body.trim_start();
+        let is_extent = ["RW ", "RDONLY ", "NOACCESS "]
+            .iter()
+            .any(|p| trimmed.starts_with(p));
+        if is_extent {
+            let mut parts = trimmed.splitn(3, ' ');
+            let (access, _, rest) = (parts.next(), parts.next(), parts.next());
+            out.push_str(&format!(
+                "{} {sectors} {}{ending}",
+                access.unwrap_or("RW"),
+                rest.unwrap_or("")
+            ));
+        } else if body
+            .split_once('=')
+            .is_some_and(|(k, _)| k.trim() == "ddb.geometry.cylinders")
+        {
+            out.push_str(&format!(
+                "ddb.geometry.cylinders = \"{}\"{ending}",
+                sectors / (heads * per_track)
+            ));
+        } else {
+            out.push_str(line);
+        }
+    }
+    out
+}
+
 /// The data file name for descriptor `<name>.vmdk`: `<name>-flat.vmdk`.
 pub fn extent_name(descriptor: &Path) -> Option<String> {
     let name = descriptor.file_name()?.to_str()?;
@@ -501,6 +600,30 @@ mod tests {
         assert_eq!(found[0].uuid, Some(u));
         assert_eq!(found[0].extent, v.extent);
         assert_eq!(found[0].size_bytes, 1 << 20);
+    }
+
+    #[test]
+    fn a_grown_flat_vmdk_has_its_descriptors_say_so() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let uuid = [4u8; 16];
+        let (v, mut img) = create(dir.path(), "g", 1 << 20, &uuid).expect("create");
+        img.write_at(0, &[5; 512]).expect("write");
+        drop(img);
+        grow(&v.extent, 3 << 20).expect("grow");
+        let found = scan(dir.path()).expect("scan");
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].size_bytes, 3 << 20);
+        assert_eq!(found[0].uuid, Some(uuid));
+        for name in ["g.vmdk", "g-hosted.vmdk"] {
+            let text = std::fs::read_to_string(dir.path().join(name)).expect("read");
+            let v = parse(&dir.path().join(name), &text).expect("parses");
+            assert_eq!(v.size_bytes, 3 << 20, "{name}");
+            assert!(text.contains(&format!(
+                "ddb.geometry.cylinders = \"{}\"",
+                6144 / (255 * 63)
+            )));
+        }
+        assert_eq!(std::fs::metadata(&v.extent).expect("stat").len(), 3 << 20);
     }
 
     #[test]

@@ -1,0 +1,215 @@
+//! The protected host's disks changing under a running agent: grown,
+//! shrunk, detached and re-attached (issue 8). Real loop devices over
+//! sparse files: `truncate` + `losetup -c` resizes one, `losetup -d` and
+//! `losetup DEV FILE` re-attach it under the same name with a new diskseq.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context};
+use tidemark_tests::running::{run_config, RunningAgent};
+use tidemark_tests::site::{path, run_ok, Site};
+use tidemark_tests::{LoopDev, SplitMix64};
+
+fn random_block(rng: &mut SplitMix64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    v.chunks_mut(8)
+        .for_each(|c| c.copy_from_slice(&rng.next_u64().to_le_bytes()[..c.len()]));
+    v
+}
+
+/// Resizes the backing file and tells the loop driver (`losetup -c`).
+fn resize(dev: &LoopDev, size_bytes: u64) -> anyhow::Result<()> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(dev.backing())?
+        .set_len(size_bytes)?;
+    run_ok(Command::new("losetup").args(["-c", path(dev.path())]))?;
+    let seen = std::fs::read_to_string(sysfs(dev.path())?.join("size"))?;
+    ensure!(
+        seen.trim().parse::<u64>()? * 512 == size_bytes,
+        "{} reports {} sectors after losetup -c, expected {size_bytes} bytes",
+        dev.path().display(),
+        seen.trim()
+    );
+    Ok(())
+}
+
+/// `/sys/block/loopN`.
+fn sysfs(dev: &Path) -> anyhow::Result<std::path::PathBuf> {
+    let name = dev.file_name().context("device name")?;
+    Ok(Path::new("/sys/block").join(name))
+}
+
+fn diskseq(dev: &Path) -> anyhow::Result<u64> {
+    Ok(std::fs::read_to_string(sysfs(dev)?.join("diskseq"))?
+        .trim()
+        .parse()?)
+}
+
+/// Waits until the agent's log contains `needle`.
+fn wait_log(agent: &RunningAgent, needle: &str, secs: u64) -> anyhow::Result<()> {
+    let until = Instant::now() + Duration::from_secs(secs);
+    while !agent.log().contains(needle) {
+        ensure!(
+            Instant::now() < until,
+            "no {needle:?} in the agent's log within {secs} s: {}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// Grows the disk under `run` and checks the grown replica byte for byte,
+/// and that the point before the growth still exports at its old size.
+fn grow_while_running(format: &str) -> anyhow::Result<()> {
+    let site = Site::start_with_config(&format!("image_format = \"{format}\""))?;
+    let old = 24u64 << 20;
+    let new = 40u64 << 20;
+    let dev = LoopDev::create(&site.dir.path().join("grow.img"), old)?;
+    let mut rng = SplitMix64::new(81);
+    dev.write_at(0, &random_block(&mut rng, 1 << 20))?;
+    dev.write_at(old - (1 << 20), &random_block(&mut rng, 1 << 20))?;
+    let name = format!("grow-{format}");
+    let cfg = run_config(&site, &name, &[(dev.path(), "disk-grow")], "")?;
+    let agent = RunningAgent::start(&cfg, &name)?;
+    let p1 = agent.bookmark(false)?;
+    let before = dev.read_all()?;
+    ensure!(site.export("disk-grow", &p1.to_string())? == before);
+
+    resize(&dev, new)?;
+    // Straddling the old end and in the new range only.
+    dev.write_at(old - (64 << 10), &random_block(&mut rng, 128 << 10))?;
+    dev.write_at(new - (3 << 20), &random_block(&mut rng, 2 << 20))?;
+    wait_log(&agent, "grew from", 20)?;
+    let p2 = agent.bookmark(false)?;
+    let after = dev.read_all()?;
+    ensure!(after.len() as u64 == new, "read {} bytes", after.len());
+    let exported = site.export("disk-grow", &p2.to_string())?;
+    ensure!(
+        exported.len() == after.len(),
+        "{format}: point {p2} exports {} bytes, the grown disk has {}",
+        exported.len(),
+        after.len()
+    );
+    ensure!(
+        exported == after,
+        "{format}: point {p2} differs from the grown disk"
+    );
+    ensure!(
+        site.export("disk-grow", &p1.to_string())? == before,
+        "{format}: point {p1} from before the growth no longer exports as it was"
+    );
+    let log = agent.log();
+    ensure!(
+        log.matches("grew from").count() == 1,
+        "growth logged more than once: {log}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_disk_grown_under_run_replicates_at_its_new_size_flat_vmdk() -> anyhow::Result<()> {
+    grow_while_running("vmdk")
+}
+
+#[test]
+fn a_disk_grown_under_run_replicates_at_its_new_size_fixed_vhd() -> anyhow::Result<()> {
+    grow_while_running("vhd-fixed")
+}
+
+#[test]
+fn a_disk_grown_under_run_replicates_at_its_new_size_raw() -> anyhow::Result<()> {
+    grow_while_running("raw")
+}
+
+#[test]
+fn a_disk_reattached_under_run_is_resynced_and_converges() -> anyhow::Result<()> {
+    let site = Site::start()?;
+    let size = 32u64 << 20;
+    let dev = LoopDev::create(&site.dir.path().join("reattach.img"), size)?;
+    let mut rng = SplitMix64::new(82);
+    dev.write_at(0, &random_block(&mut rng, 2 << 20))?;
+    let cfg = run_config(&site, "reattach", &[(dev.path(), "disk-re")], "")?;
+    let agent = RunningAgent::start(&cfg, "reattach")?;
+    agent.bookmark(false)?;
+    let seq_before = diskseq(dev.path())?;
+
+    run_ok(Command::new("losetup").args(["-d", path(dev.path())]))?;
+    // Written while detached: no tracepoint sees this, only a resync can.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dev.backing())?;
+    std::os::unix::fs::FileExt::write_all_at(&f, &random_block(&mut rng, 1 << 20), 8 << 20)?;
+    f.sync_all()?;
+    drop(f);
+    // Long enough for the agent to see the device gone.
+    std::thread::sleep(Duration::from_millis(600));
+    run_ok(Command::new("losetup").args([
+        "--direct-io=off",
+        path(dev.path()),
+        path(dev.backing()),
+    ]))?;
+    ensure!(diskseq(dev.path())? != seq_before, "diskseq did not change");
+    dev.write_at(20 << 20, &random_block(&mut rng, 64 << 10))?;
+
+    wait_log(&agent, "diskseq changed", 20)?;
+    wait_log(&agent, "resync complete", 40)?;
+    let id = agent.bookmark(false)?;
+    ensure!(
+        site.export("disk-re", &id.to_string())? == dev.read_all()?,
+        "point {id} after the re-attach differs from the device: {}",
+        agent.log()
+    );
+    let status = agent.status_json()?;
+    ensure!(status["disks"][0]["state"] == "protected", "{status}");
+    Ok(())
+}
+
+#[test]
+fn a_shrunk_disk_is_refused_and_its_replica_kept() -> anyhow::Result<()> {
+    let site = Site::start()?;
+    let old = 32u64 << 20;
+    let dev = LoopDev::create(&site.dir.path().join("shrink.img"), old)?;
+    let mut rng = SplitMix64::new(83);
+    dev.write_at(old - (2 << 20), &random_block(&mut rng, 2 << 20))?;
+    let cfg = run_config(&site, "shrink", &[(dev.path(), "disk-sh")], "")?;
+    let agent = RunningAgent::start(&cfg, "shrink")?;
+    let p1 = agent.bookmark(false)?;
+    let before = dev.read_all()?;
+
+    resize(&dev, 16 << 20)?;
+    wait_log(&agent, "shrank from", 20)?;
+    let status = agent.status_json()?;
+    let disk = &status["disks"][0];
+    ensure!(disk["state"] == "size-refused", "{status}");
+    let reason = disk["resync_reason"].as_str().unwrap_or_default();
+    ensure!(
+        reason.contains("shrank") && reason.contains("never truncated"),
+        "{status}"
+    );
+    // No point can cover a disk that is not replicated.
+    let out = Command::new(tidemark_tests::workspace_bin("tidemark-agent"))
+        .args(["bookmark", "--config", path(&cfg)])
+        .output()?;
+    ensure!(
+        !out.status.success(),
+        "a bookmark succeeded on a refused disk"
+    );
+    ensure!(
+        String::from_utf8_lossy(&out.stderr).contains("disk-sh"),
+        "bookmark error does not name the disk: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        site.export("disk-sh", &p1.to_string())? == before,
+        "the replica changed after the disk shrank"
+    );
+    ensure!(
+        site.export("disk-sh", "latest")?.len() as u64 == old,
+        "the replica was truncated"
+    );
+    Ok(())
+}
