@@ -95,6 +95,40 @@ fn a_full_retention_volume_stops_acknowledging_and_recovers_when_space_returns(
     Ok(())
 }
 
+#[test]
+fn a_full_image_volume_stops_acknowledging_and_recovers_when_space_returns() -> anyhow::Result<()> {
+    let mut site = Site::start()?;
+    // The image directory on a small ext4 volume of its own.
+    site.receiver.kill();
+    let images = site.dir.path().join("images");
+    let vol = LoopDev::create(&site.dir.path().join("images.img"), 48 << 20)?;
+    vol.mkfs_ext4()?;
+    run_ok(Command::new("mount").args([path(vol.path()), path(&images)]))?;
+    let mounted = Mounted(images.clone());
+    site.restart_receiver()?;
+    let filler = mounted.0.join("filler");
+    let free = nix::sys::statvfs::statvfs(&mounted.0)?;
+    let avail = free.blocks_available() as u64 * free.fragment_size() as u64;
+    run_ok(Command::new("fallocate").args([
+        "-l",
+        &avail.saturating_sub(6 << 20).to_string(),
+        path(&filler),
+    ]))?;
+    let dev = LoopDev::create(&site.dir.path().join("disk.raw"), 16 << 20)?;
+    let mut rng = SplitMix64::new(14);
+    random_write(&dev, &mut rng, 0, 16 << 20)?;
+    let cfg = site.agent("agent-img", site.addr, &[(dev.path(), "disk-img")])?;
+    let out = agent_sync(&cfg, &["--give-up-after", "3"]);
+    assert_fails_with(&out, &["volume is full", "free space"]);
+    std::fs::remove_file(&filler)?;
+    let p = point_id(&agent_sync(&cfg, &[]))?;
+    ensure!(
+        site.export("disk-img", &p.to_string())? == dev.read_all()?,
+        "no convergence once space returned"
+    );
+    Ok(())
+}
+
 /// Kills the receiver (SIGKILL) after a random delay while `work` runs,
 /// then restarts it.
 fn kill_during(
