@@ -77,6 +77,13 @@ pub struct AgentConfig {
     /// Send and read caps (`[throttle]`, `[[throttle.window]]`).
     #[serde(default)]
     pub throttle: crate::throttle::ThrottleConfig,
+    /// A connection on which the receiver has not answered for this long
+    /// (heartbeats go every 10 s), or on which a write has not moved for
+    /// this long, is given up and made again. A link on which a 1 MiB
+    /// frame takes longer than this to cross needs more (60 s covers
+    /// 256 kbit/s).
+    #[serde(default = "default_receiver_timeout")]
+    pub receiver_timeout_secs: u64,
     /// Disks to protect.
     #[serde(default, rename = "disk")]
     pub disks: Vec<DiskConfig>,
@@ -134,6 +141,14 @@ fn default_script_timeout() -> u64 {
 fn default_trace_buffer_kb() -> u32 {
     4096
 }
+/// Six heartbeats: a receiver busy with an fsync still answers well
+/// within it, and a frame of 1 MiB crosses a 256 kbit/s link in about half.
+pub const DEFAULT_RECEIVER_TIMEOUT_SECS: u64 = 60;
+/// Above the 10 s heartbeat interval with room for one late answer.
+pub const MIN_RECEIVER_TIMEOUT_SECS: u64 = 15;
+fn default_receiver_timeout() -> u64 {
+    DEFAULT_RECEIVER_TIMEOUT_SECS
+}
 fn default_point_max_backlog() -> u64 {
     32 << 20
 }
@@ -182,6 +197,12 @@ impl AgentConfig {
         }
         if self.trace_buffer_kb < 4 {
             return Err("trace_buffer_kb must be at least 4".into());
+        }
+        if self.receiver_timeout_secs < MIN_RECEIVER_TIMEOUT_SECS {
+            return Err(format!(
+                "receiver_timeout_secs = {} would drop healthy connections (heartbeats go every 10 s); use at least {MIN_RECEIVER_TIMEOUT_SECS} (the default is {DEFAULT_RECEIVER_TIMEOUT_SECS})",
+                self.receiver_timeout_secs
+            ));
         }
         if !(1..=19).contains(&self.zstd_level) {
             return Err("zstd_level must be between 1 and 19".into());

@@ -767,6 +767,12 @@ impl Runner {
                 }
                 // Once the receiver is away, what is left goes back to the
                 // dirty maps: memory stays bounded however long it is away.
+                // A full window can take long to open on a slow or dead
+                // link; the tracer is drained meanwhile.
+                while !cut && self.shipper.window_full() {
+                    self.shipper.wait_window(DRAIN_EVERY).await?;
+                    self.collect_due()?;
+                }
                 let back = if cut {
                     Some(piece)
                 } else {

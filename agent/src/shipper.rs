@@ -19,7 +19,7 @@ use crate::disks::Disk;
 use crate::pipeline::Piece;
 use crate::progress::Progress;
 use crate::throttle::{SendThrottle, RECHECK_EVERY};
-use crate::transport::{retryable, ConnectError, Connection, Connector, Refused};
+use crate::transport::{retryable, ConnectError, Connection, Connector, Refused, Registered};
 
 /// Payload bytes sent but not yet acknowledged.
 pub const WINDOW_BYTES: u64 = 16 << 20;
@@ -33,8 +33,15 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// A connection attempt (TCP, TLS, hello, registration) under way.
+type Attempt = tokio::task::JoinHandle<Result<(Connection, Registered), ConnectError>>;
+
 pub struct Shipper {
-    connector: Connector,
+    connector: Arc<Connector>,
+    /// Runs on a task of its own: against a partitioned network an attempt
+    /// takes the whole connect timeout, and the caller must go on draining
+    /// the tracer meanwhile.
+    attempt: Option<Attempt>,
     disks: Vec<Disk>,
     /// Give up after this long without a connection (None: never).
     give_up_after: Option<Duration>,
@@ -50,6 +57,9 @@ pub struct Shipper {
     resend: VecDeque<Piece>,
     progress: Arc<Progress>,
     last_heartbeat: Instant,
+    /// Since when something sent on this connection has had no answer at
+    /// all (None: the receiver spoke after our last message).
+    unanswered_since: Option<Instant>,
     next_attempt: Instant,
     backoff: Duration,
     /// Since when no connection has made progress (None: the current one
@@ -70,6 +80,14 @@ pub struct Shipper {
     pub acked_log: Option<Vec<(usize, u64)>>,
     /// The send cap, when one is configured.
     throttle: Option<SendThrottle>,
+}
+
+impl Drop for Shipper {
+    fn drop(&mut self) {
+        if let Some(a) = self.attempt.take() {
+            a.abort();
+        }
+    }
 }
 
 impl Shipper {
@@ -94,7 +112,8 @@ impl Shipper {
         progress: Arc<Progress>,
     ) -> Shipper {
         Shipper {
-            connector,
+            connector: Arc::new(connector),
+            attempt: None,
             disks,
             give_up_after,
             conn: None,
@@ -107,6 +126,7 @@ impl Shipper {
             resend: VecDeque::new(),
             progress,
             last_heartbeat: Instant::now(),
+            unanswered_since: None,
             next_attempt: Instant::now(),
             backoff: INITIAL_BACKOFF,
             disconnected_since: None,
@@ -216,26 +236,49 @@ impl Shipper {
 
     /// One connection attempt, if one is due. Ok(false): not connected
     /// yet, try again later; Err: retrying cannot help (trust, refusal).
-    async fn try_connect(&mut self) -> anyhow::Result<bool> {
+    /// An attempt under way is waited for until `wait` (None: until it
+    /// ends), then left running.
+    async fn try_connect(&mut self, wait: Option<Instant>) -> anyhow::Result<bool> {
         if self.conn.is_some() {
             return Ok(true);
         }
-        if Instant::now() < self.next_attempt {
-            return Ok(false);
-        }
-        if let Some(m) = self.refused.take() {
-            return Err(Refused(m).into());
-        }
-        if let Some(why) = self.failed_because.take() {
-            self.retry_later(&why, "")?;
-            return Ok(false);
-        }
-        let attempt = async {
-            let mut c = self.connector.connect().await?;
-            let r = c.register(self.connector.addr(), &self.disks).await?;
-            Ok::<_, ConnectError>((c, r))
+        let attempt = match self.attempt.as_mut() {
+            Some(a) => a,
+            None => {
+                if Instant::now() < self.next_attempt {
+                    return Ok(false);
+                }
+                if let Some(m) = self.refused.take() {
+                    return Err(Refused(m).into());
+                }
+                if let Some(why) = self.failed_because.take() {
+                    self.retry_later(&why, "")?;
+                    return Ok(false);
+                }
+                let connector = self.connector.clone();
+                let disks = self.disks.clone();
+                self.attempt.insert(tokio::spawn(async move {
+                    let mut c = connector.connect().await?;
+                    let r = c.register(connector.addr(), &disks).await?;
+                    Ok((c, r))
+                }))
+            }
         };
-        match attempt.await {
+        let joined = match wait {
+            None => attempt.await,
+            Some(until) => match tokio::time::timeout_at(until.into(), attempt).await {
+                Ok(j) => j,
+                Err(_) => return Ok(false),
+            },
+        };
+        self.attempt = None;
+        let result = joined.unwrap_or_else(|e| {
+            Err(ConnectError::Retry(format!(
+                "connection attempt to receiver {} failed: {e}",
+                self.connector.addr()
+            )))
+        });
+        match result {
             Ok((c, r)) => {
                 info!(
                     "connected to receiver {} at {}",
@@ -247,6 +290,7 @@ impl Shipper {
                 }
                 self.handles = r.handles;
                 self.conn = Some(c);
+                self.unanswered_since = None;
                 // Backoff and the give-up clock reset only when the
                 // receiver acknowledges something (see `progressed`).
                 self.disconnected_since.get_or_insert_with(Instant::now);
@@ -291,7 +335,7 @@ impl Shipper {
 
     /// Connects (retrying with backoff until connected or given up).
     async fn ensure_connected(&mut self) -> anyhow::Result<()> {
-        while !self.try_connect().await? {
+        while !self.try_connect(None).await? {
             tokio::time::sleep_until(self.next_attempt.into()).await;
         }
         Ok(())
@@ -317,6 +361,27 @@ impl Shipper {
             self.inflight_bytes = 0;
             self.next_attempt = Instant::now();
         }
+        // An attempt under way would register the old size.
+        if let Some(a) = self.attempt.take() {
+            a.abort();
+        }
+    }
+
+    /// When the receiver's silence ends the connection, if it is waited on.
+    fn silence_deadline(&self) -> Option<Instant> {
+        self.unanswered_since
+            .map(|t| t + self.connector.io_timeout())
+    }
+
+    /// Drops a connection whose receiver has not answered in time: a
+    /// frozen flow or a partition gives no error, only silence.
+    fn check_silence(&mut self) {
+        if self.conn.is_some() && self.silence_deadline().is_some_and(|d| Instant::now() >= d) {
+            let waited = self
+                .unanswered_since
+                .map_or(Duration::ZERO, |t| t.elapsed());
+            self.disconnected(&format!("no answer for {waited:?} (receiver_timeout_secs)"));
+        }
     }
 
     /// Drops the connection; everything unacknowledged will go again.
@@ -339,6 +404,7 @@ impl Shipper {
             self.resend.push_front(p);
         }
         self.inflight_bytes = 0;
+        self.unanswered_since = None;
     }
 
     /// A write failed: the receiver usually closed the connection after
@@ -382,6 +448,7 @@ impl Shipper {
             crate::metrics::get().shipped(&d.id, piece.disk_bytes(), piece.wire_bytes());
         }
         self.inflight.insert(self.seq, piece);
+        self.unanswered_since.get_or_insert_with(Instant::now);
         if let Err(e) = c.send_buffered(&msg).await {
             self.write_failed(e).await;
         }
@@ -422,8 +489,10 @@ impl Shipper {
         let until = Instant::now() + dur;
         self.flush().await;
         while Instant::now() < until {
-            if !self.try_connect().await? {
-                tokio::time::sleep_until(self.next_attempt.min(until).into()).await;
+            if !self.try_connect(Some(until)).await? {
+                if self.attempt.is_none() {
+                    tokio::time::sleep_until(self.next_attempt.min(until).into()).await;
+                }
                 continue;
             }
             if !self.push_resends(Some(until)).await? {
@@ -455,6 +524,23 @@ impl Shipper {
         }
         self.write_piece(piece).await;
         Ok(None)
+    }
+
+    /// Whether a piece sent now would have to wait for acks.
+    pub fn window_full(&self) -> bool {
+        self.conn.is_some() && self.inflight_bytes >= WINDOW_BYTES
+    }
+
+    /// Waits up to `dur` for acks that open the window (or for the
+    /// connection to end), so the caller can drain the tracer between
+    /// waits however slow the link is.
+    pub async fn wait_window(&mut self, dur: Duration) -> anyhow::Result<()> {
+        let until = Instant::now() + dur;
+        self.flush().await;
+        while self.window_full() && Instant::now() < until {
+            self.wait_incoming(Some(until)).await?;
+        }
+        Ok(())
     }
 
     /// Waits up to `dur` for outstanding acks without reconnecting.
@@ -491,6 +577,7 @@ impl Shipper {
                 name: name.to_owned(),
                 agent_time_ms: now_ms(),
             };
+            self.unanswered_since.get_or_insert_with(Instant::now);
             if let Err(e) = c.send(&msg).await {
                 self.write_failed(e).await;
                 continue;
@@ -521,6 +608,7 @@ impl Shipper {
             };
             self.seq += 1;
             let seq = self.seq;
+            self.unanswered_since.get_or_insert_with(Instant::now);
             if let Err(e) = c.send(&Message::Failover { seq }).await {
                 self.write_failed(e).await;
                 continue;
@@ -538,20 +626,27 @@ impl Shipper {
     /// handles acks and errors. Returns the message when it is one the
     /// caller may care about.
     async fn wait_incoming(&mut self, until: Option<Instant>) -> anyhow::Result<Option<Message>> {
+        let hb_due = self.last_heartbeat + HEARTBEAT_EVERY;
+        let mut wake = until.map_or(hb_due, |u| u.min(hb_due));
+        if let Some(d) = self.silence_deadline() {
+            wake = wake.min(d);
+        }
         let Some(c) = self.conn.as_mut() else {
             return Ok(None);
         };
-        let hb_due = self.last_heartbeat + HEARTBEAT_EVERY;
-        let wake = until.map_or(hb_due, |u| u.min(hb_due));
         let msg = tokio::select! {
+            // An answer already here must count before the silence does.
+            biased;
             m = c.incoming.recv() => m,
             _ = tokio::time::sleep_until(wake.into()) => {
                 if Instant::now() >= hb_due {
                     self.last_heartbeat = Instant::now();
+                    self.unanswered_since.get_or_insert_with(Instant::now);
                     if let Err(e) = c.send(&Message::Heartbeat { time_ms: now_ms() }).await {
                         self.write_failed(e).await;
                     }
                 }
+                self.check_silence();
                 return Ok(None);
             }
         };
@@ -561,7 +656,7 @@ impl Shipper {
     /// Handles every message that has already arrived, without waiting;
     /// reconnects if a connection attempt is due.
     pub async fn pump_ready(&mut self) -> anyhow::Result<()> {
-        if !self.try_connect().await? {
+        if !self.try_connect(Some(Instant::now())).await? {
             return Ok(());
         }
         loop {
@@ -570,7 +665,10 @@ impl Shipper {
             };
             let msg = match c.incoming.try_recv() {
                 Ok(m) => Some(m),
-                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => return Ok(()),
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {
+                    self.check_silence();
+                    return Ok(());
+                }
                 Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => None,
             };
             self.handle_incoming(msg)?;
@@ -581,6 +679,9 @@ impl Shipper {
         &mut self,
         msg: Option<Result<Message, FrameError>>,
     ) -> anyhow::Result<Option<Message>> {
+        if let Some(Ok(_)) = msg {
+            self.unanswered_since = None;
+        }
         match msg {
             Some(Ok(Message::Ack { seq })) => {
                 self.progressed();

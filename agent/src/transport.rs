@@ -58,13 +58,18 @@ pub struct Connector {
     server_name: rustls_pki_types::ServerName<'static>,
     tls: TlsConnector,
     agent_name: String,
+    /// A write that makes no progress for this long has lost its receiver.
+    io_timeout: Duration,
 }
 
 pub struct Connection {
     /// Messages from the receiver; `Err` or `None` means the connection is gone.
     pub incoming: mpsc::Receiver<Result<Message, FrameError>>,
-    writer: WriteHalf<TlsStream<TcpStream>>,
-    scratch: Vec<u8>,
+    /// Encoded frames for the writer task. Writing happens there so that a
+    /// receiver that stops reading never blocks the caller, which must
+    /// drain the tracer on time; the shipper's window bounds what waits.
+    frames: mpsc::UnboundedSender<Vec<u8>>,
+    writer: tokio::task::JoinHandle<()>,
     reader: tokio::task::JoinHandle<()>,
     pub receiver_name: String,
 }
@@ -72,6 +77,7 @@ pub struct Connection {
 impl Drop for Connection {
     fn drop(&mut self) {
         self.reader.abort();
+        self.writer.abort();
     }
 }
 
@@ -88,11 +94,17 @@ impl Connector {
             server_name: server_name(&cfg.server_name)?,
             tls: TlsConnector::from(client_config(&cfg.tls_files())?),
             agent_name: cfg.name.clone(),
+            io_timeout: Duration::from_secs(cfg.receiver_timeout_secs),
         })
     }
 
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// How long the receiver may leave us without an answer or progress.
+    pub fn io_timeout(&self) -> Duration {
+        self.io_timeout
     }
 
     pub async fn connect(&self) -> Result<Connection, ConnectError> {
@@ -174,6 +186,8 @@ impl Connector {
         };
 
         let (tx, incoming) = mpsc::channel(64);
+        let (frames, queued) = mpsc::unbounded_channel();
+        let writer = tokio::spawn(write_frames(wr, queued, tx.clone(), self.io_timeout));
         let reader = tokio::spawn(async move {
             let mut buf = Vec::new();
             loop {
@@ -191,8 +205,8 @@ impl Connector {
         });
         Ok(Connection {
             incoming,
-            writer: wr,
-            scratch,
+            frames,
+            writer,
             reader,
             receiver_name,
         })
@@ -240,19 +254,28 @@ fn refusal(addr: &str, code: ErrorCode, message: &str) -> ConnectError {
 }
 
 impl Connection {
-    /// Writes and flushes one message.
+    /// Queues one message for the writer task.
     pub async fn send(&mut self, msg: &Message) -> std::io::Result<()> {
-        write_message(&mut self.writer, msg, &mut self.scratch).await?;
-        self.writer.flush().await
+        self.send_buffered(msg).await
     }
 
-    /// Writes without flushing; follow with [`Connection::flush`].
+    /// Queues one message; the writer task flushes whenever it has
+    /// nothing more queued. Fails once the writer has stopped (its reason
+    /// arrives on `incoming`).
     pub async fn send_buffered(&mut self, msg: &Message) -> std::io::Result<()> {
-        write_message(&mut self.writer, msg, &mut self.scratch).await
+        let mut frame = Vec::new();
+        msg.encode_frame(&mut frame);
+        self.frames
+            .send(frame)
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))
     }
 
+    /// Fails once the writer has stopped.
     pub async fn flush(&mut self) -> std::io::Result<()> {
-        self.writer.flush().await
+        if self.frames.is_closed() {
+            return Err(std::io::ErrorKind::BrokenPipe.into());
+        }
+        Ok(())
     }
 
     /// Registers every disk, in order; handle i belongs to disks[i].
@@ -306,5 +329,48 @@ impl Connection {
             }
         }
         Ok(out)
+    }
+}
+
+/// Writes queued frames in order, flushing when the queue runs empty. A
+/// receiver that stops reading (a frozen flow, a partition) fills the
+/// socket buffer: a write that makes no progress for `io_timeout` ends the
+/// connection, and why is reported where the shipper reads.
+async fn write_frames(
+    mut wr: WriteHalf<TlsStream<TcpStream>>,
+    mut queued: mpsc::UnboundedReceiver<Vec<u8>>,
+    report: mpsc::Sender<Result<Message, FrameError>>,
+    io_timeout: Duration,
+) {
+    let stalled = |what: &str| {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("{what} made no progress for {io_timeout:?} (receiver_timeout_secs): the receiver stopped reading"),
+        )
+    };
+    let result: std::io::Result<()> = async {
+        while let Some(frame) = queued.recv().await {
+            let mut at = 0;
+            while at < frame.len() {
+                let n = tokio::time::timeout(io_timeout, wr.write(&frame[at..]))
+                    .await
+                    .map_err(|_| stalled("sending"))??;
+                if n == 0 {
+                    return Err(std::io::ErrorKind::WriteZero.into());
+                }
+                at += n;
+            }
+            if queued.is_empty() {
+                tokio::time::timeout(io_timeout, wr.flush())
+                    .await
+                    .map_err(|_| stalled("flushing"))??;
+            }
+        }
+        Ok(())
+    }
+    .await;
+    queued.close();
+    if let Err(e) = result {
+        let _ = report.send(Err(FrameError::Io(e))).await;
     }
 }

@@ -8,6 +8,7 @@
 //! - [`LoopDev`]: a file-backed loop device, detached on drop.
 //! - [`fill_mixed`]: a deterministic mix of random, compressible and zero data.
 //! - [`CountingProxy`]: a TCP proxy counting wire bytes, with fault hooks.
+//! - [`netns::NetPair`]: agent and receiver namespaces joined by a veth pair.
 //! - [`Daemon`]: a child process with its output captured, killed on drop.
 //! - [`workspace_bin`]: the path of a freshly built workspace binary.
 //! - [`NotifySocket`]: systemd's notification socket, for READY/WATCHDOG.
@@ -22,6 +23,7 @@ pub mod fuzzing;
 mod lock;
 mod loopdev;
 mod net;
+pub mod netns;
 mod notify;
 mod prereq;
 pub mod raw;

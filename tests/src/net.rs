@@ -1,5 +1,7 @@
 //! Sockets on 127.0.0.1: a free port, and a byte-counting TCP proxy with
-//! fault hooks (cut every connection, pause forwarding, limit the rate).
+//! fault hooks (cut every connection, cut mid-stream after a byte count,
+//! pause forwarding, limit the rate, add latency), also inside a network
+//! namespace.
 
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
@@ -7,9 +9,11 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
+
+use crate::netns::Netns;
 
 /// How long the accept loop and a paused pump sleep between checks.
 const POLL_INTERVAL: Duration = Duration::from_millis(5);
@@ -17,6 +21,9 @@ const POLL_INTERVAL: Duration = Duration::from_millis(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bytes moved per read/write in one direction of one connection.
 const PUMP_BUF_BYTES: usize = 64 * 1024;
+/// Chunks read ahead of the writer in one direction (the delay line that
+/// carries latency): at most 16 MiB held per direction.
+const PUMP_QUEUE_CHUNKS: usize = 256;
 
 /// A port on 127.0.0.1 that was free a moment ago (bind to port 0, read the
 /// port, release it). Another process may take it before the caller binds.
@@ -47,10 +54,21 @@ struct Shared {
     paused: AtomicBool,
     /// Upstream bytes per second (0: unlimited).
     rate_up: AtomicU64,
+    /// Added one-way delay, in microseconds, each direction.
+    latency_us: AtomicU64,
+    /// Upstream bytes still to forward before every connection is cut
+    /// (None: not armed).
+    cut_up_after: Mutex<Option<u64>>,
     stopping: AtomicBool,
     next_id: AtomicU64,
     /// Live connections: (client side, server side), for `cut_all`.
     live: Mutex<HashMap<u64, (TcpStream, TcpStream)>>,
+    /// Per live connection: set, it forwards nothing ever again.
+    frozen: Mutex<HashMap<u64, Arc<AtomicBool>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Shared {
@@ -72,6 +90,30 @@ impl CountingProxy {
     /// Listens on 127.0.0.1:0 and forwards each connection to `target`.
     pub fn start(target: SocketAddr) -> anyhow::Result<CountingProxy> {
         let listener = TcpListener::bind("127.0.0.1:0").context("bind proxy on 127.0.0.1:0")?;
+        CountingProxy::serve(listener, target, None)
+    }
+
+    /// Listens on `bind` inside `ns` and forwards each connection to
+    /// `target`, reached from inside `ns` too: the proxy is a box on the
+    /// receiver's side of the wire.
+    pub fn start_in(
+        ns: &Netns,
+        bind: SocketAddr,
+        target: SocketAddr,
+    ) -> anyhow::Result<CountingProxy> {
+        let listener = ns
+            .run_in(move || TcpListener::bind(bind))?
+            .with_context(|| format!("bind proxy on {bind} in netns {}", ns.name()))?;
+        let ns_file = std::fs::File::open(ns.path())
+            .with_context(|| format!("open {}", ns.path().display()))?;
+        CountingProxy::serve(listener, target, Some(ns_file))
+    }
+
+    fn serve(
+        listener: TcpListener,
+        target: SocketAddr,
+        netns: Option<std::fs::File>,
+    ) -> anyhow::Result<CountingProxy> {
         let addr = listener.local_addr().context("proxy local address")?;
         listener
             .set_nonblocking(true)
@@ -81,7 +123,18 @@ impl CountingProxy {
             .name(format!("proxy-accept-{}", addr.port()))
             .spawn({
                 let shared = Arc::clone(&shared);
-                move || accept_loop(listener, target, shared)
+                move || {
+                    // Connections to the target are made from this thread:
+                    // it must live where the target is.
+                    if let Some(f) = netns {
+                        if let Err(e) = nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+                        {
+                            eprintln!("tidemark-tests: proxy cannot enter its netns: {e}");
+                            return;
+                        }
+                    }
+                    accept_loop(listener, target, shared)
+                }
             })
             .context("spawn proxy accept thread")?;
         Ok(CountingProxy {
@@ -134,6 +187,35 @@ impl CountingProxy {
     /// block); connections are still accepted. Unpausing resumes forwarding.
     pub fn set_paused(&self, paused: bool) {
         self.shared.paused.store(paused, Ordering::SeqCst);
+    }
+
+    /// Holds every chunk this long before forwarding it, in both
+    /// directions, without limiting throughput (a long, fat pipe).
+    pub fn set_latency(&self, one_way: Duration) {
+        self.shared
+            .latency_us
+            .store(one_way.as_micros() as u64, Ordering::SeqCst);
+    }
+
+    /// Cuts every live connection once `bytes` more client → target bytes
+    /// have been forwarded, in the middle of a write: the target gets a
+    /// frame (and a TLS record) with its tail missing.
+    pub fn cut_up_after(&self, bytes: u64) {
+        *lock(&self.shared.cut_up_after) = Some(bytes);
+    }
+
+    /// Freezes every live connection for good: no byte moves either way and
+    /// nobody is told (a middlebox that lost the flow's state). New
+    /// connections are forwarded normally.
+    pub fn freeze_live(&self) {
+        for f in lock(&self.shared.frozen).values() {
+            f.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Whether an armed [`CountingProxy::cut_up_after`] has fired.
+    pub fn cut_fired(&self) -> bool {
+        lock(&self.shared.cut_up_after).is_none()
     }
 }
 
@@ -209,6 +291,8 @@ fn start_connection(
         return Ok(());
     }
 
+    let frozen = Arc::new(AtomicBool::new(false));
+    lock(&shared.frozen).insert(id, Arc::clone(&frozen));
     let halves_done = Arc::new(AtomicU64::new(0));
     let directions = [
         (
@@ -221,12 +305,14 @@ fn start_connection(
     for (from, to, up) in directions {
         let shared = Arc::clone(shared);
         let halves_done = Arc::clone(&halves_done);
+        let frozen = Arc::clone(&frozen);
         std::thread::Builder::new()
             .name(format!("proxy-{id}-{}", if up { "up" } else { "down" }))
             .spawn(move || {
-                pump(from, to, up, &shared);
+                pump(from, to, up, &shared, &frozen);
                 if halves_done.fetch_add(1, Ordering::SeqCst) == 1 {
                     shared.live().remove(&id);
+                    lock(&shared.frozen).remove(&id);
                 }
             })
             .context("spawn proxy pump thread")?;
@@ -235,39 +321,94 @@ fn start_connection(
 }
 
 /// Copies `from` to `to` until EOF or an error, counting forwarded bytes,
-/// then half-closes `to` so the peer sees the EOF.
-fn pump(mut from: TcpStream, mut to: TcpStream, up: bool, shared: &Shared) {
+/// then half-closes `to` so the peer sees the EOF. A reader thread feeds
+/// a delay line; this thread writes each chunk once it is due.
+fn pump(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    up: bool,
+    shared: &Arc<Shared>,
+    frozen: &AtomicBool,
+) {
     let counter = if up {
         &shared.bytes_up
     } else {
         &shared.bytes_down
     };
-    let mut buf = vec![0u8; PUMP_BUF_BYTES];
-    loop {
-        let n = match from.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(err) if err.kind() == ErrorKind::Interrupted => continue,
-            Err(_) => break,
-        };
-        while shared.paused.load(Ordering::SeqCst) && !shared.stopping.load(Ordering::SeqCst) {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(Instant, Vec<u8>)>(PUMP_QUEUE_CHUNKS);
+    let source = from.try_clone();
+    let reader = std::thread::spawn({
+        let shared = Arc::clone(shared);
+        move || {
+            let mut buf = vec![0u8; PUMP_BUF_BYTES];
+            loop {
+                let n = match from.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(err) if err.kind() == ErrorKind::Interrupted => continue,
+                    Err(_) => break,
+                };
+                let delay = Duration::from_micros(shared.latency_us.load(Ordering::SeqCst));
+                if tx
+                    .send((Instant::now() + delay, buf[..n].to_vec()))
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        }
+    });
+    'chunks: for (due, chunk) in rx {
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        while (shared.paused.load(Ordering::SeqCst) || frozen.load(Ordering::SeqCst))
+            && !shared.stopping.load(Ordering::SeqCst)
+        {
             std::thread::sleep(POLL_INTERVAL);
         }
         if shared.stopping.load(Ordering::SeqCst) {
             break;
         }
+        let mut chunk = &chunk[..];
+        let mut cut_now = false;
+        if up {
+            let mut armed = lock(&shared.cut_up_after);
+            if let Some(left) = *armed {
+                if (chunk.len() as u64) >= left {
+                    // Forward only the head of this chunk, then cut.
+                    chunk = &chunk[..left as usize];
+                    cut_now = true;
+                    *armed = None;
+                } else {
+                    *armed = Some(left - chunk.len() as u64);
+                }
+            }
+        }
         // Counted before the write: once the peer has the bytes, so do the
         // counters (a failed write on a cut connection may count a little).
-        counter.fetch_add(n as u64, Ordering::SeqCst);
-        if to.write_all(&buf[..n]).is_err() {
+        counter.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+        if to.write_all(chunk).is_err() {
             break;
+        }
+        if cut_now {
+            shared.cut_all();
+            break 'chunks;
         }
         let rate = shared.rate_up.load(Ordering::SeqCst);
         if up && rate > 0 {
-            std::thread::sleep(Duration::from_secs_f64(n as f64 / rate as f64));
+            std::thread::sleep(Duration::from_secs_f64(chunk.len() as f64 / rate as f64));
         }
     }
     let _ = to.shutdown(Shutdown::Write);
+    // The reader ends on EOF or on the shutdown of a cut; if the writer
+    // stopped first (the other side went away), its blocked read must end
+    // too, or the connection would linger in the live table.
+    if let Ok(s) = source {
+        let _ = s.shutdown(Shutdown::Read);
+    }
+    let _ = reader.join();
 }
 
 #[cfg(test)]
@@ -409,5 +550,37 @@ mod tests {
         let _ = stream.read_to_end(&mut rest);
         assert!(rest.is_empty());
         assert!(TcpStream::connect(addr).is_err(), "listener is closed");
+    }
+
+    #[test]
+    fn latency_delays_each_direction() {
+        let proxy = CountingProxy::start(echo_server()).expect("start proxy");
+        proxy.set_latency(Duration::from_millis(150));
+        let mut stream = TcpStream::connect(proxy.addr()).expect("connect");
+        let started = Instant::now();
+        stream.write_all(b"ping").expect("send");
+        let mut reply = [0u8; 4];
+        stream.read_exact(&mut reply).expect("echo");
+        let rtt = started.elapsed();
+        assert!(rtt >= Duration::from_millis(300), "round trip {rtt:?}");
+        assert!(rtt < Duration::from_secs(3), "round trip {rtt:?}");
+    }
+
+    #[test]
+    fn cut_up_after_forwards_exactly_that_much_then_cuts() {
+        let proxy = CountingProxy::start(echo_server()).expect("start proxy");
+        proxy.cut_up_after(100_003);
+        let mut stream = TcpStream::connect(proxy.addr()).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        // The write may fail once the cut lands: that is the point.
+        let _ = stream.write_all(&pattern(300_000));
+        let mut got = Vec::new();
+        let _ = stream.read_to_end(&mut got);
+        assert!(proxy.cut_fired());
+        assert_eq!(proxy.bytes_up(), 100_003);
+        assert!(got.len() <= 100_003, "{} bytes echoed", got.len());
+        assert_eq!(got[..], pattern(300_000)[..got.len()]);
     }
 }

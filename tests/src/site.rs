@@ -20,6 +20,8 @@ pub struct Site {
     pub receiver: Daemon,
     pub dir: tempfile::TempDir,
     pub addr: SocketAddr,
+    /// The network namespace `serve` runs in (None: the host's).
+    netns: Option<std::path::PathBuf>,
     /// None for sites that use no kernel resource.
     _lock: Option<KernelLock>,
 }
@@ -37,28 +39,47 @@ impl Site {
         let lock = kernel_lock();
         require_root()?;
         require_cmd("losetup")?;
-        Site::start_inner(Some(lock), &[], extra)
+        Site::start_inner(Some(lock), &[], extra, None)
+    }
+
+    /// [`Site::start`] with `serve` inside `ns`, listening on `listen` (an
+    /// address of that namespace). The commands tests script (export,
+    /// points, status) run on the host: they use files and unix sockets.
+    pub fn start_in_netns(
+        ns: &crate::netns::Netns,
+        listen: SocketAddr,
+        extra: &str,
+    ) -> anyhow::Result<Site> {
+        let lock = kernel_lock();
+        require_root()?;
+        require_cmd("losetup")?;
+        Site::start_inner(Some(lock), &[], extra, Some((ns.path(), listen)))
     }
 
     /// A site for tests that only speak TLS on 127.0.0.1 (raw protocol
     /// clients): no root, no kernel lock. `env` is added to `serve`'s
     /// environment.
     pub fn start_network_only(env: &[(&str, &str)]) -> anyhow::Result<Site> {
-        Site::start_inner(None, env, "")
+        Site::start_inner(None, env, "", None)
     }
 
     /// [`Site::start_network_only`] with `extra` added to receiver.toml.
     pub fn start_network_only_with_config(extra: &str) -> anyhow::Result<Site> {
-        Site::start_inner(None, &[], extra)
+        Site::start_inner(None, &[], extra, None)
     }
 
     fn start_inner(
         lock: Option<KernelLock>,
         env: &[(&str, &str)],
         extra: &str,
+        netns: Option<(std::path::PathBuf, SocketAddr)>,
     ) -> anyhow::Result<Site> {
         let dir = tempfile::tempdir()?;
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let addr: SocketAddr = match &netns {
+            Some((_, listen)) => *listen,
+            None => format!("127.0.0.1:{}", free_port()).parse()?,
+        };
+        let netns = netns.map(|(p, _)| p);
         run_ok(receiver_cmd().args([
             "init",
             "--dir",
@@ -96,7 +117,7 @@ impl Site {
             .map(|l| format!("{l}\n"))
             .collect();
         std::fs::write(&cfg, format!("{extra}\n{kept}"))?;
-        let mut cmd = receiver_cmd();
+        let mut cmd = serve_cmd(netns.as_deref());
         cmd.args(["serve", "--config", path(&cfg)]);
         cmd.envs(env.iter().copied());
         let receiver = Daemon::spawn(cmd)?;
@@ -105,6 +126,7 @@ impl Site {
             dir,
             addr,
             receiver,
+            netns,
             _lock: lock,
         })
     }
@@ -116,7 +138,7 @@ impl Site {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
             let d = Daemon::spawn({
-                let mut c = receiver_cmd();
+                let mut c = serve_cmd(self.netns.as_deref());
                 c.args(["serve", "--config", path(&self.config())]);
                 c
             })?;
@@ -246,6 +268,20 @@ impl Site {
         let out =
             run_ok(receiver_cmd().args(["points", "--config", path(&self.config()), "--json"]))?;
         Ok(serde_json::from_slice(&out.stdout)?)
+    }
+}
+
+/// The receiver binary, entered into a network namespace when given one.
+fn serve_cmd(netns: Option<&Path>) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net={}", ns.display()))
+                .arg("--")
+                .arg(workspace_bin("tidemark-receiver"));
+            c
+        }
+        None => receiver_cmd(),
     }
 }
 

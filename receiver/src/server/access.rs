@@ -177,6 +177,29 @@ impl Sessions {
         closed
     }
 
+    /// Closes `agent`'s sessions other than `except` not heard from for
+    /// `silent_for`; returns how many.
+    pub fn close_silent(
+        &self,
+        agent: &str,
+        except: u64,
+        silent_for: std::time::Duration,
+        why: &str,
+    ) -> usize {
+        let now = SystemTime::now();
+        let mut closed = 0;
+        for (id, s) in self.live.lock().expect("sessions lock").iter_mut() {
+            let silent = now.duration_since(s.heard).unwrap_or_default();
+            if *id != except && s.agent == agent && silent >= silent_for {
+                if let Some(tx) = s.close.take() {
+                    let _ = tx.send(why.to_owned());
+                    closed += 1;
+                }
+            }
+        }
+        closed
+    }
+
     /// Number of sessions open now.
     pub fn count(&self) -> usize {
         self.live.lock().expect("sessions lock").len()
@@ -311,5 +334,24 @@ mod tests {
         assert_eq!(h.count(), Handshaking::MAX);
         kept.truncate(10);
         assert_eq!(h.count(), 10);
+    }
+
+    #[test]
+    fn only_silent_sessions_of_the_same_agent_are_superseded() {
+        let s = Sessions::default();
+        let (_g1, mut old) = s.open(1, "web-01", "ff");
+        let (_g2, mut other) = s.open(2, "db-01", "ee");
+        let (_g3, mut new) = s.open(3, "web-01", "ff");
+        let hour = std::time::Duration::from_secs(3600);
+        // Nobody has been silent for an hour yet.
+        assert_eq!(s.close_silent("web-01", 3, hour, "superseded"), 0);
+        let past = SystemTime::now() - 2 * hour;
+        for st in s.live.lock().expect("lock").values_mut() {
+            st.heard = past;
+        }
+        assert_eq!(s.close_silent("web-01", 3, hour, "superseded"), 1);
+        assert_eq!(old.try_recv().as_deref(), Ok("superseded"));
+        assert!(other.try_recv().is_err(), "another agent's session stays");
+        assert!(new.try_recv().is_err(), "the new session stays");
     }
 }

@@ -57,6 +57,9 @@ const WRITE_TIMEOUT: Duration = IDLE_TIMEOUT;
 
 /// A message for the worker and its share of [`QUEUE_BYTES`].
 type Work = (Message, OwnedSemaphorePermit);
+/// An agent's earlier session that has been silent this long (two missed
+/// heartbeats) gives way when the same agent connects again.
+const SUPERSEDE_SILENT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// Why a session stopped, as sent to the agent.
 #[derive(Debug)]
@@ -235,7 +238,7 @@ pub async fn run(shared: Arc<Shared>, greeted: Greeted, session_id: u64) -> anyh
         let agent = agent.clone();
         std::thread::Builder::new()
             .name(format!("session-{session_id}"))
-            .spawn(move || Worker::new(shared, agent, out).run(in_rx))
+            .spawn(move || Worker::new(shared, agent, session_id, out).run(in_rx))
             .context("cannot start session thread")?
     };
 
@@ -380,6 +383,7 @@ struct Queued {
 struct Worker {
     shared: Arc<Shared>,
     agent: String,
+    session_id: u64,
     out: mpsc::Sender<Message>,
     disks: Vec<OpenDisk>,
     /// Handles written since the last fsync.
@@ -397,10 +401,16 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(shared: Arc<Shared>, agent: String, out: mpsc::Sender<Message>) -> Self {
+    fn new(
+        shared: Arc<Shared>,
+        agent: String,
+        session_id: u64,
+        out: mpsc::Sender<Message>,
+    ) -> Self {
         Worker {
             shared,
             agent,
+            session_id,
             out,
             disks: Vec::new(),
             dirty: BTreeSet::new(),
@@ -967,6 +977,22 @@ impl Worker {
             .expect("in_use lock")
             .insert(disk_id.clone())
         {
+            // The agent is back on a new connection while its old one is
+            // still open here: a partition or a frozen flow tells this end
+            // nothing, and the old session would hold the disk until the
+            // idle timeout. Once it has missed two heartbeats it is dead.
+            let closed = self.shared.sessions.close_silent(
+                &self.agent,
+                self.session_id,
+                SUPERSEDE_SILENT,
+                "superseded by a new connection of the same agent",
+            );
+            if closed > 0 {
+                info!(
+                    "agent {} reconnected while its earlier session was silent for over {SUPERSEDE_SILENT:?}: closed that session; disk {disk_id} is free once it has finished",
+                    self.agent
+                );
+            }
             return Err(Refusal::new(
                 ErrorCode::Busy,
                 format!("disk {disk_id} is being replicated by another connection right now; retry when it ends"),
