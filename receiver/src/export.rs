@@ -231,11 +231,12 @@ fn copy_data(image: &mut dyn Image, file: &std::fs::File, size: u64) -> anyhow::
     const PIECE: u64 = 1 << 20;
     const IN_FLIGHT: usize = 8;
     const READ_AHEAD: u64 = 16 << 20;
+    // Full buffers wait in a bounded channel (the reader blocks when it is
+    // full, which bounds memory); written ones come back for reuse. The
+    // reader never waits for a free one: it allocates if none is back yet,
+    // so a writer that stops cannot leave it blocked.
     let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(IN_FLIGHT);
     let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
-    for _ in 0..IN_FLIGHT + 2 {
-        let _ = free_tx.send(Vec::with_capacity(PIECE as usize));
-    }
     std::thread::scope(|s| {
         let recycle = free_tx.clone();
         let reader = s.spawn(move || -> Result<(), crate::image::ImageError> {
@@ -247,9 +248,9 @@ fn copy_data(image: &mut dyn Image, file: &std::fs::File, size: u64) -> anyhow::
                     image.prefetch(at + READ_AHEAD, 4 * PIECE);
                 }
                 if !image.is_hole(at, n) {
-                    let Ok(mut buf) = free_rx.recv() else {
-                        return Ok(());
-                    };
+                    let mut buf = free_rx
+                        .try_recv()
+                        .unwrap_or_else(|_| Vec::with_capacity(PIECE as usize));
                     buf.resize(n as usize, 0);
                     image.read_at(at, &mut buf)?;
                     if buf.iter().any(|&b| b != 0) {
