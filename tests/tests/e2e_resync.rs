@@ -110,6 +110,9 @@ fn interrupted_resync(
         std::thread::sleep(Duration::from_millis(50));
     };
     agent.kill();
+    // What the killed agent left in socket buffers must not flow on and be
+    // counted as the next run's: its connection goes with it.
+    proxy.cut_all();
     proxy.set_rate_up(0);
     proxy.reset_counts();
     Ok(durable_to)
