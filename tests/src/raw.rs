@@ -31,6 +31,24 @@ pub async fn connect(addr: SocketAddr, agent_dir: &Path) -> anyhow::Result<Strea
     Ok(tls)
 }
 
+/// Connects as agent `name` (certificates in `agent_dir`) and says hello;
+/// fails unless the receiver welcomes it.
+pub async fn hello(addr: SocketAddr, agent_dir: &Path, name: &str) -> anyhow::Result<Stream> {
+    let mut s = connect(addr, agent_dir).await?;
+    send(
+        &mut s,
+        &Message::Hello {
+            agent_name: name.into(),
+            software_version: "test".into(),
+        },
+    )
+    .await?;
+    match recv(&mut s).await? {
+        Some(Message::Welcome { .. }) => Ok(s),
+        other => anyhow::bail!("expected welcome, got {other:?}"),
+    }
+}
+
 pub async fn send(s: &mut Stream, m: &Message) -> anyhow::Result<()> {
     write_message(s, m, &mut Vec::new()).await?;
     s.flush().await?;

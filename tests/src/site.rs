@@ -227,6 +227,26 @@ impl Site {
             .join(format!("{disk_id}-flat.vmdk"))
     }
 
+    /// A certificate directory for agent `name` with no disks (for a raw
+    /// protocol client that registers its own).
+    pub fn agent_dir(&self, name: &str) -> anyhow::Result<PathBuf> {
+        let cfg = self.agent(name, self.addr, &[])?;
+        Ok(cfg
+            .parent()
+            .ok_or_else(|| anyhow::anyhow!("agent config {} has no directory", cfg.display()))?
+            .to_path_buf())
+    }
+
+    /// Ids of the points `points --json` lists.
+    pub fn listed_point_ids(&self) -> anyhow::Result<Vec<u64>> {
+        Ok(self.points_json()?["points"]
+            .as_array()
+            .ok_or_else(|| anyhow::anyhow!("points --json has no points array"))?
+            .iter()
+            .filter_map(|p| p["id"].as_u64())
+            .collect())
+    }
+
     pub fn export(&self, disk: &str, point: &str) -> anyhow::Result<Vec<u8>> {
         let out = self.dir.path().join(format!("export-{disk}-{point}.raw"));
         run_ok(receiver_cmd().args([

@@ -6,35 +6,13 @@
 //! showing the result. Real TLS on 127.0.0.1 with raw protocol clients; no
 //! root needed.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use tidemark_common::proto::{ErrorCode, Message, PointKind};
 use tidemark_tests::raw::{self, Stream};
 use tidemark_tests::site::{assert_fails_with, path, receiver_cmd, run_ok, Site};
-
-/// An agent's certificate directory (no disks: the raw client registers).
-fn agent_dir(site: &Site, name: &str) -> anyhow::Result<PathBuf> {
-    let cfg = site.agent(name, site.addr, &[])?;
-    Ok(cfg.parent().context("agent dir")?.to_path_buf())
-}
-
-async fn hello(site: &Site, dir: &Path, name: &str) -> anyhow::Result<Stream> {
-    let mut s = raw::connect(site.addr, dir).await?;
-    raw::send(
-        &mut s,
-        &Message::Hello {
-            agent_name: name.into(),
-            software_version: "test".into(),
-        },
-    )
-    .await?;
-    match raw::recv(&mut s).await? {
-        Some(Message::Welcome { .. }) => Ok(s),
-        other => bail!("expected welcome, got {other:?}"),
-    }
-}
 
 async fn register(s: &mut Stream, disk: &str) -> anyhow::Result<Message> {
     raw::send(
@@ -113,13 +91,13 @@ fn pem_fingerprint(cert: &Path) -> anyhow::Result<String> {
 fn revocation_and_rotation_apply_on_reload_without_a_restart() -> anyhow::Result<()> {
     let site = Site::start_network_only(&[])?;
     let (a, b, c) = (
-        agent_dir(&site, "agent-a")?,
-        agent_dir(&site, "agent-b")?,
-        agent_dir(&site, "agent-c")?,
+        site.agent_dir("agent-a")?,
+        site.agent_dir("agent-b")?,
+        site.agent_dir("agent-c")?,
     );
     raw::block_on(async {
-        let mut sa = hello(&site, &a, "agent-a").await?;
-        let mut sb = hello(&site, &b, "agent-b").await?;
+        let mut sa = raw::hello(site.addr, &a, "agent-a").await?;
+        let mut sb = raw::hello(site.addr, &b, "agent-b").await?;
         assert!(matches!(
             register(&mut sa, "disk-a").await?,
             Message::DiskRegistered { .. }
@@ -170,8 +148,8 @@ fn revocation_and_rotation_apply_on_reload_without_a_restart() -> anyhow::Result
             .log()
             .contains(&format!("certificate sha256 {fp} of agent agent-c")));
         std::fs::remove_dir_all(&c)?;
-        let c2 = agent_dir(&site, "agent-c")?;
-        hello(&site, &c2, "agent-c").await?;
+        let c2 = site.agent_dir("agent-c")?;
+        raw::hello(site.addr, &c2, "agent-c").await?;
 
         // A broken config on reload: logged, the old one stays in force.
         let cfg = site.config();
@@ -206,7 +184,7 @@ fn revocation_and_rotation_apply_on_reload_without_a_restart() -> anyhow::Result
         std::fs::write(rx.join("receiver-key.pem"), key.serialize_pem())?;
         let new_fp = tidemark_common::tls::fingerprint_sha256(cert.der());
         hup(&site, 3)?;
-        let s = hello(&site, &b, "agent-b").await?;
+        let s = raw::hello(site.addr, &b, "agent-b").await?;
         let seen = s
             .get_ref()
             .1
@@ -264,9 +242,9 @@ fn status_json(site: &Site) -> anyhow::Result<serde_json::Value> {
 #[test]
 fn reassign_moves_a_disk_while_serve_runs_and_offline() -> anyhow::Result<()> {
     let mut site = Site::start_network_only(&[])?;
-    let (a, b) = (agent_dir(&site, "agent-a")?, agent_dir(&site, "agent-b")?);
+    let (a, b) = (site.agent_dir("agent-a")?, site.agent_dir("agent-b")?);
     raw::block_on(async {
-        let mut sa = hello(&site, &a, "agent-a").await?;
+        let mut sa = raw::hello(site.addr, &a, "agent-a").await?;
         assert!(matches!(
             register(&mut sa, "disk-r").await?,
             Message::DiskRegistered { .. }
@@ -291,7 +269,7 @@ fn reassign_moves_a_disk_while_serve_runs_and_offline() -> anyhow::Result<()> {
 
         // Another agent claiming the disk is refused, both names logged,
         // even while agent-a has it open (not "busy": retrying cannot help).
-        let mut sb = hello(&site, &b, "agent-b").await?;
+        let mut sb = raw::hello(site.addr, &b, "agent-b").await?;
         match register(&mut sb, "disk-r").await? {
             Message::Error { code, message } => {
                 assert_eq!(code, ErrorCode::Unauthorized);
@@ -307,7 +285,7 @@ fn reassign_moves_a_disk_while_serve_runs_and_offline() -> anyhow::Result<()> {
         ));
         drop(sa);
         wait_idle(&site, "disk-r").await?;
-        let mut sa = hello(&site, &a, "agent-a").await?;
+        let mut sa = raw::hello(site.addr, &a, "agent-a").await?;
         assert!(matches!(
             register(&mut sa, "disk-r").await?,
             Message::DiskRegistered { .. }
@@ -345,7 +323,7 @@ fn reassign_moves_a_disk_while_serve_runs_and_offline() -> anyhow::Result<()> {
             "{said}"
         );
         assert!(closed(&mut sa).await, "the old owner's session stayed open");
-        let mut sb = hello(&site, &b, "agent-b").await?;
+        let mut sb = raw::hello(site.addr, &b, "agent-b").await?;
         // The old owner's worker may still be releasing the disk.
         let mut tries = 0;
         loop {
@@ -357,7 +335,7 @@ fn reassign_moves_a_disk_while_serve_runs_and_offline() -> anyhow::Result<()> {
                 } if tries < 50 => {
                     tries += 1;
                     tokio::time::sleep(Duration::from_millis(100)).await;
-                    sb = hello(&site, &b, "agent-b").await?;
+                    sb = raw::hello(site.addr, &b, "agent-b").await?;
                 }
                 other => bail!("agent-b could not register its disk: {other:?}"),
             }
@@ -367,7 +345,7 @@ fn reassign_moves_a_disk_while_serve_runs_and_offline() -> anyhow::Result<()> {
         assert_eq!(s["disks"][0]["state"], "replicating");
         drop(sb);
         wait_idle(&site, "disk-r").await?;
-        let mut sa = hello(&site, &a, "agent-a").await?;
+        let mut sa = raw::hello(site.addr, &a, "agent-a").await?;
         match register(&mut sa, "disk-r").await? {
             Message::Error {
                 code: ErrorCode::Unauthorized,

@@ -280,12 +280,7 @@ fn a_short_window_prunes_old_points_and_reclaims_their_space() -> anyhow::Result
         after < 1 << 20,
         "space not reclaimed: {before} bytes before, {after} after"
     );
-    let listed: Vec<u64> = site.points_json()?["points"]
-        .as_array()
-        .context("points")?
-        .iter()
-        .filter_map(|p| p["id"].as_u64())
-        .collect();
+    let listed = site.listed_point_ids()?;
     ensure!(
         !listed.contains(&p1) && !listed.contains(&p2) && listed.contains(&p3),
         "listed {listed:?}"
@@ -413,12 +408,7 @@ fn thinning_keeps_one_older_point_per_slot_and_every_kept_point_exports() -> any
         std::thread::sleep(Duration::from_millis(400));
         states.push((point_id(&agent_sync(&cfg, &[]))?, dev.read_all()?));
     }
-    let listed: Vec<u64> = site.points_json()?["points"]
-        .as_array()
-        .context("points")?
-        .iter()
-        .filter_map(|p| p["id"].as_u64())
-        .collect();
+    let listed = site.listed_point_ids()?;
     let (first, last) = (states[0].0, states[ROUNDS].0);
     ensure!(
         listed.contains(&first) && listed.contains(&last),

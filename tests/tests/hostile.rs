@@ -33,27 +33,6 @@ const RSS_LIMIT_MIB: u64 = 200;
 const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
 const HANDSHAKE_SLACK: Duration = Duration::from_secs(3);
 
-fn agent_dir(site: &Site, name: &str) -> anyhow::Result<PathBuf> {
-    let cfg = site.agent(name, site.addr, &[])?;
-    Ok(cfg.parent().context("agent dir")?.to_path_buf())
-}
-
-async fn hello(site: &Site, dir: &Path, name: &str) -> anyhow::Result<Stream> {
-    let mut s = raw::connect(site.addr, dir).await?;
-    raw::send(
-        &mut s,
-        &Message::Hello {
-            agent_name: name.into(),
-            software_version: "test".into(),
-        },
-    )
-    .await?;
-    match raw::recv(&mut s).await? {
-        Some(Message::Welcome { .. }) => Ok(s),
-        other => bail!("expected welcome, got {other:?}"),
-    }
-}
-
 fn register_msg(disk: &str, size: u64) -> Message {
     Message::RegisterDisk {
         disk_id: disk.into(),
@@ -140,9 +119,9 @@ async fn still_replicates(site: &Site, name: &str, disk: &str) -> anyhow::Result
     const SIZE: u64 = 1 << 20;
     let dir = match site.dir.path().join(name) {
         d if d.is_dir() => d,
-        _ => agent_dir(site, name)?,
+        _ => site.agent_dir(name)?,
     };
-    let mut s = hello(site, &dir, name).await?;
+    let mut s = raw::hello(site.addr, &dir, name).await?;
     let handle = register(&mut s, disk, SIZE).await?;
     let mut rng = SplitMix64::new(SIZE ^ name.len() as u64);
     let mut data = vec![0u8; 96 << 10];
@@ -231,7 +210,7 @@ async fn try_session(site: &Site, config: rustls::ClientConfig) -> anyhow::Resul
 #[test]
 fn clients_without_a_certificate_or_tls13_are_refused() -> anyhow::Result<()> {
     let site = Site::start_network_only(&[])?;
-    let dir = agent_dir(&site, "agent-t")?;
+    let dir = site.agent_dir("agent-t")?;
     let roots = roots(&dir.join("ca.pem"))?;
     raw::block_on(async {
         // No client certificate: the receiver requires one.
@@ -364,7 +343,7 @@ async fn trickle_after_tls(site: &Site, dir: &Path, gap: Duration) -> anyhow::Re
 #[test]
 fn trickled_handshakes_are_dropped_within_the_handshake_limit() -> anyhow::Result<()> {
     let site = Site::start_network_only(&[])?;
-    let dir = agent_dir(&site, "agent-s")?;
+    let dir = site.agent_dir("agent-s")?;
     let hello_bytes = client_hello(&dir)?;
     let gap = Duration::from_millis(700);
     let (tcp_held, tls_held) = std::thread::scope(|scope| {
@@ -398,7 +377,7 @@ fn trickled_handshakes_are_dropped_within_the_handshake_limit() -> anyhow::Resul
 #[test]
 fn protocol_abuse_is_refused_by_name_and_stores_nothing() -> anyhow::Result<()> {
     let site = Site::start_network_only(&[])?;
-    let dir = agent_dir(&site, "agent-p")?;
+    let dir = site.agent_dir("agent-p")?;
     raw::block_on(async {
         // A 4 GiB frame length where the hello should be.
         let mut s = raw::connect(site.addr, &dir).await?;
@@ -407,7 +386,7 @@ fn protocol_abuse_is_refused_by_name_and_stores_nothing() -> anyhow::Result<()> 
         refused(&mut s, ErrorCode::Protocol, &["4294967295", "exceeds"]).await?;
 
         // Sequence numbers replayed, going backwards, or starting at 0.
-        let mut s = hello(&site, &dir, "agent-p").await?;
+        let mut s = raw::hello(site.addr, &dir, "agent-p").await?;
         let h = register(&mut s, "disk-p", 1 << 20).await?;
         let zero = |seq, offset_bytes| Message::Zero {
             seq,
@@ -423,7 +402,7 @@ fn protocol_abuse_is_refused_by_name_and_stores_nothing() -> anyhow::Result<()> 
             &["sequence number 1 does not follow 1"],
         )
         .await?;
-        let mut s = hello(&site, &dir, "agent-p").await?;
+        let mut s = raw::hello(site.addr, &dir, "agent-p").await?;
         let h = register(&mut s, "disk-p", 1 << 20).await?;
         raw::send(
             &mut s,
@@ -451,7 +430,7 @@ fn protocol_abuse_is_refused_by_name_and_stores_nothing() -> anyhow::Result<()> 
             &["sequence number 4 does not follow 9"],
         )
         .await?;
-        let mut s = hello(&site, &dir, "agent-p").await?;
+        let mut s = raw::hello(site.addr, &dir, "agent-p").await?;
         let h = register(&mut s, "disk-p", 1 << 20).await?;
         raw::send(
             &mut s,
@@ -467,7 +446,7 @@ fn protocol_abuse_is_refused_by_name_and_stores_nothing() -> anyhow::Result<()> 
 
         // Writes past the end of the disk, by a little and by overflow, and
         // a handle never registered.
-        let mut s = hello(&site, &dir, "agent-p").await?;
+        let mut s = raw::hello(site.addr, &dir, "agent-p").await?;
         let h = register(&mut s, "disk-p", 1 << 20).await?;
         let e = Extent::pack(1, h, (1 << 20) - 2048, &[0x5a; 4096], None);
         raw::send(&mut s, &Message::Extent(e)).await?;
@@ -477,7 +456,7 @@ fn protocol_abuse_is_refused_by_name_and_stores_nothing() -> anyhow::Result<()> 
             &["beyond the end of disk disk-p"],
         )
         .await?;
-        let mut s = hello(&site, &dir, "agent-p").await?;
+        let mut s = raw::hello(site.addr, &dir, "agent-p").await?;
         let h = register(&mut s, "disk-p", 1 << 20).await?;
         raw::send(
             &mut s,
@@ -491,7 +470,7 @@ fn protocol_abuse_is_refused_by_name_and_stores_nothing() -> anyhow::Result<()> 
         .await?;
         refused(&mut s, ErrorCode::OutOfRange, &["disk-p"]).await?;
         // An end past 2^64 is refused by the decoder, as malformed.
-        let mut s = hello(&site, &dir, "agent-p").await?;
+        let mut s = raw::hello(site.addr, &dir, "agent-p").await?;
         let h = register(&mut s, "disk-p", 1 << 20).await?;
         raw::send(
             &mut s,
@@ -509,7 +488,7 @@ fn protocol_abuse_is_refused_by_name_and_stores_nothing() -> anyhow::Result<()> 
             &["zero length has invalid value 100"],
         )
         .await?;
-        let mut s = hello(&site, &dir, "agent-p").await?;
+        let mut s = raw::hello(site.addr, &dir, "agent-p").await?;
         let h = register(&mut s, "disk-p", 1 << 20).await?;
         raw::send(
             &mut s,
@@ -523,7 +502,7 @@ fn protocol_abuse_is_refused_by_name_and_stores_nothing() -> anyhow::Result<()> 
         )
         .await?;
         refused(&mut s, ErrorCode::OutOfRange, &["disk-p"]).await?;
-        let mut s = hello(&site, &dir, "agent-p").await?;
+        let mut s = raw::hello(site.addr, &dir, "agent-p").await?;
         raw::send(
             &mut s,
             &Message::Zero {
@@ -559,13 +538,13 @@ fn protocol_abuse_is_refused_by_name_and_stores_nothing() -> anyhow::Result<()> 
     ];
     raw::block_on(async {
         for id in ids {
-            let mut s = hello(&site, &dir, "agent-p").await?;
+            let mut s = raw::hello(site.addr, &dir, "agent-p").await?;
             raw::send(&mut s, &register_msg(id, 1 << 20)).await?;
             refused(&mut s, ErrorCode::Protocol, &["is not valid"]).await?;
         }
         // Longer than any name may be (255 bytes): our encoder would cut
         // it, so the frame is made by hand.
-        let mut s = hello(&site, &dir, "agent-p").await?;
+        let mut s = raw::hello(site.addr, &dir, "agent-p").await?;
         let mut body = vec![3u8];
         body.extend_from_slice(&300u16.to_be_bytes());
         body.extend_from_slice(&[b'b'; 300]);
@@ -606,10 +585,10 @@ fn ten_thousand_disks_are_refused_beyond_max_disks() -> anyhow::Result<()> {
     let site = Site::start_network_only_with_config(&format!("max_disks = {MAX}"))?;
     // The healthy agent's disk exists before the flood.
     raw::block_on(still_replicates(&site, "agent-ok", "disk-ok"))?;
-    let dir = agent_dir(&site, "agent-m")?;
+    let dir = site.agent_dir("agent-m")?;
     let ids: Vec<String> = (0..10_000).map(|i| format!("disk-{i:05}")).collect();
     let (registered, refusal) = raw::block_on(async {
-        let s = hello(&site, &dir, "agent-m").await?;
+        let s = raw::hello(site.addr, &dir, "agent-m").await?;
         let (mut rd, mut wr) = tokio::io::split(s);
         let flood = {
             let ids = ids.clone();
@@ -643,7 +622,7 @@ fn ten_thousand_disks_are_refused_beyond_max_disks() -> anyhow::Result<()> {
         };
         drop(flood.await?);
         // A new connection is refused its first new disk at once.
-        let mut s = hello(&site, &dir, "agent-m").await?;
+        let mut s = raw::hello(site.addr, &dir, "agent-m").await?;
         raw::send(&mut s, &register_msg("disk-09999", 1 << 20)).await?;
         refused(&mut s, ErrorCode::Limit, &["max_disks"]).await?;
         Ok::<_, anyhow::Error>((registered, refusal))
@@ -680,9 +659,9 @@ fn ten_thousand_disks_are_refused_beyond_max_disks() -> anyhow::Result<()> {
 #[test]
 fn an_agent_that_never_reads_cannot_grow_the_receiver() -> anyhow::Result<()> {
     let site = Site::start_network_only(&[])?;
-    let dir = agent_dir(&site, "agent-n")?;
+    let dir = site.agent_dir("agent-n")?;
     raw::block_on(async {
-        let mut s = hello(&site, &dir, "agent-n").await?;
+        let mut s = raw::hello(site.addr, &dir, "agent-n").await?;
         let h = register(&mut s, "disk-n", 16 << 20).await?;
         // Each request is 33 bytes; each answer is 1 MiB of hashes. Before
         // replies were bounded, 400 of them queued 400 MiB.

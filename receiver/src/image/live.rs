@@ -286,19 +286,18 @@ pub fn scan(dir: &Path) -> std::io::Result<Vec<Found>> {
 mod tests {
     use super::*;
 
+    const ALL: [ImageFormat; 5] = [
+        ImageFormat::Vmdk,
+        ImageFormat::VmdkSparse,
+        ImageFormat::Vhd,
+        ImageFormat::VhdFixed,
+        ImageFormat::Raw,
+    ];
+
     #[test]
     fn every_format_is_created_opened_and_found_by_uuid() {
         let dir = tempfile::tempdir().expect("tempdir");
-        for (i, format) in [
-            ImageFormat::Vmdk,
-            ImageFormat::VmdkSparse,
-            ImageFormat::Vhd,
-            ImageFormat::VhdFixed,
-            ImageFormat::Raw,
-        ]
-        .into_iter()
-        .enumerate()
-        {
+        for (i, format) in ALL.into_iter().enumerate() {
             let id = format!("disk{i}");
             let mut img = create(format, dir.path(), &id, 3 << 20, [i as u8 + 1; 16])
                 .unwrap_or_else(|e| panic!("create {}: {e}", format.name()));
@@ -329,16 +328,7 @@ mod tests {
     #[test]
     fn growable_formats_grow_and_sparse_ones_refuse() {
         let dir = tempfile::tempdir().expect("tempdir");
-        for (i, format) in [
-            ImageFormat::Vmdk,
-            ImageFormat::VmdkSparse,
-            ImageFormat::Vhd,
-            ImageFormat::VhdFixed,
-            ImageFormat::Raw,
-        ]
-        .into_iter()
-        .enumerate()
-        {
+        for (i, format) in ALL.into_iter().enumerate() {
             let id = format!("g{i}");
             let mut img = create(format, dir.path(), &id, 2 << 20, [i as u8 + 1; 16])
                 .unwrap_or_else(|e| panic!("create {}: {e}", format.name()));

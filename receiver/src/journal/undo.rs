@@ -402,15 +402,6 @@ impl UndoLog {
         self.unsynced = false;
         Ok(())
     }
-
-    /// Deletes segments tagged below `tag`: points before it can no longer
-    /// be reconstructed.
-    pub fn prune_before(&mut self, tag: u64) -> Result<u64, UndoError> {
-        if self.current.as_ref().is_some_and(|(c, _)| *c < tag) {
-            self.current = None;
-        }
-        remove_before(&self.dir, tag)
-    }
 }
 
 #[cfg(test)]
@@ -511,7 +502,7 @@ mod tests {
         log.sync().expect("sync");
         assert_eq!(read_segment(&d, 5).expect("read").len(), 2);
 
-        assert!(log.prune_before(5).expect("prune") > 0);
+        assert!(remove_before(&d, 5).expect("prune") > 0);
         assert_eq!(segments(&d).expect("list"), vec![5]);
     }
 

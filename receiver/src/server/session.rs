@@ -836,12 +836,11 @@ impl Worker {
         let config = &self.shared.config;
         let points = read_all(&config.points_path()).map_err(storage)?;
         let cutoff = retention::cutoff(config.retention_hours);
-        for d in &mut self.disks {
+        for d in &self.disks {
             let keep_from = retention::window_start(&points, &d.id, cutoff)
                 .unwrap_or(newest.id)
                 .min(newest.id);
-            let freed = d.undo.prune_before(keep_from).map_err(storage)?;
-            retention::prune_disk(
+            let freed = retention::prune_disk(
                 &config.retention_dir,
                 &self.shared.registry,
                 &d.id,
