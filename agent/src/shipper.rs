@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::bail;
 use tidemark_common::proto::frame::FrameError;
-use tidemark_common::proto::{Message, PointKind};
+use tidemark_common::proto::{ErrorCode, Message, PointKind};
 use tracing::{info, warn};
 
 use crate::compare::HashBoard;
@@ -407,6 +407,18 @@ impl Shipper {
         self.unanswered_since = None;
     }
 
+    /// The receiver's Error that ended a connection, as the reason to
+    /// report; a refusal for good is kept for the next attempt to raise.
+    fn error_reason(&mut self, code: ErrorCode, message: &str) -> String {
+        if !retryable(code) {
+            self.refused = Some(format!(
+                "receiver {} refused: {message}",
+                self.connector.addr()
+            ));
+        }
+        format!("receiver reported {code:?}: {message}")
+    }
+
     /// A write failed: the receiver usually closed the connection after
     /// telling us why (a full volume, a refusal), and that reason, not the
     /// broken pipe, is what the operator needs to see.
@@ -416,13 +428,7 @@ impl Shipper {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
             while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, c.incoming.recv()).await {
                 if let Ok(Message::Error { code, message }) = msg {
-                    if !retryable(code) {
-                        self.refused = Some(format!(
-                            "receiver {} refused: {message}",
-                            self.connector.addr()
-                        ));
-                    }
-                    why = format!("receiver reported {code:?}: {message}");
+                    why = self.error_reason(code, &message);
                     break;
                 }
             }
@@ -735,7 +741,20 @@ impl Shipper {
                 Ok(None)
             }
             Some(Err(e)) => {
-                self.disconnected(&e.to_string());
+                // The writer task reports a broken pipe on the same channel
+                // as the reader, and can get there before the receiver's
+                // Error (a full volume, a refusal) that caused it: that
+                // reason is what the operator needs, so take it if queued.
+                let mut why = e.to_string();
+                if let Some(c) = self.conn.as_mut() {
+                    while let Ok(m) = c.incoming.try_recv() {
+                        if let Ok(Message::Error { code, message }) = m {
+                            why = self.error_reason(code, &message);
+                            break;
+                        }
+                    }
+                }
+                self.disconnected(&why);
                 Ok(None)
             }
             None => {
