@@ -59,19 +59,32 @@ fn target_dir() -> PathBuf {
 /// If the build fails (the panic message carries cargo's output) or leaves
 /// no binary behind.
 pub fn workspace_bin(name: &str) -> PathBuf {
+    built(name, &["--bin", name], name)
+}
+
+/// The fault-injecting preload library (`tests/faultfs`), built like
+/// [`workspace_bin`]: pass it to a process as `LD_PRELOAD`.
+pub fn faultfs_library() -> PathBuf {
+    built("tidemark-faultfs", &["--lib"], "libtidemark_faultfs.so")
+}
+
+/// Builds `package` with `what` (target selection) once per test process
+/// and returns `<target>/debug/<file>`.
+fn built(package: &str, what: &[&str], file: &str) -> PathBuf {
     let mut built = BUILT
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     let built = built.get_or_insert_with(HashMap::new);
-    if let Some(path) = built.get(name) {
+    if let Some(path) = built.get(file) {
         return path.clone();
     }
 
     let target = target_dir();
-    let path = target.join("debug").join(name);
+    let path = target.join("debug").join(file);
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(&cargo);
-    cmd.args(["build", "-p", name, "--bin", name])
+    cmd.args(["build", "-p", package])
+        .args(what)
         .current_dir(workspace_root())
         .env("CARGO_TARGET_DIR", &target);
     // Cargo sets these for the test process; build scripts that track them
@@ -86,12 +99,13 @@ pub fn workspace_bin(name: &str) -> PathBuf {
             cmd.env_remove(key);
         }
     }
+    let command = format!("cargo build -p {package} {}", what.join(" "));
     let output = cmd
         .output()
-        .unwrap_or_else(|err| panic!("cannot run {cargo:?} to build {name}: {err}"));
+        .unwrap_or_else(|err| panic!("cannot run {cargo:?} for `{command}`: {err}"));
     if !output.status.success() {
         panic!(
-            "cargo build -p {name} --bin {name} failed ({}):\n{}{}",
+            "{command} failed ({}):\n{}{}",
             output.status,
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
@@ -99,10 +113,10 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     }
     assert!(
         path.is_file(),
-        "cargo build -p {name} succeeded but {} does not exist",
+        "{command} succeeded but {} does not exist",
         path.display()
     );
-    built.insert(name.to_owned(), path.clone());
+    built.insert(file.to_owned(), path.clone());
     path
 }
 

@@ -11,6 +11,7 @@
 //! - [`netns::NetPair`]: agent and receiver namespaces joined by a veth pair.
 //! - [`Daemon`]: a child process with its output captured, killed on drop.
 //! - [`workspace_bin`]: the path of a freshly built workspace binary.
+//! - [`faultfs_library`]: an `LD_PRELOAD` library injecting storage faults.
 //! - [`NotifySocket`]: systemd's notification socket, for READY/WATCHDOG.
 //! - [`raw`]: a protocol client scripting messages over real TLS.
 //! - [`kernel_lock`]: run tests that share kernel resources one at a time.
@@ -30,7 +31,7 @@ pub mod raw;
 pub mod running;
 pub mod site;
 
-pub use bins::{workspace_bin, workspace_root};
+pub use bins::{faultfs_library, workspace_bin, workspace_root};
 pub use daemon::Daemon;
 pub use fill::{
     fill_mixed, plan_fill, region_bytes, scatter_blocks, FillKind, FillRegion, FillReport,

@@ -134,12 +134,18 @@ impl Site {
     /// Kills the receiver (SIGKILL: no clean shutdown) and starts it again
     /// on the same address and state.
     pub fn restart_receiver(&mut self) -> anyhow::Result<()> {
+        self.restart_receiver_with_env(&[])
+    }
+
+    /// [`Site::restart_receiver`] with `env` added to `serve`'s environment
+    /// (e.g. [`crate::faultfs_library`] as `LD_PRELOAD`).
+    pub fn restart_receiver_with_env(&mut self, env: &[(&str, &str)]) -> anyhow::Result<()> {
         self.receiver.kill();
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
             let d = Daemon::spawn({
-                let mut c = serve_cmd(self.netns.as_deref());
-                c.args(["serve", "--config", path(&self.config())]);
+                let mut c = self.serve_command();
+                c.envs(env.iter().copied());
                 c
             })?;
             match d.wait_for_log("listening on", Duration::from_secs(10)) {
@@ -155,6 +161,14 @@ impl Site {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// The command that runs this site's `serve` (for tests that start it
+    /// themselves).
+    pub fn serve_command(&self) -> Command {
+        let mut c = serve_cmd(self.netns.as_deref());
+        c.args(["serve", "--config", path(&self.config())]);
+        c
     }
 
     /// `init` of a second, unrelated receiver (another CA) in this site's
