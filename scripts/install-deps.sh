@@ -10,6 +10,8 @@ command -v losetup >/dev/null || need+=(util-linux)
 command -v cmp >/dev/null || need+=(diffutils)
 command -v bc >/dev/null || need+=(bc)
 command -v fsck.ext4 >/dev/null || need+=(e2fsprogs)
+# Power-cut tests copy volumes instantly with reflinks on XFS.
+command -v mkfs.xfs >/dev/null || need+=(xfsprogs)
 command -v fstrim >/dev/null || need+=(util-linux)
 command -v vmdkinfo >/dev/null || need+=(libvmdk-utils)
 command -v vhdiinfo >/dev/null || need+=(libvhdi-utils)

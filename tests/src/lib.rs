@@ -6,6 +6,7 @@
 //! test calling it fails; nothing here skips a test silently.
 //!
 //! - [`LoopDev`]: a file-backed loop device, detached on drop.
+//! - [`Volume`]: a file system on a loop device, unmounted on drop.
 //! - [`fill_mixed`]: a deterministic mix of random, compressible and zero data.
 //! - [`CountingProxy`]: a TCP proxy counting wire bytes, with fault hooks.
 //! - [`netns::NetPair`]: agent and receiver namespaces joined by a veth pair.
@@ -30,6 +31,7 @@ mod prereq;
 pub mod raw;
 pub mod running;
 pub mod site;
+mod volume;
 
 pub use bins::{faultfs_library, workspace_bin, workspace_root};
 pub use daemon::Daemon;
@@ -42,6 +44,7 @@ pub use loopdev::LoopDev;
 pub use net::{free_port, CountingProxy};
 pub use notify::NotifySocket;
 pub use prereq::{require_cmd, require_root};
+pub use volume::Volume;
 
 /// Trials a randomized fault test runs: `TIDEMARK_TRIALS` when set (the
 /// soak script's 50 and more), else the suite's `default`.

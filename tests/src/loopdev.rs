@@ -46,7 +46,17 @@ impl LoopDev {
         file.sync_all()
             .with_context(|| format!("fsync backing file {}", backing.display()))?;
         drop(file);
+        LoopDev::attach(backing)
+    }
 
+    /// Attaches an existing `backing` file with
+    /// `losetup --find --show --direct-io=off`.
+    pub fn attach(backing: &Path) -> anyhow::Result<LoopDev> {
+        require_root().context("LoopDev::attach")?;
+        require_cmd("losetup").context("LoopDev::attach")?;
+        let size_bytes = std::fs::metadata(backing)
+            .with_context(|| format!("backing file {}", backing.display()))?
+            .len();
         let output = Command::new("losetup")
             .args(["--find", "--show", "--direct-io=off"])
             .arg(backing)
@@ -157,6 +167,26 @@ impl LoopDev {
                 String::from_utf8_lossy(&output.stderr).trim()
             );
         }
+        Ok(())
+    }
+
+    /// Makes an XFS file system on the device (`mkfs.xfs -q -f`); XFS
+    /// shares blocks between files (reflink), so `cp --reflink=always` of a
+    /// file on it is an instant, atomic copy.
+    pub fn mkfs_xfs(&self) -> anyhow::Result<()> {
+        require_cmd("mkfs.xfs").context("LoopDev::mkfs_xfs")?;
+        let output = Command::new("mkfs.xfs")
+            .args(["-q", "-f"])
+            .arg(&self.device)
+            .output()
+            .context("run mkfs.xfs")?;
+        ensure!(
+            output.status.success(),
+            "mkfs.xfs {} failed ({}): {}",
+            self.device.display(),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
         Ok(())
     }
 

@@ -49,6 +49,24 @@ pub async fn hello(addr: SocketAddr, agent_dir: &Path, name: &str) -> anyhow::Re
     }
 }
 
+/// `RegisterDisk` for `disk` of `size` bytes with 512-byte blocks.
+pub fn register_msg(disk: &str, size: u64) -> Message {
+    Message::RegisterDisk {
+        disk_id: disk.into(),
+        size_bytes: size,
+        logical_block_bytes: 512,
+    }
+}
+
+/// Registers `disk`; returns the handle the receiver gave it.
+pub async fn register(s: &mut Stream, disk: &str, size: u64) -> anyhow::Result<u32> {
+    send(s, &register_msg(disk, size)).await?;
+    match recv(s).await? {
+        Some(Message::DiskRegistered { handle, .. }) => Ok(handle),
+        other => anyhow::bail!("registering {disk}: {other:?}"),
+    }
+}
+
 pub async fn send(s: &mut Stream, m: &Message) -> anyhow::Result<()> {
     write_message(s, m, &mut Vec::new()).await?;
     s.flush().await?;

@@ -21,7 +21,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tidemark_common::proto::messages::Extent;
 use tidemark_common::proto::{ErrorCode, Message, PointKind};
 use tidemark_common::tls::server_name;
-use tidemark_tests::raw::{self, Stream};
+use tidemark_tests::raw::{self, register, register_msg, Stream};
 use tidemark_tests::site::{agent_sync, assert_fails_with, path, point_id, receiver_cmd, Site};
 use tidemark_tests::{fill_mixed, free_port, workspace_bin, LoopDev, SplitMix64};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -32,22 +32,6 @@ const RSS_LIMIT_MIB: u64 = 200;
 /// a loaded machine.
 const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
 const HANDSHAKE_SLACK: Duration = Duration::from_secs(3);
-
-fn register_msg(disk: &str, size: u64) -> Message {
-    Message::RegisterDisk {
-        disk_id: disk.into(),
-        size_bytes: size,
-        logical_block_bytes: 512,
-    }
-}
-
-async fn register(s: &mut Stream, disk: &str, size: u64) -> anyhow::Result<u32> {
-    raw::send(s, &register_msg(disk, size)).await?;
-    match raw::recv(s).await? {
-        Some(Message::DiskRegistered { handle, .. }) => Ok(handle),
-        other => bail!("registering {disk}: {other:?}"),
-    }
-}
 
 /// The next message that is not an ack must be this error; then the
 /// receiver closes the connection.

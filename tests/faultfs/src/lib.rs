@@ -42,9 +42,9 @@ fn config() -> &'static Config {
             std::env::var("TIDEMARK_FAULT_EIO_PATHS"),
             std::env::var("TIDEMARK_FAULT_EIO_WHILE"),
         ) {
-            (Ok(paths), Ok(flag)) if !paths.is_empty() => std::ffi::CString::new(flag)
-                .ok()
-                .map(|flag| (paths, flag)),
+            (Ok(paths), Ok(flag)) if !paths.is_empty() => {
+                std::ffi::CString::new(flag).ok().map(|flag| (paths, flag))
+            }
             _ => None,
         };
         Config { stop_at_sync, eio }
@@ -64,13 +64,7 @@ fn failing(fd: c_int) -> bool {
     let link = CStr::from_bytes_with_nul(link.as_bytes()).expect("one trailing NUL");
     let mut target = [0u8; 4096];
     // SAFETY: `link` is NUL-terminated and `target` is writable for its length.
-    let n = unsafe {
-        libc::readlink(
-            link.as_ptr(),
-            target.as_mut_ptr().cast(),
-            target.len(),
-        )
-    };
+    let n = unsafe { libc::readlink(link.as_ptr(), target.as_mut_ptr().cast(), target.len()) };
     n > 0 && String::from_utf8_lossy(&target[..n as usize]).contains(paths.as_str())
 }
 
