@@ -4,10 +4,9 @@
 # — the receiver killed during receive, apply and prune, the agent during
 # replication, sync/resync and export killed midway, and a power cut
 # after every sync of a scripted workload (its writes vary with the seed) —
-# repeated ROUNDS
-# times with fresh seeds (TIDEMARK_SEED=<round> replays one), then every
-# fuzz target for FUZZ_SECS seconds (0 skips it). Stops at the first
-# failure; prints each test's summary.
+# repeated ROUNDS times with fresh seeds (TIDEMARK_SEED=<round> replays
+# one), then every fuzz target for FUZZ_SECS seconds (0 skips it). Stops
+# at the first failure; prints each test's summary.
 # Usage (root): scripts/soak.sh [TRIALS] [ROUNDS] [FUZZ_SECS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
