@@ -1,12 +1,18 @@
 //! `export`: writes a disk as of a recovery point to a file while
 //! replication goes on. The live image is copied, then the undo records
-//! of every overwrite since the point are laid over the copy, newest
-//! first, so each byte ends up as it was at the point.
+//! of every overwrite since the point are laid over the copy; of the
+//! records for a byte the oldest holds its value at the point, so records
+//! are read oldest first and each byte is written once.
 //!
 //! No lock is needed against the running receiver: it makes each undo
 //! record durable before the overwrite it describes, and the export reads
-//! the undo journal only after its copy of the image is complete, so any
-//! overwrite that reached the copy has its record in what is read.
+//! the undo journal in full only after its copy of the image is complete,
+//! so any overwrite that reached the copy has its record in what is read.
+//!
+//! Before the copy, the journal's ranges are read (headers only, nothing
+//! decoded): bytes they cover take their value from the journal whatever
+//! the image holds, so the copy skips them. The range list costs memory
+//! in the number of disjoint ranges, not in their size.
 
 use std::fs::OpenOptions;
 
@@ -25,6 +31,7 @@ use crate::image::vmdk::descriptor::{self, FlatKind};
 use crate::image::vmdk::{export_stream, VmdkImage, VmdkKind};
 use crate::image::{disk_uuid, live, DiskUuid, Image};
 use crate::journal::points::{read_all, Point};
+use crate::journal::ranges::Ranges;
 use crate::journal::undo;
 use crate::registry::Registry;
 use tidemark_common::proto::PointKind;
@@ -170,36 +177,56 @@ pub fn export(
             .truncate(true)
             .open(&partial)
             .with_context(|| format!("cannot create export file {}", partial.display()))?;
-        copy_data(image.as_mut(), &file, size)
+        let dir = undo::disk_dir(&config.retention_dir, disk);
+        let since = |tags: Vec<u64>| tags.into_iter().filter(|&t| t >= point.id);
+        let clip = |r: &undo::RawRecord| {
+            let end = r.offset_bytes.saturating_add(u64::from(r.len_bytes));
+            (r.offset_bytes.min(size), end.min(size))
+        };
+        let mut from_journal = Ranges::new();
+        for tag in since(undo::segments(&dir)?) {
+            undo::scan_segment::<anyhow::Error>(&dir, tag, |r| {
+                let (start, end) = clip(&r);
+                from_journal.insert(start, end);
+                Ok(())
+            })?;
+        }
+        copy_data(image.as_mut(), &file, size, &from_journal)
             .with_context(|| format!("cannot write export file {}", partial.display()))?;
         file.set_len(size)?;
-        // Only now read the undo journal (see the module comment).
-        let dir = undo::disk_dir(&config.retention_dir, disk);
+        // Only now read the undo journal in full (see the module comment).
+        // Segments made since the first pass are included; bytes of
+        // records appended since may have been copied from the image, so
+        // only those are written when a record is zeros.
         let zeros = vec![0u8; COPY_CHUNK_BYTES];
-        for tag in undo::segments(&dir)?.into_iter().rev() {
-            if tag < point.id {
-                break;
-            }
-            for rec in undo::read_segment(&dir, tag)?.into_iter().rev() {
-                // Past the point's size (written after the disk grew), or
-                // straddling it: only what lies within the point counts.
-                if rec.offset_bytes >= size {
-                    continue;
+        let mut written = Ranges::new();
+        for tag in since(undo::segments(&dir)?) {
+            undo::scan_segment::<anyhow::Error>(&dir, tag, |r| {
+                let (start, end) = clip(&r);
+                let gaps = written.gaps(start, end);
+                if gaps.is_empty() {
+                    return Ok(());
                 }
-                let end = (rec.offset_bytes + u64::from(rec.len_bytes)).min(size);
-                match &rec.data {
-                    Some(d) => file
-                        .write_all_at(&d[..(end - rec.offset_bytes) as usize], rec.offset_bytes)?,
-                    None => {
-                        let mut at = rec.offset_bytes;
-                        while at < end {
-                            let n = (end - at).min(COPY_CHUNK_BYTES as u64) as usize;
+                if r.is_zeros() {
+                    for (a, b) in gaps.iter().flat_map(|&(a, b)| from_journal.gaps(a, b)) {
+                        let mut at = a;
+                        while at < b {
+                            let n = (b - at).min(COPY_CHUNK_BYTES as u64) as usize;
                             file.write_all_at(&zeros[..n], at)?;
                             at += n as u64;
                         }
                     }
+                } else {
+                    let data = r.bytes().with_context(|| {
+                        format!("undo record at byte {start} of segment {tag} of disk {disk} does not decode: the journal is damaged")
+                    })?;
+                    for (a, b) in gaps {
+                        file.write_all_at(&data[(a - start) as usize..(b - start) as usize], a)?;
+                    }
                 }
-            }
+                written.insert(start, end);
+                Ok(())
+            })?;
         }
         // Retention may have pruned this point's history while we read:
         // then the segments we saw were not all of it.
@@ -223,10 +250,16 @@ pub fn export(
 }
 
 /// Copies the data of `image` into `file` at the same offsets, leaving
-/// holes and zero MiB unwritten (the file is sparse). One thread reads
-/// ahead while this one writes, so the disk always has a read in flight,
-/// as qemu-img keeps several requests going; holes are skipped unread.
-fn copy_data(image: &mut dyn Image, file: &std::fs::File, size: u64) -> anyhow::Result<()> {
+/// holes, zeros and the ranges in `skip` unwritten (the file is sparse).
+/// One thread reads ahead while this one writes, so the disk always has a
+/// read in flight, as qemu-img keeps several requests going; holes and
+/// skipped ranges are not read.
+fn copy_data(
+    image: &mut dyn Image,
+    file: &std::fs::File,
+    size: u64,
+    skip: &Ranges,
+) -> anyhow::Result<()> {
     use std::os::unix::fs::FileExt;
     const PIECE: u64 = 1 << 20;
     const IN_FLIGHT: usize = 8;
@@ -235,7 +268,10 @@ fn copy_data(image: &mut dyn Image, file: &std::fs::File, size: u64) -> anyhow::
     // full, which bounds memory); written ones come back for reuse. The
     // reader never waits for a free one: it allocates if none is back yet,
     // so a writer that stops cannot leave it blocked.
-    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(IN_FLIGHT);
+    // Each full buffer holds [start, start + len) of the image; of it only
+    // `gaps` (not in `skip`) are written.
+    type Piece = (u64, Vec<u8>, Vec<(u64, u64)>);
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Piece>(IN_FLIGHT);
     let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
     std::thread::scope(|s| {
         let recycle = free_tx.clone();
@@ -247,19 +283,23 @@ fn copy_data(image: &mut dyn Image, file: &std::fs::File, size: u64) -> anyhow::
                 if at.is_multiple_of(4 * PIECE) {
                     image.prefetch(at + READ_AHEAD, 4 * PIECE);
                 }
-                if !image.is_hole(at, n) {
-                    let mut buf = free_rx
-                        .try_recv()
-                        .unwrap_or_else(|_| Vec::with_capacity(PIECE as usize));
-                    buf.resize(n as usize, 0);
-                    image.read_at(at, &mut buf)?;
-                    if buf.iter().any(|&b| b != 0) {
-                        if full_tx.send((at, buf)).is_err() {
-                            // The writer stopped; it reports why.
-                            return Ok(());
+                let gaps = skip.gaps(at, at + n);
+                if let (Some(first), Some(last)) = (gaps.first(), gaps.last()) {
+                    let (start, end) = (first.0, last.1);
+                    if !image.is_hole(start, end - start) {
+                        let mut buf = free_rx
+                            .try_recv()
+                            .unwrap_or_else(|_| Vec::with_capacity(PIECE as usize));
+                        buf.resize((end - start) as usize, 0);
+                        image.read_at(start, &mut buf)?;
+                        if buf.iter().any(|&b| b != 0) {
+                            if full_tx.send((start, buf, gaps)).is_err() {
+                                // The writer stopped; it reports why.
+                                return Ok(());
+                            }
+                        } else {
+                            let _ = recycle.send(buf);
                         }
-                    } else {
-                        let _ = recycle.send(buf);
                     }
                 }
                 at += n;
@@ -267,10 +307,16 @@ fn copy_data(image: &mut dyn Image, file: &std::fs::File, size: u64) -> anyhow::
             Ok(())
         });
         let mut written = Ok(());
-        for (at, buf) in full_rx {
-            if let Err(e) = file.write_all_at(&buf, at) {
-                written = Err(e);
-                break;
+        'pieces: for (start, buf, gaps) in full_rx {
+            for (a, b) in gaps {
+                let part = &buf[(a - start) as usize..(b - start) as usize];
+                if part.iter().all(|&b| b == 0) {
+                    continue;
+                }
+                if let Err(e) = file.write_all_at(part, a) {
+                    written = Err(e);
+                    break 'pieces;
+                }
             }
             let _ = free_tx.send(buf);
         }

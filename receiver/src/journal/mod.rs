@@ -3,6 +3,7 @@
 //! that decide how much of them stays (docs/JOURNAL.md).
 
 pub mod points;
+pub mod ranges;
 pub mod retention;
 pub mod thinning;
 pub mod undo;

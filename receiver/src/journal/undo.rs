@@ -149,6 +149,60 @@ pub fn decode_all(bytes: &[u8]) -> (Vec<Record>, usize) {
 }
 
 fn decode_one(b: &[u8]) -> Option<(Record, usize)> {
+    let (raw, len) = parse_one(b)?;
+    Some((
+        Record {
+            offset_bytes: raw.offset_bytes,
+            len_bytes: raw.len_bytes,
+            data: raw.data()?,
+        },
+        len,
+    ))
+}
+
+/// A record as stored: where it lands, and its payload still encoded.
+pub struct RawRecord<'a> {
+    pub offset_bytes: u64,
+    pub len_bytes: u32,
+    codec: u8,
+    payload: &'a [u8],
+}
+
+impl RawRecord<'_> {
+    /// The range was all zeros (no payload).
+    pub fn is_zeros(&self) -> bool {
+        self.codec == CODEC_ZERO
+    }
+
+    /// `Some(None)` for zeros, `Some(Some(bytes))` for data, None when
+    /// the payload does not decode.
+    fn data(&self) -> Option<Option<Vec<u8>>> {
+        match self.codec {
+            CODEC_ZERO => Some(None),
+            CODEC_RAW if self.payload.len() == self.len_bytes as usize => {
+                Some(Some(self.payload.to_vec()))
+            }
+            CODEC_ZSTD => {
+                let d = zstd::bulk::decompress(self.payload, self.len_bytes as usize).ok()?;
+                (d.len() == self.len_bytes as usize).then_some(Some(d))
+            }
+            _ => None,
+        }
+    }
+
+    /// The pre-image's bytes (zeros for a zero record), or None when the
+    /// payload does not decode.
+    pub fn bytes(&self) -> Option<Vec<u8>> {
+        Some(
+            self.data()?
+                .unwrap_or_else(|| vec![0u8; self.len_bytes as usize]),
+        )
+    }
+}
+
+/// Checks one record's header and checksum without decoding its payload;
+/// returns it and its stored length.
+fn parse_one(b: &[u8]) -> Option<(RawRecord<'_>, usize)> {
     let head = b.get(..HEADER_BYTES)?;
     if head[..4] != MAGIC {
         return None;
@@ -166,26 +220,58 @@ fn decode_one(b: &[u8]) -> Option<(Record, usize)> {
     if checksum_parts(&[head, payload])[..] != *sum {
         return None;
     }
-    let data = match codec {
-        CODEC_ZERO => None,
-        CODEC_RAW if payload.len() == len_bytes as usize => Some(payload.to_vec()),
-        CODEC_ZSTD => {
-            let d = zstd::bulk::decompress(payload, len_bytes as usize).ok()?;
-            if d.len() != len_bytes as usize {
-                return None;
-            }
-            Some(d)
-        }
-        _ => return None,
-    };
     Some((
-        Record {
+        RawRecord {
             offset_bytes,
             len_bytes,
-            data,
+            codec,
+            payload,
         },
         payload_start + payload_len as usize,
     ))
+}
+
+/// Calls `f` with every complete record of a segment in the order
+/// written, reading the file as it goes rather than whole; stops at a torn
+/// or damaged record as [`decode_all`] does.
+pub fn scan_segment<E: From<UndoError>>(
+    dir: &Path,
+    tag: u64,
+    mut f: impl FnMut(RawRecord<'_>) -> Result<(), E>,
+) -> Result<(), E> {
+    use std::io::Read;
+    let path = segment_path(dir, tag);
+    let read_err = |source| UndoError::Read {
+        path: path.clone(),
+        source,
+    };
+    let file = File::open(&path).map_err(read_err)?;
+    let mut file = std::io::BufReader::with_capacity(1 << 20, file);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        buf.extend_from_slice(&[0u8; HEADER_BYTES + SUM_BYTES]);
+        match file.read_exact(&mut buf) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(read_err(e).into()),
+        }
+        let payload_len = u32::from_be_bytes(buf[20..24].try_into().expect("4 bytes"));
+        if buf[..4] != MAGIC || payload_len > MAX_RECORD_BYTES {
+            return Ok(());
+        }
+        let start = buf.len();
+        buf.resize(start + payload_len as usize, 0);
+        match file.read_exact(&mut buf[start..]) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(read_err(e).into()),
+        }
+        let Some((record, _)) = parse_one(&buf) else {
+            return Ok(());
+        };
+        f(record)?;
+    }
 }
 
 /// Folds segment `from` into the older segment `into` of the same disk, so
@@ -211,26 +297,14 @@ pub fn fold_into(dir: &Path, into: u64, from: u64) -> Result<u64, UndoError> {
     let older = read(into)?;
     let newer = read(from)?;
     let (older_spans, older_valid) = spans(&older);
-    let mut covered: Vec<(u64, u64)> = older_spans
-        .iter()
-        .map(|s| (s.0, s.0 + u64::from(s.1)))
-        .collect();
-    covered.sort_unstable();
-    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(covered.len());
-    for (a, b) in covered {
-        match merged.last_mut() {
-            Some(last) if a <= last.1 => last.1 = last.1.max(b),
-            _ => merged.push((a, b)),
-        }
+    let mut covered = super::ranges::Ranges::new();
+    for s in &older_spans {
+        covered.insert(s.0, s.0 + u64::from(s.1));
     }
-    let holds = |start: u64, end: u64| {
-        let i = merged.partition_point(|r| r.0 <= start);
-        i > 0 && merged[i - 1].1 >= end
-    };
     let mut out = older[..older_valid].to_vec();
     let mut kept = 0u64;
     for (offset, len, range) in spans(&newer).0 {
-        if !holds(offset, offset + u64::from(len)) {
+        if !covered.covers(offset, offset + u64::from(len)) {
             kept += range.len() as u64;
             out.extend_from_slice(&newer[range]);
         }
@@ -255,7 +329,7 @@ pub fn fold_into(dir: &Path, into: u64, from: u64) -> Result<u64, UndoError> {
 fn spans(bytes: &[u8]) -> (Vec<(u64, u32, std::ops::Range<usize>)>, usize) {
     let mut out = Vec::new();
     let mut pos = 0usize;
-    while let Some((rec, len)) = decode_one(&bytes[pos..]) {
+    while let Some((rec, len)) = parse_one(&bytes[pos..]) {
         out.push((rec.offset_bytes, rec.len_bytes, pos..pos + len));
         pos += len;
     }
