@@ -690,10 +690,19 @@ impl Shipper {
         }
         match msg {
             Some(Ok(Message::Ack { seq })) => {
-                self.progressed();
                 self.acked_seq = self.acked_seq.max(seq);
                 let rest = self.inflight.split_off(&(seq + 1));
-                for p in std::mem::replace(&mut self.inflight, rest).into_values() {
+                let retired = std::mem::replace(&mut self.inflight, rest);
+                // Only data made durable is progress: acknowledged hash
+                // requests alone are what a receiver that refuses every
+                // point still gives, and must not reset the backoff.
+                if retired
+                    .values()
+                    .any(|p| matches!(p, Piece::Data(_) | Piece::Zero { .. }))
+                {
+                    self.progressed();
+                }
+                for p in retired.into_values() {
                     self.inflight_bytes -= p.wire_bytes();
                     Progress::add(&self.progress.acked_bytes, p.disk_bytes());
                     if let (Some(log), Piece::Data(_) | Piece::Zero { .. }) =

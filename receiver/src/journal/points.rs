@@ -91,6 +91,8 @@ pub struct PointLog {
     path: PathBuf,
     file: File,
     next_id: u64,
+    /// A failed append left bytes after this length (see `append`).
+    cut_to: Option<u64>,
 }
 
 impl PointLog {
@@ -123,6 +125,7 @@ impl PointLog {
             path: path.to_path_buf(),
             file,
             next_id: points.iter().map(|p| p.id).max().unwrap_or(0) + 1,
+            cut_to: None,
         })
     }
 
@@ -146,14 +149,41 @@ impl PointLog {
         };
         let mut line = serde_json::to_vec(&point).expect("point serializes");
         line.push(b'\n');
-        let append_err = |source| PointsError::Append {
-            path: self.path.clone(),
-            source,
+        let path = self.path.clone();
+        let append_err = |source| PointsError::Append { path, source };
+        if let Err(e) = self.cut() {
+            return Err(append_err(e));
+        }
+        let before = match self.file.stream_position() {
+            Ok(p) => p,
+            Err(e) => return Err(append_err(e)),
         };
-        self.file.write_all(&line).map_err(append_err)?;
-        self.file.sync_data().map_err(append_err)?;
+        // The id is used up even if the line fails: it may yet surface.
         self.next_id += 1;
+        if let Err(e) = self
+            .file
+            .write_all(&line)
+            .and_then(|()| self.file.sync_data())
+        {
+            // A point whose line is not durable is not one, and `points`
+            // must not list it from the page cache; nor may a later line
+            // become durable behind one a failed writeback dropped.
+            self.cut_to = Some(before);
+            let _ = self.cut();
+            return Err(append_err(e));
+        }
         Ok(point)
+    }
+
+    /// Cuts the log back to where a failed append began, durably.
+    fn cut(&mut self) -> std::io::Result<()> {
+        if let Some(len) = self.cut_to {
+            self.file.set_len(len)?;
+            self.file.sync_data()?;
+            self.file.seek(SeekFrom::Start(len))?;
+            self.cut_to = None;
+        }
+        Ok(())
     }
 }
 

@@ -380,6 +380,13 @@ pub struct UndoLog {
     current: Option<(u64, File)>,
     buf: Vec<u8>,
     unsynced: bool,
+    /// Length of the current segment as written, and as known durable
+    /// (synced, or found on open).
+    written_len: u64,
+    durable_len: u64,
+    /// A write or sync failed: the segment must be cut back to
+    /// `durable_len` before anything else is appended (see [`UndoLog::cut`]).
+    needs_cut: bool,
 }
 
 impl UndoLog {
@@ -389,6 +396,9 @@ impl UndoLog {
             current: None,
             buf: Vec::new(),
             unsynced: false,
+            written_len: 0,
+            durable_len: 0,
+            needs_cut: false,
         }
     }
 
@@ -398,6 +408,8 @@ impl UndoLog {
 
     fn segment(&mut self, tag: u64) -> Result<&mut File, UndoError> {
         if self.current.as_ref().is_none_or(|(t, _)| *t != tag) {
+            // Leaving a segment whose tail failed: cut it first.
+            self.cut()?;
             std::fs::create_dir_all(&self.dir).map_err(|source| UndoError::Open {
                 path: self.dir.clone(),
                 source,
@@ -428,6 +440,8 @@ impl UndoLog {
             f.seek(SeekFrom::Start(valid as u64)).map_err(open_err)?;
             tidemark_common::durable::sync_dir(&self.dir).map_err(open_err)?;
             self.current = Some((tag, f));
+            self.written_len = valid as u64;
+            self.durable_len = valid as u64;
         }
         Ok(&mut self.current.as_mut().expect("set above").1)
     }
@@ -440,12 +454,57 @@ impl UndoLog {
     }
 
     fn write_buf(&mut self, tag: u64) -> Result<(), UndoError> {
+        self.cut()?;
         let path = segment_path(&self.dir, tag);
         let buf = std::mem::take(&mut self.buf);
         let r = self.segment(tag)?.write_all(&buf);
         self.buf = buf;
-        r.map_err(|source| UndoError::Append { path, source })?;
+        if let Err(source) = r {
+            self.failed();
+            return Err(UndoError::Append { path, source });
+        }
+        self.written_len += self.buf.len() as u64;
         self.unsynced = true;
+        Ok(())
+    }
+
+    /// After a failed write or sync, the kernel may have dropped some of
+    /// the records written since the last good sync (after a failed
+    /// writeback Linux marks the pages clean) while a later append would
+    /// still become durable behind them, past a gap no reader crosses. So
+    /// the segment is cut back to what is known durable first.
+    fn failed(&mut self) {
+        self.needs_cut = true;
+        let _ = self.cut();
+    }
+
+    /// Cuts the current segment back to `durable_len` if a failure asked
+    /// for it: truncate, sync, and append from there. Until that succeeds
+    /// every append and sync fails.
+    fn cut(&mut self) -> Result<(), UndoError> {
+        if !self.needs_cut {
+            return Ok(());
+        }
+        let Some((tag, f)) = &mut self.current else {
+            self.needs_cut = false;
+            return Ok(());
+        };
+        let len = self.durable_len;
+        let r = f
+            .set_len(len)
+            .and_then(|()| f.sync_data())
+            .and_then(|()| f.seek(SeekFrom::Start(len)).map(drop));
+        r.map_err(|source| UndoError::Append {
+            path: segment_path(&self.dir, *tag),
+            source,
+        })?;
+        tracing::warn!(
+            "undo segment {}: cut back to its last durable {len} bytes after a write error",
+            segment_path(&self.dir, *tag).display()
+        );
+        self.written_len = len;
+        self.unsynced = false;
+        self.needs_cut = false;
         Ok(())
     }
 
@@ -464,15 +523,18 @@ impl UndoLog {
 
     /// Makes every appended record durable; call before the overwrites.
     pub fn sync(&mut self) -> Result<(), UndoError> {
+        self.cut()?;
         if !self.unsynced {
             return Ok(());
         }
         if let Some((tag, f)) = &self.current {
-            f.sync_data().map_err(|source| UndoError::Append {
-                path: segment_path(&self.dir, *tag),
-                source,
-            })?;
+            if let Err(source) = f.sync_data() {
+                let path = segment_path(&self.dir, *tag);
+                self.failed();
+                return Err(UndoError::Append { path, source });
+            }
         }
+        self.durable_len = self.written_len;
         self.unsynced = false;
         Ok(())
     }

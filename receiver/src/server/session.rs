@@ -79,20 +79,23 @@ impl Refusal {
 
 fn storage(e: impl std::error::Error) -> Refusal {
     let mut msg = e.to_string();
-    let mut full = false;
+    let (mut full, mut eio) = (false, false);
     let mut src = e.source();
     while let Some(s) = src {
         msg.push_str(": ");
         msg.push_str(&s.to_string());
-        full |= s
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::StorageFull);
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            full |= io.kind() == std::io::ErrorKind::StorageFull;
+            eio |= io.raw_os_error() == Some(nix::errno::Errno::EIO as i32);
+        }
         src = s.source();
     }
+    // The agent keeps retrying (Storage is retryable) and resends
+    // everything unacknowledged once the storage works again.
     if full {
-        // The agent keeps retrying (Storage is retryable) and resends
-        // everything unacknowledged once there is room again.
         msg.push_str("; the volume is full: free space on it (or grow it); replication resumes by itself, nothing acknowledged was lost");
+    } else if eio {
+        msg.push_str("; I/O error: check the disk holding that file (dmesg, SMART); nothing of this batch was acknowledged, replication resumes by itself once it can be written again");
     }
     Refusal::new(ErrorCode::Storage, msg)
 }

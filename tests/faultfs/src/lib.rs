@@ -13,7 +13,9 @@
 //! - `TIDEMARK_FAULT_EIO_PATHS=S` with `TIDEMARK_FAULT_EIO_WHILE=FILE`:
 //!   while FILE exists, writes and syncs on descriptors whose path contains
 //!   S fail with EIO (as a failing disk's would); deleting FILE clears the
-//!   fault.
+//!   fault. With `TIDEMARK_FAULT_EIO_OPS=sync` only the syncs fail and the
+//!   writes land in the page cache: what a disk failing at writeback looks
+//!   like (the data is readable, its durability unknown).
 //!
 //! Each replacement issues the system call itself rather than looking up
 //! the libc symbol it shadows: fewer moving parts inside a preload.
@@ -29,6 +31,8 @@ static SYNCS: AtomicU64 = AtomicU64::new(0);
 struct Config {
     stop_at_sync: Option<u64>,
     eio: Option<(String, std::ffi::CString)>,
+    /// Writes fail too, not only syncs.
+    eio_writes: bool,
 }
 
 fn config() -> &'static Config {
@@ -47,11 +51,22 @@ fn config() -> &'static Config {
             }
             _ => None,
         };
-        Config { stop_at_sync, eio }
+        let eio_writes = std::env::var("TIDEMARK_FAULT_EIO_OPS").as_deref() != Ok("sync");
+        Config {
+            stop_at_sync,
+            eio,
+            eio_writes,
+        }
     })
 }
 
-/// Whether an operation on `fd` must fail with EIO now.
+/// Whether a write on `fd` must fail with EIO now.
+fn write_failing(fd: c_int) -> bool {
+    config().eio_writes && failing(fd)
+}
+
+/// Whether a sync (or, through [`write_failing`], a write) on `fd` must
+/// fail with EIO now.
 fn failing(fd: c_int) -> bool {
     let Some((paths, flag)) = &config().eio else {
         return false;
@@ -121,7 +136,7 @@ pub unsafe extern "C" fn fdatasync(fd: c_int) -> c_int {
 /// As libc's `write`.
 #[no_mangle]
 pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, count: size_t) -> ssize_t {
-    if failing(fd) {
+    if write_failing(fd) {
         return eio();
     }
     // SAFETY: the caller's contract is libc's `write`.
@@ -132,7 +147,7 @@ pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, count: size_t) -> 
 /// As libc's `writev`.
 #[no_mangle]
 pub unsafe extern "C" fn writev(fd: c_int, iov: *const iovec, iovcnt: c_int) -> ssize_t {
-    if failing(fd) {
+    if write_failing(fd) {
         return eio();
     }
     // SAFETY: the caller's contract is libc's `writev`.
@@ -148,7 +163,7 @@ pub unsafe extern "C" fn pwrite64(
     count: size_t,
     offset: off64_t,
 ) -> ssize_t {
-    if failing(fd) {
+    if write_failing(fd) {
         return eio();
     }
     // SAFETY: the caller's contract is libc's `pwrite64`.
