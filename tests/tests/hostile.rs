@@ -347,11 +347,20 @@ fn trickled_handshakes_are_dropped_within_the_handshake_limit() -> anyhow::Resul
             "held for {held:?}: TLS, preamble and hello share one {HANDSHAKE_LIMIT:?} limit"
         );
     }
-    let log = site.receiver.log();
-    let timeouts = log
-        .matches("TLS handshake, preamble and hello not done within 10s")
-        .count();
-    assert_eq!(timeouts, 2, "both trickles are logged:\n{log}");
+    // The receiver closes the connection, then logs why: give the second
+    // line a moment to land.
+    let needle = "TLS handshake, preamble and hello not done within 10s";
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut log = site.receiver.log();
+    while log.matches(needle).count() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        log = site.receiver.log();
+    }
+    assert_eq!(
+        log.matches(needle).count(),
+        2,
+        "both trickles are logged:\n{log}"
+    );
     assert!(!log.contains("agent agent-s connected"), "{log}");
     raw::block_on(still_replicates(&site, "agent-ok", "disk-ok"))?;
     assert_bounded(&site)?;
