@@ -71,6 +71,10 @@ pub struct Shipper {
     /// Why the last connection ended before it made progress; reported on
     /// the next attempt (and in the give-up message).
     failed_because: Option<String>,
+    /// The receiver's last refusal since anything was acknowledged: a
+    /// later attempt can end in a reset before its refusal is read, and
+    /// giving up must still say why the receiver refused.
+    receiver_said: Option<String>,
     /// The receiver refused for good (found after a failed write).
     refused: Option<String>,
     /// Checksum sync: where the receiver's hashes go.
@@ -131,6 +135,7 @@ impl Shipper {
             backoff: INITIAL_BACKOFF,
             disconnected_since: None,
             failed_because: None,
+            receiver_said: None,
             refused: None,
             hash_board: None,
             acked_log: None,
@@ -318,7 +323,13 @@ impl Shipper {
         let since = *self.disconnected_since.get_or_insert_with(Instant::now);
         if let Some(limit) = self.give_up_after {
             if since.elapsed() + self.backoff > limit {
-                bail!("{why}; gave up after {:?}{hint}", since.elapsed());
+                match &self.receiver_said {
+                    Some(said) if !why.contains(said.as_str()) => bail!(
+                        "{why} (earlier the receiver reported {said}); gave up after {:?}{hint}",
+                        since.elapsed()
+                    ),
+                    _ => bail!("{why}; gave up after {:?}{hint}", since.elapsed()),
+                }
             }
         }
         warn!("{why}; retrying in {:?}", self.backoff);
@@ -331,6 +342,7 @@ impl Shipper {
     fn progressed(&mut self) {
         self.backoff = INITIAL_BACKOFF;
         self.disconnected_since = None;
+        self.receiver_said = None;
     }
 
     /// Connects (retrying with backoff until connected or given up).
@@ -734,6 +746,7 @@ impl Shipper {
             }
             Some(Ok(Message::Error { code, message })) => {
                 if retryable(code) {
+                    self.receiver_said = Some(format!("{code:?}: {message}"));
                     self.disconnected(&format!("receiver reported {code:?}: {message}"));
                     Ok(None)
                 } else {
