@@ -55,6 +55,9 @@ const OUT_QUEUE: usize = 16;
 /// it stopped reading, and its replies would pile up.
 const WRITE_TIMEOUT: Duration = IDLE_TIMEOUT;
 
+/// How long a refused agent gets to read our Error and close.
+const LINGER: Duration = Duration::from_secs(2);
+
 /// A message for the worker and its share of [`QUEUE_BYTES`].
 type Work = (Message, OwnedSemaphorePermit);
 /// An agent's earlier session that has been silent this long (two missed
@@ -190,8 +193,10 @@ pub async fn greet(
 
 /// How the task writing to the agent ended.
 enum WriterEnd {
-    /// Everything queued was sent, or an error was and the session ends.
+    /// Everything queued was sent.
     Done,
+    /// An Error was sent and our side shut: the session ends.
+    Refused,
     Failed(std::io::Error),
     /// The agent took nothing for [`WRITE_TIMEOUT`].
     Stalled,
@@ -227,7 +232,7 @@ pub async fn run(shared: Arc<Shared>, greeted: Greeted, session_id: u64) -> anyh
             }
             if is_error {
                 let _ = wr.shutdown().await;
-                break;
+                return WriterEnd::Refused;
             }
         }
         WriterEnd::Done
@@ -245,15 +250,16 @@ pub async fn run(shared: Arc<Shared>, greeted: Greeted, session_id: u64) -> anyh
             .context("cannot start session thread")?
     };
 
-    let mut writer_ended = false;
+    let mut writer_end = None;
     let result = loop {
         let read = tokio::select! {
             r = tokio::time::timeout(IDLE_TIMEOUT, read_message(&mut rd, &mut buf)) => r,
             end = &mut writer => {
-                writer_ended = true;
+                let refused = matches!(end, Ok(WriterEnd::Refused));
+                writer_end = Some(refused);
                 break match end {
                     // It sent the worker's refusal, which the worker logged.
-                    Ok(WriterEnd::Done) => Ok(()),
+                    Ok(WriterEnd::Done | WriterEnd::Refused) => Ok(()),
                     Ok(WriterEnd::Failed(e)) => Err(anyhow::Error::new(e).context("writing")),
                     Ok(WriterEnd::Stalled) => Err(anyhow::anyhow!(
                         "the agent accepted nothing we sent for {WRITE_TIMEOUT:?}; it stopped reading"
@@ -332,14 +338,28 @@ pub async fn run(shared: Arc<Shared>, greeted: Greeted, session_id: u64) -> anyh
     // The worker may wait on a full reply queue; the writer empties it or
     // gives up within WRITE_TIMEOUT, which releases the worker.
     let _ = tokio::task::spawn_blocking(move || worker.join()).await;
-    if !writer_ended
-        && tokio::time::timeout(WRITE_TIMEOUT, &mut writer)
-            .await
-            .is_err()
-    {
-        writer.abort();
+    let refused = match writer_end {
+        Some(refused) => refused,
+        None => match tokio::time::timeout(WRITE_TIMEOUT, &mut writer).await {
+            Ok(end) => matches!(end, Ok(WriterEnd::Refused)),
+            Err(_) => {
+                writer.abort();
+                false
+            }
+        },
+    };
+    if refused {
+        linger(&mut rd).await;
     }
     result
+}
+
+/// After a refusal, reads and drops what the agent still sends until it
+/// closes (or for [`LINGER`]): closing a socket with unread input makes
+/// the kernel send a reset, which can discard our Error frame before the
+/// agent has read it, leaving it with "connection reset" instead of why.
+async fn linger(rd: &mut ReadHalf<TlsStream<TcpStream>>) {
+    let _ = tokio::time::timeout(LINGER, tokio::io::copy(rd, &mut tokio::io::sink())).await;
 }
 
 /// Queues an error for the agent, waiting a little if the queue is full.
