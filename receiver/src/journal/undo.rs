@@ -108,14 +108,35 @@ pub fn segments(dir: &Path) -> Result<Vec<u64>, UndoError> {
     Ok(tags)
 }
 
-fn encode(offset_bytes: u64, pre: &[u8], out: &mut Vec<u8>) {
+/// Zstd level of pre-images: the fastest, since every overwrite pays it.
+const ZSTD_LEVEL: i32 = 1;
+
+/// Encodes one pre-image; `zstd` and `zbuf` are the caller's, kept from
+/// record to record (a fresh context and output buffer per 4 MiB record
+/// cost more than the compression on mixed data).
+fn encode(
+    zstd: &mut Option<zstd::bulk::Compressor<'static>>,
+    zbuf: &mut Vec<u8>,
+    offset_bytes: u64,
+    pre: &[u8],
+    out: &mut Vec<u8>,
+) {
     if pre.iter().all(|&b| b == 0) {
         return encode_zeros(offset_bytes, pre.len() as u32, out);
     }
-    let compressed = zstd::bulk::compress(pre, 1).ok();
-    let (codec, payload) = match &compressed {
-        Some(z) if z.len() < pre.len() => (CODEC_ZSTD, &z[..]),
-        _ => (CODEC_RAW, pre),
+    if zstd.is_none() {
+        *zstd = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+    }
+    zbuf.clear();
+    // Only a smaller result is kept, so the bound is the input's length.
+    zbuf.reserve(pre.len());
+    let compressed = zstd
+        .as_mut()
+        .is_some_and(|z| z.compress_to_buffer(pre, zbuf).is_ok());
+    let (codec, payload) = if compressed && zbuf.len() < pre.len() {
+        (CODEC_ZSTD, &zbuf[..])
+    } else {
+        (CODEC_RAW, pre)
     };
     encode_parts(codec, offset_bytes, pre.len() as u32, payload, out);
 }
@@ -387,6 +408,8 @@ pub struct UndoLog {
     /// A write or sync failed: the segment must be cut back to
     /// `durable_len` before anything else is appended (see [`UndoLog::cut`]).
     needs_cut: bool,
+    zstd: Option<zstd::bulk::Compressor<'static>>,
+    zbuf: Vec<u8>,
 }
 
 impl UndoLog {
@@ -399,6 +422,8 @@ impl UndoLog {
             written_len: 0,
             durable_len: 0,
             needs_cut: false,
+            zstd: None,
+            zbuf: Vec::new(),
         }
     }
 
@@ -449,7 +474,13 @@ impl UndoLog {
     /// Saves the bytes at `offset_bytes` before they are overwritten.
     pub fn append(&mut self, tag: u64, offset_bytes: u64, pre: &[u8]) -> Result<(), UndoError> {
         self.buf.clear();
-        encode(offset_bytes, pre, &mut self.buf);
+        encode(
+            &mut self.zstd,
+            &mut self.zbuf,
+            offset_bytes,
+            pre,
+            &mut self.buf,
+        );
         self.write_buf(tag)
     }
 

@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use tidemark_common::proto::frame::{read_message, write_message, FrameError};
 use tidemark_common::proto::handshake::{self, PREAMBLE_BYTES};
-use tidemark_common::proto::messages::{Extent, PayloadError};
+use tidemark_common::proto::messages::{Codec, Extent, PayloadError};
 use tidemark_common::proto::{ErrorCode, Message, PointKind, MAX_FRAME_BYTES};
 
 use super::{Shared, IDLE_TIMEOUT};
@@ -38,6 +38,8 @@ const UNDO_CHUNK_BYTES: u64 = 4 << 20;
 const HASH_PREFETCH_BYTES: u64 = 16 << 20;
 /// Hash requests at least this large are hashed on two threads.
 const PARALLEL_HASH_BYTES: usize = 256 << 10;
+/// Extent buffers kept for reuse.
+const SPARE_BUFFERS: usize = 4;
 /// Messages queued between the reader and the worker.
 const WORK_QUEUE: usize = 16;
 /// Frame bytes queued between the reader and the worker: the agent's own
@@ -418,6 +420,10 @@ struct Worker {
     bytes_since_sync: u64,
     decompressor: zstd::bulk::Decompressor<'static>,
     scratch: Vec<u8>,
+    /// Buffers of written extents, for the next ones (see `recycle`).
+    spare: Vec<Vec<u8>>,
+    /// Where pre-images are read (a 4 KiB-aligned window of it).
+    pre: Vec<u8>,
     queued: Vec<Queued>,
     /// Data bytes held in `queued`.
     queued_bytes: u64,
@@ -442,6 +448,8 @@ impl Worker {
             bytes_since_sync: 0,
             decompressor: zstd::bulk::Decompressor::new().expect("zstd context allocates"),
             scratch: Vec::new(),
+            spare: Vec::new(),
+            pre: Vec::new(),
             queued: Vec::new(),
             queued_bytes: 0,
         }
@@ -557,8 +565,7 @@ impl Worker {
     fn extent(&mut self, e: Extent) -> Result<(), Refusal> {
         self.next_seq(e.seq)?;
         let d = self.disk_for_write(e.disk, e.offset_bytes, u64::from(e.len_bytes))?;
-        let data = e
-            .unpack(&mut self.decompressor, &mut self.scratch)
+        e.unpack(&mut self.decompressor, &mut self.scratch)
             .map_err(|err| {
                 let code = match err {
                     PayloadError::ChecksumMismatch { .. } => ErrorCode::ChecksumMismatch,
@@ -572,12 +579,20 @@ impl Worker {
                     ),
                 )
             })?;
-        let data = data.to_vec();
         self.shared.metrics.received(
             &self.disks[d].id,
             u64::from(e.len_bytes),
             e.payload.len() as u64,
         );
+        // The verified bytes change hands instead of being copied: a
+        // decompressed extent leaves in `scratch`, which a spare replaces.
+        let data = match e.codec {
+            Codec::Zstd => {
+                let spare = self.spare.pop().unwrap_or_default();
+                std::mem::replace(&mut self.scratch, spare)
+            }
+            Codec::None => e.payload,
+        };
         self.overwrite(d, e.offset_bytes, u64::from(e.len_bytes), Some(data))?;
         self.written(d, e.seq, u64::from(e.len_bytes));
         Ok(())
@@ -654,11 +669,12 @@ impl Worker {
     ) -> Result<(), Refusal> {
         let Some(tag) = self.disks[d].tag else {
             let image = &mut self.disks[d].image;
-            return match data {
-                Some(bytes) => image.write_at(offset_bytes, &bytes),
+            let r = match &data {
+                Some(bytes) => image.write_at(offset_bytes, bytes),
                 None => image.write_zeroes(offset_bytes, len_bytes),
-            }
-            .map_err(storage);
+            };
+            self.recycle(data);
+            return r.map_err(storage);
         };
         let end = offset_bytes + len_bytes;
         if self.overlaps_queued(d, offset_bytes, end) {
@@ -670,16 +686,19 @@ impl Worker {
             // Zeros over a hole change nothing: no history, no write.
             return Ok(());
         }
-        let mut pre = Vec::new();
+        // Aligned, so that the image can read it past the page cache.
+        let align = crate::image::storage::DIRECT_ALIGN;
+        self.pre.resize(UNDO_CHUNK_BYTES as usize + align, 0);
+        let skew = self.pre.as_ptr().align_offset(align);
         let mut at = offset_bytes;
         while at < end {
             let n = (end - at).min(UNDO_CHUNK_BYTES);
             if disk.image.is_hole(at, n) {
                 disk.undo.append_zeros(tag, at, n as u32).map_err(storage)?;
             } else {
-                pre.resize(n as usize, 0);
-                disk.image.read_at(at, &mut pre).map_err(storage)?;
-                disk.undo.append(tag, at, &pre).map_err(storage)?;
+                let pre = &mut self.pre[skew..skew + n as usize];
+                disk.image.read_at(at, pre).map_err(storage)?;
+                disk.undo.append(tag, at, pre).map_err(storage)?;
             }
             at += n;
         }
@@ -709,13 +728,25 @@ impl Worker {
         self.queued_bytes = 0;
         for q in std::mem::take(&mut self.queued) {
             let image = &mut self.disks[q.disk].image;
-            match q.data {
-                Some(bytes) => image.write_at(q.offset_bytes, &bytes),
+            match &q.data {
+                Some(bytes) => image.write_at(q.offset_bytes, bytes),
                 None => image.write_zeroes(q.offset_bytes, q.len_bytes),
             }
             .map_err(storage)?;
+            self.recycle(q.data);
         }
         Ok(())
+    }
+
+    /// Keeps a written extent's buffer for the next one: a fresh 4 MiB
+    /// allocation is fresh pages, each faulted in and cleared.
+    fn recycle(&mut self, data: Option<Vec<u8>>) {
+        if let Some(mut b) = data {
+            if self.spare.len() < SPARE_BUFFERS {
+                b.clear();
+                self.spare.push(b);
+            }
+        }
     }
 
     /// Checks the handle and range.

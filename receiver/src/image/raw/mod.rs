@@ -2,7 +2,6 @@
 //! punched out, so unwritten and zeroed regions take no space.
 
 use std::fs::OpenOptions;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::storage::{FileStorage, Storage};
@@ -122,9 +121,9 @@ impl Image for RawImage {
 
     fn read_at(&mut self, offset_bytes: u64, buf: &mut [u8]) -> Result<(), ImageError> {
         self.check(offset_bytes, buf.len() as u64)?;
+        // Within the file (checked above), so nothing reads as zeros.
         self.storage
-            .file()
-            .read_exact_at(buf, offset_bytes)
+            .read_at(buf, offset_bytes)
             .map_err(|source| ImageError::Read {
                 path: self.path.clone(),
                 offset_bytes,
