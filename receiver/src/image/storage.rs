@@ -38,6 +38,15 @@ pub struct FileStorage {
 /// cache: the largest logical block size in use (4 KiB sectors).
 pub const DIRECT_ALIGN: usize = 4096;
 
+/// A `len`-byte window of `buf` that starts on a [`DIRECT_ALIGN`]
+/// boundary, so that reads into it can bypass the page cache. `buf` keeps
+/// its allocation from call to call.
+pub fn aligned_window(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    buf.resize(len + DIRECT_ALIGN, 0);
+    let skew = buf.as_ptr().align_offset(DIRECT_ALIGN);
+    &mut buf[skew..skew + len]
+}
+
 impl FileStorage {
     pub fn new(file: File) -> Self {
         FileStorage {
@@ -330,13 +339,6 @@ mod tests {
         assert_eq!(buf, [9, 9, 0, 0, 0, 0, 0, 0]);
     }
 
-    /// A 4 KiB-aligned window of a fresh buffer.
-    fn aligned(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
-        buf.resize(len + DIRECT_ALIGN, 0);
-        let skew = buf.as_ptr().align_offset(DIRECT_ALIGN);
-        &mut buf[skew..skew + len]
-    }
-
     #[test]
     fn direct_reads_see_unsynced_writes_and_zeros_past_an_unaligned_end() {
         // On the project's own filesystem (ext4), which takes O_DIRECT.
@@ -346,7 +348,7 @@ mod tests {
         // Not synced: the pages are dirty in the cache when we read.
         s.write_at(&data, 0).expect("write");
         let mut buf = Vec::new();
-        let window = aligned(&mut buf, 2 << 20);
+        let window = aligned_window(&mut buf, 2 << 20);
         assert!(s.read_direct(window, 0) >= 1 << 20, "ext4 takes O_DIRECT");
         window.fill(1);
         s.read_at(window, 0).expect("read");
@@ -354,7 +356,7 @@ mod tests {
         assert!(window[data.len()..].iter().all(|&b| b == 0));
         // An overwrite just written is what the next read sees.
         s.write_at(&[5; 8192], 1 << 16).expect("overwrite");
-        let window = aligned(&mut buf, 1 << 17);
+        let window = aligned_window(&mut buf, 1 << 17);
         s.read_at(window, 0).expect("read");
         assert_eq!(&window[..1 << 16], &data[..1 << 16]);
         assert!(window[1 << 16..(1 << 16) + 8192].iter().all(|&b| b == 5));

@@ -422,7 +422,7 @@ struct Worker {
     scratch: Vec<u8>,
     /// Buffers of written extents, for the next ones (see `recycle`).
     spare: Vec<Vec<u8>>,
-    /// Where pre-images are read (a 4 KiB-aligned window of it).
+    /// Where pre-images are read (an aligned window of it).
     pre: Vec<u8>,
     queued: Vec<Queued>,
     /// Data bytes held in `queued`.
@@ -686,17 +686,14 @@ impl Worker {
             // Zeros over a hole change nothing: no history, no write.
             return Ok(());
         }
-        // Aligned, so that the image can read it past the page cache.
-        let align = crate::image::storage::DIRECT_ALIGN;
-        self.pre.resize(UNDO_CHUNK_BYTES as usize + align, 0);
-        let skew = self.pre.as_ptr().align_offset(align);
         let mut at = offset_bytes;
         while at < end {
             let n = (end - at).min(UNDO_CHUNK_BYTES);
             if disk.image.is_hole(at, n) {
                 disk.undo.append_zeros(tag, at, n as u32).map_err(storage)?;
             } else {
-                let pre = &mut self.pre[skew..skew + n as usize];
+                // Aligned, so that the image can read it past the page cache.
+                let pre = crate::image::storage::aligned_window(&mut self.pre, n as usize);
                 disk.image.read_at(at, pre).map_err(storage)?;
                 disk.undo.append(tag, at, pre).map_err(storage)?;
             }
