@@ -29,7 +29,9 @@ pub struct AgentConfig {
     /// Compression threads; 0 means one per CPU.
     #[serde(default)]
     pub compress_threads: usize,
-    /// zstd level: 1 is fastest; higher trades CPU for bandwidth.
+    /// zstd level: higher trades CPU for bandwidth; negative levels are
+    /// zstd's fast ones (`zstd --fast=N` is level -N), for links that are
+    /// faster than the CPU can compress.
     #[serde(default = "default_zstd_level")]
     pub zstd_level: i32,
     /// Where `run` keeps each disk's dirty map and fingerprint between runs.
@@ -114,6 +116,9 @@ fn default_server_name() -> String {
 fn default_queue_depth() -> usize {
     16
 }
+/// Below this, zstd's fast levels barely compress fio-like data at all
+/// while still costing a pass over it.
+const MIN_ZSTD_LEVEL: i32 = -7;
 fn default_zstd_level() -> i32 {
     1
 }
@@ -204,8 +209,11 @@ impl AgentConfig {
                 self.receiver_timeout_secs
             ));
         }
-        if !(1..=19).contains(&self.zstd_level) {
-            return Err("zstd_level must be between 1 and 19".into());
+        if !(MIN_ZSTD_LEVEL..=19).contains(&self.zstd_level) || self.zstd_level == 0 {
+            return Err(format!(
+                "zstd_level = {} is not a level this agent uses: pick 1 to 19, or {MIN_ZSTD_LEVEL} to -1 for zstd's fast levels",
+                self.zstd_level
+            ));
         }
         tidemark_common::config::check_metrics_listen(
             self.metrics_listen,
@@ -283,9 +291,14 @@ mod throttle_tests {
     const BASE: &str = "name = \"a\"\nreceiver = \"r:443\"\nca = \"ca.pem\"\ncert = \"a.pem\"\nkey = \"k.pem\"\n[[disk]]\ndevice = \"/dev/null\"\n";
 
     fn load(extra: &str) -> Result<AgentConfig, String> {
+        load_with("", extra)
+    }
+
+    /// `top` goes before every table, `extra` after BASE's.
+    fn load_with(top: &str, extra: &str) -> Result<AgentConfig, String> {
         let dir = tempfile::tempdir().expect("temp dir");
         let p = dir.path().join("agent.toml");
-        std::fs::write(&p, format!("{BASE}{extra}")).expect("write");
+        std::fs::write(&p, format!("{top}{BASE}{extra}")).expect("write");
         AgentConfig::load(&p).map_err(|e| e.to_string())
     }
 
@@ -302,6 +315,21 @@ mod throttle_tests {
         let none = load("").expect("no throttle");
         assert!(none.send_throttle().unwrap().is_none());
         assert!(none.read_limit().unwrap().is_none());
+    }
+
+    #[test]
+    fn zstd_levels_take_the_fast_ones_and_refuse_the_rest() {
+        for ok in [-7, -1, 1, 19] {
+            let c = load_with(&format!("zstd_level = {ok}\n"), "").expect("valid level");
+            assert_eq!(c.zstd_level, ok);
+        }
+        for bad in [0, -8, 20] {
+            let e = load_with(&format!("zstd_level = {bad}\n"), "").expect_err("refused");
+            assert!(
+                e.contains(&format!("zstd_level = {bad} is not a level")),
+                "{e}"
+            );
+        }
     }
 
     #[test]

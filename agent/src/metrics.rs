@@ -34,6 +34,7 @@ pub struct Metrics {
     freeze_seconds: Histogram,
     connected: Gauge,
     send_cap: Gauge,
+    fast_compressed_bytes: Counter,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
@@ -45,6 +46,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     freeze_seconds: Histogram::new(FREEZE_BUCKETS),
     connected: Gauge::default(),
     send_cap: Gauge::default(),
+    fast_compressed_bytes: Counter::default(),
 });
 
 pub fn get() -> &'static Metrics {
@@ -95,7 +97,16 @@ impl Metrics {
             "Cap on bytes sent to the receiver per second now (0: unlimited)",
             self.send_cap.clone(),
         );
+        r.register(
+            "fast_compressed_bytes",
+            "Disk bytes compressed at zstd's fast level because compression was what held shipping back",
+            self.fast_compressed_bytes.clone(),
+        );
         r
+    }
+
+    pub fn fast_compressed(&self, bytes: u64) {
+        self.fast_compressed_bytes.inc_by(bytes);
     }
 
     pub fn shipped(&self, disk: &str, disk_bytes: u64, wire_bytes: u64) {

@@ -38,13 +38,14 @@ pub struct FileStorage {
 /// cache: the largest logical block size in use (4 KiB sectors).
 pub const DIRECT_ALIGN: usize = 4096;
 
-/// A `len`-byte window of `buf` that starts on a [`DIRECT_ALIGN`]
+/// Where in `buf` a `len`-byte window starts on a [`DIRECT_ALIGN`]
 /// boundary, so that reads into it can bypass the page cache. `buf` keeps
-/// its allocation from call to call.
-pub fn aligned_window(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
+/// its allocation from call to call; the range goes with it when it is
+/// handed on.
+pub fn aligned_range(buf: &mut Vec<u8>, len: usize) -> std::ops::Range<usize> {
     buf.resize(len + DIRECT_ALIGN, 0);
     let skew = buf.as_ptr().align_offset(DIRECT_ALIGN);
-    &mut buf[skew..skew + len]
+    skew..skew + len
 }
 
 impl FileStorage {
@@ -348,7 +349,8 @@ mod tests {
         // Not synced: the pages are dirty in the cache when we read.
         s.write_at(&data, 0).expect("write");
         let mut buf = Vec::new();
-        let window = aligned_window(&mut buf, 2 << 20);
+        let r = aligned_range(&mut buf, 2 << 20);
+        let window = &mut buf[r];
         assert!(s.read_direct(window, 0) >= 1 << 20, "ext4 takes O_DIRECT");
         window.fill(1);
         s.read_at(window, 0).expect("read");
@@ -356,7 +358,8 @@ mod tests {
         assert!(window[data.len()..].iter().all(|&b| b == 0));
         // An overwrite just written is what the next read sees.
         s.write_at(&[5; 8192], 1 << 16).expect("overwrite");
-        let window = aligned_window(&mut buf, 1 << 17);
+        let r = aligned_range(&mut buf, 1 << 17);
+        let window = &mut buf[r];
         s.read_at(window, 0).expect("read");
         assert_eq!(&window[..1 << 16], &data[..1 << 16]);
         assert!(window[1 << 16..(1 << 16) + 8192].iter().all(|&b| b == 5));

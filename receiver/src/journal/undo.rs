@@ -108,8 +108,13 @@ pub fn segments(dir: &Path) -> Result<Vec<u64>, UndoError> {
     Ok(tags)
 }
 
-/// Zstd level of pre-images: the fastest, since every overwrite pays it.
+/// Zstd level of pre-images: the fastest of the normal levels, since
+/// every overwrite pays it.
 const ZSTD_LEVEL: i32 = 1;
+/// The level while the encoder is behind the session (see
+/// [`UndoLog::append_owned`]): zstd's fast level 3, about 2.5 times the
+/// speed of level 1 for some 10 % more bytes on fio-like data.
+const HURRY_ZSTD_LEVEL: i32 = -3;
 
 /// Encodes one pre-image; `zstd` and `zbuf` are the caller's, kept from
 /// record to record (a fresh context and output buffer per 4 MiB record
@@ -121,11 +126,22 @@ fn encode(
     pre: &[u8],
     out: &mut Vec<u8>,
 ) {
+    encode_at(zstd, ZSTD_LEVEL, zbuf, offset_bytes, pre, out)
+}
+
+fn encode_at(
+    zstd: &mut Option<zstd::bulk::Compressor<'static>>,
+    level: i32,
+    zbuf: &mut Vec<u8>,
+    offset_bytes: u64,
+    pre: &[u8],
+    out: &mut Vec<u8>,
+) {
     if pre.iter().all(|&b| b == 0) {
         return encode_zeros(offset_bytes, pre.len() as u32, out);
     }
     if zstd.is_none() {
-        *zstd = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+        *zstd = zstd::bulk::Compressor::new(level).ok();
     }
     zbuf.clear();
     // Only a smaller result is kept, so the bound is the input's length.
@@ -357,6 +373,13 @@ fn spans(bytes: &[u8]) -> (Vec<(u64, u32, std::ops::Range<usize>)>, usize) {
     (out, pos)
 }
 
+fn encoder_gone(path: PathBuf) -> UndoError {
+    UndoError::Append {
+        path,
+        source: std::io::Error::other("the pre-image encoder thread stopped"),
+    }
+}
+
 /// Removes one segment (a thinned point's, once folded).
 pub fn remove(dir: &Path, tag: u64) -> Result<(), UndoError> {
     let path = segment_path(dir, tag);
@@ -410,6 +433,108 @@ pub struct UndoLog {
     needs_cut: bool,
     zstd: Option<zstd::bulk::Compressor<'static>>,
     zbuf: Vec<u8>,
+    /// Compresses the records of [`UndoLog::append_owned`] on a thread of
+    /// its own; started by the first of them.
+    encoder: Option<Encoder>,
+    /// Tags of the records the encoder holds, oldest first: they are
+    /// written in the order appended, whatever thread encoded them.
+    in_flight: std::collections::VecDeque<u64>,
+    /// Pre-image buffers back from the encoder, for the next reads.
+    spare: Vec<Vec<u8>>,
+}
+
+/// Pre-images the encoder holds at most: bounds memory (4 MiB each) while
+/// letting the session read the next ones as these compress.
+const ENCODER_DEPTH: usize = 4;
+
+/// A pre-image to encode: `buf[window]` holds it; no buffer is zeros.
+struct EncodeJob {
+    offset_bytes: u64,
+    len_bytes: u32,
+    pre: Option<(Vec<u8>, std::ops::Range<usize>)>,
+    /// The record goes here (a buffer of an earlier record, reused).
+    out: Vec<u8>,
+    /// Records are piling up behind this one: compress fast.
+    hurry: bool,
+}
+
+struct Encoded {
+    record: Vec<u8>,
+    pre: Option<Vec<u8>>,
+}
+
+/// The compression of pre-images, which otherwise takes a third of a busy
+/// session thread, on a thread that runs beside it. Jobs are encoded one
+/// at a time in order, so records come back in the order they were given.
+struct Encoder {
+    jobs: Option<std::sync::mpsc::SyncSender<EncodeJob>>,
+    done: std::sync::mpsc::Receiver<Encoded>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// Record buffers back from the log, for the next jobs.
+    outs: Vec<Vec<u8>>,
+}
+
+impl Encoder {
+    fn start() -> std::io::Result<Encoder> {
+        let (jobs, job_rx) = std::sync::mpsc::sync_channel::<EncodeJob>(ENCODER_DEPTH);
+        let (done_tx, done) = std::sync::mpsc::sync_channel::<Encoded>(ENCODER_DEPTH);
+        let thread = std::thread::Builder::new()
+            .name("undo-encode".into())
+            .spawn(move || {
+                let mut zstd = None;
+                let mut fast = None;
+                let mut zbuf = Vec::new();
+                while let Ok(mut job) = job_rx.recv() {
+                    job.out.clear();
+                    let pre = match job.pre {
+                        Some((buf, window)) => {
+                            let (ctx, level) = if job.hurry {
+                                (&mut fast, HURRY_ZSTD_LEVEL)
+                            } else {
+                                (&mut zstd, ZSTD_LEVEL)
+                            };
+                            encode_at(
+                                ctx,
+                                level,
+                                &mut zbuf,
+                                job.offset_bytes,
+                                &buf[window],
+                                &mut job.out,
+                            );
+                            Some(buf)
+                        }
+                        None => {
+                            encode_zeros(job.offset_bytes, job.len_bytes, &mut job.out);
+                            None
+                        }
+                    };
+                    let sent = done_tx.send(Encoded {
+                        record: job.out,
+                        pre,
+                    });
+                    if sent.is_err() {
+                        return;
+                    }
+                }
+            })?;
+        Ok(Encoder {
+            jobs: Some(jobs),
+            done,
+            thread: Some(thread),
+            outs: Vec::new(),
+        })
+    }
+}
+
+impl Drop for Encoder {
+    fn drop(&mut self) {
+        self.jobs = None;
+        // Unblock a thread waiting to hand back a record.
+        while self.done.try_recv().is_ok() {}
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl UndoLog {
@@ -424,6 +549,9 @@ impl UndoLog {
             needs_cut: false,
             zstd: None,
             zbuf: Vec::new(),
+            encoder: None,
+            in_flight: std::collections::VecDeque::new(),
+            spare: Vec::new(),
         }
     }
 
@@ -473,6 +601,7 @@ impl UndoLog {
 
     /// Saves the bytes at `offset_bytes` before they are overwritten.
     pub fn append(&mut self, tag: u64, offset_bytes: u64, pre: &[u8]) -> Result<(), UndoError> {
+        self.drain(0)?;
         self.buf.clear();
         encode(
             &mut self.zstd,
@@ -547,13 +676,139 @@ impl UndoLog {
         offset_bytes: u64,
         len_bytes: u32,
     ) -> Result<(), UndoError> {
+        if !self.in_flight.is_empty() {
+            // Behind records still encoding: in order, through the encoder.
+            return self.submit(tag, offset_bytes, len_bytes, None);
+        }
         self.buf.clear();
         encode_zeros(offset_bytes, len_bytes, &mut self.buf);
         self.write_buf(tag)
     }
 
+    /// A buffer for the next pre-image, to fill and give to
+    /// [`UndoLog::append_owned`]: one back from the encoder where there is
+    /// one (a fresh 4 MiB buffer is fresh pages to fault in).
+    pub fn pre_buffer(&mut self) -> Vec<u8> {
+        self.spare.pop().unwrap_or_default()
+    }
+
+    /// [`UndoLog::append`] of `buf[window]`, compressed on the encoder's
+    /// thread while the caller goes on; the record is written, in order,
+    /// once encoded, and durable after the next [`UndoLog::sync`]. While
+    /// records pile up behind the encoder it compresses at
+    /// [`HURRY_ZSTD_LEVEL`] instead.
+    pub fn append_owned(
+        &mut self,
+        tag: u64,
+        offset_bytes: u64,
+        buf: Vec<u8>,
+        window: std::ops::Range<usize>,
+    ) -> Result<(), UndoError> {
+        let len = window.len() as u32;
+        self.submit(tag, offset_bytes, len, Some((buf, window)))
+    }
+
+    fn submit(
+        &mut self,
+        tag: u64,
+        offset_bytes: u64,
+        len_bytes: u32,
+        pre: Option<(Vec<u8>, std::ops::Range<usize>)>,
+    ) -> Result<(), UndoError> {
+        if self.encoder.is_none() {
+            let e = Encoder::start().map_err(|source| UndoError::Append {
+                path: segment_path(&self.dir, tag),
+                source,
+            })?;
+            self.encoder = Some(e);
+        }
+        // Room for this one: write what is encoded, waiting if all are busy.
+        self.drain(ENCODER_DEPTH - 1)?;
+        let encoder = self.encoder.as_mut().expect("started above");
+        let job = EncodeJob {
+            offset_bytes,
+            len_bytes,
+            pre,
+            out: encoder.outs.pop().unwrap_or_default(),
+            // Two records still ahead of this one: the encoder is what the
+            // session waits for, so it trades some journal bytes for speed
+            // until it catches up (HURRY_ZSTD_LEVEL).
+            hurry: self.in_flight.len() >= 2,
+        };
+        let sent = encoder.jobs.as_ref().map(|j| j.send(job));
+        if !matches!(sent, Some(Ok(()))) {
+            return Err(encoder_gone(segment_path(&self.dir, tag)));
+        }
+        self.in_flight.push_back(tag);
+        // Write whatever is already done without waiting.
+        self.collect(false)
+    }
+
+    /// Writes encoded records until at most `keep` are still encoding.
+    fn drain(&mut self, keep: usize) -> Result<(), UndoError> {
+        while self.in_flight.len() > keep {
+            self.collect_one(true)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the records that are encoded, waiting for one if `wait`.
+    fn collect(&mut self, wait: bool) -> Result<(), UndoError> {
+        let mut wait = wait;
+        while !self.in_flight.is_empty() {
+            if !self.collect_one(wait)? {
+                break;
+            }
+            wait = false;
+        }
+        Ok(())
+    }
+
+    /// Writes the oldest encoded record; false if it is not ready and
+    /// `wait` is false.
+    fn collect_one(&mut self, wait: bool) -> Result<bool, UndoError> {
+        let Some(&tag) = self.in_flight.front() else {
+            return Ok(false);
+        };
+        let Some(encoder) = self.encoder.as_mut() else {
+            return Err(encoder_gone(segment_path(&self.dir, tag)));
+        };
+        let got = if wait {
+            encoder.done.recv().ok()
+        } else {
+            match encoder.done.try_recv() {
+                Ok(e) => Some(e),
+                Err(std::sync::mpsc::TryRecvError::Empty) => return Ok(false),
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => None,
+            }
+        };
+        let Some(done) = got else {
+            return Err(encoder_gone(segment_path(&self.dir, tag)));
+        };
+        self.in_flight.pop_front();
+        if let Some(b) = done.pre {
+            if self.spare.len() < ENCODER_DEPTH + 1 {
+                self.spare.push(b);
+            }
+        }
+        let record = std::mem::replace(&mut self.buf, done.record);
+        let r = self.write_buf(tag);
+        let written = std::mem::replace(&mut self.buf, record);
+        if let Some(e) = self.encoder.as_mut() {
+            e.outs.push(written);
+        }
+        if let Err(e) = r {
+            // The batch fails; what is still encoding will not be written.
+            self.encoder = None;
+            self.in_flight.clear();
+            return Err(e);
+        }
+        Ok(true)
+    }
+
     /// Makes every appended record durable; call before the overwrites.
     pub fn sync(&mut self) -> Result<(), UndoError> {
+        self.drain(0)?;
         self.cut()?;
         if !self.unsynced {
             return Ok(());
@@ -593,6 +848,56 @@ mod tests {
             }
         }
         disk
+    }
+
+    #[test]
+    fn records_encoded_beside_the_caller_are_written_in_the_order_given() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        let mut inline = UndoLog::new(a.clone());
+        let mut owned = UndoLog::new(b.clone());
+        let mut x = 11u64;
+        for i in 0..40u64 {
+            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            // Segments change mid-stream, zeros come between data records.
+            let tag = 1 + i / 15;
+            let at = (x >> 30) % 1000 * 512;
+            let n = 512 * (1 + (x >> 20) as usize % 300);
+            if i % 4 == 3 {
+                inline.append_zeros(tag, at, n as u32).expect("zeros");
+                owned.append_zeros(tag, at, n as u32).expect("zeros");
+                continue;
+            }
+            // Half compressible, half not.
+            let pre: Vec<u8> = (0..n)
+                .map(|k| {
+                    if i % 2 == 0 {
+                        (k / 64) as u8
+                    } else {
+                        (x >> (k % 50)) as u8 ^ k as u8
+                    }
+                })
+                .collect();
+            inline.append(tag, at, &pre).expect("append");
+            let mut buf = owned.pre_buffer();
+            let w = crate::image::storage::aligned_range(&mut buf, n);
+            buf[w.clone()].copy_from_slice(&pre);
+            owned.append_owned(tag, at, buf, w).expect("append owned");
+        }
+        inline.sync().expect("sync");
+        owned.sync().expect("sync");
+        let tags = segments(&a).expect("ls");
+        assert_eq!(tags, vec![1, 2, 3]);
+        assert_eq!(segments(&b).expect("ls"), tags);
+        for t in tags {
+            let inline_bytes = std::fs::read(segment_path(&a, t)).expect("read");
+            assert!(!inline_bytes.is_empty());
+            assert_eq!(
+                std::fs::read(segment_path(&b, t)).expect("read"),
+                inline_bytes,
+                "segment {t}"
+            );
+        }
     }
 
     #[test]

@@ -422,8 +422,6 @@ struct Worker {
     scratch: Vec<u8>,
     /// Buffers of written extents, for the next ones (see `recycle`).
     spare: Vec<Vec<u8>>,
-    /// Where pre-images are read (an aligned window of it).
-    pre: Vec<u8>,
     queued: Vec<Queued>,
     /// Data bytes held in `queued`.
     queued_bytes: u64,
@@ -449,7 +447,6 @@ impl Worker {
             decompressor: zstd::bulk::Decompressor::new().expect("zstd context allocates"),
             scratch: Vec::new(),
             spare: Vec::new(),
-            pre: Vec::new(),
             queued: Vec::new(),
             queued_bytes: 0,
         }
@@ -692,10 +689,17 @@ impl Worker {
             if disk.image.is_hole(at, n) {
                 disk.undo.append_zeros(tag, at, n as u32).map_err(storage)?;
             } else {
-                // Aligned, so that the image can read it past the page cache.
-                let pre = crate::image::storage::aligned_window(&mut self.pre, n as usize);
-                disk.image.read_at(at, pre).map_err(storage)?;
-                disk.undo.append(tag, at, pre).map_err(storage)?;
+                // Aligned, so that the image can read it past the page
+                // cache; compressed and appended on the journal's encoder
+                // thread while this one goes on with the next extent.
+                let mut buf = disk.undo.pre_buffer();
+                let window = crate::image::storage::aligned_range(&mut buf, n as usize);
+                disk.image
+                    .read_at(at, &mut buf[window.clone()])
+                    .map_err(storage)?;
+                disk.undo
+                    .append_owned(tag, at, buf, window)
+                    .map_err(storage)?;
             }
             at += n;
         }
