@@ -6,8 +6,15 @@
 #  2. at several churn rates: how far the newest durable point lags (time
 #     from asking for a point to the receiver holding it, median and max of
 #     the points taken during the load), agent CPU per 100 MB of churn, and
-#     the agent's peak RSS.
+#     the agent's peak RSS;
+#  3. catch-up: a fixed, seeded 1 GiB burst of the same writes as fast as
+#     fio goes, then the time until a point holds all of it: the rate at
+#     which the agent and receiver drain a backlog, i.e. the highest churn
+#     they could sustain. Reported with the CPU time the hypervisor stole
+#     meanwhile (this VM shares its host: a high figure means a slow run).
 # Usage (root): scripts/bench-run.sh [DISK_MIB] [SECONDS_PER_STEP] [RATES_MBPS...]
+# BIN=DIR runs the agent and receiver binaries in DIR instead (to compare
+# two builds in one sitting, alternating).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 disk_mib=${1:-2048}
@@ -19,7 +26,7 @@ rates=("$@")
 scripts/install-deps.sh
 command -v fio >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fio >/dev/null; }
 cargo build --release --locked -q -p tidemark-agent -p tidemark-receiver
-bin=$PWD/target/release
+bin=${BIN:-$PWD/target/release}
 work=$(mktemp -d /var/tmp/tidemark-bench-run.XXXXXX)
 loopdev=""; rx=""; ag=""
 cleanup() {
@@ -31,7 +38,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-truncate -s "${disk_mib}M" "$work/disk.img"
+# Written once before anything is measured: the first write into a
+# sparse file allocates blocks and page-cache pages, several times the
+# cost of an overwrite, and would handicap whichever fio run came first.
+dd if=/dev/zero of="$work/disk.img" bs=1M count="$disk_mib" conv=fsync status=none
 loopdev=$(losetup --find --show "$work/disk.img")
 port=$((20000 + RANDOM % 20000))
 "$bin/tidemark-receiver" init --dir "$work/rx" --name bench --listen "127.0.0.1:$port" \
@@ -109,6 +119,25 @@ for rate in "${rates[@]}"; do
   max=$(printf '%s\n' "${lags[@]}" | sort -g | tail -1)
   printf '%10s %12s %14.2f %14.2f %16.2f\n' "$rate" "$bw" "$p50" "$max" "$(echo "100 * $cpu_s / $churn_mb" | bc -l)"
 done
+
+steal() { awk '/^cpu /{print $9}' /proc/stat; }
+echo
+printf '%12s %14s %12s %14s %10s\n' "catch-up" "backlog (MiB)" "drain (s)" "drain (MB/s)" "steal"
+for i in 1 2 3; do
+  fio --name=burst --filename="$loopdev" --ioengine=io_uring --direct=1 --rw=randwrite \
+    --bsrange=4k-64k --iodepth=16 --io_size=1024m --randrepeat=1 --randseed=42 \
+    --output-format=json --output="$work/burst.json" >/dev/null
+  backlog=$("$bin/tidemark-agent" status --config "$work/agent/run.toml" 2>/dev/null \
+    | awk '$1 == "bench-run-disk" && match($0, /[0-9.]+ MiB/) {print substr($0, RSTART, RLENGTH - 4)}')
+  st0=$(steal); s=$(date +%s.%N)
+  "$bin/tidemark-agent" bookmark --config "$work/agent/run.toml" 2>/dev/null >/dev/null
+  e=$(date +%s.%N); st1=$(steal)
+  printf '%12s %14s %12.2f %14.1f %9.0f%%\n' "run $i" "$backlog" "$(echo "$e - $s" | bc -l)" \
+    "$(echo "$backlog * 1.048576 / ($e - $s)" | bc -l)" \
+    "$(echo "100 * ($st1 - $st0) / $hz / ($e - $s) / $(nproc)" | bc -l)"
+done
+echo "(run 1 overwrites what the rate steps left; runs 2 and 3 overwrite run 1's blocks: the same journaled pre-images)"
+
 echo
 echo "agent peak RSS: $(awk '/VmHWM/ {print $2/1024 " MiB"}' "/proc/$ag/status") (disk ${disk_mib} MiB)"
 grep -c "resync required" "$work/agent.log" | xargs echo "resyncs during the run (1 = the initial sync):"
