@@ -9,6 +9,7 @@ use std::thread::JoinHandle;
 
 use tidemark_common::proto::messages::Extent;
 use tidemark_common::proto::{Message, MAX_EXTENT_BYTES};
+use tidemark_common::FAST_ZSTD_LEVEL;
 use tokio::sync::mpsc;
 
 use crate::compare::{differing, HashBoard, HASH_BLOCK_BYTES};
@@ -191,11 +192,6 @@ impl Job {
     }
 }
 
-/// zstd's fast level 3: what a chunk is compressed at while compression
-/// holds the pipeline back (about 2.5 times the speed of level 1 on
-/// fio-like data, for some 10 % more bytes).
-pub const HURRY_ZSTD_LEVEL: i32 = -3;
-
 pub struct Settings {
     pub queue_depth: usize,
     pub compress_threads: usize,
@@ -339,10 +335,10 @@ fn compress_worker(
         // chunk sooner than a smaller one would. When the link (or the
         // receiver) is what is slow, the sender is full and the configured
         // level keeps saving bytes.
-        let hurry = level > HURRY_ZSTD_LEVEL && rx.is_full() && tx.capacity() > 0;
+        let hurry = level > FAST_ZSTD_LEVEL && rx.is_full() && tx.capacity() > 0;
         let compressor = if hurry {
             fast.get_or_insert_with(|| {
-                zstd::bulk::Compressor::new(HURRY_ZSTD_LEVEL).expect("zstd fast level")
+                zstd::bulk::Compressor::new(FAST_ZSTD_LEVEL).expect("zstd fast level")
             })
         } else {
             &mut compressor

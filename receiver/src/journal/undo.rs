@@ -27,6 +27,7 @@ use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use tidemark_common::checksum::checksum_parts;
+use tidemark_common::FAST_ZSTD_LEVEL;
 
 const MAGIC: [u8; 4] = *b"TDUR";
 const HEADER_BYTES: usize = 24;
@@ -111,10 +112,6 @@ pub fn segments(dir: &Path) -> Result<Vec<u64>, UndoError> {
 /// Zstd level of pre-images: the fastest of the normal levels, since
 /// every overwrite pays it.
 const ZSTD_LEVEL: i32 = 1;
-/// The level while the encoder is behind the session (see
-/// [`UndoLog::append_owned`]): zstd's fast level 3, about 2.5 times the
-/// speed of level 1 for some 10 % more bytes on fio-like data.
-const HURRY_ZSTD_LEVEL: i32 = -3;
 
 /// Encodes one pre-image; `zstd` and `zbuf` are the caller's, kept from
 /// record to record (a fresh context and output buffer per 4 MiB record
@@ -129,6 +126,8 @@ fn encode(
     encode_at(zstd, ZSTD_LEVEL, zbuf, offset_bytes, pre, out)
 }
 
+/// [`encode`] at `level`; `zstd` is created at it on first use, so a
+/// caller keeps one context per level.
 fn encode_at(
     zstd: &mut Option<zstd::bulk::Compressor<'static>>,
     level: i32,
@@ -489,7 +488,7 @@ impl Encoder {
                     let pre = match job.pre {
                         Some((buf, window)) => {
                             let (ctx, level) = if job.hurry {
-                                (&mut fast, HURRY_ZSTD_LEVEL)
+                                (&mut fast, FAST_ZSTD_LEVEL)
                             } else {
                                 (&mut zstd, ZSTD_LEVEL)
                             };
@@ -696,7 +695,7 @@ impl UndoLog {
     /// thread while the caller goes on; the record is written, in order,
     /// once encoded, and durable after the next [`UndoLog::sync`]. While
     /// records pile up behind the encoder it compresses at
-    /// [`HURRY_ZSTD_LEVEL`] instead.
+    /// [`FAST_ZSTD_LEVEL`] instead.
     pub fn append_owned(
         &mut self,
         tag: u64,
@@ -732,7 +731,7 @@ impl UndoLog {
             out: encoder.outs.pop().unwrap_or_default(),
             // Two records still ahead of this one: the encoder is what the
             // session waits for, so it trades some journal bytes for speed
-            // until it catches up (HURRY_ZSTD_LEVEL).
+            // until it catches up (FAST_ZSTD_LEVEL).
             hurry: self.in_flight.len() >= 2,
         };
         let sent = encoder.jobs.as_ref().map(|j| j.send(job));
@@ -740,8 +739,7 @@ impl UndoLog {
             return Err(encoder_gone(segment_path(&self.dir, tag)));
         }
         self.in_flight.push_back(tag);
-        // Write whatever is already done without waiting.
-        self.collect(false)
+        self.write_ready()
     }
 
     /// Writes encoded records until at most `keep` are still encoding.
@@ -752,15 +750,9 @@ impl UndoLog {
         Ok(())
     }
 
-    /// Writes the records that are encoded, waiting for one if `wait`.
-    fn collect(&mut self, wait: bool) -> Result<(), UndoError> {
-        let mut wait = wait;
-        while !self.in_flight.is_empty() {
-            if !self.collect_one(wait)? {
-                break;
-            }
-            wait = false;
-        }
+    /// Writes the records already encoded, without waiting.
+    fn write_ready(&mut self) -> Result<(), UndoError> {
+        while self.collect_one(false)? {}
         Ok(())
     }
 
