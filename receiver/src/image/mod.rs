@@ -89,6 +89,13 @@ pub trait Image: Send {
     /// A hint that this range will be read soon (a checksum sync reads the
     /// image in order); formats that map ranges elsewhere may ignore it.
     fn prefetch(&self, _offset_bytes: u64, _len_bytes: u64) {}
+    /// A second, read-only handle on the same bytes, for reading on another
+    /// thread while this one goes on writing (a checksum sync hashes ahead
+    /// with it). None where reads go through state only this handle keeps
+    /// up to date (a format's mapping tables).
+    fn reader(&self) -> Option<Box<dyn Image>> {
+        None
+    }
 }
 
 /// The 16-byte identity an image carries (VMDK `ddb.uuid`, VHD unique id).

@@ -10,8 +10,10 @@
 
 mod access;
 mod admin;
+mod hash_ahead;
 mod health;
 mod metrics;
+mod readers;
 mod session;
 
 use std::collections::HashSet;

@@ -154,6 +154,20 @@ impl Image for RawImage {
         );
     }
 
+    fn reader(&self) -> Option<Box<dyn Image>> {
+        // Reopened through /proc rather than dup'ed: a descriptor of its
+        // own, opened read-only, so the handle cannot write.
+        use std::os::fd::AsRawFd;
+        let fd = self.storage.file().as_raw_fd();
+        let file = std::fs::File::open(format!("/proc/self/fd/{fd}")).ok()?;
+        Some(Box::new(RawImage {
+            path: self.path.clone(),
+            storage: FileStorage::new(file),
+            size_bytes: self.size_bytes,
+            poisoned: false,
+        }))
+    }
+
     fn flush(&mut self) -> Result<(), ImageError> {
         if self.poisoned {
             return Err(ImageError::Poisoned {
