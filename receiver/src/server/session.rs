@@ -269,6 +269,11 @@ pub async fn run(shared: Arc<Shared>, greeted: Greeted, session_id: u64) -> anyh
     let result = loop {
         let read = tokio::select! {
             r = tokio::time::timeout(IDLE_TIMEOUT, read_message(&mut rd, &mut buf)) => r,
+            // The worker stopped: after a refusal it has told the agent why
+            // (the writer ends next); after a panic, closing the connection
+            // is what makes the agent reconnect and resend what is
+            // unacknowledged, where heartbeats would keep it waiting.
+            () = in_tx.closed() => break Ok(()),
             end = &mut writer => {
                 let refused = matches!(end, Ok(WriterEnd::Refused));
                 writer_end = Some(refused);
