@@ -5,7 +5,7 @@
 # rsync daemon on 127.0.0.1; and the agent's hashing rate against fio's
 # sequential io_uring read of the same device. Bytes on the wire are
 # counted on the loopback interface. Prints each run and the medians.
-# Usage (root): scripts/bench-resync.sh [SIZE_MIB] [RUNS]
+# Usage (root): [TIDEMARK_BIN=DIR] scripts/bench-resync.sh [SIZE_MIB] [RUNS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 size_mib=${1:-4096}
@@ -13,8 +13,14 @@ runs=${2:-3}
 [ "$(id -u)" -eq 0 ] || { echo "bench-resync: needs root" >&2; exit 1; }
 scripts/install-deps.sh
 for tool in rsync fio; do command -v $tool >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $tool >/dev/null; done
-cargo build --release --locked -q -p tidemark-agent -p tidemark-receiver
-bin=$PWD/target/release
+# TIDEMARK_BIN: binaries of another build (e.g. a worktree of an older
+# commit) to measure instead of this tree's, for A/B runs.
+if [ -n "${TIDEMARK_BIN:-}" ]; then
+  bin=$TIDEMARK_BIN
+else
+  cargo build --release --locked -q -p tidemark-agent -p tidemark-receiver
+  bin=$PWD/target/release
+fi
 work=$(mktemp -d /var/tmp/tidemark-bench.XXXXXX)
 loopdev=""
 rx=""
