@@ -9,9 +9,9 @@
 //! that way past the page cache, a 4 GiB checksum sync got slower (9.5 s)
 //! than with the page cache's read-ahead, which in turn cost the session
 //! thread two-fifths of its time in copying and filling pages. So the
-//! ranges after the one asked for are read
-//! and hashed in the background, past the page cache and several at once,
-//! and a request finds its answer ready.
+//! ranges after the one asked for are read and hashed in the background,
+//! past the page cache and several at once, and a request finds its
+//! answer ready.
 //!
 //! An answer must hash the image as every earlier message of the session
 //! left it. The session writes the image while ranges ahead are in flight
@@ -132,6 +132,16 @@ impl HashAhead {
     }
 }
 
+/// The hashes of `len` bytes of an unallocated range: zeros, known without
+/// reading or hashing.
+pub fn zero_hashes(len: u64, block: usize) -> Vec<Checksum> {
+    let (len, block) = (len as usize, block.max(1));
+    (0..len)
+        .step_by(block)
+        .map(|at| zero_checksum(block.min(len - at)))
+        .collect()
+}
+
 fn hash_range(
     image: &mut dyn Image,
     buf: &mut Vec<u8>,
@@ -141,11 +151,7 @@ fn hash_range(
 ) -> Answer {
     let block = block.max(1);
     if image.is_hole(offset, len) {
-        // Unallocated: zeros, known without reading or hashing.
-        return Ok((0..len as usize)
-            .step_by(block)
-            .map(|at| zero_checksum(block.min(len as usize - at)))
-            .collect());
+        return Ok(zero_hashes(len, block));
     }
     // Aligned, so that the read bypasses the page cache.
     let window = aligned_range(buf, len as usize);

@@ -45,7 +45,7 @@ impl Shared {
 }
 
 /// How urgently the session needs a read.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 pub enum When {
     /// The session will wait for it shortly.
     Soon,

@@ -20,7 +20,7 @@ use tidemark_common::proto::handshake::{self, PREAMBLE_BYTES};
 use tidemark_common::proto::messages::{Codec, Extent, PayloadError};
 use tidemark_common::proto::{ErrorCode, Message, PointKind, MAX_FRAME_BYTES};
 
-use super::hash_ahead::HashAhead;
+use super::hash_ahead::{zero_hashes, HashAhead};
 use super::readers::{Pending, Readers, When};
 use super::{Shared, IDLE_TIMEOUT};
 use crate::config::ImageFormat;
@@ -433,13 +433,16 @@ enum PreImage {
     },
 }
 
-impl OpenDisk {
-    fn readers(&self) -> Option<&Readers> {
-        self.readers
-            .get_or_init(|| Readers::new(self.image.as_ref()))
-            .as_ref()
-    }
+/// The disk's reader threads, started on first use; takes the fields
+/// rather than the disk so that the caller may borrow others beside it.
+fn readers<'a>(
+    cell: &'a std::cell::OnceCell<Option<Readers>>,
+    image: &dyn Image,
+) -> Option<&'a Readers> {
+    cell.get_or_init(|| Readers::new(image)).as_ref()
+}
 
+impl OpenDisk {
     /// Starts reading the pre-image of `at..at + len` on a reader thread
     /// (on this one where there are none); [`OpenDisk::journal_pre`]
     /// journals it once read.
@@ -450,7 +453,7 @@ impl OpenDisk {
         }
         // Aligned, so that the image can read it past the page cache.
         let mut buf = self.undo.pre_buffer();
-        let read = if let Some(r) = self.readers() {
+        let read = if let Some(r) = readers(&self.readers, self.image.as_ref()) {
             r.run(When::Soon, at, move |image, _| {
                 let window = aligned_range(&mut buf, len as usize);
                 image.read_at(at, &mut buf[window.clone()])?;
@@ -767,22 +770,12 @@ impl Worker {
         }
         let block = (block_bytes as usize).max(1);
         let disk = &mut self.disks[d];
-        let readers = disk
-            .readers
-            .get_or_init(|| Readers::new(disk.image.as_ref()))
-            .as_ref();
-        let hashes = if let Some(r) = readers {
+        let hashes = if let Some(r) = readers(&disk.readers, disk.image.as_ref()) {
             disk.ahead
                 .hashes(r, disk.size_bytes, offset_bytes, len, block)
                 .map_err(storage)?
         } else if disk.image.is_hole(offset_bytes, len) {
-            // Unallocated: zeros, known without reading or hashing.
-            (0..len_bytes as usize)
-                .step_by(block)
-                .map(|at| {
-                    tidemark_common::checksum::zero_checksum(block.min(len_bytes as usize - at))
-                })
-                .collect()
+            zero_hashes(len, block)
         } else {
             // Requests come in disk order: have the kernel read ahead.
             disk.image.prefetch(offset_bytes + len, HASH_PREFETCH_BYTES);
