@@ -46,6 +46,16 @@ impl RunningAgent {
         }
     }
 
+    /// Stops every thread of the agent (SIGSTOP) until the guard drops:
+    /// an agent starved of CPU, which is the only way to make a burst
+    /// outrun its 100 ms drains whatever the speed of the machine.
+    pub fn paused(&self) -> anyhow::Result<Paused> {
+        let pid = self.daemon.as_ref().context("not running")?.pid();
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP)?;
+        Ok(Paused(pid))
+    }
+
     /// SIGTERM and wait: the clean-stop path.
     pub fn stop(&mut self) -> anyhow::Result<String> {
         let d = self.daemon.take().context("not running")?;
@@ -109,4 +119,14 @@ pub fn run_config(
     );
     std::fs::write(&cfg, top + &text)?;
     Ok(cfg)
+}
+
+/// An agent stopped by [`RunningAgent::paused`]; continues on drop, also
+/// when the test fails meanwhile.
+pub struct Paused(nix::unistd::Pid);
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
 }
