@@ -16,6 +16,7 @@ use crate::compare::{differing, HashBoard, HASH_BLOCK_BYTES};
 use crate::disks::Disk;
 use crate::progress::Progress;
 use crate::source::{BufPool, DeviceReader, ReadBuf, SourceError};
+use crate::transport::Outgoing;
 
 /// Bytes per read. One extent per read keeps checksums and compression
 /// frames aligned with I/O.
@@ -28,8 +29,10 @@ const _: () = assert!(READ_BYTES <= MAX_EXTENT_BYTES as usize);
 /// A unit of wire traffic before it gets its sequence number and handle.
 #[derive(Debug, Clone)]
 pub enum Piece {
-    /// `disk` in the extent is the index of the disk in this run.
-    Data(Extent),
+    /// `disk` in the extent is the index of the disk in this run. Shared
+    /// with the frame being written, so the shipper's copy for a resend is
+    /// the only one.
+    Data(Arc<Extent>),
     Zero {
         disk: u32,
         offset_bytes: u64,
@@ -90,16 +93,11 @@ impl Piece {
         }
     }
 
-    /// The message for a session in which disk index i has `handles[i]`;
+    /// The frame for a session in which disk index i has `handles[i]`;
     /// None for a note that never goes on the wire.
-    pub fn to_message(&self, seq: u64, handles: &[u32]) -> Option<Message> {
-        Some(match self {
-            Piece::Data(e) => {
-                let mut e = e.clone();
-                e.seq = seq;
-                e.disk = handles[e.disk as usize];
-                Message::Extent(e)
-            }
+    pub fn to_outgoing(&self, seq: u64, handles: &[u32]) -> Option<Outgoing> {
+        let msg = match self {
+            Piece::Data(e) => return Some(Outgoing::extent(seq, handles[e.disk as usize], e)),
             Piece::Zero {
                 disk,
                 offset_bytes,
@@ -122,7 +120,8 @@ impl Piece {
                 block_bytes: HASH_BLOCK_BYTES,
             },
             Piece::ChunkDone { .. } => return None,
-        })
+        };
+        Some(Outgoing::message(&msg))
     }
 }
 
@@ -375,7 +374,7 @@ fn compress_worker(
                     }
                     Progress::add(&progress.data_bytes, run_len as u64);
                     Progress::add(&progress.payload_bytes, e.payload.len() as u64);
-                    Piece::Data(e)
+                    Piece::Data(Arc::new(e))
                 };
                 if tx.blocking_send(piece).is_err() {
                     return;

@@ -454,7 +454,7 @@ impl Shipper {
             self.resend.push_back(piece);
             return;
         };
-        let Some(msg) = piece.to_message(self.seq + 1, &self.handles) else {
+        let Some(frame) = piece.to_outgoing(self.seq + 1, &self.handles) else {
             return;
         };
         self.seq += 1;
@@ -467,7 +467,7 @@ impl Shipper {
         }
         self.inflight.insert(self.seq, piece);
         self.unanswered_since.get_or_insert_with(Instant::now);
-        if let Err(e) = c.send_buffered(&msg).await {
+        if let Err(e) = c.send_outgoing(frame) {
             self.write_failed(e).await;
         }
     }

@@ -3,6 +3,7 @@
 //! receiver arrive on a channel so the caller can wait on them alongside
 //! its own work without losing half-read frames.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, WriteHalf};
@@ -13,6 +14,7 @@ use tokio_rustls::TlsConnector;
 
 use tidemark_common::proto::frame::{read_message, write_message, FrameError};
 use tidemark_common::proto::handshake::{self, PREAMBLE_BYTES};
+use tidemark_common::proto::messages::Extent;
 use tidemark_common::proto::{ErrorCode, Message};
 use tidemark_common::tls::{client_config, server_name, TlsError};
 use tidemark_common::SOFTWARE_VERSION;
@@ -68,7 +70,7 @@ pub struct Connection {
     /// Encoded frames for the writer task. Writing happens there so that a
     /// receiver that stops reading never blocks the caller, which must
     /// drain the tracer on time; the shipper's window bounds what waits.
-    frames: mpsc::UnboundedSender<Vec<u8>>,
+    frames: mpsc::UnboundedSender<Outgoing>,
     writer: tokio::task::JoinHandle<()>,
     reader: tokio::task::JoinHandle<()>,
     pub receiver_name: String,
@@ -263,8 +265,11 @@ impl Connection {
     /// nothing more queued. Fails once the writer has stopped (its reason
     /// arrives on `incoming`).
     pub async fn send_buffered(&mut self, msg: &Message) -> std::io::Result<()> {
-        let mut frame = Vec::new();
-        msg.encode_frame(&mut frame);
+        self.send_outgoing(Outgoing::message(msg))
+    }
+
+    /// Queues one frame, as [`Connection::send_buffered`].
+    pub fn send_outgoing(&mut self, frame: Outgoing) -> std::io::Result<()> {
         self.frames
             .send(frame)
             .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))
@@ -332,13 +337,52 @@ impl Connection {
     }
 }
 
+/// A frame for the writer task.
+pub enum Outgoing {
+    Frame(Vec<u8>),
+    /// An extent's frame up to its payload, then the payload itself, read
+    /// from the extent the shipper keeps until it is acknowledged: queued
+    /// frames would otherwise hold a second copy of every payload in the
+    /// window (up to 16 MiB) and cost a copy per byte sent.
+    Extent {
+        head: Vec<u8>,
+        extent: Arc<Extent>,
+    },
+}
+
+impl Outgoing {
+    pub fn message(msg: &Message) -> Outgoing {
+        let mut frame = Vec::new();
+        msg.encode_frame(&mut frame);
+        Outgoing::Frame(frame)
+    }
+
+    /// `extent` as sent with `seq` to the disk with `handle`.
+    pub fn extent(seq: u64, handle: u32, extent: &Arc<Extent>) -> Outgoing {
+        let mut head = Vec::with_capacity(64);
+        extent.encode_frame_head(seq, handle, &mut head);
+        Outgoing::Extent {
+            head,
+            extent: extent.clone(),
+        }
+    }
+
+    /// The bytes to write, in order.
+    fn parts(&self) -> [&[u8]; 2] {
+        match self {
+            Outgoing::Frame(f) => [f, &[]],
+            Outgoing::Extent { head, extent } => [head, &extent.payload],
+        }
+    }
+}
+
 /// Writes queued frames in order, flushing when the queue runs empty. A
 /// receiver that stops reading (a frozen flow, a partition) fills the
 /// socket buffer: a write that makes no progress for `io_timeout` ends the
 /// connection, and why is reported where the shipper reads.
 async fn write_frames(
     mut wr: WriteHalf<TlsStream<TcpStream>>,
-    mut queued: mpsc::UnboundedReceiver<Vec<u8>>,
+    mut queued: mpsc::UnboundedReceiver<Outgoing>,
     report: mpsc::Sender<Result<Message, FrameError>>,
     io_timeout: Duration,
 ) {
@@ -350,15 +394,17 @@ async fn write_frames(
     };
     let result: std::io::Result<()> = async {
         while let Some(frame) = queued.recv().await {
-            let mut at = 0;
-            while at < frame.len() {
-                let n = tokio::time::timeout(io_timeout, wr.write(&frame[at..]))
-                    .await
-                    .map_err(|_| stalled("sending"))??;
-                if n == 0 {
-                    return Err(std::io::ErrorKind::WriteZero.into());
+            for part in frame.parts() {
+                let mut at = 0;
+                while at < part.len() {
+                    let n = tokio::time::timeout(io_timeout, wr.write(&part[at..]))
+                        .await
+                        .map_err(|_| stalled("sending"))??;
+                    if n == 0 {
+                        return Err(std::io::ErrorKind::WriteZero.into());
+                    }
+                    at += n;
                 }
-                at += n;
             }
             if queued.is_empty() {
                 tokio::time::timeout(io_timeout, wr.flush())

@@ -151,7 +151,12 @@ impl Extent {
             .and_then(|c| c.compress(data).ok())
             .filter(|z| z.len() < data.len());
         let (codec, payload) = match compressed {
-            Some(z) => (Codec::Zstd, z),
+            // Sized for the worst case (a little over `data`): senders keep
+            // payloads until acknowledged, so return the unused part.
+            Some(mut z) => {
+                z.shrink_to_fit();
+                (Codec::Zstd, z)
+            }
             None => (Codec::None, data.to_vec()),
         };
         Extent {
@@ -163,6 +168,29 @@ impl Extent {
             checksum: sum,
             payload,
         }
+    }
+
+    /// Appends this extent's frame as sent with `seq` and `disk`, all but
+    /// the payload, which is to follow it on the wire: a sender keeps one
+    /// copy of the payload (the one it holds for a resend) instead of a
+    /// second inside the frame.
+    pub fn encode_frame_head(&self, seq: u64, disk: u32, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&[0; 4]);
+        self.encode_fields(seq, disk, &mut Writer::new(out));
+        let len = (out.len() - start - 4 + self.payload.len()) as u32;
+        out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    }
+
+    /// Type byte and fields up to the payload.
+    fn encode_fields(&self, seq: u64, disk: u32, w: &mut Writer<'_>) {
+        w.u8(code::EXTENT);
+        w.u64(seq);
+        w.u32(disk);
+        w.u64(self.offset_bytes);
+        w.u32(self.len_bytes);
+        w.u8(self.codec as u8);
+        w.bytes(&self.checksum);
     }
 
     /// The uncompressed data, verified against the checksum. Decompression
@@ -393,13 +421,7 @@ impl Message {
                 w.bool(*image_existed);
             }
             Message::Extent(e) => {
-                w.u8(code::EXTENT);
-                w.u64(e.seq);
-                w.u32(e.disk);
-                w.u64(e.offset_bytes);
-                w.u32(e.len_bytes);
-                w.u8(e.codec as u8);
-                w.bytes(&e.checksum);
+                e.encode_fields(e.seq, e.disk, &mut w);
                 w.bytes(&e.payload);
             }
             Message::Zero {
@@ -808,6 +830,27 @@ mod tests {
             let mut scratch = Vec::new();
             prop_assert_eq!(e.unpack(&mut d, &mut scratch).expect("unpack"), &data[..]);
         }
+    }
+
+    /// A frame sent as head then payload is byte for byte the frame of the
+    /// message, with the seq and disk handle the head was given.
+    #[test]
+    fn extent_head_and_payload_make_the_frame() {
+        let mut c = zstd::bulk::Compressor::new(1).expect("zstd");
+        let data: Vec<u8> = (0..20_000u32).map(|i| (i % 7) as u8).collect();
+        let held = Extent::pack(0, 0, 4096, &data, Some(&mut c));
+        let mut sent = Vec::new();
+        held.encode_frame_head(41, 3, &mut sent);
+        sent.extend_from_slice(&held.payload);
+        let mut whole = Vec::new();
+        Message::Extent(Extent {
+            seq: 41,
+            disk: 3,
+            ..held.clone()
+        })
+        .encode_frame(&mut whole);
+        assert_eq!(sent, whole);
+        assert!(held.payload.len() < data.len() / 10, "compressed");
     }
 
     /// The worked examples in docs/PROTOCOL.md.
