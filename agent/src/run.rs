@@ -137,11 +137,6 @@ impl DiskRun {
     }
 
     fn save(&self, dir: &std::path::Path, clean_stop: bool) -> std::io::Result<()> {
-        let mut map =
-            DirtyMap::from_bytes(&self.dirty.to_bytes()).expect("a map reads back what it wrote");
-        for r in &self.pending {
-            map.mark(r.clone());
-        }
         state::save(
             dir,
             &DiskState {
@@ -153,7 +148,8 @@ impl DiskRun {
                 clean_stop,
                 resync: self.resync.clone(),
             },
-            &map.to_bytes(),
+            &self.dirty,
+            &self.pending,
         )
     }
 }

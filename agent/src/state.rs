@@ -3,10 +3,13 @@
 //! start whether that map can be trusted (same boot, same disk, and the
 //! block layer's counters agree with the events still in the tracer).
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use tidemark_common::durable::write_atomic;
+use tidemark_common::durable::{write_atomic, write_atomic_with};
+
+use crate::tracking::DirtyMap;
 
 /// Why a disk needs a full resync.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,8 +88,15 @@ fn file_name(disk_id: &str, ext: &str) -> String {
 
 /// Saves a disk's state and dirty map (map first: a state file never
 /// describes a map older than itself).
-pub fn save(dir: &Path, state: &DiskState, dirty: &[u8]) -> std::io::Result<()> {
-    write_atomic(&dir.join(file_name(&state.disk_id, "dirty")), dirty, 0o600)?;
+pub fn save(
+    dir: &Path,
+    state: &DiskState,
+    dirty: &DirtyMap,
+    also_dirty: &[Range<u64>],
+) -> std::io::Result<()> {
+    write_atomic_with(&dir.join(file_name(&state.disk_id, "dirty")), 0o600, |w| {
+        dirty.write_to(also_dirty, w)
+    })?;
     let mut json = serde_json::to_vec_pretty(state).expect("state serializes");
     json.push(b'\n');
     write_atomic(&dir.join(file_name(&state.disk_id, "state")), &json, 0o600)
@@ -124,11 +134,14 @@ mod tests {
             clean_stop: true,
             resync: Some(ResyncReason::EventsLost("cpu1 overrun 5".into())),
         };
-        save(dir.path(), &s, b"map").expect("save");
-        assert_eq!(
-            load(dir.path(), "d").expect("load"),
-            Some((s, b"map".to_vec()))
-        );
+        let mut map = DirtyMap::new(1 << 30, 4096);
+        map.mark(8192..12288);
+        save(dir.path(), &s, &map, &[1 << 20..(1 << 20) + 1]).expect("save");
+        let (state, bytes) = load(dir.path(), "d").expect("load").expect("saved");
+        assert_eq!(state, s);
+        let mut want = map.clone();
+        want.mark(1 << 20..(1 << 20) + 1);
+        assert_eq!(DirtyMap::from_bytes(&bytes).expect("map"), want);
         std::fs::write(dir.path().join("d.state"), "{").expect("write");
         assert!(load(dir.path(), "d").is_err());
     }
