@@ -259,6 +259,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         })
         .collect::<Result<_, _>>()?;
     let instance = instance_name(&cfg.name);
+    let _instance_lock = crate::tracking::InstanceLock::take(&instance)?;
     let (tracker, reused) = Tracker::open(&instance, tracked.clone(), cfg.trace_buffer_kb)?;
     if !reused {
         info!("trace instance {instance} (re)created: writes while the agent was down are only known from the audit");

@@ -46,12 +46,15 @@ impl RunningAgent {
         }
     }
 
+    pub fn pid(&self) -> anyhow::Result<u32> {
+        Ok(self.daemon.as_ref().context("not running")?.pid())
+    }
+
     /// Stops every thread of the agent (SIGSTOP) until the guard drops:
     /// an agent starved of CPU, which is the only way to make a burst
     /// outrun its 100 ms drains whatever the speed of the machine.
     pub fn paused(&self) -> anyhow::Result<Paused> {
-        let pid = self.daemon.as_ref().context("not running")?.pid();
-        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        let pid = nix::unistd::Pid::from_raw(self.pid()? as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP)?;
         Ok(Paused(pid))
     }

@@ -53,6 +53,51 @@ fn raw_writes_replicate_and_points_export_exactly() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A second `run` of the same agent (a stale one beside the service, or
+/// one started by hand) would share its trace instance and make both
+/// resync without end: it is refused, and the first keeps replicating.
+#[test]
+fn a_second_agent_on_the_same_instance_is_refused() -> anyhow::Result<()> {
+    let site = Site::start()?;
+    let dev = LoopDev::create(&site.dir.path().join("twice.img"), 16 << 20)?;
+    let cfg = run_config(&site, "run-twice", &[(dev.path(), "disk-twice")], "")?;
+    let mut agent = RunningAgent::start(&cfg, "run-twice")?;
+    let pid = agent.pid()?;
+    let mut second = Command::new(workspace_bin("tidemark-agent"))
+        .args(["run", "--config", path(&cfg)])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = second.try_wait()? {
+            break s;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = second.kill();
+            let _ = second.wait();
+            anyhow::bail!("a second agent on the same trace instance was still running after 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().context("stderr")?, &mut err)?;
+    ensure!(!status.success(), "the second agent exited 0: {err}");
+    ensure!(
+        err.contains("in use by another tidemark-agent") && err.contains(&format!("pid {pid}")),
+        "the refusal names the running agent: {err}"
+    );
+    churn(&dev, &mut SplitMix64::new(9), 50)?;
+    let id = agent.bookmark(false)?;
+    ensure!(site.export("disk-twice", &id.to_string())? == dev.read_all()?);
+    let log = agent.stop()?;
+    ensure!(
+        log.matches("resync required").count() == 1,
+        "only the initial sync: {log}"
+    );
+    Ok(())
+}
+
 #[test]
 fn ext4_files_at_a_point_mount_and_check_clean() -> anyhow::Result<()> {
     require_cmd("fsck.ext4")?;

@@ -14,6 +14,7 @@
 
 mod bitmap;
 pub mod format;
+mod lock;
 pub mod page;
 mod stats;
 mod tracefs;
@@ -24,6 +25,7 @@ use std::path::{Path, PathBuf};
 pub use bitmap::{
     granularity_for, DirtyMap, DEFAULT_GRANULARITY_BYTES, MAX_MAP_BYTES, MIN_GRANULARITY_BYTES,
 };
+pub use lock::InstanceLock;
 pub use tracefs::{Tracker, TRACEFS_ROOT};
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +69,17 @@ pub enum TrackError {
     },
     #[error("cannot remove trace instance {}", path.display())]
     RemoveInstance {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("trace instance {instance} is in use by another tidemark-agent (pid {pid}, lock {}): stop that agent first (two agents on one instance each see part of the writes and resync without end)", path.display())]
+    InUse {
+        instance: String,
+        pid: String,
+        path: PathBuf,
+    },
+    #[error("cannot take the agent's lock {}", path.display())]
+    Lock {
         path: PathBuf,
         source: std::io::Error,
     },
