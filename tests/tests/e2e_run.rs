@@ -63,25 +63,12 @@ fn a_second_agent_on_the_same_instance_is_refused() -> anyhow::Result<()> {
     let cfg = run_config(&site, "run-twice", &[(dev.path(), "disk-twice")], "")?;
     let mut agent = RunningAgent::start(&cfg, "run-twice")?;
     let pid = agent.pid()?;
-    let mut second = Command::new(workspace_bin("tidemark-agent"))
-        .args(["run", "--config", path(&cfg)])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    let started = std::time::Instant::now();
-    let status = loop {
-        if let Some(s) = second.try_wait()? {
-            break s;
-        }
-        if started.elapsed() > Duration::from_secs(30) {
-            let _ = second.kill();
-            let _ = second.wait();
-            anyhow::bail!("a second agent on the same trace instance was still running after 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut second.stderr.take().context("stderr")?, &mut err)?;
+    let mut cmd = Command::new(workspace_bin("tidemark-agent"));
+    cmd.args(["run", "--config", path(&cfg)]);
+    // Killed on drop if it is still running when the test fails.
+    let second = Daemon::spawn(cmd)?;
+    let status = second.wait_timeout(Duration::from_secs(30))?;
+    let err = second.log();
     ensure!(!status.success(), "the second agent exited 0: {err}");
     ensure!(
         err.contains("in use by another tidemark-agent") && err.contains(&format!("pid {pid}")),
