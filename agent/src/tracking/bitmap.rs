@@ -1,23 +1,37 @@
-//! The dirty map: one bit per granule of a disk.
+//! The dirty map: one bit per granule of a disk, kept sparse.
 //!
-//! Memory is `size / granularity / 8` bytes: at [`DEFAULT_GRANULARITY_BYTES`]
-//! (64 KiB) a 4 TiB disk has 2^26 granules, an 8 MiB map. Small granules
-//! matter (a random 4 KiB write costs one granule of reading and shipping),
-//! so [`granularity_for`] picks the smallest power of two ≥ 4 KiB whose map
-//! stays within [`MAX_MAP_BYTES`]: 4 KiB up to 256 GiB disks, 64 KiB at
-//! 4 TiB, 256 KiB at 16 TiB.
+//! The granule: [`granularity_for`] picks the smallest power of two ≥ 4 KiB
+//! whose dense bitmap stays within [`MAX_MAP_BYTES`] (4 KiB up to 256 GiB
+//! disks, 64 KiB at 4 TiB, 256 KiB at 16 TiB). Small granules matter: a
+//! random 4 KiB write costs one granule of reading and shipping.
+//!
+//! Storage: granules are grouped in chunks of [`CHUNK_GRANULES`]; a chunk
+//! is clean, full, or a 512-byte bitmap, so memory follows what is dirty
+//! rather than the disk's size. A 4 TiB disk costs its 256 KiB chunk index
+//! when clean or wholly dirty (an initial sync), and at most the dense
+//! 8 MiB when writes are scattered over all of it. The saved form is sparse
+//! the same way: the map is saved every cycle with changes, and a 4 TiB map
+//! is 68 bytes to write and fsync when clean and 80 KiB when wholly dirty,
+//! instead of 8 MiB either way.
 
 use std::io::Write;
 use std::ops::Range;
 
-/// The granule for a 4 TiB disk, where the map reaches [`MAX_MAP_BYTES`]:
-/// 4 TiB / 64 KiB = 2^26 bits = 8 MiB. Smaller disks get smaller granules
-/// from [`granularity_for`].
+/// The granule for a 4 TiB disk, where the dense map reaches
+/// [`MAX_MAP_BYTES`]: 4 TiB / 64 KiB = 2^26 bits = 8 MiB. Smaller disks get
+/// smaller granules from [`granularity_for`].
 pub const DEFAULT_GRANULARITY_BYTES: u64 = 64 << 10;
 /// The smallest granule: a page, the unit of buffered writeback.
 pub const MIN_GRANULARITY_BYTES: u64 = 4096;
-/// Most bitmap memory per disk that [`granularity_for`] allows.
+/// Most bitmap memory per disk that [`granularity_for`] allows (were every
+/// chunk scattered-dirty at once).
 pub const MAX_MAP_BYTES: u64 = 8 << 20;
+
+/// Granules per chunk: 64 words, a 512-byte bitmap, 16 MiB of disk at
+/// 4 KiB granules. Small enough that a scattered write costs little, large
+/// enough that the index stays small (16 bytes per chunk: 256 KiB at 4 TiB).
+pub const CHUNK_GRANULES: u64 = 4096;
+const CHUNK_WORDS: usize = (CHUNK_GRANULES / 64) as usize;
 
 /// The smallest power-of-two granule, at least 4 KiB, whose map fits
 /// [`MAX_MAP_BYTES`].
@@ -31,37 +45,75 @@ pub fn granularity_for(size_bytes: u64) -> u64 {
 
 /// Start of the persisted form.
 const MAGIC: &[u8; 8] = b"TDMKDMAP";
-/// Persisted form version; v1: header, little-endian u64 words, BLAKE3.
-const VERSION: u32 = 1;
+/// v1: header, every word (dense), BLAKE3; still read, so that an upgraded
+/// agent resumes from its predecessor's state without a resync.
+const VERSION_DENSE: u32 = 1;
+/// v2: header, then one record per chunk that is not clean, in ascending
+/// order — u32 chunk index, u8 kind ([`RECORD_FULL`] or [`RECORD_BITS`],
+/// the latter followed by the chunk's 64 words) — then BLAKE3.
+const VERSION: u32 = 2;
+const RECORD_FULL: u8 = 1;
+const RECORD_BITS: u8 = 2;
 /// Header: magic, u32 version, u64 granularity, u64 size, u64 count of set
 /// bits; all little-endian.
 const HEADER_BYTES: usize = 8 + 4 + 8 + 8 + 8;
-/// BLAKE3 over header and words, at the end.
+/// BLAKE3 over header and body, at the end.
 const CHECKSUM_BYTES: usize = 32;
-/// Words serialized at a time when saving (64 KiB).
-const WRITE_CHUNK_WORDS: usize = 8192;
+/// Bytes buffered at a time when saving.
+const WRITE_CHUNK_BYTES: usize = 64 << 10;
 
-#[derive(Debug, Clone)]
-pub struct DirtyMap {
-    size_bytes: u64,
-    granularity_bytes: u64,
-    words: Vec<u64>,
-    /// Number of set bits.
-    set: u64,
-    /// Every word below this index is zero (a scan start for `take`).
-    low_word: usize,
+/// A chunk's granules. Canonical: `Bits` holds at least one and fewer than
+/// all of the chunk's granules, so equal maps have equal chunks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Chunk {
+    Clean,
+    Full,
+    Bits(Box<Bits>),
 }
 
-/// Maps are equal when they describe the same disk and dirty granules.
-impl PartialEq for DirtyMap {
-    fn eq(&self, other: &DirtyMap) -> bool {
-        self.size_bytes == other.size_bytes
-            && self.granularity_bytes == other.granularity_bytes
-            && self.words == other.words
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Bits {
+    words: [u64; CHUNK_WORDS],
+    set: u32,
+}
+
+impl Bits {
+    fn zero() -> Box<Bits> {
+        Box::new(Bits {
+            words: [0; CHUNK_WORDS],
+            set: 0,
+        })
+    }
+
+    /// The first `granules` bits set.
+    fn ones(granules: u64) -> Box<Bits> {
+        let mut b = Bits::zero();
+        for (w, mask) in word_masks(0..granules) {
+            b.words[w] = mask;
+        }
+        b.set = granules as u32;
+        b
+    }
+
+    /// Sets the bits of `mask` in word `w`; returns how many were new.
+    fn or(&mut self, w: usize, mask: u64) -> u32 {
+        let new = (mask & !self.words[w]).count_ones();
+        self.words[w] |= mask;
+        self.set += new;
+        new
     }
 }
 
-impl Eq for DirtyMap {}
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirtyMap {
+    size_bytes: u64,
+    granularity_bytes: u64,
+    chunks: Vec<Chunk>,
+    /// Number of set bits.
+    set: u64,
+    /// Every chunk below this index is clean (a scan start for `take`).
+    low_chunk: usize,
+}
 
 impl DirtyMap {
     /// A clean map of a disk of `size_bytes`.
@@ -74,14 +126,14 @@ impl DirtyMap {
             granularity_bytes.is_power_of_two() && granularity_bytes >= MIN_GRANULARITY_BYTES,
             "granularity must be a power of two of at least 4096"
         );
-        let words = word_count(size_bytes, granularity_bytes);
-        let words = usize::try_from(words).expect("dirty map fits in memory");
+        let chunks = chunk_count(size_bytes, granularity_bytes);
+        let chunks = usize::try_from(chunks).expect("dirty map fits in memory");
         DirtyMap {
             size_bytes,
             granularity_bytes,
-            words: vec![0; words],
+            chunks: vec![Chunk::Clean; chunks],
             set: 0,
-            low_word: words,
+            low_chunk: chunks,
         }
     }
 
@@ -97,18 +149,69 @@ impl DirtyMap {
         self.size_bytes.div_ceil(self.granularity_bytes)
     }
 
+    /// Granules in chunk `c` (the last one may hold fewer).
+    fn capacity(&self, c: usize) -> u64 {
+        (self.granules() - c as u64 * CHUNK_GRANULES).min(CHUNK_GRANULES)
+    }
+
+    /// Bytes of memory the chunks hold beyond the index (what scattered
+    /// writes cost; for the benchmarks and tests).
+    pub fn bitmap_bytes(&self) -> usize {
+        self.chunks
+            .iter()
+            .filter(|c| matches!(c, Chunk::Bits(_)))
+            .count()
+            * std::mem::size_of::<Bits>()
+    }
+
     /// Marks a byte range, rounded out to whole granules, clipped to the disk.
     pub fn mark(&mut self, range: Range<u64>) {
         let end = range.end.min(self.size_bytes);
         if range.start >= end {
             return;
         }
-        self.low_word = self
-            .low_word
-            .min((range.start / self.granularity_bytes / 64) as usize);
-        for (w, mask) in word_masks(range.start..end, self.granularity_bytes) {
-            self.set += u64::from((mask & !self.words[w]).count_ones());
-            self.words[w] |= mask;
+        let (g0, g1) = (
+            range.start / self.granularity_bytes,
+            end.div_ceil(self.granularity_bytes),
+        );
+        let (c0, c1) = (
+            (g0 / CHUNK_GRANULES) as usize,
+            (g1 - 1) / CHUNK_GRANULES + 1,
+        );
+        self.low_chunk = self.low_chunk.min(c0);
+        for c in c0..c1 as usize {
+            let base = c as u64 * CHUNK_GRANULES;
+            let cap = self.capacity(c);
+            let (lo, hi) = (g0.max(base) - base, (g1 - base).min(cap));
+            let chunk = &mut self.chunks[c];
+            if lo == 0 && hi == cap {
+                // A whole chunk: no bit work, however large the range.
+                let had = match chunk {
+                    Chunk::Clean => 0,
+                    Chunk::Full => cap,
+                    Chunk::Bits(b) => u64::from(b.set),
+                };
+                self.set += cap - had;
+                *chunk = Chunk::Full;
+                continue;
+            }
+            let bits = match chunk {
+                Chunk::Full => continue,
+                Chunk::Clean => {
+                    *chunk = Chunk::Bits(Bits::zero());
+                    let Chunk::Bits(b) = chunk else {
+                        unreachable!()
+                    };
+                    b
+                }
+                Chunk::Bits(b) => b,
+            };
+            for (w, mask) in word_masks(lo..hi) {
+                self.set += u64::from(bits.or(w, mask));
+            }
+            if u64::from(bits.set) == cap {
+                *chunk = Chunk::Full;
+            }
         }
     }
 
@@ -119,16 +222,22 @@ impl DirtyMap {
     pub fn grown(&self, size_bytes: u64) -> DirtyMap {
         let gran = self.granularity_bytes.max(granularity_for(size_bytes));
         let mut out = DirtyMap::new(size_bytes.max(self.size_bytes), gran);
-        if gran == self.granularity_bytes {
-            out.words[..self.words.len()].copy_from_slice(&self.words);
+        let mut copy = self.clone();
+        if gran == self.granularity_bytes && self.granules().is_multiple_of(CHUNK_GRANULES) {
+            // Chunk boundaries stay where they were: move the chunks.
+            let n = copy.chunks.len();
+            for (to, from) in out.chunks[..n].iter_mut().zip(copy.chunks) {
+                *to = from;
+            }
             out.set = self.set;
-            out.low_word = if self.set == 0 {
-                out.words.len()
+            out.low_chunk = if self.set == 0 {
+                out.chunks.len()
             } else {
-                self.low_word
+                self.low_chunk
             };
         } else {
-            let mut copy = self.clone();
+            // The old last chunk was short (it is not in the grown map) or
+            // the granule changed: mark range by range.
             for r in copy.take(u64::MAX, u64::MAX) {
                 out.mark(r);
             }
@@ -151,7 +260,14 @@ impl DirtyMap {
         }
         let last = self.granules() - 1;
         let full = self.set * self.granularity_bytes;
-        let last_set = self.words[(last / 64) as usize] & (1 << (last % 64)) != 0;
+        let last_set = match &self.chunks[(last / CHUNK_GRANULES) as usize] {
+            Chunk::Clean => false,
+            Chunk::Full => true,
+            Chunk::Bits(b) => {
+                let i = last % CHUNK_GRANULES;
+                b.words[(i / 64) as usize] & (1 << (i % 64)) != 0
+            }
+        };
         if last_set {
             full - (self.granules() * self.granularity_bytes - self.size_bytes)
         } else {
@@ -170,95 +286,153 @@ impl DirtyMap {
         let per_range = (max_range_bytes / gran).max(1);
         let mut out: Vec<Range<u64>> = Vec::new();
         let mut taken = 0u64;
-        let mut w = self.low_word;
-        'words: while w < self.words.len() && self.set > 0 {
-            while self.words[w] != 0 {
-                let b = u64::from(self.words[w].trailing_zeros());
-                let start = (w as u64 * 64 + b) * gran;
-                let end = (start + gran).min(self.size_bytes);
-                if taken > 0 && taken + (end - start) > max_bytes {
-                    break 'words;
+        let mut c = self.low_chunk;
+        'chunks: while c < self.chunks.len() && self.set > 0 && max_bytes > 0 {
+            let base = c as u64 * CHUNK_GRANULES;
+            let cap = self.capacity(c);
+            match &mut self.chunks[c] {
+                Chunk::Clean => {
+                    c += 1;
+                    continue;
                 }
-                if max_bytes == 0 {
-                    break 'words;
-                }
-                self.words[w] &= !(1 << b);
-                self.set -= 1;
-                taken += end - start;
-                match out.last_mut() {
-                    Some(last)
-                        if last.end == start && (last.end - last.start) / gran < per_range =>
-                    {
-                        last.end = end
+                Chunk::Full => {
+                    let bytes = ((base + cap) * gran).min(self.size_bytes) - base * gran;
+                    if taken + bytes <= max_bytes {
+                        push_granules(&mut out, base..base + cap, gran, self.size_bytes, per_range);
+                        taken += bytes;
+                        self.set -= cap;
+                        self.chunks[c] = Chunk::Clean;
+                        c += 1;
+                        continue;
                     }
-                    _ => out.push(start..end),
+                    // The budget ends inside this chunk: granule by granule.
+                    self.chunks[c] = Chunk::Bits(Bits::ones(cap));
+                }
+                Chunk::Bits(_) => {}
+            }
+            let Chunk::Bits(bits) = &mut self.chunks[c] else {
+                unreachable!("a full chunk was just made bits")
+            };
+            for w in 0..CHUNK_WORDS {
+                while bits.words[w] != 0 {
+                    let b = u64::from(bits.words[w].trailing_zeros());
+                    let g = base + w as u64 * 64 + b;
+                    let len = ((g + 1) * gran).min(self.size_bytes) - g * gran;
+                    if taken > 0 && taken + len > max_bytes {
+                        break 'chunks;
+                    }
+                    bits.words[w] &= !(1 << b);
+                    bits.set -= 1;
+                    self.set -= 1;
+                    taken += len;
+                    push_granules(&mut out, g..g + 1, gran, self.size_bytes, per_range);
                 }
             }
-            w += 1;
+            self.chunks[c] = Chunk::Clean;
+            c += 1;
         }
-        // Everything below `w` is clear now (and the word at `w` if the
-        // loop ran off the end).
-        self.low_word = if self.set == 0 { self.words.len() } else { w };
+        // The chunk the budget ran out in stays canonical (a full chunk made
+        // bits may have had nothing taken from it).
+        if let Some(Chunk::Bits(b)) = self.chunks.get(c) {
+            if b.set == 0 {
+                self.chunks[c] = Chunk::Clean;
+            } else if u64::from(b.set) == self.capacity(c) {
+                self.chunks[c] = Chunk::Full;
+            }
+        }
+        self.low_chunk = if self.set == 0 { self.chunks.len() } else { c };
         out
     }
 
     /// Versioned, checksummed bytes for the state file.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(HEADER_BYTES + self.words.len() * 8 + CHECKSUM_BYTES);
+        let mut out = Vec::new();
         self.write_to(&[], &mut out)
             .expect("writing to a Vec succeeds");
         out
     }
 
-    /// Writes [`DirtyMap::to_bytes`] of this map with `also` marked,
-    /// without a copy of the map or of its bytes: at 4 TiB the map is
-    /// 8 MiB, and it is saved every cycle with the extents in flight marked.
+    /// Writes [`DirtyMap::to_bytes`] of this map with `also` marked (the
+    /// extents in flight, saved every cycle), without copying the map:
+    /// only the chunks `also` touches are merged into a temporary copy.
     pub fn write_to(&self, also: &[Range<u64>], out: &mut dyn Write) -> std::io::Result<()> {
-        let mut extra = std::collections::BTreeMap::<usize, u64>::new();
+        let mut extra = std::collections::BTreeMap::<usize, Box<Bits>>::new();
         for r in also {
             let end = r.end.min(self.size_bytes);
-            if r.start < end {
-                for (w, mask) in word_masks(r.start..end, self.granularity_bytes) {
-                    *extra.entry(w).or_default() |= mask;
+            if r.start >= end {
+                continue;
+            }
+            let (g0, g1) = (
+                r.start / self.granularity_bytes,
+                end.div_ceil(self.granularity_bytes),
+            );
+            for c in (g0 / CHUNK_GRANULES) as usize..=((g1 - 1) / CHUNK_GRANULES) as usize {
+                if self.chunks[c] == Chunk::Full {
+                    continue;
+                }
+                let base = c as u64 * CHUNK_GRANULES;
+                let m = extra.entry(c).or_insert_with(|| match &self.chunks[c] {
+                    Chunk::Bits(b) => b.clone(),
+                    _ => Bits::zero(),
+                });
+                let (lo, hi) = (g0.max(base) - base, (g1 - base).min(self.capacity(c)));
+                for (w, mask) in word_masks(lo..hi) {
+                    m.or(w, mask);
                 }
             }
         }
         let added: u64 = extra
             .iter()
-            .map(|(&w, &m)| u64::from((m & !self.words[w]).count_ones()))
+            .map(|(&c, m)| {
+                let had = match &self.chunks[c] {
+                    Chunk::Bits(b) => b.set,
+                    _ => 0,
+                };
+                u64::from(m.set - had)
+            })
             .sum();
         let mut sum = blake3::Hasher::new();
-        let mut put = |bytes: &[u8]| {
-            sum.update(bytes);
-            out.write_all(bytes)
-        };
-        let mut head = Vec::with_capacity(HEADER_BYTES);
-        head.extend_from_slice(MAGIC);
-        head.extend_from_slice(&VERSION.to_le_bytes());
-        head.extend_from_slice(&self.granularity_bytes.to_le_bytes());
-        head.extend_from_slice(&self.size_bytes.to_le_bytes());
-        head.extend_from_slice(&(self.set + added).to_le_bytes());
-        put(&head)?;
+        let mut buf = Vec::with_capacity(WRITE_CHUNK_BYTES + 8 * CHUNK_WORDS + 5);
+        buf.extend_from_slice(MAGIC);
+        buf.extend_from_slice(&VERSION.to_le_bytes());
+        buf.extend_from_slice(&self.granularity_bytes.to_le_bytes());
+        buf.extend_from_slice(&self.size_bytes.to_le_bytes());
+        buf.extend_from_slice(&(self.set + added).to_le_bytes());
         let mut extra = extra.into_iter().peekable();
-        let mut chunk = Vec::with_capacity(WRITE_CHUNK_WORDS * 8);
-        for (c, words) in self.words.chunks(WRITE_CHUNK_WORDS).enumerate() {
-            chunk.clear();
-            for (j, &w) in words.iter().enumerate() {
-                let i = c * WRITE_CHUNK_WORDS + j;
-                let w = match extra.next_if(|&(at, _)| at == i) {
-                    Some((_, mask)) => w | mask,
-                    None => w,
-                };
-                chunk.extend_from_slice(&w.to_le_bytes());
+        for (c, chunk) in self.chunks.iter().enumerate() {
+            let merged = extra.next_if(|(at, _)| *at == c).map(|(_, m)| m);
+            let bits = match (chunk, &merged) {
+                (Chunk::Full, _) => None,
+                (_, Some(m)) if u64::from(m.set) == self.capacity(c) => None,
+                (_, Some(m)) => Some(&**m),
+                (Chunk::Bits(b), None) => Some(&**b),
+                (Chunk::Clean, None) => continue,
+            };
+            buf.extend_from_slice(&(c as u32).to_le_bytes());
+            match bits {
+                None => buf.push(RECORD_FULL),
+                Some(b) => {
+                    buf.push(RECORD_BITS);
+                    for w in b.words {
+                        buf.extend_from_slice(&w.to_le_bytes());
+                    }
+                }
             }
-            put(&chunk)?;
+            if buf.len() >= WRITE_CHUNK_BYTES {
+                sum.update(&buf);
+                out.write_all(&buf)?;
+                buf.clear();
+            }
         }
-        let sum = sum.finalize();
-        out.write_all(sum.as_bytes())
+        sum.update(&buf);
+        out.write_all(&buf)?;
+        out.write_all(sum.finalize().as_bytes())
     }
 
-    /// Reads what [`DirtyMap::to_bytes`] wrote. Never panics; allocates
-    /// only after the input's length has been checked against its header.
+    /// Reads what [`DirtyMap::to_bytes`] wrote (or the dense v1 form of
+    /// earlier agents). Never panics; allocates only for a map whose dense
+    /// form would fit [`MAX_MAP_BYTES`] (v2) or whose length matches its
+    /// header (v1).
     pub fn from_bytes(b: &[u8]) -> Result<DirtyMap, String> {
         if b.len() < HEADER_BYTES + CHECKSUM_BYTES {
             return Err(format!("dirty map is truncated ({} bytes)", b.len()));
@@ -270,65 +444,169 @@ impl DirtyMap {
         if &body[..8] != MAGIC {
             return Err("not a dirty map".into());
         }
-        let u64_at = |at: usize| {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(&body[at..at + 8]);
-            u64::from_le_bytes(a)
-        };
-        let mut v = [0u8; 4];
-        v.copy_from_slice(&body[8..12]);
-        let version = u32::from_le_bytes(v);
-        if version != VERSION {
-            return Err(format!("dirty map version {version} is not supported"));
-        }
-        let (gran, size, set) = (u64_at(12), u64_at(20), u64_at(28));
+        let version = u32::from_le_bytes(body[8..12].try_into().expect("4 bytes"));
+        let (gran, size, set) = (u64_at(body, 12), u64_at(body, 20), u64_at(body, 28));
         if !gran.is_power_of_two() || gran < MIN_GRANULARITY_BYTES {
             return Err(format!("dirty map granularity {gran} is invalid"));
         }
-        let words = &body[HEADER_BYTES..];
-        if words.len() as u64 != word_count(size, gran).saturating_mul(8) {
-            return Err(format!(
-                "dirty map has {} bytes of bits, its disk of {size} bytes at {gran} needs {}",
-                words.len(),
-                word_count(size, gran).saturating_mul(8)
-            ));
-        }
-        let mut map = DirtyMap::new(size, gran);
-        for (w, chunk) in map.words.iter_mut().zip(words.chunks_exact(8)) {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(chunk);
-            *w = u64::from_le_bytes(a);
-        }
-        let granules = map.granules();
-        if !granules.is_multiple_of(64) {
-            if let Some(&last) = map.words.last() {
-                if last >> (granules % 64) != 0 {
-                    return Err("dirty map has bits past the end of its disk".into());
+        let records = &body[HEADER_BYTES..];
+        let map = match version {
+            VERSION => {
+                if word_count(size, gran).saturating_mul(8) > MAX_MAP_BYTES {
+                    return Err(format!(
+                        "dirty map granularity {gran} is too fine for a disk of {size} bytes"
+                    ));
                 }
+                DirtyMap::from_records(size, gran, records)?
             }
-        }
-        map.set = map.words.iter().map(|w| u64::from(w.count_ones())).sum();
+            VERSION_DENSE => DirtyMap::from_dense(size, gran, records)?,
+            _ => return Err(format!("dirty map version {version} is not supported")),
+        };
         if map.set != set {
             return Err(format!(
                 "dirty map says {set} dirty granules, its bits say {}",
                 map.set
             ));
         }
-        map.low_word = map
-            .words
-            .iter()
-            .position(|&w| w != 0)
-            .unwrap_or(map.words.len());
+        Ok(map)
+    }
+
+    fn from_records(size: u64, gran: u64, mut rec: &[u8]) -> Result<DirtyMap, String> {
+        let mut map = DirtyMap::new(size, gran);
+        let mut next = 0usize; // records are ascending and unique
+        while !rec.is_empty() {
+            if rec.len() < 5 {
+                return Err("dirty map ends inside a chunk record".into());
+            }
+            let c = u32::from_le_bytes(rec[..4].try_into().expect("4 bytes")) as usize;
+            if c < next || c >= map.chunks.len() {
+                return Err(format!(
+                    "dirty map chunk {c} is out of order or past the end of its disk"
+                ));
+            }
+            next = c + 1;
+            let cap = map.capacity(c);
+            match rec[4] {
+                RECORD_FULL => {
+                    map.chunks[c] = Chunk::Full;
+                    map.set += cap;
+                    rec = &rec[5..];
+                }
+                RECORD_BITS if rec.len() >= 5 + 8 * CHUNK_WORDS => {
+                    let mut bits = Bits::zero();
+                    for (w, word) in rec[5..5 + 8 * CHUNK_WORDS].chunks_exact(8).enumerate() {
+                        bits.or(w, u64_at(word, 0));
+                    }
+                    rec = &rec[5 + 8 * CHUNK_WORDS..];
+                    if bits.set == 0 || u64::from(bits.set) >= cap {
+                        return Err(format!("dirty map chunk {c} is not in canonical form"));
+                    }
+                    map.set += u64::from(bits.set);
+                    map.chunks[c] = Chunk::Bits(bits);
+                    check_no_bits_past(&map, c)?;
+                }
+                RECORD_BITS => return Err("dirty map ends inside a chunk record".into()),
+                k => return Err(format!("dirty map chunk {c} has unknown kind {k}")),
+            }
+            map.low_chunk = map.low_chunk.min(c);
+        }
+        Ok(map)
+    }
+
+    /// The v1 form: every word of a dense bitmap.
+    fn from_dense(size: u64, gran: u64, words: &[u8]) -> Result<DirtyMap, String> {
+        let want = word_count(size, gran).saturating_mul(8);
+        if words.len() as u64 != want {
+            return Err(format!(
+                "dirty map has {} bytes of bits, its disk of {size} bytes at {gran} needs {want}",
+                words.len(),
+            ));
+        }
+        let granules = size.div_ceil(gran);
+        if !granules.is_multiple_of(64) && words.len() >= 8 {
+            let last = u64_at(words, words.len() - 8);
+            if last >> (granules % 64) != 0 {
+                return Err("dirty map has bits past the end of its disk".into());
+            }
+        }
+        let mut map = DirtyMap::new(size, gran);
+        for (c, chunk_words) in words.chunks(8 * CHUNK_WORDS).enumerate() {
+            let mut bits = Bits::zero();
+            for (w, word) in chunk_words.chunks_exact(8).enumerate() {
+                bits.or(w, u64_at(word, 0));
+            }
+            map.set += u64::from(bits.set);
+            map.chunks[c] = match u64::from(bits.set) {
+                0 => Chunk::Clean,
+                n if n == map.capacity(c) => Chunk::Full,
+                _ => Chunk::Bits(bits),
+            };
+            if map.chunks[c] != Chunk::Clean {
+                map.low_chunk = map.low_chunk.min(c);
+            }
+        }
         Ok(map)
     }
 }
 
-/// The words a byte range (non-empty, within the disk) covers, each with
-/// the bits of its granules in the range: up to a whole word at a time,
-/// since a resync marks terabytes.
-fn word_masks(range: Range<u64>, granularity_bytes: u64) -> impl Iterator<Item = (usize, u64)> {
-    let last = range.end.div_ceil(granularity_bytes); // exclusive
-    let mut g = range.start / granularity_bytes;
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// A saved last chunk may not hold bits past the disk's last granule.
+fn check_no_bits_past(map: &DirtyMap, c: usize) -> Result<(), String> {
+    let cap = map.capacity(c);
+    let Chunk::Bits(b) = &map.chunks[c] else {
+        return Ok(());
+    };
+    let past = b.words.iter().enumerate().any(|(w, &word)| {
+        let first = w as u64 * 64;
+        if first >= cap {
+            word != 0
+        } else if first + 64 > cap {
+            word >> (cap - first) != 0
+        } else {
+            false
+        }
+    });
+    if past {
+        return Err("dirty map has bits past the end of its disk".into());
+    }
+    Ok(())
+}
+
+/// Appends granules `g` to `out` as byte ranges (clipped to the disk),
+/// extending the last range when adjacent, each at most `per_range`
+/// granules long.
+fn push_granules(
+    out: &mut Vec<Range<u64>>,
+    mut g: Range<u64>,
+    gran: u64,
+    size: u64,
+    per_range: u64,
+) {
+    while g.start < g.end {
+        let start = g.start * gran;
+        let room = match out.last() {
+            Some(last) if last.end == start && (last.end - last.start) / gran < per_range => {
+                per_range - (last.end - last.start) / gran
+            }
+            _ => {
+                out.push(start..start);
+                per_range
+            }
+        };
+        let n = room.min(g.end - g.start);
+        g.start += n;
+        out.last_mut().expect("pushed above").end = (g.start * gran).min(size);
+    }
+}
+
+/// The words a granule range within one chunk (non-empty) covers, each
+/// with the bits of its granules in the range: a whole word at a time.
+fn word_masks(range: Range<u64>) -> impl Iterator<Item = (usize, u64)> {
+    let last = range.end; // exclusive
+    let mut g = range.start;
     std::iter::from_fn(move || {
         if g >= last {
             return None;
@@ -345,16 +623,21 @@ fn word_masks(range: Range<u64>, granularity_bytes: u64) -> impl Iterator<Item =
     })
 }
 
-/// u64 words for the granules of a disk.
+/// u64 words of the dense bitmap of a disk.
 fn word_count(size_bytes: u64, granularity_bytes: u64) -> u64 {
     size_bytes.div_ceil(granularity_bytes).div_ceil(64)
 }
 
+/// Chunks of a disk's map.
+fn chunk_count(size_bytes: u64, granularity_bytes: u64) -> u64 {
+    size_bytes
+        .div_ceil(granularity_bytes)
+        .div_ceil(CHUNK_GRANULES)
+}
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use std::collections::BTreeSet;
 
     const G: u64 = 4096;
 
@@ -381,11 +664,11 @@ mod tests {
         assert!(r[0].start <= 5 * G && r[0].end >= 6 * G);
     }
 
-    /// Granules of a model set as coalesced byte ranges of at most
+    /// Granules (ascending) as coalesced byte ranges of at most
     /// `per_range` granules, clipped to `size`.
-    fn model_ranges(model: &BTreeSet<u64>, size: u64, per_range: u64) -> Vec<Range<u64>> {
+    fn model_ranges(granules: &[u64], size: u64, per_range: u64) -> Vec<Range<u64>> {
         let mut out: Vec<Range<u64>> = Vec::new();
-        for &g in model {
+        for &g in granules {
             let (s, e) = (g * G, ((g + 1) * G).min(size));
             match out.last_mut() {
                 Some(l) if l.end == s && (l.end - l.start) / G < per_range => l.end = e,
@@ -395,22 +678,31 @@ mod tests {
         out
     }
 
+    /// Disks of up to three and a bit chunks, so that marks and takes
+    /// cross chunk boundaries, fill chunks and end inside them.
+    const SPAN: u64 = (3 * CHUNK_GRANULES + 300) * G;
+
+    /// A mark, a take or a mark-all, as (op, a, b).
+    fn op() -> impl Strategy<Value = (u8, u64, u64)> {
+        prop_oneof![
+            3 => (0u64..SPAN + 20 * G, 1u64..(70 * G)).prop_map(|(s, l)| (0u8, s, l)),
+            1 => (0u64..SPAN + 20 * G, 1u64..(CHUNK_GRANULES + 100) * G)
+                .prop_map(|(s, l)| (0u8, s, l)),
+            2 => (1u64..(CHUNK_GRANULES + 50) * G, 1u64..(300 * G)).prop_map(|(b, r)| (1u8, b, r)),
+            1 => Just((2u8, 0, 0)),
+        ]
+    }
+
     proptest! {
         #[test]
         fn matches_a_set_model(
-            size in 1u64..(300 * G),
-            ops in proptest::collection::vec(
-                prop_oneof![
-                    4 => (0u64..(320 * G), 1u64..(70 * G)).prop_map(|(s, l)| (0u8, s, l)),
-                    1 => (1u64..(50 * G), 1u64..(9 * G)).prop_map(|(b, r)| (1u8, b, r)),
-                    1 => Just((2u8, 0, 0)),
-                ],
-                0..40,
-            ),
+            size in 1u64..SPAN,
+            ops in proptest::collection::vec(op(), 0..30),
         ) {
             let mut m = DirtyMap::new(size, G);
-            let mut model = BTreeSet::new();
             let granules = size.div_ceil(G);
+            let mut model = vec![false; granules as usize];
+            let len_of = |g: u64| ((g + 1) * G).min(size) - g * G;
             for (op, a, b) in ops {
                 match op {
                     0 => {
@@ -418,62 +710,69 @@ mod tests {
                         m.mark(start..start + len);
                         let end = (start + len).min(size);
                         if start < end {
-                            model.extend(start / G..end.div_ceil(G));
+                            for g in start / G..end.div_ceil(G) {
+                                model[g as usize] = true;
+                            }
                         }
                     }
                     1 => {
                         let (budget, max_range) = (a, b);
                         let got = m.take(budget, max_range);
                         // The model: the lowest granules within the budget.
-                        let mut taken = BTreeSet::new();
+                        let mut taken = Vec::new();
                         let mut bytes = 0;
-                        for &g in &model {
-                            let len = ((g + 1) * G).min(size) - g * G;
-                            if bytes > 0 && bytes + len > budget { break; }
-                            taken.insert(g);
-                            bytes += len;
+                        for g in 0..granules {
+                            if !model[g as usize] { continue; }
+                            if bytes > 0 && bytes + len_of(g) > budget { break; }
+                            model[g as usize] = false;
+                            taken.push(g);
+                            bytes += len_of(g);
                         }
-                        for g in &taken { model.remove(g); }
                         let want = model_ranges(&taken, size, (max_range / G).max(1));
                         prop_assert_eq!(got, want);
                     }
                     _ => {
                         m.mark_all();
-                        model.extend(0..granules);
+                        model.iter_mut().for_each(|b| *b = true);
                     }
                 }
-                prop_assert_eq!(m.set, model.len() as u64);
-                let expect_bytes: u64 =
-                    model.iter().map(|&g| ((g + 1) * G).min(size) - g * G).sum();
-                prop_assert_eq!(m.dirty_bytes(), expect_bytes);
-                prop_assert_eq!(m.is_clean(), model.is_empty());
+                let dirty: Vec<u64> = (0..granules).filter(|&g| model[g as usize]).collect();
+                prop_assert_eq!(m.set, dirty.len() as u64);
+                prop_assert_eq!(m.dirty_bytes(), dirty.iter().map(|&g| len_of(g)).sum::<u64>());
+                prop_assert_eq!(m.is_clean(), dirty.is_empty());
+                // Every chunk canonical: the saved form refuses anything else.
                 let back = DirtyMap::from_bytes(&m.to_bytes()).expect("round trip");
-                prop_assert_eq!(&back.words, &m.words);
+                prop_assert_eq!(&back, &m);
                 prop_assert_eq!(back.set, m.set);
             }
             // Drain whatever is left in pieces: every granule once, in order.
             let mut got = Vec::new();
             loop {
-                let ranges = m.take(5 * G, 3 * G);
+                let ranges = m.take(50 * G, 30 * G);
                 if ranges.is_empty() { break; }
                 for r in ranges {
-                    prop_assert!(r.end - r.start <= 3 * G && r.end <= size);
+                    prop_assert!(r.end - r.start <= 30 * G && r.end <= size);
                     got.extend(r.start / G..r.end.div_ceil(G));
                 }
             }
-            prop_assert_eq!(got, model.into_iter().collect::<Vec<_>>());
+            prop_assert_eq!(got, (0..granules).filter(|&g| model[g as usize]).collect::<Vec<_>>());
             prop_assert!(m.is_clean());
+            prop_assert_eq!(m.bitmap_bytes(), 0);
         }
 
         #[test]
         fn saving_with_ranges_marked_is_saving_a_marked_copy(
-            size in 1u64..(300 * G),
-            dirty in proptest::collection::vec((0u64..(320 * G), 0u64..(70 * G)), 0..6),
-            also in proptest::collection::vec((0u64..(320 * G), 0u64..(70 * G)), 0..6),
+            size in 1u64..SPAN,
+            dirty in proptest::collection::vec(op(), 0..8),
+            also in proptest::collection::vec((0u64..SPAN + 20 * G, 0u64..(CHUNK_GRANULES + 100) * G), 0..6),
         ) {
             let mut m = DirtyMap::new(size, G);
-            for &(at, len) in &dirty {
-                m.mark(at..at + len);
+            for &(op, a, b) in &dirty {
+                match op {
+                    0 => m.mark(a..a + b),
+                    1 => drop(m.take(a, b)),
+                    _ => m.mark_all(),
+                }
             }
             let also: Vec<Range<u64>> = also.iter().map(|&(at, len)| at..at + len).collect();
             let mut copy = m.clone();
@@ -484,6 +783,29 @@ mod tests {
             m.write_to(&also, &mut saved).expect("write");
             prop_assert_eq!(&saved, &copy.to_bytes());
             prop_assert_eq!(DirtyMap::from_bytes(&saved).expect("reads back"), copy);
+        }
+
+        #[test]
+        fn a_grown_map_holds_the_same_granules(
+            size in 1u64..SPAN,
+            more in 0u64..SPAN,
+            dirty in proptest::collection::vec(op(), 0..8),
+        ) {
+            let mut m = DirtyMap::new(size, G);
+            for &(op, a, b) in &dirty {
+                match op {
+                    0 => m.mark(a..a + b),
+                    1 => drop(m.take(a, b)),
+                    _ => m.mark_all(),
+                }
+            }
+            let grown = m.grown(size + more);
+            let mut want = DirtyMap::new(size + more, G);
+            for r in m.clone().take(u64::MAX, u64::MAX) {
+                want.mark(r);
+            }
+            prop_assert_eq!(&grown, &want);
+            prop_assert_eq!(DirtyMap::from_bytes(&grown.to_bytes()).expect("loads"), want);
         }
 
         #[test]
@@ -572,7 +894,7 @@ mod tests {
 
         // Consistent checksums over inconsistent content.
         let mut b = good.clone();
-        b[8] = 2; // version
+        b[8] = 3; // version
         assert!(DirtyMap::from_bytes(&resealed(b))
             .unwrap_err()
             .contains("version"));
@@ -592,11 +914,129 @@ mod tests {
         let mut small = DirtyMap::new(100 * G, G);
         small.mark(0..1);
         let mut b = small.to_bytes();
-        b[HEADER_BYTES + 8 + 7] |= 0x80; // bit 127 of word 1
+        b[HEADER_BYTES + 5 + 8 + 7] |= 0x80; // chunk 0's bit 127 (word 1)
         b[28..36].copy_from_slice(&2u64.to_le_bytes());
         assert!(DirtyMap::from_bytes(&resealed(b))
             .unwrap_err()
             .contains("past the end"));
+    }
+
+    #[test]
+    fn malformed_chunk_records_are_rejected() {
+        let size = 3 * CHUNK_GRANULES * G;
+        let mut m = DirtyMap::new(size, G);
+        m.mark(0..G);
+        m.mark(CHUNK_GRANULES * G..2 * CHUNK_GRANULES * G);
+        let good = m.to_bytes();
+        let rec0 = HEADER_BYTES; // chunk 0: bits
+        let rec1 = rec0 + 5 + 8 * CHUNK_WORDS; // chunk 1: full
+        assert_eq!(good.len(), rec1 + 5 + CHECKSUM_BYTES);
+        assert_eq!(good[rec1 + 4], RECORD_FULL);
+        let err = |b: Vec<u8>| DirtyMap::from_bytes(&resealed(b)).unwrap_err();
+        let mut b = good.clone();
+        b[rec1..rec1 + 4].copy_from_slice(&0u32.to_le_bytes());
+        assert!(err(b).contains("out of order"), "a repeated chunk");
+        let mut b = good.clone();
+        b[rec1..rec1 + 4].copy_from_slice(&3u32.to_le_bytes());
+        assert!(err(b).contains("past the end"));
+        let mut b = good.clone();
+        b[rec1 + 4] = 7;
+        assert!(err(b).contains("unknown kind"));
+        // A bits record holding every granule must have been saved as full.
+        let mut b = good.clone();
+        b[rec0 + 5..rec1].fill(0xff);
+        b[28..36].copy_from_slice(&(2 * CHUNK_GRANULES).to_le_bytes());
+        assert!(err(b).contains("canonical"));
+        let mut b = good.clone();
+        b.truncate(rec1 + 2);
+        b.extend_from_slice(&[0; CHECKSUM_BYTES]);
+        assert!(err(b).contains("inside a chunk record"));
+        // A granule so fine that the dense map would pass the budget.
+        let mut b = DirtyMap::new(1 << 40, G).to_bytes();
+        b[20..28].copy_from_slice(&(1u64 << 50).to_le_bytes());
+        assert!(err(b).contains("too fine"));
+    }
+
+    /// The v1 (dense) bytes an earlier agent saved for `m`.
+    fn dense_v1(m: &DirtyMap) -> Vec<u8> {
+        let mut words = vec![0u64; word_count(m.size_bytes, m.granularity_bytes) as usize];
+        for r in m.clone().take(u64::MAX, u64::MAX) {
+            for g in r.start / G..r.end.div_ceil(G) {
+                words[(g / 64) as usize] |= 1 << (g % 64);
+            }
+        }
+        let mut b = Vec::new();
+        b.extend_from_slice(MAGIC);
+        b.extend_from_slice(&VERSION_DENSE.to_le_bytes());
+        b.extend_from_slice(&m.granularity_bytes.to_le_bytes());
+        b.extend_from_slice(&m.size_bytes.to_le_bytes());
+        b.extend_from_slice(&m.set.to_le_bytes());
+        for w in words {
+            b.extend_from_slice(&w.to_le_bytes());
+        }
+        let sum = blake3::hash(&b);
+        b.extend_from_slice(sum.as_bytes());
+        b
+    }
+
+    #[test]
+    fn maps_saved_by_an_earlier_agent_still_load() {
+        let size = (2 * CHUNK_GRANULES + 77) * G + 512;
+        let mut m = DirtyMap::new(size, G);
+        m.mark(3 * G..5 * G);
+        m.mark(CHUNK_GRANULES * G..2 * CHUNK_GRANULES * G);
+        m.mark(size - 1..size);
+        let back = DirtyMap::from_bytes(&dense_v1(&m)).expect("v1 loads");
+        assert_eq!(back, m);
+        assert_eq!(back.to_bytes(), m.to_bytes());
+        let clean = DirtyMap::new(size, G);
+        assert_eq!(DirtyMap::from_bytes(&dense_v1(&clean)).expect("v1"), clean);
+        let mut b = dense_v1(&m);
+        b.truncate(b.len() - CHECKSUM_BYTES - 8);
+        let b = {
+            let sum = blake3::hash(&b);
+            [b, sum.as_bytes().to_vec()].concat()
+        };
+        assert!(DirtyMap::from_bytes(&b).unwrap_err().contains("needs"));
+    }
+
+    /// What the budget is about: a 4 TiB disk's map costs its
+    /// index unless writes are scattered, and saving it is cheap.
+    #[test]
+    fn a_4_tib_map_costs_what_is_dirty() {
+        let size = 4u64 << 40;
+        let gran = granularity_for(size);
+        let mut m = DirtyMap::new(size, gran);
+        assert!(std::mem::size_of::<Chunk>() <= 16);
+        assert_eq!(m.chunks.len(), 16384);
+        assert_eq!(m.bitmap_bytes(), 0);
+        assert_eq!(m.to_bytes().len(), HEADER_BYTES + CHECKSUM_BYTES);
+        // An initial sync: all of it dirty, then taken 64 MiB at a time.
+        m.mark_all();
+        assert_eq!(m.dirty_bytes(), size);
+        assert_eq!(m.bitmap_bytes(), 0);
+        assert_eq!(
+            m.to_bytes().len(),
+            HEADER_BYTES + 16384 * 5 + CHECKSUM_BYTES
+        );
+        let first = m.take(64 << 20, 4 << 20);
+        assert_eq!(first.first(), Some(&(0..4 << 20)));
+        assert_eq!(first.len(), 16);
+        assert_eq!(m.bitmap_bytes(), std::mem::size_of::<Bits>());
+        // Scattered writes: one chunk's bitmap each, at most.
+        let mut m = DirtyMap::new(size, gran);
+        for i in 0..1000u64 {
+            // Page-aligned 4 KiB writes about 4 GiB apart: a chunk each.
+            let at = i * 4_398_046_511 / 4096 * 4096;
+            m.mark(at..at + 4096);
+        }
+        assert_eq!(m.bitmap_bytes(), 1000 * std::mem::size_of::<Bits>());
+        assert_eq!(
+            m.to_bytes().len(),
+            HEADER_BYTES + 1000 * (5 + 8 * CHUNK_WORDS) + CHECKSUM_BYTES
+        );
+        m.take(u64::MAX, u64::MAX);
+        assert_eq!(m.bitmap_bytes(), 0);
     }
 
     #[test]
@@ -605,7 +1045,9 @@ mod tests {
         assert_eq!(granularity_for(256 << 30), 4096);
         assert_eq!(granularity_for(4 << 40), DEFAULT_GRANULARITY_BYTES);
         assert_eq!(granularity_for(16 << 40), 256 << 10);
-        let m = DirtyMap::new(4 << 40, DEFAULT_GRANULARITY_BYTES);
-        assert_eq!(m.words.len() as u64 * 8, MAX_MAP_BYTES);
+        assert_eq!(
+            word_count(4 << 40, DEFAULT_GRANULARITY_BYTES) * 8,
+            MAX_MAP_BYTES
+        );
     }
 }
