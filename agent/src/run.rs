@@ -275,6 +275,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let registered = runs.iter().map(|r| r.disk.clone()).collect();
     let mut shipper = Shipper::unconnected(connector, registered, None, progress.clone());
     shipper.set_throttle(cfg.send_throttle().map_err(anyhow::Error::msg)?);
+    shipper.set_window(cfg.send_window_bytes());
     let (cap, window) = shipper.send_cap();
     if let Some(r) = cfg.read_limit().map_err(anyhow::Error::msg)? {
         info!(

@@ -21,7 +21,8 @@ use crate::progress::Progress;
 use crate::throttle::{SendThrottle, RECHECK_EVERY};
 use crate::transport::{retryable, ConnectError, Connection, Connector, Refused, Registered};
 
-/// Payload bytes sent but not yet acknowledged.
+/// Payload bytes sent but not yet acknowledged, unless configured
+/// (`send_window_mib`).
 pub const WINDOW_BYTES: u64 = 16 << 20;
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
 const INITIAL_BACKOFF: Duration = Duration::from_millis(500);
@@ -54,6 +55,8 @@ pub struct Shipper {
     acked_seq: u64,
     inflight: BTreeMap<u64, Piece>,
     inflight_bytes: u64,
+    /// Most payload bytes in flight.
+    window_bytes: u64,
     resend: VecDeque<Piece>,
     progress: Arc<Progress>,
     last_heartbeat: Instant,
@@ -127,6 +130,7 @@ impl Shipper {
             acked_seq: 0,
             inflight: BTreeMap::new(),
             inflight_bytes: 0,
+            window_bytes: WINDOW_BYTES,
             resend: VecDeque::new(),
             progress,
             last_heartbeat: Instant::now(),
@@ -144,6 +148,10 @@ impl Shipper {
     }
 
     /// Caps what is sent from now on (wire bytes, after compression).
+    pub fn set_window(&mut self, bytes: u64) {
+        self.window_bytes = bytes;
+    }
+
     pub fn set_throttle(&mut self, throttle: Option<SendThrottle>) {
         self.throttle = throttle;
     }
@@ -487,7 +495,7 @@ impl Shipper {
             if !self.push_resends(None).await? {
                 continue;
             }
-            if self.inflight_bytes >= WINDOW_BYTES {
+            if self.inflight_bytes >= self.window_bytes {
                 self.flush().await;
                 self.wait_incoming(None).await?;
                 continue;
@@ -530,7 +538,7 @@ impl Shipper {
             if self.conn.is_none() || !self.push_resends(None).await? {
                 return Ok(Some(piece));
             }
-            if self.inflight_bytes >= WINDOW_BYTES {
+            if self.inflight_bytes >= self.window_bytes {
                 self.flush().await;
                 self.wait_incoming(None).await?;
                 continue;
@@ -546,7 +554,7 @@ impl Shipper {
 
     /// Whether a piece sent now would have to wait for acks.
     pub fn window_full(&self) -> bool {
-        self.conn.is_some() && self.inflight_bytes >= WINDOW_BYTES
+        self.conn.is_some() && self.inflight_bytes >= self.window_bytes
     }
 
     /// Waits up to `dur` for acks that open the window (or for the

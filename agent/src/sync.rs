@@ -90,6 +90,7 @@ pub async fn sync(
     )
     .await?;
     shipper.set_throttle(cfg.send_throttle().map_err(anyhow::Error::msg)?);
+    shipper.set_window(cfg.send_window_bytes());
     let existed = shipper.image_existed.clone();
     let mut jobs = Vec::new();
     let mut resumes = Vec::new();

@@ -317,7 +317,11 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     map.mark((1 << 29)..(1 << 29) + 512);
     // A whole chunk (4096 granules) is saved as one "full" record.
     map.mark((64 << 20)..(80 << 20));
-    out.push(("dirty_map", "valid-two-ranges-one-full-chunk", map.to_bytes()));
+    out.push((
+        "dirty_map",
+        "valid-two-ranges-one-full-chunk",
+        map.to_bytes(),
+    ));
 
     // One data record of 16 bytes: type_len 4, time delta 10.
     let mut page = Vec::new();
