@@ -15,7 +15,8 @@
 # Usage (root): scripts/bench-run.sh [DISK_MIB] [SECONDS_PER_STEP] [RATES_MBPS...]
 # BIN=DIR runs the agent and receiver binaries in DIR instead (to compare
 # two builds in one sitting, alternating). AGENT_SETTINGS='queue_depth = 8'
-# adds top-level agent settings (to compare tunings the same way).
+# adds top-level agent settings (to compare tunings the same way);
+# AGENT_ENV='VAR=value ...' sets environment variables for the agent alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 disk_mib=${1:-2048}
@@ -88,11 +89,16 @@ echo "without agent: ${base_bw} MB/s, p99 ${base_p99} us"
 "$bin/tidemark-receiver" serve --config "$work/rx/receiver.toml" 2> "$work/rx.log" &
 rx=$!
 for _ in $(seq 1 100); do grep -q "listening on" "$work/rx.log" && break; sleep 0.1; done
-"$bin/tidemark-agent" run --config "$work/agent/run.toml" 2> "$work/agent.log" &
+env ${AGENT_ENV:-} "$bin/tidemark-agent" run --config "$work/agent/run.toml" 2> "$work/agent.log" &
 ag=$!
 for _ in $(seq 1 300); do grep -q "replicating" "$work/agent.log" && break; sleep 0.1; done
 # Initial sync done once the first point is durable.
+sync_start=$(date +%s.%N)
 "$bin/tidemark-agent" bookmark --config "$work/agent/run.toml" 2>/dev/null >/dev/null
+sync_secs=$(echo "$(date +%s.%N) - $sync_start" | bc -l)
+printf 'initial sync: %.1f s (%.0f MB/s of disk), agent peak RSS so far %.1f MiB\n' "$sync_secs" \
+  "$(echo "$disk_mib * 1048576 / 1000000 / $sync_secs" | bc -l)" \
+  "$(awk '/VmHWM/ {print $2 / 1024}' "/proc/$ag/status")"
 
 echo "== guest fio with the agent replicating (${secs}s, unthrottled)"
 fio_run 0 "$secs" "$work/with.json" &

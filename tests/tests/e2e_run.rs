@@ -262,7 +262,14 @@ fn tracing_switched_off_behind_the_agents_back_requires_resync() -> anyhow::Resu
 fn receiver_killed_mid_stream_loses_nothing() -> anyhow::Result<()> {
     let mut site = Site::start()?;
     let dev = LoopDev::create(&site.dir.path().join("r.img"), 64 << 20)?;
-    let cfg = run_config(&site, "run-rx", &[(dev.path(), "disk-r")], "")?;
+    // The smallest window: most of the stream waits for acks when the
+    // receiver goes away, with only a frame or two in flight.
+    let cfg = run_config(
+        &site,
+        "run-rx",
+        &[(dev.path(), "disk-r")],
+        "send_window_mib = 1",
+    )?;
     let agent = RunningAgent::start(&cfg, "run-rx")?;
     let mut rng = SplitMix64::new(29);
     agent.bookmark(false)?;
