@@ -147,11 +147,14 @@ impl Shipper {
         }
     }
 
-    /// Caps what is sent from now on (wire bytes, after compression).
+    /// Most payload bytes (after compression) sent and not yet
+    /// acknowledged; a piece is always sent when nothing is in flight, so
+    /// a window smaller than a piece still makes progress.
     pub fn set_window(&mut self, bytes: u64) {
         self.window_bytes = bytes;
     }
 
+    /// Caps what is sent from now on (wire bytes, after compression).
     pub fn set_throttle(&mut self, throttle: Option<SendThrottle>) {
         self.throttle = throttle;
     }
