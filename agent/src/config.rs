@@ -121,9 +121,9 @@ fn default_server_name() -> String {
 fn default_queue_depth() -> usize {
     16
 }
-/// 8 MiB saved 12–18 MiB of peak RSS but drained a backlog at 109 instead
-/// of 135 MB/s on the benchmark machine (docs/BENCHMARKS.md): the
-/// receiver syncs in batches of up to 50 ms and needs that much in flight.
+/// 8 MiB saved 8–18 MiB of peak RSS but drained a backlog 15–20 % slower
+/// on the benchmark machine (docs/BENCHMARKS.md): the receiver syncs in
+/// batches of up to 50 ms and needs that much in flight.
 fn default_send_window_mib() -> u64 {
     crate::shipper::WINDOW_BYTES >> 20
 }
