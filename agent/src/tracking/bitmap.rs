@@ -1000,6 +1000,18 @@ mod tests {
         assert!(DirtyMap::from_bytes(&b).unwrap_err().contains("needs"));
     }
 
+    /// Bytes the v1 writer itself produced (the fuzz seed it wrote before
+    /// the format changed), not a re-implementation of it.
+    #[test]
+    fn a_map_saved_by_the_v1_writer_loads() {
+        let saved = include_bytes!("../../../fuzz/corpus/dirty_map/valid-v1-two-ranges");
+        let mut want = DirtyMap::new(1 << 30, 4096);
+        want.mark(4096..65536);
+        want.mark((1 << 29)..(1 << 29) + 512);
+        assert_eq!(DirtyMap::from_bytes(saved).expect("v1 loads"), want);
+        assert_eq!(&dense_v1(&want)[..], &saved[..]);
+    }
+
     /// What the budget is about: a 4 TiB disk's map costs its
     /// index unless writes are scattered, and saving it is cheap.
     #[test]
