@@ -16,7 +16,7 @@ loopdev=""; rx=""; ag=""
 cleanup() {
   [ -n "$ag" ] && kill "$ag" 2>/dev/null && wait "$ag" 2>/dev/null || true
   [ -n "$rx" ] && kill "$rx" 2>/dev/null && wait "$rx" 2>/dev/null || true
-  rmdir /sys/kernel/tracing/instances/idle-rss 2>/dev/null || true
+  rmdir /sys/kernel/tracing/instances/tidemark-idle-rss 2>/dev/null || true
   [ -n "$loopdev" ] && losetup -d "$loopdev" || true
   rm -rf "$work"
 }
