@@ -155,8 +155,9 @@ impl DirtyMap {
     }
 
     /// Bytes of memory the chunks hold beyond the index (what scattered
-    /// writes cost; for the benchmarks and tests).
-    pub fn bitmap_bytes(&self) -> usize {
+    /// writes cost).
+    #[cfg(test)]
+    fn bitmap_bytes(&self) -> usize {
         self.chunks
             .iter()
             .filter(|c| matches!(c, Chunk::Bits(_)))
@@ -166,23 +167,12 @@ impl DirtyMap {
 
     /// Marks a byte range, rounded out to whole granules, clipped to the disk.
     pub fn mark(&mut self, range: Range<u64>) {
-        let end = range.end.min(self.size_bytes);
-        if range.start >= end {
-            return;
+        let mut spans = chunk_spans(range, self.size_bytes, self.granularity_bytes).peekable();
+        if let Some(&(c0, _)) = spans.peek() {
+            self.low_chunk = self.low_chunk.min(c0);
         }
-        let (g0, g1) = (
-            range.start / self.granularity_bytes,
-            end.div_ceil(self.granularity_bytes),
-        );
-        let (c0, c1) = (
-            (g0 / CHUNK_GRANULES) as usize,
-            (g1 - 1) / CHUNK_GRANULES + 1,
-        );
-        self.low_chunk = self.low_chunk.min(c0);
-        for c in c0..c1 as usize {
-            let base = c as u64 * CHUNK_GRANULES;
+        for (c, Range { start: lo, end: hi }) in spans {
             let cap = self.capacity(c);
-            let (lo, hi) = (g0.max(base) - base, (g1 - base).min(cap));
             let chunk = &mut self.chunks[c];
             if lo == 0 && hi == cap {
                 // A whole chunk: no bit work, however large the range.
@@ -358,25 +348,15 @@ impl DirtyMap {
     pub fn write_to(&self, also: &[Range<u64>], out: &mut dyn Write) -> std::io::Result<()> {
         let mut extra = std::collections::BTreeMap::<usize, Box<Bits>>::new();
         for r in also {
-            let end = r.end.min(self.size_bytes);
-            if r.start >= end {
-                continue;
-            }
-            let (g0, g1) = (
-                r.start / self.granularity_bytes,
-                end.div_ceil(self.granularity_bytes),
-            );
-            for c in (g0 / CHUNK_GRANULES) as usize..=((g1 - 1) / CHUNK_GRANULES) as usize {
+            for (c, local) in chunk_spans(r.clone(), self.size_bytes, self.granularity_bytes) {
                 if self.chunks[c] == Chunk::Full {
                     continue;
                 }
-                let base = c as u64 * CHUNK_GRANULES;
                 let m = extra.entry(c).or_insert_with(|| match &self.chunks[c] {
                     Chunk::Bits(b) => b.clone(),
                     _ => Bits::zero(),
                 });
-                let (lo, hi) = (g0.max(base) - base, (g1 - base).min(self.capacity(c)));
-                for (w, mask) in word_masks(lo..hi) {
+                for (w, mask) in word_masks(local) {
                     m.or(w, mask);
                 }
             }
@@ -575,6 +555,34 @@ fn check_no_bits_past(map: &DirtyMap, c: usize) -> Result<(), String> {
     Ok(())
 }
 
+/// The chunks a byte range touches (clipped to a disk of `size` bytes,
+/// rounded out to whole granules), each with the range of its own
+/// granules it covers.
+fn chunk_spans(
+    range: Range<u64>,
+    size: u64,
+    gran: u64,
+) -> impl Iterator<Item = (usize, Range<u64>)> {
+    let end = range.end.min(size);
+    let (g0, g1) = if range.start < end {
+        (range.start / gran, end.div_ceil(gran))
+    } else {
+        (0, 0)
+    };
+    let chunks = if g0 < g1 {
+        g0 / CHUNK_GRANULES..(g1 - 1) / CHUNK_GRANULES + 1
+    } else {
+        0..0
+    };
+    chunks.map(move |c| {
+        let base = c * CHUNK_GRANULES;
+        (
+            c as usize,
+            g0.max(base) - base..(g1 - base).min(CHUNK_GRANULES),
+        )
+    })
+}
+
 /// Appends granules `g` to `out` as byte ranges (clipped to the disk),
 /// extending the last range when adjacent, each at most `per_range`
 /// granules long.
@@ -693,6 +701,17 @@ mod tests {
         ]
     }
 
+    /// Runs [`op`]s on a map, without a model.
+    fn apply(m: &mut DirtyMap, ops: &[(u8, u64, u64)]) {
+        for &(op, a, b) in ops {
+            match op {
+                0 => m.mark(a..a + b),
+                1 => drop(m.take(a, b)),
+                _ => m.mark_all(),
+            }
+        }
+    }
+
     proptest! {
         #[test]
         fn matches_a_set_model(
@@ -767,13 +786,7 @@ mod tests {
             also in proptest::collection::vec((0u64..SPAN + 20 * G, 0u64..(CHUNK_GRANULES + 100) * G), 0..6),
         ) {
             let mut m = DirtyMap::new(size, G);
-            for &(op, a, b) in &dirty {
-                match op {
-                    0 => m.mark(a..a + b),
-                    1 => drop(m.take(a, b)),
-                    _ => m.mark_all(),
-                }
-            }
+            apply(&mut m, &dirty);
             let also: Vec<Range<u64>> = also.iter().map(|&(at, len)| at..at + len).collect();
             let mut copy = m.clone();
             for r in &also {
@@ -792,13 +805,7 @@ mod tests {
             dirty in proptest::collection::vec(op(), 0..8),
         ) {
             let mut m = DirtyMap::new(size, G);
-            for &(op, a, b) in &dirty {
-                match op {
-                    0 => m.mark(a..a + b),
-                    1 => drop(m.take(a, b)),
-                    _ => m.mark_all(),
-                }
-            }
+            apply(&mut m, &dirty);
             let grown = m.grown(size + more);
             let mut want = DirtyMap::new(size + more, G);
             for r in m.clone().take(u64::MAX, u64::MAX) {
