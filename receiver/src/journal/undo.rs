@@ -20,14 +20,20 @@
 //! | n | payload |
 //!
 //! A torn last record (crash mid-append) fails its checksum: readers stop
-//! there and the writer cuts it off when it reopens the segment.
+//! there and the writer cuts it off when it reopens the segment. Segments
+//! are appended past the page cache in whole blocks ([`super::append`]),
+//! so one may also end in up to a block of zero padding, which readers stop
+//! at the same way.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Seek, SeekFrom, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use tidemark_common::checksum::checksum_parts;
 use tidemark_common::FAST_ZSTD_LEVEL;
+
+use super::append::DirectAppend;
+use crate::image::storage::DIRECT_ALIGN;
 
 const MAGIC: [u8; 4] = *b"TDUR";
 const HEADER_BYTES: usize = 24;
@@ -420,7 +426,7 @@ pub fn remove_before(dir: &Path, tag: u64) -> Result<u64, UndoError> {
 /// The appending side, one per disk, held by the receiver's session.
 pub struct UndoLog {
     dir: PathBuf,
-    current: Option<(u64, File)>,
+    current: Option<(u64, DirectAppend)>,
     buf: Vec<u8>,
     unsynced: bool,
     /// Length of the current segment as written, and as known durable
@@ -558,10 +564,14 @@ impl UndoLog {
         &self.dir
     }
 
-    fn segment(&mut self, tag: u64) -> Result<&mut File, UndoError> {
+    fn segment(&mut self, tag: u64) -> Result<&mut DirectAppend, UndoError> {
         if self.current.as_ref().is_none_or(|(t, _)| *t != tag) {
-            // Leaving a segment whose tail failed: cut it first.
+            // Leaving a segment whose tail failed: cut it first. Records
+            // still staged for the one we leave are written and synced:
+            // a batch's records are all durable before its overwrites,
+            // whichever segment they went to.
             self.cut()?;
+            self.sync_current()?;
             std::fs::create_dir_all(&self.dir).map_err(|source| UndoError::Open {
                 path: self.dir.clone(),
                 source,
@@ -571,25 +581,29 @@ impl UndoLog {
                 path: path.clone(),
                 source,
             };
-            let mut f = OpenOptions::new()
+            let f = OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create(true)
                 .truncate(false)
                 .open(&path)
                 .map_err(open_err)?;
-            // Cut a torn tail left by a crash before appending after it.
+            // Cut a torn tail left by a crash, or the padding of the last
+            // block, before appending after it.
             let bytes = std::fs::read(&path).map_err(open_err)?;
             let (_, valid) = decode_all(&bytes);
             if valid != bytes.len() {
-                tracing::warn!(
-                    "undo segment {} ends in {} damaged bytes; cutting them off",
-                    path.display(),
-                    bytes.len() - valid
-                );
+                let rest = &bytes[valid..];
+                if rest.len() >= DIRECT_ALIGN || rest.iter().any(|&b| b != 0) {
+                    tracing::warn!(
+                        "undo segment {} ends in {} damaged bytes; cutting them off",
+                        path.display(),
+                        rest.len()
+                    );
+                }
                 f.set_len(valid as u64).map_err(open_err)?;
             }
-            f.seek(SeekFrom::Start(valid as u64)).map_err(open_err)?;
+            let f = DirectAppend::new(f, valid as u64).map_err(open_err)?;
             tidemark_common::durable::sync_dir(&self.dir).map_err(open_err)?;
             self.current = Some((tag, f));
             self.written_len = valid as u64;
@@ -616,7 +630,7 @@ impl UndoLog {
         self.cut()?;
         let path = segment_path(&self.dir, tag);
         let buf = std::mem::take(&mut self.buf);
-        let r = self.segment(tag)?.write_all(&buf);
+        let r = self.segment(tag)?.append(&buf);
         self.buf = buf;
         if let Err(source) = r {
             self.failed();
@@ -649,11 +663,7 @@ impl UndoLog {
             return Ok(());
         };
         let len = self.durable_len;
-        let r = f
-            .set_len(len)
-            .and_then(|()| f.sync_data())
-            .and_then(|()| f.seek(SeekFrom::Start(len)).map(drop));
-        r.map_err(|source| UndoError::Append {
+        f.cut(len).map_err(|source| UndoError::Append {
             path: segment_path(&self.dir, *tag),
             source,
         })?;
@@ -802,11 +812,17 @@ impl UndoLog {
     pub fn sync(&mut self) -> Result<(), UndoError> {
         self.drain(0)?;
         self.cut()?;
+        self.sync_current()
+    }
+
+    /// Makes what was written to the current segment durable (records
+    /// still encoding are not waited for).
+    fn sync_current(&mut self) -> Result<(), UndoError> {
         if !self.unsynced {
             return Ok(());
         }
-        if let Some((tag, f)) = &self.current {
-            if let Err(source) = f.sync_data() {
+        if let Some((tag, f)) = &mut self.current {
+            if let Err(source) = f.sync() {
                 let path = segment_path(&self.dir, *tag);
                 self.failed();
                 return Err(UndoError::Append { path, source });
