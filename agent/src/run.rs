@@ -814,18 +814,27 @@ impl Runner {
         Ok(())
     }
 
-    /// Once the receiver holds everything sent, nothing is pending, and a
-    /// finished resync is over.
+    /// What is pending is what the receiver does not hold yet; once it
+    /// holds everything sent, a finished resync is over. Called when every
+    /// range taken from the maps is in the shipper, acknowledged, or dirty
+    /// again: after a round and after a point. Rounds go on under steady
+    /// writes with something always in flight, so pending is cut down to
+    /// what is unacknowledged each time rather than cleared only when
+    /// nothing is (it had grown by every round's ranges: 4.5 GiB of
+    /// "backlog" for a 2 GiB disk after 25 s of 200 MB/s churn).
     fn settle(&mut self) {
-        if self.shipper.unacked_bytes() > 0 {
-            return;
-        }
-        for d in &mut self.disks {
-            if !d.pending.is_empty() {
-                d.pending.clear();
+        let all_acked = self.shipper.unacked_bytes() == 0;
+        for (i, d) in self.disks.iter_mut().enumerate() {
+            let unacked = if all_acked {
+                Vec::new()
+            } else {
+                self.shipper.unacked_ranges(i)
+            };
+            if d.pending != unacked {
+                d.pending = unacked;
                 d.changed = true;
             }
-            if d.resync.is_some() && d.dirty.is_clean() {
+            if all_acked && d.resync.is_some() && d.dirty.is_clean() {
                 info!("disk {}: resync complete", d.disk.id);
                 d.resync = None;
                 d.changed = true;

@@ -246,6 +246,28 @@ impl Shipper {
         self.inflight_bytes + self.resend.iter().map(Piece::wire_bytes).sum::<u64>()
     }
 
+    /// The byte ranges of disk `index` sent or waiting to be resent and
+    /// not yet durable at the receiver, in order, overlaps merged.
+    pub fn unacked_ranges(&self, index: usize) -> Vec<std::ops::Range<u64>> {
+        let mut ranges: Vec<std::ops::Range<u64>> = self
+            .inflight
+            .values()
+            .chain(self.resend.iter())
+            .map(Piece::range)
+            .filter(|(d, r)| *d == index && !r.is_empty())
+            .map(|(_, r)| r)
+            .collect();
+        ranges.sort_unstable_by_key(|r| r.start);
+        let mut merged: Vec<std::ops::Range<u64>> = Vec::with_capacity(ranges.len());
+        for r in ranges {
+            match merged.last_mut() {
+                Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+                _ => merged.push(r),
+            }
+        }
+        merged
+    }
+
     pub fn connected(&self) -> bool {
         self.conn.is_some()
     }
