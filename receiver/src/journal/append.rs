@@ -27,7 +27,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
-use crate::image::storage::{aligned_range, DIRECT_ALIGN};
+use crate::image::storage::{aligned_range, open_direct, DIRECT_ALIGN};
 
 /// Staged whole blocks are written once there are this many bytes of them.
 const FLUSH_BYTES: usize = 1 << 20;
@@ -59,7 +59,7 @@ impl DirectAppend {
     /// Appends to `file` after its first `len` bytes, which are kept; what
     /// lies past them is overwritten (callers cut it off first).
     pub fn new(file: File, len: u64) -> io::Result<DirectAppend> {
-        let direct = open_direct(&file);
+        let direct = open_direct(&file, true);
         let mut a = DirectAppend {
             file,
             direct,
@@ -177,17 +177,6 @@ impl DirectAppend {
         self.staged -= whole;
         Ok(())
     }
-}
-
-/// `file` opened again with O_DIRECT for writing; None where refused.
-fn open_direct(file: &File) -> Option<File> {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(nix::fcntl::OFlag::O_DIRECT.bits())
-        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
-        .ok()
 }
 
 #[cfg(test)]

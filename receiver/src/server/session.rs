@@ -500,9 +500,17 @@ impl OpenDisk {
         Ok(())
     }
 
+    /// Writes that do not overlap into the image, at once; see `write`.
+    fn write_many(&mut self, writes: &[(u64, &[u8])]) -> Result<(), ImageError> {
+        for &(offset, data) in writes {
+            self.ahead.invalidate(offset, offset + data.len() as u64);
+        }
+        self.image.write_many(writes)
+    }
+
     /// Writes `data` (None: zeros) into the image; every write of the
-    /// session goes through here, so that hashes read ahead never predate
-    /// one.
+    /// session goes through here or `write_many`, so that hashes read ahead
+    /// never predate one.
     fn write(
         &mut self,
         offset_bytes: u64,
@@ -866,10 +874,25 @@ impl Worker {
             d.queued.clear();
         }
         self.queued_bytes = 0;
-        for q in std::mem::take(&mut self.queued) {
-            self.disks[q.disk]
-                .write(q.offset_bytes, q.len_bytes, q.data.as_deref())
-                .map_err(storage)?;
+        // The batch's writes do not overlap (an overlap applies the batch
+        // first), so each disk takes its data writes all at once, in
+        // parallel where its format allows (they bypass the page cache and
+        // would wait for the disk one by one).
+        let queued = std::mem::take(&mut self.queued);
+        for (d, disk) in self.disks.iter_mut().enumerate() {
+            let mine = || queued.iter().filter(move |q| q.disk == d);
+            for q in mine().filter(|q| q.data.is_none()) {
+                disk.write(q.offset_bytes, q.len_bytes, None)
+                    .map_err(storage)?;
+            }
+            let writes: Vec<(u64, &[u8])> = mine()
+                .filter_map(|q| Some((q.offset_bytes, q.data.as_deref()?)))
+                .collect();
+            if !writes.is_empty() {
+                disk.write_many(&writes).map_err(storage)?;
+            }
+        }
+        for q in queued {
             self.recycle(q.data);
         }
         Ok(())

@@ -290,6 +290,15 @@ impl Image for FixedVhd {
             .map_err(|e| self.write_err(offset_bytes, e))
     }
 
+    fn write_many(&mut self, writes: &[(u64, &[u8])]) -> Result<(), ImageError> {
+        for &(offset, data) in writes {
+            self.check(offset, data.len() as u64, true)?;
+        }
+        self.storage
+            .write_many(writes)
+            .map_err(|(offset, e)| self.write_err(offset, e))
+    }
+
     fn write_zeroes(&mut self, offset_bytes: u64, len_bytes: u64) -> Result<(), ImageError> {
         self.check(offset_bytes, len_bytes, true)?;
         if len_bytes == 0 {

@@ -485,6 +485,10 @@ impl Image for VmdkImage {
         self.image().write_at(offset_bytes, data)
     }
 
+    fn write_many(&mut self, writes: &[(u64, &[u8])]) -> Result<(), ImageError> {
+        self.image().write_many(writes)
+    }
+
     fn write_zeroes(&mut self, offset_bytes: u64, len_bytes: u64) -> Result<(), ImageError> {
         self.image().write_zeroes(offset_bytes, len_bytes)
     }
