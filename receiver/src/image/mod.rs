@@ -74,14 +74,11 @@ pub trait Image: Send {
     /// Virtual disk size.
     fn size_bytes(&self) -> u64;
     fn write_at(&mut self, offset_bytes: u64, data: &[u8]) -> Result<(), ImageError>;
-    /// Writes `(offset, data)` pairs that do not overlap, in any order or
-    /// at once (formats whose bytes are a file's write them in parallel);
-    /// all have landed as `write_at` leaves them when this returns Ok.
-    fn write_many(&mut self, writes: &[(u64, &[u8])]) -> Result<(), ImageError> {
-        for &(offset, data) in writes {
-            self.write_at(offset, data)?;
-        }
-        Ok(())
+    /// `write_at` of data that will not be read back soon, past the page
+    /// cache where the format's bytes are a file's and the write is large
+    /// and aligned; it then waits for the disk.
+    fn write_direct(&mut self, offset_bytes: u64, data: &[u8]) -> Result<(), ImageError> {
+        self.write_at(offset_bytes, data)
     }
     /// Makes a range read as zeros, deallocating it where the format can.
     fn write_zeroes(&mut self, offset_bytes: u64, len_bytes: u64) -> Result<(), ImageError>;

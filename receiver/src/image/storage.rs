@@ -19,14 +19,10 @@ pub trait Storage: Send {
     fn write_at(&mut self, data: &[u8], offset: u64) -> io::Result<()>;
     fn len(&self) -> io::Result<u64>;
     fn set_len(&mut self, len: u64) -> io::Result<()>;
-    /// Writes `(offset, data)` pairs that do not overlap, in any order or
-    /// at once; each has landed as [`Storage::write_at`] leaves it when
-    /// this returns Ok. An error names the offset of a write that failed.
-    fn write_many(&mut self, writes: &[(u64, &[u8])]) -> Result<(), (u64, io::Error)> {
-        for &(offset, data) in writes {
-            self.write_at(data, offset).map_err(|e| (offset, e))?;
-        }
-        Ok(())
+    /// [`Storage::write_at`] of data that will not be read back soon: past
+    /// the page cache where the store can.
+    fn write_direct(&mut self, data: &[u8], offset: u64) -> io::Result<()> {
+        self.write_at(data, offset)
     }
     /// Everything written before is durable when this returns Ok.
     fn sync(&mut self) -> io::Result<()>;
@@ -44,15 +40,10 @@ pub struct FileStorage {
     /// Likewise for writing, once a write could use it; None also where
     /// the file is not writable or a direct write was refused.
     direct_write: Option<Option<File>>,
-    /// Aligned copies of data to be written directly whose buffer is not
-    /// aligned itself, one per writing thread; kept from write to write.
-    bounce: Vec<Vec<u8>>,
+    /// Aligned copy of data to be written directly whose buffer is not
+    /// aligned itself; kept from write to write.
+    bounce: Vec<u8>,
 }
-
-/// Direct writes of one [`Storage::write_many`] in flight at once: the disk
-/// takes several in parallel far faster than one after the other, and the
-/// caller waits for all of them.
-const WRITERS: usize = 4;
 
 /// Address, length and offset alignment for reads that bypass the page
 /// cache: the largest logical block size in use (4 KiB sectors).
@@ -78,28 +69,19 @@ impl FileStorage {
         }
     }
 
-    /// Writes `data` past the page cache if it is large and aligned
-    /// enough; returns how much it wrote that way (0: none, the caller
-    /// writes the rest through the cache). The replica's bytes are read
-    /// back only by hashing, exports and pre-image reads, which all read
-    /// past the cache too, so caching them buys nothing; and a buffered
-    /// write's copy into cache pages and their writeback cost several
-    /// times the CPU of a direct write (on the project's VMs, 4 GiB of
-    /// 1 MiB random overwrites: 2.5-5.2 CPU s buffered, 0.5 direct). A
-    /// direct write first writes back and then drops the cached pages of
-    /// its range, so an earlier buffered write of a few blocks there is
-    /// neither lost nor read stale later.
-    fn write_direct(&mut self, data: &[u8], offset: u64) -> usize {
+    /// Writes what it can of `data` past the page cache, if it is large
+    /// and aligned enough; returns how much (the caller writes the rest
+    /// through the cache). A direct write first writes back and then drops
+    /// the cached pages of its range, so an earlier buffered write of a few
+    /// blocks there is neither lost nor read stale later.
+    fn try_direct(&mut self, data: &[u8], offset: u64) -> usize {
         if !direct_sized(data, offset) {
             return 0;
-        }
-        if self.bounce.is_empty() {
-            self.bounce.push(Vec::new());
         }
         let Some(f) = direct_writer(&self.file, &mut self.direct_write) else {
             return 0;
         };
-        let (done, refused) = pwrite_direct(f, &mut self.bounce[0], data, offset);
+        let (done, refused) = pwrite_direct(f, &mut self.bounce, data, offset);
         if refused {
             self.direct_write = Some(None);
         }
@@ -232,69 +214,19 @@ impl Storage for FileStorage {
     }
 
     fn write_at(&mut self, data: &[u8], offset: u64) -> io::Result<()> {
-        let done = self.write_direct(data, offset);
+        self.file.write_all_at(data, offset)
+    }
+
+    /// The copy into cache pages and their writeback cost several times
+    /// the CPU of a direct write (on the project's VMs, 4 GiB of 1 MiB
+    /// random overwrites: 2.5-5.2 CPU s buffered, 0.5 direct), but the
+    /// caller then waits for the disk on each write.
+    fn write_direct(&mut self, data: &[u8], offset: u64) -> io::Result<()> {
+        let done = self.try_direct(data, offset);
         if done == data.len() {
             return Ok(());
         }
         self.file.write_all_at(&data[done..], offset + done as u64)
-    }
-
-    /// The direct writes go from [`WRITERS`] threads at once, the rest
-    /// (small, unaligned, or what a direct write left) through the cache.
-    fn write_many(&mut self, writes: &[(u64, &[u8])]) -> Result<(), (u64, io::Error)> {
-        let direct: Vec<usize> = (0..writes.len())
-            .filter(|&i| direct_sized(writes[i].1, writes[i].0))
-            .collect();
-        let mut done = vec![0usize; writes.len()];
-        let threads = WRITERS.min(direct.len());
-        self.bounce
-            .resize_with(threads.max(self.bounce.len()), Vec::new);
-        let f = direct_writer(&self.file, &mut self.direct_write);
-        if let (true, Some(f)) = (threads > 1, f) {
-            let next = std::sync::atomic::AtomicUsize::new(0);
-            let (direct, next) = (&direct, &next);
-            let results: Vec<Vec<(usize, usize, bool)>> = std::thread::scope(|s| {
-                let workers: Vec<_> = self.bounce[..threads]
-                    .iter_mut()
-                    .map(|bounce| {
-                        s.spawn(move || {
-                            let mut out = Vec::new();
-                            loop {
-                                let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                let Some(&i) = direct.get(k) else {
-                                    return out;
-                                };
-                                let (offset, data) = writes[i];
-                                let (n, refused) = pwrite_direct(f, bounce, data, offset);
-                                out.push((i, n, refused));
-                            }
-                        })
-                    })
-                    .collect();
-                workers
-                    .into_iter()
-                    .map(|w| w.join().unwrap_or_default())
-                    .collect()
-            });
-            for (i, n, refused) in results.into_iter().flatten() {
-                done[i] = n;
-                if refused {
-                    self.direct_write = Some(None);
-                }
-            }
-        } else {
-            for &i in &direct {
-                done[i] = self.write_direct(writes[i].1, writes[i].0);
-            }
-        }
-        for (&(offset, data), &n) in writes.iter().zip(&done) {
-            if n < data.len() {
-                self.file
-                    .write_all_at(&data[n..], offset + n as u64)
-                    .map_err(|e| (offset, e))?;
-            }
-        }
-        Ok(())
     }
 
     fn len(&self) -> io::Result<u64> {
@@ -511,18 +443,18 @@ mod tests {
         // aligned one; too small or unaligned in the file: cached.
         let unaligned = &data[1..];
         assert_ne!(unaligned.as_ptr() as usize % DIRECT_ALIGN, 0);
-        assert_eq!(s.write_direct(unaligned, 1 << 20), 1 << 20);
+        assert_eq!(s.try_direct(unaligned, 1 << 20), 1 << 20);
         let mut buf = Vec::new();
         let r = aligned_range(&mut buf, 1 << 20);
         buf[r.clone()].copy_from_slice(unaligned);
-        assert_eq!(s.write_direct(&buf[r.clone()], 0), 1 << 20);
-        assert_eq!(s.write_direct(&unaligned[..4096], 0), 0);
-        assert_eq!(s.write_direct(&unaligned[..1 << 16], 512), 0);
+        assert_eq!(s.try_direct(&buf[r.clone()], 0), 1 << 20);
+        assert_eq!(s.try_direct(&unaligned[..4096], 0), 0);
+        assert_eq!(s.try_direct(&unaligned[..1 << 16], 512), 0);
         // A cached write of a few blocks, then a direct write over them,
         // then a cached write inside that: each read sees the newest.
         s.write_at(&[1; 8192], (1 << 20) + 4096)
             .expect("cached write");
-        s.write_at(&unaligned[..1 << 16], 1 << 20)
+        s.write_direct(&unaligned[..1 << 16], 1 << 20)
             .expect("direct write");
         s.write_at(&[2; 100], (1 << 20) + 10).expect("cached write");
         let mut want = unaligned.to_vec();
@@ -534,34 +466,6 @@ mod tests {
         let r = aligned_range(&mut buf, 2 << 20);
         assert_eq!(s.read_direct(&mut buf[r.clone()], 0), 2 << 20);
         assert!(buf[r] == want[..], "direct read sees every write");
-    }
-
-    #[test]
-    fn many_writes_land_whether_direct_cached_or_left_over() {
-        let f = tempfile::tempfile_in(env!("CARGO_MANIFEST_DIR")).expect("tempfile");
-        let mut s = FileStorage::new(f);
-        let data: Vec<u8> = (0..8 << 20).map(|i| (i * 29 % 253) as u8).collect();
-        // Direct (aligned, large; some from unaligned buffers), cached
-        // (small, or at an unaligned offset), in no particular order.
-        let mut writes: Vec<(u64, &[u8])> = Vec::new();
-        for k in (0..8u64).rev() {
-            let at = k << 20;
-            let skew = (k % 2) as usize;
-            writes.push((
-                at,
-                &data[at as usize + skew..at as usize + skew + (512 << 10)],
-            ));
-        }
-        writes.push(((512 << 10) + 3, &data[..100]));
-        writes.push(((1 << 20) + (600 << 10), &data[..4096]));
-        s.write_many(&writes).expect("write_many");
-        let mut want = vec![0u8; 8 << 20];
-        for &(at, d) in &writes {
-            want[at as usize..at as usize + d.len()].copy_from_slice(d);
-        }
-        let mut got = vec![0u8; 8 << 20];
-        s.read_at(&mut got, 0).expect("read");
-        assert!(got == want, "every write landed where it was aimed");
     }
 
     #[test]

@@ -111,13 +111,11 @@ impl Image for RawImage {
             .map_err(|e| self.write_err(offset_bytes, e))
     }
 
-    fn write_many(&mut self, writes: &[(u64, &[u8])]) -> Result<(), ImageError> {
-        for &(offset, data) in writes {
-            self.check(offset, data.len() as u64)?;
-        }
+    fn write_direct(&mut self, offset_bytes: u64, data: &[u8]) -> Result<(), ImageError> {
+        self.check(offset_bytes, data.len() as u64)?;
         self.storage
-            .write_many(writes)
-            .map_err(|(offset, e)| self.write_err(offset, e))
+            .write_direct(data, offset_bytes)
+            .map_err(|e| self.write_err(offset_bytes, e))
     }
 
     fn write_zeroes(&mut self, offset_bytes: u64, len_bytes: u64) -> Result<(), ImageError> {

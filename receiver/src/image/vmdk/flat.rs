@@ -542,16 +542,13 @@ impl Image for FlatImage {
             .map_err(|e| self.write_err(offset_bytes, e))
     }
 
-    fn write_many(&mut self, writes: &[(u64, &[u8])]) -> Result<(), ImageError> {
-        for &(offset, data) in writes {
-            self.check(offset, data.len() as u64, true)?;
-        }
+    fn write_direct(&mut self, offset_bytes: u64, data: &[u8]) -> Result<(), ImageError> {
+        self.check(offset_bytes, data.len() as u64, true)?;
         self.bump_cid()?;
-        let base = self.offset_bytes;
-        let at: Vec<(u64, &[u8])> = writes.iter().map(|&(o, d)| (base + o, d)).collect();
+        let at = self.offset_bytes + offset_bytes;
         self.storage
-            .write_many(&at)
-            .map_err(|(offset, e)| self.write_err(offset - base, e))
+            .write_direct(data, at)
+            .map_err(|e| self.write_err(offset_bytes, e))
     }
 
     fn write_zeroes(&mut self, offset_bytes: u64, len_bytes: u64) -> Result<(), ImageError> {

@@ -485,8 +485,8 @@ impl Image for VmdkImage {
         self.image().write_at(offset_bytes, data)
     }
 
-    fn write_many(&mut self, writes: &[(u64, &[u8])]) -> Result<(), ImageError> {
-        self.image().write_many(writes)
+    fn write_direct(&mut self, offset_bytes: u64, data: &[u8]) -> Result<(), ImageError> {
+        self.image().write_direct(offset_bytes, data)
     }
 
     fn write_zeroes(&mut self, offset_bytes: u64, len_bytes: u64) -> Result<(), ImageError> {
