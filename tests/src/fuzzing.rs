@@ -99,8 +99,9 @@ pub fn run(target: &str, data: &[u8]) -> bool {
             valid
         }
         "undo_journal" => {
-            let (records, valid) = tidemark_receiver::journal::undo::decode_all(data);
-            !records.is_empty() && valid == data.len()
+            use tidemark_receiver::journal::undo::{decode_all, is_padding};
+            let (records, valid) = decode_all(data);
+            !records.is_empty() && is_padding(&data[valid..])
         }
         "point_log" => tidemark_receiver::journal::points::decode(data).is_ok(),
         "receiver_config" => std::str::from_utf8(data).is_ok_and(|t| {

@@ -202,6 +202,12 @@ fn decode_one(b: &[u8]) -> Option<(Record, usize)> {
     ))
 }
 
+/// Whether what follows a segment's last record is the zero padding of its
+/// last block ([`super::append`]) rather than a torn or damaged record.
+pub fn is_padding(rest: &[u8]) -> bool {
+    rest.len() < DIRECT_ALIGN && rest.iter().all(|&b| b == 0)
+}
+
 /// A record as stored: where it lands, and its payload still encoded.
 pub struct RawRecord<'a> {
     pub offset_bytes: u64,
@@ -594,7 +600,7 @@ impl UndoLog {
             let (_, valid) = decode_all(&bytes);
             if valid != bytes.len() {
                 let rest = &bytes[valid..];
-                if rest.len() >= DIRECT_ALIGN || rest.iter().any(|&b| b != 0) {
+                if !is_padding(rest) {
                     tracing::warn!(
                         "undo segment {} ends in {} damaged bytes; cutting them off",
                         path.display(),

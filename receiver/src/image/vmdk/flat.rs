@@ -494,6 +494,24 @@ impl FlatImage {
         }
     }
 
+    /// `write_at`, or with `direct` `write_direct`.
+    fn write_data(
+        &mut self,
+        offset_bytes: u64,
+        data: &[u8],
+        direct: bool,
+    ) -> Result<(), ImageError> {
+        self.check(offset_bytes, data.len() as u64, true)?;
+        self.bump_cid()?;
+        let at = self.offset_bytes + offset_bytes;
+        let r = if direct {
+            self.storage.write_direct(data, at)
+        } else {
+            self.storage.write_at(data, at)
+        };
+        r.map_err(|e| self.write_err(offset_bytes, e))
+    }
+
     fn write_err(&mut self, offset_bytes: u64, source: std::io::Error) -> ImageError {
         self.poisoned = true;
         ImageError::Write {
@@ -534,21 +552,11 @@ impl Image for FlatImage {
     }
 
     fn write_at(&mut self, offset_bytes: u64, data: &[u8]) -> Result<(), ImageError> {
-        self.check(offset_bytes, data.len() as u64, true)?;
-        self.bump_cid()?;
-        let at = self.offset_bytes + offset_bytes;
-        self.storage
-            .write_at(data, at)
-            .map_err(|e| self.write_err(offset_bytes, e))
+        self.write_data(offset_bytes, data, false)
     }
 
     fn write_direct(&mut self, offset_bytes: u64, data: &[u8]) -> Result<(), ImageError> {
-        self.check(offset_bytes, data.len() as u64, true)?;
-        self.bump_cid()?;
-        let at = self.offset_bytes + offset_bytes;
-        self.storage
-            .write_direct(data, at)
-            .map_err(|e| self.write_err(offset_bytes, e))
+        self.write_data(offset_bytes, data, true)
     }
 
     fn write_zeroes(&mut self, offset_bytes: u64, len_bytes: u64) -> Result<(), ImageError> {
