@@ -17,6 +17,8 @@
 # two builds in one sitting, alternating). AGENT_SETTINGS='queue_depth = 8'
 # adds top-level agent settings (to compare tunings the same way);
 # AGENT_ENV='VAR=value ...' sets environment variables for the agent alone.
+# AGENT_AS_UNIT=1 runs the agent at the systemd unit's priorities (Nice=5,
+# best-effort I/O class at level 4) instead of fio's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 disk_mib=${1:-2048}
@@ -89,7 +91,9 @@ echo "without agent: ${base_bw} MB/s, p99 ${base_p99} us"
 "$bin/tidemark-receiver" serve --config "$work/rx/receiver.toml" 2> "$work/rx.log" &
 rx=$!
 for _ in $(seq 1 100); do grep -q "listening on" "$work/rx.log" && break; sleep 0.1; done
-env ${AGENT_ENV:-} "$bin/tidemark-agent" run --config "$work/agent/run.toml" 2> "$work/agent.log" &
+priority=()
+[ "${AGENT_AS_UNIT:-0}" = 1 ] && priority=(nice -n 5 ionice -c 2 -n 4)
+env ${AGENT_ENV:-} "${priority[@]}" "$bin/tidemark-agent" run --config "$work/agent/run.toml" 2> "$work/agent.log" &
 ag=$!
 for _ in $(seq 1 300); do grep -q "replicating" "$work/agent.log" && break; sleep 0.1; done
 # Initial sync done once the first point is durable.
