@@ -53,6 +53,15 @@ fn raw_writes_replicate_and_points_export_exactly() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Sets its flag when dropped.
+struct StopOnDrop(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// `status` reports as backlog what is dirty plus what was sent and is
 /// not yet durable at the receiver. Under writes that never pause there is
 /// always something in flight when a round ends; the sent part once grew
@@ -75,6 +84,8 @@ fn backlog_under_writes_that_never_pause_stays_within_the_disk() -> anyhow::Resu
     let agent = RunningAgent::start(&cfg, "run-steady")?;
     agent.bookmark(false)?;
     let done = std::sync::Arc::new(AtomicBool::new(false));
+    // Stops the writer however this test ends, before the device goes.
+    let _stop = StopOnDrop(done.clone());
     let written = std::sync::Arc::new(AtomicU64::new(0));
     let writer = {
         let (path, done, written) = (dev.path().to_path_buf(), done.clone(), written.clone());

@@ -98,6 +98,8 @@ impl DirectAppend {
     /// Cuts the file back to `len` bytes, durably, and appends from there;
     /// whatever was staged past it is dropped.
     pub fn cut(&mut self, len: u64) -> io::Result<()> {
+        // Dropped first: if the truncate or its sync fails, nothing staged
+        // past `len` may be written by a later call.
         self.staged = 0;
         self.file.set_len(len)?;
         self.file.sync_data()?;
