@@ -5,7 +5,10 @@
 # rsync daemon on 127.0.0.1; and the agent's hashing rate against fio's
 # sequential io_uring read of the same device. Bytes on the wire are
 # counted on the loopback interface. Prints each run and the medians.
-# Usage (root): [TIDEMARK_BIN=DIR] scripts/bench-resync.sh [SIZE_MIB] [RUNS]
+# Also prints the CPU time both tidemark processes spent on the resync.
+# Usage (root): [TIDEMARK_BIN=DIR] [PERF_OUT=FILE] scripts/bench-resync.sh [SIZE_MIB] [RUNS]
+# PERF_OUT: record a system-wide profile (perf record -a -g) of each
+# measured resync into FILE.N.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 size_mib=${1:-4096}
@@ -60,6 +63,15 @@ mv "$work/agent/agent.toml.new" "$work/agent/agent.toml"
 rx=$!
 for _ in $(seq 1 100); do grep -q "listening on" "$work/rx.log" && break; sleep 0.1; done
 agent() { "$bin/tidemark-agent" "$@" --config "$work/agent/agent.toml" 2>>"$work/agent.log" >/dev/null; }
+# CPU seconds (user + system) of the receiver so far, and of the finished
+# children of this shell (the agent runs).
+rx_cpu() { awk -v t="$(getconf CLK_TCK)" '{print ($14 + $15) / t}' "/proc/$rx/stat"; }
+# (`times` runs in this shell, not in a pipe's subshell, which has no
+# finished children of its own.)
+children_cpu() {
+  times > "$work/times"
+  awk 'NR == 2 {gsub(/[ms]/, " "); print $1 * 60 + $2 + $3 * 60 + $4}' "$work/times"
+}
 agent sync
 cp --sparse=always "$work/disk.img" "$work/old.img"
 
@@ -112,15 +124,24 @@ os.close(fd)
 PY
 }
 
-ours=(); theirs=(); ratio=(); wire_ours=(); wire_theirs=(); hash_rate=(); fio_rate=()
+ours=(); cpu=(); theirs=(); ratio=(); wire_ours=(); wire_theirs=(); hash_rate=(); fio_rate=()
 for i in $(seq 1 "$runs"); do
   change "$i"
   cp --sparse=always "$work/disk.img" "$work/new.img"
   cp --sparse=always "$work/old.img" "$work/rsync/old.img"
   drop
+  children_cpu > "$work/c0"; r0=$(rx_cpu)
   w0=$(lo_bytes); t0=$(date +%s.%N)
-  agent resync --disk bench-disk --mode checksum
+  if [ -n "${PERF_OUT:-}" ]; then
+    perf record -q -a -g -o "$PERF_OUT.$i" -- \
+      "$bin/tidemark-agent" resync --disk bench-disk --mode checksum --config "$work/agent/agent.toml" \
+      2>>"$work/agent.log" >/dev/null
+  else
+    agent resync --disk bench-disk --mode checksum
+  fi
   t1=$(date +%s.%N); w1=$(lo_bytes)
+  children_cpu > "$work/c1"
+  cpu_agent=$(echo "$(cat "$work/c1") - $(cat "$work/c0")" | bc -l); cpu_rx=$(echo "$(rx_cpu) - $r0" | bc -l)
   drop
   t2=$(date +%s.%N)
   rsync --inplace --no-whole-file --ignore-times "$work/new.img" "rsync://127.0.0.1:$rport/bench/old.img"
@@ -135,14 +156,15 @@ for i in $(seq 1 "$runs"); do
   ours+=("$a"); theirs+=("$b"); ratio+=("$(echo "$b / $a" | bc -l)")
   wire_ours+=("$((w1 - w0))"); wire_theirs+=("$((w2 - w1))")
   hash_rate+=("$hr"); fio_rate+=("$fio_bw")
-  printf 'run %d: checksum resync %.2f s (%d wire bytes, hashing %.0f MB/s)   rsync %.2f s (%d wire bytes)   rsync/ours %.1fx   fio read %.0f MB/s\n' \
-    "$i" "$a" "$((w1 - w0))" "$hr" "$b" "$((w2 - w1))" "$(echo "$b / $a" | bc -l)" "$fio_bw"
+  cpu+=("$(echo "$cpu_agent + $cpu_rx" | bc -l)")
+  printf 'run %d: checksum resync %.2f s (%d wire bytes, hashing %.0f MB/s, CPU agent %.2f s receiver %.2f s)   rsync %.2f s (%d wire bytes)   rsync/ours %.1fx   fio read %.0f MB/s\n' \
+    "$i" "$a" "$((w1 - w0))" "$hr" "$cpu_agent" "$cpu_rx" "$b" "$((w2 - w1))" "$(echo "$b / $a" | bc -l)" "$fio_bw"
   # Back to the old contents for the next run (itself a checksum resync).
   restore
   agent resync --disk bench-disk --mode checksum
 done
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-printf 'median over %d runs, %d MiB, 1%% of blocks changed: checksum resync %.2f s, rsync %.2f s, rsync/ours %.1fx; wire bytes ours %d, rsync %d; hashing %.0f MB/s vs fio %.0f MB/s (%.2f)\n' \
-  "$runs" "$size_mib" "$(median "${ours[@]}")" "$(median "${theirs[@]}")" "$(median "${ratio[@]}")" \
+printf 'median over %d runs, %d MiB, 1%% of blocks changed: checksum resync %.2f s (CPU %.2f s), rsync %.2f s, rsync/ours %.1fx; wire bytes ours %d, rsync %d; hashing %.0f MB/s vs fio %.0f MB/s (%.2f)\n' \
+  "$runs" "$size_mib" "$(median "${ours[@]}")" "$(median "${cpu[@]}")" "$(median "${theirs[@]}")" "$(median "${ratio[@]}")" \
   "$(median "${wire_ours[@]}")" "$(median "${wire_theirs[@]}")" "$(median "${hash_rate[@]}")" \
   "$(median "${fio_rate[@]}")" "$(echo "$(median "${hash_rate[@]}") / $(median "${fio_rate[@]}")" | bc -l)"

@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::sync::{Condvar, Mutex};
 
-use tidemark_common::checksum::{block_checksum, Checksum};
+use tidemark_common::checksum::{block_checksums, Checksum};
 
 use crate::pipeline::{Job, READ_BYTES};
 
@@ -146,13 +146,15 @@ pub fn differing(buf: &[u8], remote: &[Checksum]) -> Vec<Range<usize>> {
             vec![0..buf.len()]
         };
     }
+    let mut local = Vec::with_capacity(remote.len());
+    block_checksums(buf, block, &mut local);
     let mut out: Vec<Range<usize>> = Vec::new();
-    for (i, (b, r)) in buf.chunks(block).zip(remote).enumerate() {
-        if block_checksum(b) == *r {
+    for (i, (l, r)) in local.iter().zip(remote).enumerate() {
+        if l == r {
             continue;
         }
         let start = i * block;
-        let end = start + b.len();
+        let end = (start + block).min(buf.len());
         match out.last_mut() {
             Some(last) if last.end == start => last.end = end,
             _ => out.push(start..end),

@@ -22,7 +22,7 @@
 
 use std::collections::VecDeque;
 
-use tidemark_common::checksum::{block_checksum, zero_checksum, Checksum};
+use tidemark_common::checksum::{block_checksums, zero_checksum, Checksum};
 
 use super::readers::{Pending, Readers, When};
 use crate::image::storage::aligned_range;
@@ -157,7 +157,9 @@ fn hash_range(
     let window = aligned_range(buf, len as usize);
     let data = &mut buf[window];
     image.read_at(offset, data)?;
-    Ok(data.chunks(block).map(block_checksum).collect())
+    let mut out = Vec::with_capacity(data.len().div_ceil(block));
+    block_checksums(data, block, &mut out);
+    Ok(out)
 }
 
 #[cfg(test)]

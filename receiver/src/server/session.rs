@@ -1521,9 +1521,9 @@ fn find_by_uuid(
 /// in halves on two threads when there is enough to share.
 fn hash_blocks(data: &[u8], block: usize) -> Vec<tidemark_common::checksum::Checksum> {
     let hash = |d: &[u8]| -> Vec<_> {
-        d.chunks(block)
-            .map(tidemark_common::checksum::block_checksum)
-            .collect()
+        let mut out = Vec::with_capacity(d.len().div_ceil(block));
+        tidemark_common::checksum::block_checksums(d, block, &mut out);
+        out
     };
     let blocks = data.len().div_ceil(block);
     if data.len() < PARALLEL_HASH_BYTES || blocks < 2 {
