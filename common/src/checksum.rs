@@ -54,7 +54,12 @@ pub fn block_checksum(block: &[u8]) -> Checksum {
 /// digest to `blake3::hash`.
 pub fn block_checksums(data: &[u8], block: usize, out: &mut Vec<Checksum>) {
     let chunks = block / blake3::CHUNK_LEN;
-    if !block.is_multiple_of(blake3::CHUNK_LEN) || chunks < 2 || !chunks.is_power_of_two() {
+    // From 16 KiB on a block fills the lanes by itself (and a large one
+    // would make the scratch space large).
+    let batched = block.is_multiple_of(blake3::CHUNK_LEN)
+        && (2..=8).contains(&chunks)
+        && chunks.is_power_of_two();
+    if !batched {
         out.extend(data.chunks(block).map(block_checksum));
         return;
     }
