@@ -99,7 +99,7 @@ impl Metrics {
         );
         r.register(
             "fast_compressed_bytes",
-            "Disk bytes compressed at zstd's fast level because compression was what held shipping back",
+            "Disk bytes compressed at zstd's fast level because compression was what held shipping back or the data barely compressed at the configured level",
             self.fast_compressed_bytes.clone(),
         );
         r

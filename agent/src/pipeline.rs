@@ -7,6 +7,7 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use tidemark_common::effort::Effort;
 use tidemark_common::proto::messages::Extent;
 use tidemark_common::proto::{Message, MAX_EXTENT_BYTES};
 use tidemark_common::FAST_ZSTD_LEVEL;
@@ -328,19 +329,26 @@ fn compress_worker(
     let mut compressor =
         zstd::bulk::Compressor::new(level).expect("zstd level validated by config");
     let mut fast: Option<zstd::bulk::Compressor<'static>> = None;
+    let mut effort = Effort::new(level);
     while let Ok((disk, offset, buf)) = rx.recv() {
         // Reads waiting for a compressor while the sender has room:
         // compression is the slowest step, and a faster level ships this
         // chunk sooner than a smaller one would. When the link (or the
         // receiver) is what is slow, the sender is full and the configured
-        // level keeps saving bytes.
+        // level keeps saving bytes, unless the data barely compresses at
+        // it (`Effort`).
         let hurry = level > FAST_ZSTD_LEVEL && rx.is_full() && tx.capacity() > 0;
-        let compressor = if hurry {
+        let chunk_level = if hurry {
+            FAST_ZSTD_LEVEL
+        } else {
+            effort.next_level()
+        };
+        let compressor = if chunk_level == level {
+            &mut compressor
+        } else {
             fast.get_or_insert_with(|| {
                 zstd::bulk::Compressor::new(FAST_ZSTD_LEVEL).expect("zstd fast level")
             })
-        } else {
-            &mut compressor
         };
         let send: Vec<Range<usize>> = if compare[disk as usize] {
             let Some(remote) = board.take(disk, offset) else {
@@ -369,7 +377,8 @@ fn compress_worker(
                 } else {
                     let data = &buf[run_off..run_off + run_len];
                     let e = Extent::pack(0, disk, offset_bytes, data, Some(&mut *compressor));
-                    if hurry {
+                    effort.observe(chunk_level, run_len, e.payload.len());
+                    if chunk_level != level {
                         crate::metrics::get().fast_compressed(run_len as u64);
                     }
                     Progress::add(&progress.data_bytes, run_len as u64);

@@ -6,6 +6,7 @@ pub mod checksum;
 pub mod cli;
 pub mod config;
 pub mod durable;
+pub mod effort;
 pub mod metrics;
 pub mod proto;
 pub mod service;

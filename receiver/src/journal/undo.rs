@@ -30,6 +30,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use tidemark_common::checksum::checksum_parts;
+use tidemark_common::effort::Effort;
 use tidemark_common::FAST_ZSTD_LEVEL;
 
 use super::append::DirectAppend;
@@ -129,11 +130,13 @@ fn encode(
     pre: &[u8],
     out: &mut Vec<u8>,
 ) {
-    encode_at(zstd, ZSTD_LEVEL, zbuf, offset_bytes, pre, out)
+    encode_at(zstd, ZSTD_LEVEL, zbuf, offset_bytes, pre, out);
 }
 
 /// [`encode`] at `level`; `zstd` is created at it on first use, so a
 /// caller keeps one context per level.
+/// Returns the length of the payload stored (`pre`'s own when it did not
+/// shrink).
 fn encode_at(
     zstd: &mut Option<zstd::bulk::Compressor<'static>>,
     level: i32,
@@ -141,9 +144,10 @@ fn encode_at(
     offset_bytes: u64,
     pre: &[u8],
     out: &mut Vec<u8>,
-) {
+) -> usize {
     if pre.iter().all(|&b| b == 0) {
-        return encode_zeros(offset_bytes, pre.len() as u32, out);
+        encode_zeros(offset_bytes, pre.len() as u32, out);
+        return 0;
     }
     if zstd.is_none() {
         *zstd = zstd::bulk::Compressor::new(level).ok();
@@ -160,6 +164,7 @@ fn encode_at(
         (CODEC_RAW, pre)
     };
     encode_parts(codec, offset_bytes, pre.len() as u32, payload, out);
+    payload.len()
 }
 
 fn encode_zeros(offset_bytes: u64, len_bytes: u32, out: &mut Vec<u8>) {
@@ -495,23 +500,33 @@ impl Encoder {
                 let mut zstd = None;
                 let mut fast = None;
                 let mut zbuf = Vec::new();
+                let mut effort = Effort::new(ZSTD_LEVEL);
                 while let Ok(mut job) = job_rx.recv() {
                     job.out.clear();
                     let pre = match job.pre {
                         Some((buf, window)) => {
-                            let (ctx, level) = if job.hurry {
-                                (&mut fast, FAST_ZSTD_LEVEL)
+                            let level = if job.hurry {
+                                FAST_ZSTD_LEVEL
                             } else {
-                                (&mut zstd, ZSTD_LEVEL)
+                                effort.next_level()
                             };
-                            encode_at(
+                            let ctx = if level == ZSTD_LEVEL {
+                                &mut zstd
+                            } else {
+                                &mut fast
+                            };
+                            let pre = &buf[window];
+                            let stored = encode_at(
                                 ctx,
                                 level,
                                 &mut zbuf,
                                 job.offset_bytes,
-                                &buf[window],
+                                pre,
                                 &mut job.out,
                             );
+                            if stored > 0 {
+                                effort.observe(level, pre.len(), stored);
+                            }
                             Some(buf)
                         }
                         None => {
