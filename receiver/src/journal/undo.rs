@@ -134,9 +134,8 @@ fn encode(
 }
 
 /// [`encode`] at `level`; `zstd` is created at it on first use, so a
-/// caller keeps one context per level.
-/// Returns the length of the payload stored (`pre`'s own when it did not
-/// shrink).
+/// caller keeps one context per level. Returns the length of the payload
+/// stored (`pre`'s own when it did not shrink; 0 for zeros).
 fn encode_at(
     zstd: &mut Option<zstd::bulk::Compressor<'static>>,
     level: i32,
