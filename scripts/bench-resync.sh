@@ -62,7 +62,10 @@ mv "$work/agent/agent.toml.new" "$work/agent/agent.toml"
 "$bin/tidemark-receiver" serve --config "$work/rx/receiver.toml" 2> "$work/rx.log" &
 rx=$!
 for _ in $(seq 1 100); do grep -q "listening on" "$work/rx.log" && break; sleep 0.1; done
-agent() { "$bin/tidemark-agent" "$@" --config "$work/agent/agent.toml" 2>>"$work/agent.log" >/dev/null; }
+# With `profile` set (an array: a command to run the agent under), the
+# agent runs under it.
+profile=()
+agent() { "${profile[@]}" "$bin/tidemark-agent" "$@" --config "$work/agent/agent.toml" 2>>"$work/agent.log" >/dev/null; }
 # CPU seconds (user + system) of the receiver so far, and of the finished
 # children of this shell (the agent runs).
 rx_cpu() { awk -v t="$(getconf CLK_TCK)" '{print ($14 + $15) / t}' "/proc/$rx/stat"; }
@@ -132,13 +135,9 @@ for i in $(seq 1 "$runs"); do
   drop
   children_cpu > "$work/c0"; r0=$(rx_cpu)
   w0=$(lo_bytes); t0=$(date +%s.%N)
-  if [ -n "${PERF_OUT:-}" ]; then
-    perf record -q -a -g -o "$PERF_OUT.$i" -- \
-      "$bin/tidemark-agent" resync --disk bench-disk --mode checksum --config "$work/agent/agent.toml" \
-      2>>"$work/agent.log" >/dev/null
-  else
-    agent resync --disk bench-disk --mode checksum
-  fi
+  [ -n "${PERF_OUT:-}" ] && profile=(perf record -q -a -g -o "$PERF_OUT.$i" --)
+  agent resync --disk bench-disk --mode checksum
+  profile=()
   t1=$(date +%s.%N); w1=$(lo_bytes)
   children_cpu > "$work/c1"
   cpu_agent=$(echo "$(cat "$work/c1") - $(cat "$work/c0")" | bc -l); cpu_rx=$(echo "$(rx_cpu) - $r0" | bc -l)

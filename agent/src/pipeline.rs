@@ -337,12 +337,7 @@ fn compress_worker(
         // receiver) is what is slow, the sender is full and the configured
         // level keeps saving bytes, unless the data barely compresses at
         // it (`Effort`).
-        let hurry = level > FAST_ZSTD_LEVEL && rx.is_full() && tx.capacity() > 0;
-        let chunk_level = if hurry {
-            FAST_ZSTD_LEVEL
-        } else {
-            effort.next_level()
-        };
+        let chunk_level = effort.next_level(rx.is_full() && tx.capacity() > 0);
         let compressor = if chunk_level == level {
             &mut compressor
         } else {

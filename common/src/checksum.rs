@@ -70,8 +70,12 @@ pub fn block_checksums(data: &[u8], block: usize, out: &mut Vec<Checksum>) {
     let mut pending: Vec<(usize, &[u8])> = Vec::with_capacity(BATCH);
     let mut tree = Tree::default();
     for piece in data.chunks(block) {
-        if piece.len() < block || piece == &ZEROS[..block.min(ZERO_BLOCK_MAX)] {
+        if piece.len() < block {
             out.push(block_checksum(piece));
+            continue;
+        }
+        if piece == &ZEROS[..block] {
+            out.push(zero_checksum(block));
             continue;
         }
         pending.push((out.len(), piece));

@@ -39,9 +39,16 @@ impl Effort {
         }
     }
 
-    /// The level for the next piece.
-    pub fn next_level(&mut self) -> i32 {
-        if self.level <= FAST_ZSTD_LEVEL || self.ratio < BARELY {
+    /// The level for the next piece; the fast one also with `hurry`
+    /// (compression is what the pipeline waits for).
+    pub fn next_level(&mut self, hurry: bool) -> i32 {
+        if self.level <= FAST_ZSTD_LEVEL {
+            return self.level;
+        }
+        if hurry {
+            return FAST_ZSTD_LEVEL;
+        }
+        if self.ratio < BARELY {
             return self.level;
         }
         self.since_probe += 1;
@@ -73,7 +80,7 @@ mod tests {
     fn run(e: &mut Effort, ratio: f64, pieces: usize) -> f64 {
         let mut fast = 0;
         for _ in 0..pieces {
-            let level = e.next_level();
+            let level = e.next_level(false);
             if level == FAST_ZSTD_LEVEL {
                 fast += 1;
                 e.observe(level, 1000, (ratio * 1100.0) as usize);
@@ -100,11 +107,19 @@ mod tests {
     }
 
     #[test]
+    fn hurry_goes_fast_even_where_the_level_pays() {
+        let mut e = Effort::new(1);
+        assert_eq!(run(&mut e, 0.5, 10), 0.0);
+        assert_eq!(e.next_level(true), FAST_ZSTD_LEVEL);
+        assert_eq!(e.next_level(false), 1);
+    }
+
+    #[test]
     fn a_configured_fast_level_is_kept() {
         for level in [FAST_ZSTD_LEVEL, -5] {
             let mut e = Effort::new(level);
             for _ in 0..100 {
-                assert_eq!(e.next_level(), level);
+                assert_eq!(e.next_level(true), level);
                 e.observe(level, 1000, 990);
             }
         }

@@ -31,7 +31,6 @@ use std::path::{Path, PathBuf};
 
 use tidemark_common::checksum::checksum_parts;
 use tidemark_common::effort::Effort;
-use tidemark_common::FAST_ZSTD_LEVEL;
 
 use super::append::DirectAppend;
 use crate::image::storage::DIRECT_ALIGN;
@@ -504,11 +503,7 @@ impl Encoder {
                     job.out.clear();
                     let pre = match job.pre {
                         Some((buf, window)) => {
-                            let level = if job.hurry {
-                                FAST_ZSTD_LEVEL
-                            } else {
-                                effort.next_level()
-                            };
+                            let level = effort.next_level(job.hurry);
                             let ctx = if level == ZSTD_LEVEL {
                                 &mut zstd
                             } else {
@@ -725,7 +720,7 @@ impl UndoLog {
     /// thread while the caller goes on; the record is written, in order,
     /// once encoded, and durable after the next [`UndoLog::sync`]. While
     /// records pile up behind the encoder it compresses at
-    /// [`FAST_ZSTD_LEVEL`] instead.
+    /// [`tidemark_common::FAST_ZSTD_LEVEL`] instead.
     pub fn append_owned(
         &mut self,
         tag: u64,
