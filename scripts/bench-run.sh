@@ -19,6 +19,9 @@
 # AGENT_ENV='VAR=value ...' sets environment variables for the agent alone.
 # AGENT_AS_UNIT=1 runs the agent at the systemd unit's priorities (Nice=5,
 # best-effort I/O class at level 4) instead of fio's.
+# TIMELINE=FILE writes, for each rate step, the agent's backlog every
+# 0.25 s and each bookmark's start and lag (seconds since the step began),
+# to see what a lag spike coincides with.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 disk_mib=${1:-2048}
@@ -120,15 +123,28 @@ for rate in "${rates[@]}"; do
   fio_pid=$!
   t0=$(cpu_ticks)
   lags=()
+  step_start=$(date +%s.%N)
+  sampler=""
+  if [ -n "${TIMELINE:-}" ]; then
+    while kill -0 "$fio_pid" 2>/dev/null; do
+      "$bin/tidemark-agent" status --json --config "$work/agent/run.toml" 2>/dev/null |
+        python3 -c 'import json, sys; print(sum(d["dirty_bytes"] for d in json.load(sys.stdin)["disks"]) >> 20)' |
+        xargs printf '%s %.2f backlog_mib %s\n' "$rate" "$(echo "$(date +%s.%N) - $step_start" | bc -l)" >> "$TIMELINE"
+      sleep 0.25
+    done &
+    sampler=$!
+  fi
   sleep 2
   while kill -0 "$fio_pid" 2>/dev/null; do
     s=$(date +%s.%N)
     "$bin/tidemark-agent" bookmark --config "$work/agent/run.toml" 2>/dev/null >/dev/null
     e=$(date +%s.%N)
     lags+=("$(echo "$e - $s" | bc -l)")
+    [ -n "${TIMELINE:-}" ] && printf '%s %.2f lag %.2f\n' "$rate" "$(echo "$s - $step_start" | bc -l)" "$(echo "$e - $s" | bc -l)" >> "$TIMELINE"
     sleep 1
   done
   wait "$fio_pid"
+  [ -n "$sampler" ] && wait "$sampler"
   t1=$(cpu_ticks)
   read -r bw _ < <(fio_summary "$work/rate.json")
   churn_mb=$(echo "$bw * $secs" | bc -l)
