@@ -32,14 +32,18 @@ use crate::journal::points::read_all;
 use crate::journal::undo::{self, UndoLog};
 use crate::registry::{validate_disk_id, DiskEntry, Registry, SizeBefore};
 
-/// Bytes written between fsyncs while the agent keeps the input full;
-/// bounds how much an agent holds unacknowledged.
-const SYNC_EVERY_BYTES: u64 = 64 << 20;
+/// Payload bytes received between fsyncs while the agent keeps the input
+/// full: half the agent's default window (16 MiB of payload), so an ack
+/// is on its way before the agent runs out of window and the link never
+/// stands still for a sync. At 64 MiB, batches ended only on their age
+/// (SYNC_DELAY_MAX) and a steady 200 MB/s of churn waited on the window:
+/// about 13 MiB acked per 50 ms plus a 12 ms sync (docs/BENCHMARKS.md).
+const SYNC_EVERY_BYTES: u64 = 8 << 20;
 /// With the input drained, how long to wait for the agent's next message
 /// before syncing what is written (see `pump`).
 const SYNC_GRACE: Duration = Duration::from_millis(2);
-/// The longest a write waits for its sync while messages keep coming: an
-/// agent sending at 200 MB/s has 10 MiB unacknowledged, within its window.
+/// The longest a write waits for its sync while messages keep coming
+/// slower than SYNC_EVERY_BYTES per this time (168 MB/s).
 const SYNC_DELAY_MAX: Duration = Duration::from_millis(50);
 /// Pre-images are read and journaled in pieces of at most this size.
 const UNDO_CHUNK_BYTES: u64 = 4 << 20;
@@ -56,8 +60,8 @@ const WORK_QUEUE: usize = 16;
 /// acks cannot make a session hold more.
 const QUEUE_BYTES: usize = (16 << 20) + MAX_FRAME_BYTES;
 /// Overwrites held back for their undo records at most: a well-behaved
-/// agent's window stays below it, one sending compressible data without
-/// waiting for acks would otherwise make us hold up to SYNC_EVERY_BYTES.
+/// agent's window stays below it, while SYNC_EVERY_BYTES of payload can
+/// be many times that once decompressed.
 const QUEUED_MAX_BYTES: u64 = 32 << 20;
 /// Pre-images being read at most before the session waits for the oldest
 /// (their bytes are bounded by QUEUED_MAX_BYTES too).
@@ -544,6 +548,7 @@ struct Worker {
     applied_seq: u64,
     /// Highest seq acknowledged durable.
     acked_seq: u64,
+    /// Payload bytes (as received, compressed) since the last fsync.
     bytes_since_sync: u64,
     /// When the oldest write not yet synced was applied.
     unsynced_since: Option<Instant>,
@@ -735,11 +740,10 @@ impl Worker {
                     ),
                 )
             })?;
-        self.shared.metrics.received(
-            &self.disks[d].id,
-            u64::from(e.len_bytes),
-            e.payload.len() as u64,
-        );
+        let wire_bytes = e.payload.len() as u64;
+        self.shared
+            .metrics
+            .received(&self.disks[d].id, u64::from(e.len_bytes), wire_bytes);
         // The verified bytes change hands instead of being copied: a
         // decompressed extent leaves in `scratch`, which a spare replaces.
         let data = match e.codec {
@@ -750,7 +754,7 @@ impl Worker {
             Codec::None => e.payload,
         };
         self.overwrite(d, e.offset_bytes, u64::from(e.len_bytes), Some(data))?;
-        self.written(d, e.seq, u64::from(e.len_bytes));
+        self.written(d, e.seq, wire_bytes);
         Ok(())
     }
 
