@@ -19,6 +19,10 @@
 # AGENT_ENV='VAR=value ...' sets environment variables for the agent alone.
 # AGENT_AS_UNIT=1 runs the agent at the systemd unit's priorities (Nice=5,
 # best-effort I/O class at level 4) instead of fio's.
+# AGENT_BLKIO=1 runs the agent in a block-I/O cgroup of its own, as a
+# systemd service is in its unit's: the loop driver then serves the
+# agent's reads on a worker thread of their own instead of queueing them
+# behind the guest's writes in one (a real disk has no such thread).
 # TIMELINE=FILE writes, for each rate step, the agent's backlog every
 # 0.25 s and each bookmark's start and lag (seconds since the step began),
 # to see what a lag spike coincides with.
@@ -35,11 +39,12 @@ command -v fio >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractiv
 cargo build --release --locked -q -p tidemark-agent -p tidemark-receiver
 bin=${BIN:-$PWD/target/release}
 work=$(mktemp -d /var/tmp/tidemark-bench-run.XXXXXX)
-loopdev=""; rx=""; ag=""
+loopdev=""; rx=""; ag=""; blkio=""
 cleanup() {
   [ -n "$ag" ] && kill "$ag" 2>/dev/null && wait "$ag" 2>/dev/null || true
   [ -n "$rx" ] && kill "$rx" 2>/dev/null && wait "$rx" 2>/dev/null || true
   rmdir /sys/kernel/tracing/instances/tidemark-bench-run 2>/dev/null || true
+  [ -n "$blkio" ] && rmdir "$blkio" 2>/dev/null || true
   [ -n "$loopdev" ] && losetup -d "$loopdev" || true
   rm -rf "$work"
 }
@@ -98,6 +103,12 @@ priority=()
 [ "${AGENT_AS_UNIT:-0}" = 1 ] && priority=(nice -n 5 ionice -c 2 -n 4)
 env ${AGENT_ENV:-} "${priority[@]}" "$bin/tidemark-agent" run --config "$work/agent/run.toml" 2> "$work/agent.log" &
 ag=$!
+if [ "${AGENT_BLKIO:-0}" = 1 ]; then
+  # cgroup v1 (blkio) or v2 (the io controller must be enabled above it).
+  if [ -d /sys/fs/cgroup/blkio ]; then blkio=/sys/fs/cgroup/blkio/tidemark-bench-agent; else blkio=/sys/fs/cgroup/tidemark-bench-agent; fi
+  mkdir -p "$blkio"
+  echo "$ag" > "$blkio/cgroup.procs"
+fi
 for _ in $(seq 1 300); do grep -q "replicating" "$work/agent.log" && break; sleep 0.1; done
 # Initial sync done once the first point is durable.
 sync_start=$(date +%s.%N)
