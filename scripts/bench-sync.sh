@@ -3,15 +3,21 @@
 # 127.0.0.1 (io_uring reads, zstd, TLS, checksum verify, fsync'd sparse
 # image), side by side with `qemu-img convert` copying the same device to a
 # local sparse raw file. Prints each run and the median ratio ours/qemu.
-# Usage (root): scripts/bench-sync.sh [SIZE_MIB] [RUNS]
+# Usage (root): [TIDEMARK_BIN=DIR] scripts/bench-sync.sh [SIZE_MIB] [RUNS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 size_mib=${1:-1024}
 runs=${2:-3}
 [ "$(id -u)" -eq 0 ] || { echo "bench-sync: needs root" >&2; exit 1; }
 scripts/install-deps.sh
-cargo build --release --locked -q -p tidemark-agent -p tidemark-receiver
-bin=$PWD/target/release
+# TIDEMARK_BIN=DIR: binaries of another build to measure instead of this
+# tree's, for A/B runs (as in bench-resync.sh).
+if [ -n "${TIDEMARK_BIN:-}" ]; then
+  bin=$TIDEMARK_BIN
+else
+  cargo build --release --locked -q -p tidemark-agent -p tidemark-receiver
+  bin=$PWD/target/release
+fi
 work=$(mktemp -d /var/tmp/tidemark-bench.XXXXXX)
 loopdev=""
 rx=""
