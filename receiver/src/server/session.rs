@@ -37,7 +37,7 @@ use crate::registry::{validate_disk_id, DiskEntry, Registry, SizeBefore};
 /// is on its way before the agent runs out of window and the link never
 /// stands still for a sync. At 64 MiB, batches ended only on their age
 /// (SYNC_DELAY_MAX) and a steady 200 MB/s of churn waited on the window:
-/// about 13 MiB acked per 50 ms plus a 12 ms sync (docs/BENCHMARKS.md).
+/// about 13 MiB acked per 50 ms plus an 11 ms sync (docs/BENCHMARKS.md).
 const SYNC_EVERY_BYTES: u64 = 8 << 20;
 /// With the input drained, how long to wait for the agent's next message
 /// before syncing what is written (see `pump`).
