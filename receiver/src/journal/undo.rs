@@ -186,9 +186,14 @@ fn encode_parts(codec: u8, offset_bytes: u64, len_bytes: u32, payload: &[u8], ou
     out.extend_from_slice(&offset_bytes.to_be_bytes());
     out.extend_from_slice(&len_bytes.to_be_bytes());
     out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    let sum = crc32c::crc32c_append(crc32c::crc32c(&out[start..]), payload);
-    out.extend_from_slice(&sum.to_be_bytes());
+    let sum = crc(&out[start..], payload);
+    out.extend_from_slice(&sum);
     out.extend_from_slice(payload);
+}
+
+/// The CRC32C a record carries: over its header, then its payload.
+fn crc(head: &[u8], payload: &[u8]) -> [u8; 4] {
+    crc32c::crc32c_append(crc32c::crc32c(head), payload).to_be_bytes()
 }
 
 /// Length of the checksum a header announces (None: unknown kind).
@@ -202,8 +207,7 @@ fn sum_len(head: &[u8]) -> Option<usize> {
 
 fn sum_matches(head: &[u8], payload: &[u8], sum: &[u8]) -> bool {
     if head[5] == SUM_CRC32C {
-        let crc = crc32c::crc32c_append(crc32c::crc32c(head), payload);
-        crc.to_be_bytes()[..] == *sum
+        crc(head, payload)[..] == *sum
     } else {
         checksum_parts(&[head, payload])[..] == *sum
     }
@@ -336,12 +340,12 @@ pub fn scan_segment<E: From<UndoError>>(
             Err(e) => return Err(read_err(e).into()),
         }
         let payload_len = u32::from_be_bytes(buf[20..24].try_into().expect("4 bytes"));
-        let Some(sum_len) = sum_len(&buf) else {
-            return Ok(());
-        };
         if buf[..4] != MAGIC || payload_len > MAX_RECORD_BYTES {
             return Ok(());
         }
+        let Some(sum_len) = sum_len(&buf) else {
+            return Ok(());
+        };
         let start = buf.len();
         buf.resize(start + sum_len + payload_len as usize, 0);
         match file.read_exact(&mut buf[start..]) {
