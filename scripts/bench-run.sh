@@ -12,6 +12,9 @@
 #     which the agent and receiver drain a backlog, i.e. the highest churn
 #     they could sustain. Reported with the CPU time the hypervisor stole
 #     meanwhile (this VM shares its host: a high figure means a slow run).
+#  4. what compression saved: disk bytes shipped after the initial sync
+#     against bytes on the wire, and how much went uncompressed or at the
+#     fast level (the agent's own counters, scraped from its metrics port).
 # Usage (root): scripts/bench-run.sh [DISK_MIB] [SECONDS_PER_STEP] [RATES_MBPS...]
 # BIN=DIR runs the agent and receiver binaries in DIR instead (to compare
 # two builds in one sitting, alternating). AGENT_SETTINGS='queue_depth = 8'
@@ -62,6 +65,7 @@ else
 fi
 loopdev=$(losetup --find --show "$work/disk.img")
 port=$((20000 + RANDOM % 20000))
+metrics_port=$((port + 1))
 "$bin/tidemark-receiver" init --dir "$work/rx" --name bench --listen "127.0.0.1:$port" \
   --image-dir "$work/images" --retention-dir "$work/retention" --retention-on-root-filesystem >/dev/null
 "$bin/tidemark-receiver" issue-cert --dir "$work/rx" --name bench-run \
@@ -69,6 +73,7 @@ port=$((20000 + RANDOM % 20000))
 {
   printf 'state_dir = "%s"\nadmin_socket = "%s"\n' "$work/state" "$work/agent.sock"
   printf 'crash_consistent_interval_secs = 0\napp_consistent_interval_secs = 0\n'
+  printf 'metrics_listen = "127.0.0.1:%s"\n' "$metrics_port"
   printf '%s\n' "${AGENT_SETTINGS:-}"
   cat "$work/agent/agent.toml"
   printf '\n[[disk]]\ndevice = "%s"\nid = "bench-run-disk"\n' "$loopdev"
@@ -117,6 +122,23 @@ sync_secs=$(echo "$(date +%s.%N) - $sync_start" | bc -l)
 printf 'initial sync: %.1f s (%.0f MB/s of disk), agent peak RSS so far %.1f MiB\n' "$sync_secs" \
   "$(echo "$disk_mib * 1048576 / 1000000 / $sync_secs" | bc -l)" \
   "$(awk '/VmHWM/ {print $2 / 1024}' "/proc/$ag/status")"
+
+# The agent's counters of disk bytes and wire bytes shipped, bytes stored
+# uncompressed and bytes compressed at the fast level.
+shipped() {
+  python3 - "$metrics_port" <<'PY'
+import sys, urllib.request
+text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=5).read().decode()
+names = ["shipped_disk_bytes_total", "shipped_wire_bytes_total", "stored_bytes_total", "fast_compressed_bytes_total"]
+total = dict.fromkeys(names, 0.0)
+for line in text.splitlines():
+    for name in names:
+        if line.startswith(f"tidemark_agent_{name}"):
+            total[name] += float(line.split()[-1])
+print(*(int(total[n]) for n in names))
+PY
+}
+read -r sh_d0 sh_w0 sh_s0 sh_f0 < <(shipped)
 
 echo "== guest fio with the agent replicating (${secs}s, unthrottled)"
 fio_run 0 "$secs" "$work/with.json" &
@@ -184,5 +206,12 @@ done
 echo "(run 1 overwrites what the rate steps left; runs 2 and 3 overwrite run 1's blocks: the same journaled pre-images)"
 
 echo
+# What compression saved on fio's data (after the initial sync, whose
+# zeros travel as zero records).
+read -r sh_d1 sh_w1 sh_s1 sh_f1 < <(shipped)
+printf 'shipped since the initial sync: %.2f GB of disk data as %.2f GB on the wire (%.3f); stored uncompressed %.2f GB, at the fast level %.2f GB\n' \
+  "$(echo "($sh_d1 - $sh_d0) / 1000000000" | bc -l)" "$(echo "($sh_w1 - $sh_w0) / 1000000000" | bc -l)" \
+  "$(echo "($sh_w1 - $sh_w0) / ($sh_d1 - $sh_d0)" | bc -l)" \
+  "$(echo "($sh_s1 - $sh_s0) / 1000000000" | bc -l)" "$(echo "($sh_f1 - $sh_f0) / 1000000000" | bc -l)"
 echo "agent peak RSS: $(awk '/VmHWM/ {print $2/1024 " MiB"}' "/proc/$ag/status") (disk ${disk_mib} MiB)"
 grep -c "resync required" "$work/agent.log" | xargs echo "resyncs during the run (1 = the initial sync):"

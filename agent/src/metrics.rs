@@ -35,6 +35,7 @@ pub struct Metrics {
     connected: Gauge,
     send_cap: Gauge,
     fast_compressed_bytes: Counter,
+    stored_bytes: Counter,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
@@ -47,6 +48,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     connected: Gauge::default(),
     send_cap: Gauge::default(),
     fast_compressed_bytes: Counter::default(),
+    stored_bytes: Counter::default(),
 });
 
 pub fn get() -> &'static Metrics {
@@ -102,11 +104,20 @@ impl Metrics {
             "Disk bytes compressed at zstd's fast level because compression was what held shipping back or the data barely compressed at the configured level",
             self.fast_compressed_bytes.clone(),
         );
+        r.register(
+            "stored_bytes",
+            "Disk bytes sent uncompressed because the configured level saved less than an eighth of them",
+            self.stored_bytes.clone(),
+        );
         r
     }
 
     pub fn fast_compressed(&self, bytes: u64) {
         self.fast_compressed_bytes.inc_by(bytes);
+    }
+
+    pub fn stored(&self, bytes: u64) {
+        self.stored_bytes.inc_by(bytes);
     }
 
     pub fn shipped(&self, disk: &str, disk_bytes: u64, wire_bytes: u64) {

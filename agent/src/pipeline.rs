@@ -338,12 +338,12 @@ fn compress_worker(
         // level keeps saving bytes, unless the data barely compresses at
         // it (`Effort`).
         let chunk_level = effort.next_level(rx.is_full() && tx.capacity() > 0);
-        let compressor = if chunk_level == level {
-            &mut compressor
-        } else {
-            fast.get_or_insert_with(|| {
+        let mut compressor = match chunk_level {
+            None => None,
+            Some(l) if l == level => Some(&mut compressor),
+            Some(_) => Some(fast.get_or_insert_with(|| {
                 zstd::bulk::Compressor::new(FAST_ZSTD_LEVEL).expect("zstd fast level")
-            })
+            })),
         };
         let send: Vec<Range<usize>> = if compare[disk as usize] {
             let Some(remote) = board.take(disk, offset) else {
@@ -371,10 +371,11 @@ fn compress_worker(
                     }
                 } else {
                     let data = &buf[run_off..run_off + run_len];
-                    let e = Extent::pack(0, disk, offset_bytes, data, Some(&mut *compressor));
-                    effort.observe(chunk_level, run_len, e.payload.len());
-                    if chunk_level != level {
-                        crate::metrics::get().fast_compressed(run_len as u64);
+                    let e = Extent::pack(0, disk, offset_bytes, data, compressor.as_deref_mut());
+                    match chunk_level {
+                        Some(l) if l == level => effort.observe(l, run_len, e.payload.len()),
+                        Some(_) => crate::metrics::get().fast_compressed(run_len as u64),
+                        None => crate::metrics::get().stored(run_len as u64),
                     }
                     Progress::add(&progress.data_bytes, run_len as u64);
                     Progress::add(&progress.payload_bytes, e.payload.len() as u64);

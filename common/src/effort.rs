@@ -1,5 +1,6 @@
-//! How hard to compress the next piece: the configured zstd level, or the
-//! fast one where the data barely compresses at all.
+//! How hard to compress the next piece: the configured zstd level, the
+//! fast one where the data barely compresses, or not at all where even the
+//! configured level saves too little to be worth its CPU.
 //!
 //! On data that barely compresses (encrypted, already compressed, media;
 //! fio's buffers) zstd's level 1 and its fast level −3 end within a few
@@ -15,8 +16,16 @@ use crate::FAST_ZSTD_LEVEL;
 /// level, the fast level is used instead: what the configured level saves
 /// over it is then a few per cent of the bytes.
 const BARELY: f64 = 0.85;
-/// While on the fast level, one piece in this many is still compressed at
-/// the configured level, so that data turning compressible is noticed.
+/// At or above this share, pieces are stored uncompressed: compressing
+/// them saves less than an eighth of the bytes (the cut ZFS makes for the
+/// same reason), and costs the sender its compression and the receiver its
+/// decompression of every byte. On a link too slow for the extra eighth
+/// the pipeline is not waiting on CPU, and `zstd_level` still decides what
+/// data that does compress gets.
+const HARDLY: f64 = 0.875;
+/// While on the fast level or storing, one piece in this many is still
+/// compressed at the configured level, so that data turning compressible
+/// is noticed.
 const PROBE_EVERY: u32 = 16;
 /// Weight of each new observation in the running ratio.
 const WEIGHT: f64 = 0.125;
@@ -39,25 +48,27 @@ impl Effort {
         }
     }
 
-    /// The level for the next piece; the fast one also with `hurry`
-    /// (compression is what the pipeline waits for).
-    pub fn next_level(&mut self, hurry: bool) -> i32 {
+    /// The zstd level for the next piece, or None to store it as it is.
+    /// `hurry` (compression is what the pipeline waits for) means the fast
+    /// level where the configured one would be used.
+    pub fn next_level(&mut self, hurry: bool) -> Option<i32> {
+        if self.ratio >= BARELY {
+            self.since_probe += 1;
+            if self.since_probe >= PROBE_EVERY {
+                self.since_probe = 0;
+                return Some(self.level);
+            }
+            if self.ratio >= HARDLY {
+                return None;
+            }
+        }
         if self.level <= FAST_ZSTD_LEVEL {
-            return self.level;
+            return Some(self.level);
         }
-        if hurry {
-            return FAST_ZSTD_LEVEL;
+        if hurry || self.ratio >= BARELY {
+            return Some(FAST_ZSTD_LEVEL);
         }
-        if self.ratio < BARELY {
-            return self.level;
-        }
-        self.since_probe += 1;
-        if self.since_probe >= PROBE_EVERY {
-            self.since_probe = 0;
-            self.level
-        } else {
-            FAST_ZSTD_LEVEL
-        }
+        Some(self.level)
     }
 
     /// What a piece of `input` bytes compressed to at `level` (`input`
@@ -75,53 +86,70 @@ impl Effort {
 mod tests {
     use super::*;
 
-    /// Feeds pieces compressing to `ratio` at the configured level and to
-    /// slightly more at the fast one; returns the share at the fast level.
-    fn run(e: &mut Effort, ratio: f64, pieces: usize) -> f64 {
-        let mut fast = 0;
+    /// Shares of pieces compressed at the fast level and stored, feeding
+    /// pieces that compress to `ratio` at the configured level.
+    fn run(e: &mut Effort, ratio: f64, pieces: usize) -> (f64, f64) {
+        let (mut fast, mut stored) = (0, 0);
         for _ in 0..pieces {
-            let level = e.next_level(false);
-            if level == FAST_ZSTD_LEVEL {
-                fast += 1;
-                e.observe(level, 1000, (ratio * 1100.0) as usize);
-            } else {
-                e.observe(level, 1000, (ratio * 1000.0) as usize);
+            match e.next_level(false) {
+                None => stored += 1,
+                Some(level) => {
+                    if level == FAST_ZSTD_LEVEL && e.level != FAST_ZSTD_LEVEL {
+                        fast += 1;
+                    }
+                    e.observe(level, 1000, (ratio * 1000.0) as usize);
+                }
             }
         }
-        fast as f64 / pieces as f64
+        (fast as f64 / pieces as f64, stored as f64 / pieces as f64)
     }
 
     #[test]
     fn data_that_barely_compresses_goes_fast_and_compressible_data_comes_back() {
         let mut e = Effort::new(1);
-        assert_eq!(
-            run(&mut e, 0.5, 100),
-            0.0,
-            "compressible: level 1 throughout"
-        );
-        let fast = run(&mut e, 0.95, 2000);
-        assert!(fast > 0.85, "barely compressible: mostly fast ({fast})");
+        assert_eq!(run(&mut e, 0.5, 100), (0.0, 0.0), "level 1 throughout");
+        let (fast, stored) = run(&mut e, 0.86, 2000);
+        assert!(fast > 0.85 && stored == 0.0, "barely: mostly fast ({fast})");
         // The data turns compressible: a few probes later, level 1 again.
         run(&mut e, 0.3, 200);
-        assert_eq!(run(&mut e, 0.3, 100), 0.0);
+        assert_eq!(run(&mut e, 0.3, 100), (0.0, 0.0));
+    }
+
+    #[test]
+    fn data_that_compresses_by_less_than_an_eighth_is_stored() {
+        let mut e = Effort::new(1);
+        let (fast, stored) = run(&mut e, 0.9, 2000);
+        assert!(
+            stored > 0.85 && fast < 0.05,
+            "stored ({stored}), fast ({fast})"
+        );
+        run(&mut e, 0.3, 200);
+        assert_eq!(run(&mut e, 0.3, 100), (0.0, 0.0), "compressible again");
+        // Nothing hurries a piece into compression that does not pay.
+        run(&mut e, 0.99, 2000);
+        let hurried = (0..160).filter(|_| e.next_level(true).is_none()).count();
+        assert_eq!(hurried, 150, "all but the probes");
     }
 
     #[test]
     fn hurry_goes_fast_even_where_the_level_pays() {
         let mut e = Effort::new(1);
-        assert_eq!(run(&mut e, 0.5, 10), 0.0);
-        assert_eq!(e.next_level(true), FAST_ZSTD_LEVEL);
-        assert_eq!(e.next_level(false), 1);
+        assert_eq!(run(&mut e, 0.5, 10), (0.0, 0.0));
+        assert_eq!(e.next_level(true), Some(FAST_ZSTD_LEVEL));
+        assert_eq!(e.next_level(false), Some(1));
     }
 
     #[test]
-    fn a_configured_fast_level_is_kept() {
+    fn a_configured_fast_level_is_kept_or_stores() {
         for level in [FAST_ZSTD_LEVEL, -5] {
             let mut e = Effort::new(level);
             for _ in 0..100 {
-                assert_eq!(e.next_level(true), level);
-                e.observe(level, 1000, 990);
+                assert_eq!(e.next_level(true), Some(level));
+                e.observe(level, 1000, 700);
             }
+            run(&mut e, 0.99, 200);
+            let stored = (0..160).filter(|_| e.next_level(false).is_none()).count();
+            assert_eq!(stored, 150, "{level}: all but the probes");
         }
     }
 }

@@ -153,8 +153,7 @@ fn encode_at(
     pre: &[u8],
     out: &mut Vec<u8>,
 ) -> usize {
-    if pre.iter().all(|&b| b == 0) {
-        encode_zeros(offset_bytes, pre.len() as u32, out);
+    if encode_if_zero(offset_bytes, pre, out) {
         return 0;
     }
     if zstd.is_none() {
@@ -173,6 +172,22 @@ fn encode_at(
     };
     encode_parts(codec, offset_bytes, pre.len() as u32, payload, out);
     payload.len()
+}
+
+/// A pre-image kept uncompressed (but zeros still as a header alone).
+fn encode_raw(offset_bytes: u64, pre: &[u8], out: &mut Vec<u8>) {
+    if !encode_if_zero(offset_bytes, pre, out) {
+        encode_parts(CODEC_RAW, offset_bytes, pre.len() as u32, pre, out);
+    }
+}
+
+/// Encodes an all-zero pre-image as a zero record, which has no payload.
+fn encode_if_zero(offset_bytes: u64, pre: &[u8], out: &mut Vec<u8>) -> bool {
+    let zero = pre.iter().all(|&b| b == 0);
+    if zero {
+        encode_zeros(offset_bytes, pre.len() as u32, out);
+    }
+    zero
 }
 
 fn encode_zeros(offset_bytes: u64, len_bytes: u32, out: &mut Vec<u8>) {
@@ -538,23 +553,27 @@ impl Encoder {
                     job.out.clear();
                     let pre = match job.pre {
                         Some((buf, window)) => {
-                            let level = effort.next_level(job.hurry);
-                            let ctx = if level == ZSTD_LEVEL {
-                                &mut zstd
-                            } else {
-                                &mut fast
-                            };
                             let pre = &buf[window];
-                            let stored = encode_at(
-                                ctx,
-                                level,
-                                &mut zbuf,
-                                job.offset_bytes,
-                                pre,
-                                &mut job.out,
-                            );
-                            if stored > 0 {
-                                effort.observe(level, pre.len(), stored);
+                            match effort.next_level(job.hurry) {
+                                Some(level) => {
+                                    let ctx = if level == ZSTD_LEVEL {
+                                        &mut zstd
+                                    } else {
+                                        &mut fast
+                                    };
+                                    let stored = encode_at(
+                                        ctx,
+                                        level,
+                                        &mut zbuf,
+                                        job.offset_bytes,
+                                        pre,
+                                        &mut job.out,
+                                    );
+                                    if stored > 0 {
+                                        effort.observe(level, pre.len(), stored);
+                                    }
+                                }
+                                None => encode_raw(job.offset_bytes, pre, &mut job.out),
                             }
                             Some(buf)
                         }
