@@ -9,6 +9,10 @@
 # Usage (root): [TIDEMARK_BIN=DIR] [PERF_OUT=FILE] scripts/bench-resync.sh [SIZE_MIB] [RUNS]
 # PERF_OUT: record a system-wide profile (perf record -a -g) of each
 # measured resync into FILE.N.
+# RECEIVER_TMPFS=1 keeps the receiver's side (its image and journal, and
+# rsync's destination file) on a tmpfs: the two sides then do not read
+# the same virtual disk at once, as on two machines, and the hashing rate
+# is the agent's own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 size_mib=${1:-4096}
@@ -28,10 +32,12 @@ work=$(mktemp -d /var/tmp/tidemark-bench.XXXXXX)
 loopdev=""
 rx=""
 rsyncd=""
+rxfs=""
 cleanup() {
   [ -n "$rx" ] && kill "$rx" 2>/dev/null && wait "$rx" 2>/dev/null || true
   [ -n "$rsyncd" ] && kill "$(cat "$work/rsyncd.pid" 2>/dev/null)" 2>/dev/null || true
   [ -n "$loopdev" ] && losetup -d "$loopdev" || true
+  [ -n "$rxfs" ] && umount "$rxfs" || true
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -51,15 +57,22 @@ with open(path, "r+b") as f:
         f.write(text[: 2 << 20])
 PY
 loopdev=$(losetup --find --show "$work/disk.img")
+side=$work
+if [ "${RECEIVER_TMPFS:-0}" = 1 ]; then
+  rxfs=$work/rxfs
+  mkdir -p "$rxfs"
+  mount -t tmpfs -o size=$((size_mib * 3))m tidemark-bench "$rxfs"
+  side=$rxfs
+fi
 port=$((20000 + RANDOM % 20000))
-"$bin/tidemark-receiver" init --dir "$work/rx" --name bench --listen "127.0.0.1:$port" \
-  --image-dir "$work/images" --retention-dir "$work/retention" --retention-on-root-filesystem >/dev/null
-"$bin/tidemark-receiver" issue-cert --dir "$work/rx" --name bench-agent \
+"$bin/tidemark-receiver" init --dir "$side/rx" --name bench --listen "127.0.0.1:$port" \
+  --image-dir "$side/images" --retention-dir "$side/retention" --retention-on-root-filesystem >/dev/null
+"$bin/tidemark-receiver" issue-cert --dir "$side/rx" --name bench-agent \
   --receiver "127.0.0.1:$port" --out "$work/agent" >/dev/null
 printf 'state_dir = "%s"\n%s\n[[disk]]\ndevice = "%s"\nid = "bench-disk"\n' \
   "$work/agent/state" "$(cat "$work/agent/agent.toml")" "$loopdev" > "$work/agent/agent.toml.new"
 mv "$work/agent/agent.toml.new" "$work/agent/agent.toml"
-"$bin/tidemark-receiver" serve --config "$work/rx/receiver.toml" 2> "$work/rx.log" &
+"$bin/tidemark-receiver" serve --config "$side/rx/receiver.toml" 2> "$work/rx.log" &
 rx=$!
 for _ in $(seq 1 100); do grep -q "listening on" "$work/rx.log" && break; sleep 0.1; done
 # With `profile` set (an array: a command to run the agent under), the
@@ -79,7 +92,7 @@ agent sync
 cp --sparse=always "$work/disk.img" "$work/old.img"
 
 # rsync daemon over loopback, writing into a copy of the old image.
-mkdir -p "$work/rsync"
+mkdir -p "$side/rsync"
 rport=$((port + 1))
 cat > "$work/rsyncd.conf" <<EOF
 pid file = $work/rsyncd.pid
@@ -87,7 +100,7 @@ port = $rport
 address = 127.0.0.1
 use chroot = no
 [bench]
-path = $work/rsync
+path = $side/rsync
 read only = no
 uid = root
 gid = root
@@ -131,7 +144,7 @@ ours=(); cpu=(); theirs=(); ratio=(); wire_ours=(); wire_theirs=(); hash_rate=()
 for i in $(seq 1 "$runs"); do
   change "$i"
   cp --sparse=always "$work/disk.img" "$work/new.img"
-  cp --sparse=always "$work/old.img" "$work/rsync/old.img"
+  cp --sparse=always "$work/old.img" "$side/rsync/old.img"
   drop
   children_cpu > "$work/c0"; r0=$(rx_cpu)
   w0=$(lo_bytes); t0=$(date +%s.%N)
@@ -145,7 +158,7 @@ for i in $(seq 1 "$runs"); do
   t2=$(date +%s.%N)
   rsync --inplace --no-whole-file --ignore-times "$work/new.img" "rsync://127.0.0.1:$rport/bench/old.img"
   t3=$(date +%s.%N); w2=$(lo_bytes)
-  cmp -s "$work/new.img" "$work/rsync/old.img" || { echo "rsync result differs" >&2; exit 1; }
+  cmp -s "$work/new.img" "$side/rsync/old.img" || { echo "rsync result differs" >&2; exit 1; }
   drop
   fio_out=$(fio --name=seqread --filename="$loopdev" --rw=read --bs=1M --ioengine=io_uring \
     --direct=1 --iodepth=16 --readonly --output-format=json)

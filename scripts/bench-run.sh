@@ -29,6 +29,10 @@
 # TIMELINE=FILE writes, for each rate step, the agent's backlog every
 # 0.25 s and each bookmark's start and lag (seconds since the step began),
 # to see what a lag spike coincides with.
+# FS=ext4 puts an ext4 filesystem on the device and runs the guest's fio
+# on a file in it (three quarters of the disk, written once beforehand),
+# so each point freezes it: the rate steps then also report the freeze
+# time per point (median and the largest of the step's points).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 disk_mib=${1:-2048}
@@ -42,12 +46,13 @@ command -v fio >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractiv
 cargo build --release --locked -q -p tidemark-agent -p tidemark-receiver
 bin=${BIN:-$PWD/target/release}
 work=$(mktemp -d /var/tmp/tidemark-bench-run.XXXXXX)
-loopdev=""; rx=""; ag=""; blkio=""
+loopdev=""; rx=""; ag=""; blkio=""; mnt=""
 cleanup() {
   [ -n "$ag" ] && kill "$ag" 2>/dev/null && wait "$ag" 2>/dev/null || true
   [ -n "$rx" ] && kill "$rx" 2>/dev/null && wait "$rx" 2>/dev/null || true
   rmdir /sys/kernel/tracing/instances/tidemark-bench-run 2>/dev/null || true
   [ -n "$blkio" ] && rmdir "$blkio" 2>/dev/null || true
+  [ -n "$mnt" ] && umount "$mnt" || true
   [ -n "$loopdev" ] && losetup -d "$loopdev" || true
   rm -rf "$work"
 }
@@ -64,6 +69,20 @@ else
   truncate -s "${disk_mib}M" "$work/disk.img"
 fi
 loopdev=$(losetup --find --show "$work/disk.img")
+# What fio writes to: the device, or a file in the filesystem on it.
+target=("--filename=$loopdev")
+if [ -n "${FS:-}" ]; then
+  [ "$FS" = ext4 ] || { echo "bench-run: FS=$FS: only ext4 is supported" >&2; exit 1; }
+  mkfs.ext4 -q -F "$loopdev"
+  mnt=$work/mnt
+  mkdir -p "$mnt"
+  mount "$loopdev" "$mnt"
+  file_mib=$((disk_mib * 3 / 4))
+  # Written once, so that fio's writes overwrite allocated blocks as the
+  # raw device's do rather than allocating (and journaling) as they go.
+  dd if=/dev/zero of="$mnt/fio.dat" bs=1M count="$file_mib" oflag=direct conv=fsync status=none
+  target=("--filename=$mnt/fio.dat" "--size=${file_mib}m")
+fi
 port=$((20000 + RANDOM % 20000))
 metrics_port=$((port + 1))
 "$bin/tidemark-receiver" init --dir "$work/rx" --name bench --listen "127.0.0.1:$port" \
@@ -83,7 +102,7 @@ cp "$work/agent/"*.pem "$work/" 2>/dev/null || true
 fio_run() { # rate_mbps (0 = unthrottled) seconds json_out
   local rate=()
   [ "$1" -gt 0 ] && rate=(--rate="${1}m")
-  fio --name=churn --filename="$loopdev" --ioengine=io_uring --direct=1 --rw=randwrite \
+  fio --name=churn "${target[@]}" --ioengine=io_uring --direct=1 --rw=randwrite \
     --bsrange=4k-64k --iodepth=16 --time_based --runtime="$2" --randrepeat=0 \
     "${rate[@]}" --output-format=json --output="$3" >/dev/null
 }
@@ -150,12 +169,21 @@ echo "with agent:    ${with_bw} MB/s, p99 ${with_p99} us  (throughput $(echo "10
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$ag/stat"; }
 hz=$(getconf CLK_TCK)
-printf '\n%10s %12s %14s %14s %16s\n' "rate MB/s" "fio MB/s" "lag p50 (s)" "lag max (s)" "CPU s / 100 MB"
+# The freeze time of each point the agent logged since line $1 of its log
+# (with no filesystem, nothing is frozen: the figure it logs is then only
+# how long the point's data took to read).
+freezes() {
+  [ -n "$mnt" ] || return 0
+  tail -n +"$(($1 + 1))" "$work/agent.log" | sed -n 's/.*filesystems frozen for \([0-9]*\) ms.*/\1/p'
+}
+printf '\n%10s %12s %14s %14s %16s %18s\n' "rate MB/s" "fio MB/s" "lag p50 (s)" "lag max (s)" "CPU s / 100 MB" "freeze p50/max ms"
+steps_log=$(wc -l < "$work/agent.log")
 for rate in "${rates[@]}"; do
   fio_run "$rate" "$secs" "$work/rate.json" &
   fio_pid=$!
   t0=$(cpu_ticks)
   lags=()
+  log_lines=$(wc -l < "$work/agent.log")
   step_start=$(date +%s.%N)
   sampler=""
   if [ -n "${TIMELINE:-}" ]; then
@@ -184,14 +212,21 @@ for rate in "${rates[@]}"; do
   cpu_s=$(echo "($t1 - $t0) / $hz" | bc -l)
   p50=$(printf '%s\n' "${lags[@]}" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
   max=$(printf '%s\n' "${lags[@]}" | sort -g | tail -1)
-  printf '%10s %12s %14.2f %14.2f %16.2f\n' "$rate" "$bw" "$p50" "$max" "$(echo "100 * $cpu_s / $churn_mb" | bc -l)"
+  frozen=$(freezes "$log_lines" | sort -g | awk '{a[NR]=$1} END {if (NR) printf "%d/%d", a[int((NR+1)/2)], a[NR]; else printf "-"}')
+  printf '%10s %12s %14.2f %14.2f %16.2f %18s\n' "$rate" "$bw" "$p50" "$max" "$(echo "100 * $cpu_s / $churn_mb" | bc -l)" "$frozen"
 done
+
+if [ -n "$mnt" ]; then
+  freezes "$steps_log" | sort -g | awk '{a[NR]=$1} END {if (NR) printf "freeze per point over the steps: p50 %d ms, p99 %d ms (%d points", a[int((NR+1)/2)], a[int(NR*0.99+0.999)], NR}'
+  { tail -n +"$((steps_log + 1))" "$work/agent.log" | grep -c "recording it as a sync marker" || true; } |
+    xargs printf ', %s of them sync markers: written while read)\n'
+fi
 
 steal() { awk '/^cpu /{print $9}' /proc/stat; }
 echo
 printf '%12s %14s %12s %14s %10s\n' "catch-up" "backlog (MiB)" "drain (s)" "drain (MB/s)" "steal"
 for i in 1 2 3; do
-  fio --name=burst --filename="$loopdev" --ioengine=io_uring --direct=1 --rw=randwrite \
+  fio --name=burst "${target[@]}" --ioengine=io_uring --direct=1 --rw=randwrite \
     --bsrange=4k-64k --iodepth=16 --io_size=1024m --randrepeat=1 --randseed=42 \
     --output-format=json --output="$work/burst.json" >/dev/null
   backlog=$("$bin/tidemark-agent" status --config "$work/agent/run.toml" 2>/dev/null \
