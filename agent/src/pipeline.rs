@@ -336,7 +336,7 @@ fn compress_worker(
         // chunk sooner than a smaller one would. When the link (or the
         // receiver) is what is slow, the sender is full and the configured
         // level keeps saving bytes, unless the data barely compresses at
-        // it (`Effort`).
+        // it (`Effort`; None: it goes uncompressed).
         let chunk_level = effort.next_level(rx.is_full() && tx.capacity() > 0);
         let mut compressor = match chunk_level {
             None => None,
