@@ -139,32 +139,35 @@ fn encode(
     pre: &[u8],
     out: &mut Vec<u8>,
 ) {
-    encode_at(zstd, ZSTD_LEVEL, zbuf, offset_bytes, pre, out);
+    encode_at(zstd, Some(ZSTD_LEVEL), zbuf, offset_bytes, pre, out);
 }
 
-/// [`encode`] at `level`; `zstd` is created at it on first use, so a
-/// caller keeps one context per level. Returns the length of the payload
-/// stored (`pre`'s own when it did not shrink; 0 for zeros).
+/// [`encode`] at `level`, or uncompressed with None; `zstd` is created at
+/// the level on first use, so a caller keeps one context per level.
+/// Returns the length of the payload stored (`pre`'s own when it did not
+/// shrink; 0 for zeros).
 fn encode_at(
     zstd: &mut Option<zstd::bulk::Compressor<'static>>,
-    level: i32,
+    level: Option<i32>,
     zbuf: &mut Vec<u8>,
     offset_bytes: u64,
     pre: &[u8],
     out: &mut Vec<u8>,
 ) -> usize {
-    if encode_if_zero(offset_bytes, pre, out) {
+    if pre.iter().all(|&b| b == 0) {
+        encode_zeros(offset_bytes, pre.len() as u32, out);
         return 0;
     }
-    if zstd.is_none() {
-        *zstd = zstd::bulk::Compressor::new(level).ok();
-    }
-    zbuf.clear();
-    // Only a smaller result is kept, so the bound is the input's length.
-    zbuf.reserve(pre.len());
-    let compressed = zstd
-        .as_mut()
-        .is_some_and(|z| z.compress_to_buffer(pre, zbuf).is_ok());
+    let compressed = level.is_some_and(|level| {
+        if zstd.is_none() {
+            *zstd = zstd::bulk::Compressor::new(level).ok();
+        }
+        zbuf.clear();
+        // Only a smaller result is kept, so the bound is the input's length.
+        zbuf.reserve(pre.len());
+        zstd.as_mut()
+            .is_some_and(|z| z.compress_to_buffer(pre, zbuf).is_ok())
+    });
     let (codec, payload) = if compressed && zbuf.len() < pre.len() {
         (CODEC_ZSTD, &zbuf[..])
     } else {
@@ -172,22 +175,6 @@ fn encode_at(
     };
     encode_parts(codec, offset_bytes, pre.len() as u32, payload, out);
     payload.len()
-}
-
-/// A pre-image kept uncompressed (but zeros still as a header alone).
-fn encode_raw(offset_bytes: u64, pre: &[u8], out: &mut Vec<u8>) {
-    if !encode_if_zero(offset_bytes, pre, out) {
-        encode_parts(CODEC_RAW, offset_bytes, pre.len() as u32, pre, out);
-    }
-}
-
-/// Encodes an all-zero pre-image as a zero record, which has no payload.
-fn encode_if_zero(offset_bytes: u64, pre: &[u8], out: &mut Vec<u8>) -> bool {
-    let zero = pre.iter().all(|&b| b == 0);
-    if zero {
-        encode_zeros(offset_bytes, pre.len() as u32, out);
-    }
-    zero
 }
 
 fn encode_zeros(offset_bytes: u64, len_bytes: u32, out: &mut Vec<u8>) {
@@ -553,27 +540,23 @@ impl Encoder {
                     job.out.clear();
                     let pre = match job.pre {
                         Some((buf, window)) => {
+                            let level = effort.next_level(job.hurry);
+                            let ctx = if level == Some(ZSTD_LEVEL) {
+                                &mut zstd
+                            } else {
+                                &mut fast
+                            };
                             let pre = &buf[window];
-                            match effort.next_level(job.hurry) {
-                                Some(level) => {
-                                    let ctx = if level == ZSTD_LEVEL {
-                                        &mut zstd
-                                    } else {
-                                        &mut fast
-                                    };
-                                    let stored = encode_at(
-                                        ctx,
-                                        level,
-                                        &mut zbuf,
-                                        job.offset_bytes,
-                                        pre,
-                                        &mut job.out,
-                                    );
-                                    if stored > 0 {
-                                        effort.observe(level, pre.len(), stored);
-                                    }
-                                }
-                                None => encode_raw(job.offset_bytes, pre, &mut job.out),
+                            let stored = encode_at(
+                                ctx,
+                                level,
+                                &mut zbuf,
+                                job.offset_bytes,
+                                pre,
+                                &mut job.out,
+                            );
+                            if let Some(level) = level.filter(|_| stored > 0) {
+                                effort.observe(level, pre.len(), stored);
                             }
                             Some(buf)
                         }
@@ -925,6 +908,32 @@ mod tests {
             }
         }
         disk
+    }
+
+    #[test]
+    fn a_pre_image_stored_uncompressed_reads_back_and_zeros_stay_a_header() {
+        let pre: Vec<u8> = (0..8192u32).map(|k| (k / 64) as u8).collect();
+        let (mut zstd, mut zbuf, mut out) = (None, Vec::new(), Vec::new());
+        let stored = encode_at(&mut zstd, None, &mut zbuf, 4096, &pre, &mut out);
+        assert_eq!(stored, pre.len(), "kept as it is, though it compresses");
+        assert!(zstd.is_none(), "no context made for it");
+        let zeros = vec![0u8; 4096];
+        assert_eq!(
+            encode_at(&mut zstd, None, &mut zbuf, 0, &zeros, &mut out),
+            0
+        );
+        let (records, used) = decode_all(&out);
+        assert_eq!(used, out.len());
+        assert_eq!(records.len(), 2);
+        assert_eq!(
+            (records[0].offset_bytes, records[0].len_bytes),
+            (4096, 8192)
+        );
+        assert_eq!(records[0].data.as_deref(), Some(&pre[..]));
+        assert_eq!(
+            (records[1].offset_bytes, records[1].data.as_ref()),
+            (0, None)
+        );
     }
 
     #[test]
