@@ -127,6 +127,42 @@ impl FileStorage {
     pub fn file(&self) -> &File {
         &self.file
     }
+
+    /// True only when `offset..offset + len` of the file is known to be a
+    /// hole: SEEK_DATA may call a hole data (then the caller reads it),
+    /// never the reverse.
+    pub fn is_hole(&self, offset: u64, len: u64) -> bool {
+        use nix::unistd::{lseek, Whence};
+        let Ok(at) = i64::try_from(offset) else {
+            return false;
+        };
+        match lseek(&self.file, at, Whence::SeekData) {
+            Ok(next_data) => next_data as u64 >= offset.saturating_add(len),
+            Err(nix::errno::Errno::ENXIO) => true,
+            Err(_) => false,
+        }
+    }
+
+    /// Starts reading a range into the page cache in the background;
+    /// errors only lose the hint.
+    pub fn prefetch(&self, offset: u64, len: u64) {
+        let _ = nix::fcntl::posix_fadvise(
+            &self.file,
+            offset as i64,
+            len as i64,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+        );
+    }
+
+    /// The same file through a descriptor of its own, opened read-only:
+    /// reopened through /proc rather than dup'ed, so that it cannot write.
+    pub fn reopen_read_only(&self) -> Option<FileStorage> {
+        use std::os::fd::AsRawFd;
+        let fd = self.file.as_raw_fd();
+        File::open(format!("/proc/self/fd/{fd}"))
+            .ok()
+            .map(FileStorage::new)
+    }
 }
 
 /// The O_DIRECT handle for writing `file`, opened on first use.

@@ -139,37 +139,18 @@ impl Image for RawImage {
     }
 
     fn is_hole(&self, offset_bytes: u64, len_bytes: u64) -> bool {
-        use nix::unistd::{lseek, Whence};
-        if self.check(offset_bytes, len_bytes).is_err() {
-            return false;
-        }
-        // SEEK_DATA may call a hole data (then we read), never the reverse.
-        match lseek(self.storage.file(), offset_bytes as i64, Whence::SeekData) {
-            Ok(next_data) => next_data as u64 >= offset_bytes + len_bytes,
-            Err(nix::errno::Errno::ENXIO) => true,
-            Err(_) => false,
-        }
+        self.check(offset_bytes, len_bytes).is_ok() && self.storage.is_hole(offset_bytes, len_bytes)
     }
 
     fn prefetch(&self, offset_bytes: u64, len_bytes: u64) {
-        // Starts the reads in the background; errors only lose the hint.
-        let _ = nix::fcntl::posix_fadvise(
-            self.storage.file(),
-            offset_bytes as i64,
-            len_bytes.min(self.size_bytes.saturating_sub(offset_bytes)) as i64,
-            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED,
-        );
+        let len = len_bytes.min(self.size_bytes.saturating_sub(offset_bytes));
+        self.storage.prefetch(offset_bytes, len);
     }
 
     fn reader(&self) -> Option<Box<dyn Image>> {
-        // Reopened through /proc rather than dup'ed: a descriptor of its
-        // own, opened read-only, so the handle cannot write.
-        use std::os::fd::AsRawFd;
-        let fd = self.storage.file().as_raw_fd();
-        let file = std::fs::File::open(format!("/proc/self/fd/{fd}")).ok()?;
         Some(Box::new(RawImage {
             path: self.path.clone(),
-            storage: FileStorage::new(file),
+            storage: self.storage.reopen_read_only()?,
             size_bytes: self.size_bytes,
             poisoned: false,
         }))

@@ -580,6 +580,34 @@ impl Image for FlatImage {
             })
     }
 
+    fn is_hole(&self, offset_bytes: u64, len_bytes: u64) -> bool {
+        self.check(offset_bytes, len_bytes, false).is_ok()
+            && self
+                .storage
+                .is_hole(self.offset_bytes + offset_bytes, len_bytes)
+    }
+
+    fn prefetch(&self, offset_bytes: u64, len_bytes: u64) {
+        let len = len_bytes.min(self.size_bytes.saturating_sub(offset_bytes));
+        self.storage.prefetch(self.offset_bytes + offset_bytes, len);
+    }
+
+    fn reader(&self) -> Option<Box<dyn Image>> {
+        Some(Box::new(FlatImage {
+            descriptor_path: self.descriptor_path.clone(),
+            extent_path: self.extent_path.clone(),
+            storage: self.storage.reopen_read_only()?,
+            offset_bytes: self.offset_bytes,
+            size_bytes: self.size_bytes,
+            text: self.text.clone(),
+            uuid: self.uuid,
+            kind: self.kind,
+            writable: false,
+            poisoned: false,
+            cid_bumped: self.cid_bumped,
+        }))
+    }
+
     fn flush(&mut self) -> Result<(), ImageError> {
         if self.poisoned {
             return Err(ImageError::Poisoned {

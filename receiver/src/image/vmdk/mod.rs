@@ -500,6 +500,28 @@ impl Image for VmdkImage {
     fn flush(&mut self) -> Result<(), ImageError> {
         self.image().flush()
     }
+
+    // A sparse VMDK maps ranges through grain tables that only its own
+    // handle keeps current, so it keeps the trait's defaults.
+    fn is_hole(&self, offset_bytes: u64, len_bytes: u64) -> bool {
+        match &self.inner {
+            Inner::Flat(f) => f.is_hole(offset_bytes, len_bytes),
+            Inner::Sparse(_) => false,
+        }
+    }
+
+    fn prefetch(&self, offset_bytes: u64, len_bytes: u64) {
+        if let Inner::Flat(f) = &self.inner {
+            f.prefetch(offset_bytes, len_bytes);
+        }
+    }
+
+    fn reader(&self) -> Option<Box<dyn Image>> {
+        match &self.inner {
+            Inner::Flat(f) => f.reader(),
+            Inner::Sparse(_) => None,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -538,6 +560,43 @@ mod tests {
         let extent = dir.path().join("FlatVmfs-flat.vmdk");
         assert!(is_extent_file(&extent));
         assert_eq!(probe(&extent).expect("probe"), None);
+    }
+
+    /// The session reads pre-images and hashes beside its writes through
+    /// these, and skips holes; the default live format must offer them.
+    #[test]
+    fn flat_kinds_know_holes_and_read_on_other_threads_sparse_does_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for kind in [VmdkKind::FlatVmfs, VmdkKind::MonolithicFlat] {
+            let p = dir.path().join(format!("{kind:?}.vmdk"));
+            let mut img = VmdkImage::create_file(&p, 8 << 20, U, kind).expect("create");
+            assert!(img.is_hole(0, 8 << 20), "{kind:?}: a new image is a hole");
+            img.write_at(3 << 20, &[0x5a; 4096]).expect("write");
+            assert!(!img.is_hole(0, 8 << 20));
+            assert!(!img.is_hole((3 << 20) + 4095, 1));
+            assert!(img.is_hole(4 << 20, 4 << 20));
+            assert!(!img.is_hole(8 << 20, 1), "beyond the end is no hole");
+            let mut reader = img.reader().expect("flat images read on other threads");
+            let seen = std::thread::spawn(move || {
+                let mut b = vec![0u8; 4098];
+                reader.read_at((3 << 20) - 1, &mut b).expect("read");
+                let refused = reader.write_at(0, &[1]).is_err();
+                (b, refused)
+            })
+            .join()
+            .expect("reader thread");
+            assert_eq!(seen.0[0], 0);
+            assert!(seen.0[1..4097].iter().all(|&x| x == 0x5a), "{kind:?}");
+            assert_eq!(seen.0[4097], 0);
+            assert!(seen.1, "{kind:?}: the reader cannot write");
+            img.write_zeroes(3 << 20, 1 << 20).expect("punch");
+            assert!(img.is_hole(0, 8 << 20));
+        }
+        let p = dir.path().join("sparse.vmdk");
+        let img =
+            VmdkImage::create_file(&p, 8 << 20, U, VmdkKind::MonolithicSparse).expect("create");
+        assert!(!img.is_hole(0, 8 << 20), "a sparse VMDK cannot tell");
+        assert!(img.reader().is_none());
     }
 
     #[test]
