@@ -15,6 +15,7 @@ mod health;
 mod metrics;
 mod readers;
 mod session;
+mod syncer;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
