@@ -102,34 +102,6 @@ pub trait Image: Send {
     fn reader(&self) -> Option<Box<dyn Image>> {
         None
     }
-    /// A handle that makes every write made through this image before it
-    /// is called durable, from another thread, while this one goes on
-    /// writing. None where [`Image::flush`] does more than sync one file's
-    /// data (a format's tables, written in a crash-safe order).
-    fn sync_handle(&self) -> Option<SyncHandle> {
-        None
-    }
-}
-
-/// See [`Image::sync_handle`].
-pub struct SyncHandle {
-    /// A descriptor of the image's data file of its own (fsync works on
-    /// the file, whichever descriptor wrote).
-    file: std::fs::File,
-    path: PathBuf,
-}
-
-impl SyncHandle {
-    pub fn new(file: std::fs::File, path: PathBuf) -> SyncHandle {
-        SyncHandle { file, path }
-    }
-
-    pub fn sync(&self) -> Result<(), ImageError> {
-        self.file.sync_data().map_err(|source| ImageError::Sync {
-            path: self.path.clone(),
-            source,
-        })
-    }
 }
 
 /// The 16-byte identity an image carries (VMDK `ddb.uuid`, VHD unique id).

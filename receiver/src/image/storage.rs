@@ -154,11 +154,6 @@ impl FileStorage {
         );
     }
 
-    /// A second descriptor of the file, for syncing it from elsewhere.
-    pub fn sync_file(&self) -> Option<File> {
-        self.file.try_clone().ok()
-    }
-
     /// The same file through a descriptor of its own, opened read-only:
     /// reopened through /proc rather than dup'ed, so that it cannot write.
     pub fn reopen_read_only(&self) -> Option<FileStorage> {

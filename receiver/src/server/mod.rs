@@ -15,7 +15,6 @@ mod health;
 mod metrics;
 mod readers;
 mod session;
-mod syncer;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;

@@ -22,13 +22,12 @@ use tidemark_common::proto::{ErrorCode, Message, PointKind, MAX_FRAME_BYTES};
 
 use super::hash_ahead::{zero_hashes, HashAhead};
 use super::readers::{Pending, Readers, When};
-use super::syncer::Syncer;
 use super::{Shared, IDLE_TIMEOUT};
 use crate::config::ImageFormat;
 use crate::failover;
 use crate::image::disk_uuid;
 use crate::image::storage::aligned_range;
-use crate::image::{live, Image, ImageError, SyncHandle};
+use crate::image::{live, Image, ImageError};
 use crate::journal::points::read_all;
 use crate::journal::undo::{self, UndoLog};
 use crate::registry::{validate_disk_id, DiskEntry, Registry, SizeBefore};
@@ -99,19 +98,7 @@ impl Refusal {
     }
 }
 
-/// A sync on the syncer thread failed (see [`crate::server::syncer`]); the
-/// message is [`storage_message`]'s.
-fn sync_failed(message: String) -> Refusal {
-    Refusal::new(ErrorCode::Storage, message)
-}
-
 fn storage(e: impl std::error::Error) -> Refusal {
-    Refusal::new(ErrorCode::Storage, storage_message(&e))
-}
-
-/// A storage error and its causes on one line, with what to do about a
-/// full volume or an I/O error.
-pub(super) fn storage_message(e: &dyn std::error::Error) -> String {
     let mut msg = e.to_string();
     let (mut full, mut eio) = (false, false);
     let mut src = e.source();
@@ -131,7 +118,7 @@ pub(super) fn storage_message(e: &dyn std::error::Error) -> String {
     } else if eio {
         msg.push_str("; I/O error: check the disk holding that file (dmesg, SMART); nothing of this batch was acknowledged, replication resumes by itself once it can be written again");
     }
-    msg
+    Refusal::new(ErrorCode::Storage, msg)
 }
 
 fn now_ms() -> u64 {
@@ -276,11 +263,9 @@ pub async fn run(shared: Arc<Shared>, greeted: Greeted, session_id: u64) -> anyh
         let out = out_tx.clone();
         let agent = agent.clone();
         let rt = tokio::runtime::Handle::current();
-        let syncer = Syncer::start(format!("session-{session_id}-sync"), out.clone())
-            .context("cannot start session thread")?;
         std::thread::Builder::new()
             .name(format!("session-{session_id}"))
-            .spawn(move || Worker::new(shared, agent, session_id, out, rt, syncer).run(in_rx))
+            .spawn(move || Worker::new(shared, agent, session_id, out, rt).run(in_rx))
             .context("cannot start session thread")?
     };
 
@@ -438,9 +423,6 @@ struct OpenDisk {
     tag: Option<u64>,
     /// Ranges with an overwrite queued in this batch (start → end).
     queued: BTreeMap<u64, u64>,
-    /// Syncs the image beside the session; None where only `image.flush`
-    /// can (see [`Image::sync_handle`]).
-    sync: Option<Arc<SyncHandle>>,
 }
 
 /// A pre-image for the undo journal.
@@ -579,8 +561,6 @@ struct Worker {
     queued: Vec<Queued>,
     /// Data bytes held in `queued`.
     queued_bytes: u64,
-    /// Syncs images and sends acks beside this thread.
-    syncer: Syncer,
 }
 
 impl Worker {
@@ -590,7 +570,6 @@ impl Worker {
         session_id: u64,
         out: mpsc::Sender<Message>,
         rt: tokio::runtime::Handle,
-        syncer: Syncer,
     ) -> Self {
         Worker {
             shared,
@@ -609,7 +588,6 @@ impl Worker {
             spare: Vec::new(),
             queued: Vec::new(),
             queued_bytes: 0,
-            syncer,
         }
     }
 
@@ -668,7 +646,7 @@ impl Worker {
                         Some(Some(m)) => m,
                         Some(None) => return Ok(()),
                         None => {
-                            self.sync_behind()?;
+                            self.sync_and_ack()?;
                             match rx.blocking_recv() {
                                 Some(m) => m,
                                 None => return Ok(()),
@@ -678,14 +656,13 @@ impl Worker {
                 }
                 Err(mpsc::error::TryRecvError::Disconnected) => return Ok(()),
             };
-            self.syncer.check().map_err(sync_failed)?;
             self.handle(msg)?;
             if self.bytes_since_sync >= SYNC_EVERY_BYTES
                 || self
                     .unsynced_since
                     .is_some_and(|t| t.elapsed() >= SYNC_DELAY_MAX)
             {
-                self.sync_behind()?;
+                self.sync_and_ack()?;
             }
         }
     }
@@ -1000,12 +977,9 @@ impl Worker {
         Ok(())
     }
 
-    /// Makes everything applied durable and acknowledges it before
-    /// returning, after the syncs queued behind.
     fn sync_and_ack(&mut self) -> Result<(), Refusal> {
         self.check_failover()?;
         self.apply_queued()?;
-        self.syncer.drain().map_err(sync_failed)?;
         for &d in &self.dirty {
             self.disks[d].image.flush().map_err(storage)?;
         }
@@ -1017,33 +991,6 @@ impl Worker {
             let _ = self.reply(Message::Ack {
                 seq: self.acked_seq,
             });
-        }
-        Ok(())
-    }
-
-    /// Ends a batch: its writes reach the page cache here, and the image
-    /// sync and the ack follow on the syncer thread while this one goes on
-    /// with the next batch. Where an image offers no handle to sync it
-    /// from there, it all happens here.
-    fn sync_behind(&mut self) -> Result<(), Refusal> {
-        let images = self
-            .dirty
-            .iter()
-            .map(|&d| self.disks[d].sync.clone())
-            .collect::<Option<Vec<_>>>();
-        let Some(images) = images else {
-            return self.sync_and_ack();
-        };
-        self.check_failover()?;
-        self.apply_queued()?;
-        self.dirty.clear();
-        self.bytes_since_sync = 0;
-        self.unsynced_since = None;
-        if self.applied_seq > self.acked_seq {
-            self.acked_seq = self.applied_seq;
-            self.syncer
-                .submit(images, self.acked_seq)
-                .map_err(sync_failed)?;
         }
         Ok(())
     }
@@ -1273,7 +1220,6 @@ impl Worker {
             Ok((image, existed)) => {
                 let handle = self.disks.len() as u32;
                 let tag = self.newest_point(&disk_id)?;
-                let sync = image.sync_handle().map(Arc::new);
                 self.disks.push(OpenDisk {
                     _lock: lock,
                     id: disk_id.clone(),
@@ -1285,7 +1231,6 @@ impl Worker {
                     pre: VecDeque::new(),
                     ahead: HashAhead::default(),
                     readers: std::cell::OnceCell::new(),
-                    sync,
                 });
                 Ok(Message::DiskRegistered {
                     disk_id,

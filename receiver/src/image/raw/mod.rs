@@ -5,7 +5,7 @@ use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 
 use super::storage::{FileStorage, Storage};
-use super::{Image, ImageError, SyncHandle};
+use super::{Image, ImageError};
 
 pub struct RawImage {
     path: PathBuf,
@@ -154,11 +154,6 @@ impl Image for RawImage {
             size_bytes: self.size_bytes,
             poisoned: false,
         }))
-    }
-
-    fn sync_handle(&self) -> Option<SyncHandle> {
-        let file = self.storage.sync_file()?;
-        Some(SyncHandle::new(file, self.path.clone()))
     }
 
     fn flush(&mut self) -> Result<(), ImageError> {

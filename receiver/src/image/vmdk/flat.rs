@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use super::descriptor::{self, find_uuid, flat, Descriptor, FlatKind};
 use crate::image::raw::RawImage;
 use crate::image::storage::{FileStorage, Storage};
-use crate::image::{DiskUuid, Image, ImageError, SyncHandle};
+use crate::image::{DiskUuid, Image, ImageError};
 
 /// Descriptors are small text files; anything larger is not one.
 pub const MAX_DESCRIPTOR_BYTES: u64 = 64 << 10;
@@ -606,14 +606,6 @@ impl Image for FlatImage {
             poisoned: false,
             cid_bumped: self.cid_bumped,
         }))
-    }
-
-    fn sync_handle(&self) -> Option<SyncHandle> {
-        if !self.writable {
-            return None;
-        }
-        let file = self.storage.sync_file()?;
-        Some(SyncHandle::new(file, self.extent_path.clone()))
     }
 
     fn flush(&mut self) -> Result<(), ImageError> {

@@ -522,13 +522,6 @@ impl Image for VmdkImage {
             Inner::Sparse(_) => None,
         }
     }
-
-    fn sync_handle(&self) -> Option<crate::image::SyncHandle> {
-        match &self.inner {
-            Inner::Flat(f) => f.sync_handle(),
-            Inner::Sparse(_) => None,
-        }
-    }
 }
 
 #[cfg(test)]
