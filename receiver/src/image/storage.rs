@@ -26,6 +26,11 @@ pub trait Storage: Send {
     }
     /// Everything written before is durable when this returns Ok.
     fn sync(&mut self) -> io::Result<()>;
+    /// The plain file this store is, if it is one: what formats whose
+    /// bytes are the file's offer other threads (see [`crate::image::Image::reader`]).
+    fn file_storage(&self) -> Option<&FileStorage> {
+        None
+    }
     /// Deallocates a range, which then reads as zeros. Stores that cannot
     /// write zeros instead.
     fn punch_hole(&mut self, offset: u64, len: u64) -> io::Result<()>;
@@ -275,6 +280,10 @@ impl Storage for FileStorage {
 
     fn sync(&mut self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    fn file_storage(&self) -> Option<&FileStorage> {
+        Some(self)
     }
 
     fn punch_hole(&mut self, offset: u64, len: u64) -> io::Result<()> {

@@ -318,6 +318,34 @@ impl Image for FixedVhd {
             })
     }
 
+    // The disk is the file's first bytes, as in a raw image, where the
+    // store is a file (not the fault-injecting store of the tests).
+    fn is_hole(&self, offset_bytes: u64, len_bytes: u64) -> bool {
+        self.check(offset_bytes, len_bytes, false).is_ok()
+            && self
+                .storage
+                .file_storage()
+                .is_some_and(|f| f.is_hole(offset_bytes, len_bytes))
+    }
+
+    fn prefetch(&self, offset_bytes: u64, len_bytes: u64) {
+        if let Some(f) = self.storage.file_storage() {
+            let len = len_bytes.min(self.size_bytes().saturating_sub(offset_bytes));
+            f.prefetch(offset_bytes, len);
+        }
+    }
+
+    fn reader(&self) -> Option<Box<dyn Image>> {
+        let storage = self.storage.file_storage()?.reopen_read_only()?;
+        Some(Box::new(FixedVhd {
+            path: self.path.clone(),
+            storage: Box::new(storage),
+            footer: self.footer.clone(),
+            writable: false,
+            poisoned: false,
+        }))
+    }
+
     fn flush(&mut self) -> Result<(), ImageError> {
         if self.poisoned {
             return Err(ImageError::Poisoned {
@@ -371,6 +399,41 @@ mod tests {
         img.read_at(1 << 20, &mut b).expect("read");
         assert!(b.iter().all(|&x| x == 0));
         assert_eq!(std::fs::metadata(&p).expect("stat").len(), (3 << 20) + 512);
+    }
+
+    /// As raw images and flat VMDK: the session reads it beside its own
+    /// thread, and skips holes.
+    #[test]
+    fn a_fixed_image_file_knows_holes_and_reads_from_other_threads() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("t.vhd");
+        let mut img = FixedVhd::create_file(&p, 8 << 20, [4; 16]).expect("create");
+        assert!(img.is_hole(0, 8 << 20));
+        img.write_at(5 << 20, &[0x77; 8192]).expect("write");
+        assert!(!img.is_hole(0, 8 << 20));
+        assert!(img.is_hole(0, 4 << 20));
+        assert!(
+            !img.is_hole(8 << 20, 1),
+            "the footer is no part of the disk"
+        );
+        let mut reader = img.reader().expect("a file reads from elsewhere");
+        let (b, refused) = std::thread::spawn(move || {
+            let mut b = vec![0u8; 8192];
+            reader.read_at(5 << 20, &mut b).expect("read");
+            (b, reader.write_at(0, &[1]).is_err())
+        })
+        .join()
+        .expect("thread");
+        assert!(b.iter().all(|&x| x == 0x77));
+        assert!(refused, "the reader cannot write");
+        let s = CrashStorage::new(Vec::new(), None);
+        let img =
+            FixedVhd::create(Box::new(s), Path::new("c.vhd"), 1 << 20, [3; 16]).expect("create");
+        assert!(img.reader().is_none());
+        assert!(
+            !img.is_hole(0, 1 << 20),
+            "a store that is no file cannot tell"
+        );
     }
 
     #[test]
