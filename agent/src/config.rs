@@ -118,12 +118,12 @@ pub struct DiskConfig {
 fn default_server_name() -> String {
     RECEIVER_SERVER_NAME.to_owned()
 }
+/// Eight 1 MiB reads in flight drained a backlog as fast as sixteen on the
+/// benchmark machine, with 6–12 MiB less peak RSS and less added latency
+/// for the guest (docs/BENCHMARKS.md, 2026-12-05).
 fn default_queue_depth() -> usize {
-    16
+    8
 }
-/// 8 MiB saved 8–18 MiB of peak RSS but drained a backlog 15–20 % slower
-/// on the benchmark machine (docs/BENCHMARKS.md): the receiver syncs in
-/// batches of up to 50 ms and needs that much in flight.
 fn default_send_window_mib() -> u64 {
     crate::shipper::WINDOW_BYTES >> 20
 }
@@ -356,9 +356,9 @@ mod throttle_tests {
 
     #[test]
     fn the_send_window_is_set_in_mib_within_bounds() {
-        assert_eq!(load("").expect("default").send_window_bytes(), 16 << 20);
-        let c = load_with("send_window_mib = 8\n", "").expect("valid");
-        assert_eq!(c.send_window_bytes(), 8 << 20);
+        assert_eq!(load("").expect("default").send_window_bytes(), 8 << 20);
+        let c = load_with("send_window_mib = 16\n", "").expect("valid");
+        assert_eq!(c.send_window_bytes(), 16 << 20);
         for bad in [0, 1025] {
             let e = load_with(&format!("send_window_mib = {bad}\n"), "").expect_err("refused");
             assert!(

@@ -22,8 +22,11 @@ use crate::throttle::{SendThrottle, RECHECK_EVERY};
 use crate::transport::{retryable, ConnectError, Connection, Connector, Refused, Registered};
 
 /// Payload bytes sent but not yet acknowledged, unless configured
-/// (`send_window_mib`).
-pub const WINDOW_BYTES: u64 = 16 << 20;
+/// (`send_window_mib`). Held for a resend, they are most of the agent's
+/// memory beside its read buffers. 8 MiB with the receiver acking every
+/// 4 MiB drained a backlog as fast as 16 MiB with acks every 8 MiB, or
+/// faster, for 9 MiB less peak RSS (docs/BENCHMARKS.md, 2026-12-05).
+pub const WINDOW_BYTES: u64 = 8 << 20;
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
 const INITIAL_BACKOFF: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);

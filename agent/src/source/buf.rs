@@ -25,7 +25,7 @@ impl Aligned {
     /// [`ALIGN_BYTES`]), zero-filled by the kernel, and resident only
     /// where something has been read into it. The allocator's aligned
     /// zeroed allocation writes every byte instead, which made the whole
-    /// pool (20 MiB by default) resident from the start, on an idle disk
+    /// pool (12 MiB by default) resident from the start, on an idle disk
     /// too. The pool hands out the most recently returned buffer first,
     /// so under light load the same few stay in use.
     fn new(cap: usize) -> Aligned {

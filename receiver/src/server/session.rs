@@ -33,12 +33,14 @@ use crate::journal::undo::{self, UndoLog};
 use crate::registry::{validate_disk_id, DiskEntry, Registry, SizeBefore};
 
 /// Payload bytes received between fsyncs while the agent keeps the input
-/// full: half the agent's default window (16 MiB of payload), so an ack
+/// full: half the agent's default window (8 MiB of payload), so an ack
 /// is on its way before the agent runs out of window and the link never
 /// stands still for a sync. At 64 MiB, batches ended only on their age
 /// (SYNC_DELAY_MAX) and a steady 200 MB/s of churn waited on the window:
 /// about 13 MiB acked per 50 ms plus an 11 ms sync (docs/BENCHMARKS.md).
-const SYNC_EVERY_BYTES: u64 = 8 << 20;
+/// An agent configured with a larger window gets more acks than it needs,
+/// not fewer.
+const SYNC_EVERY_BYTES: u64 = 4 << 20;
 /// With the input drained, how long to wait for the agent's next message
 /// before syncing what is written (see `pump`).
 const SYNC_GRACE: Duration = Duration::from_millis(2);
@@ -55,9 +57,10 @@ const PARALLEL_HASH_BYTES: usize = 256 << 10;
 const SPARE_BUFFERS: usize = 4;
 /// Messages queued between the reader and the worker.
 const WORK_QUEUE: usize = 16;
-/// Frame bytes queued between the reader and the worker: the agent's own
-/// window (16 MiB of payload) and one more frame, so an agent that ignores
-/// acks cannot make a session hold more.
+/// Frame bytes queued between the reader and the worker: an agent's window
+/// up to 16 MiB of payload (twice the default) and one more frame, so an
+/// agent that ignores acks cannot make a session hold more; a larger
+/// window waits here for the worker.
 const QUEUE_BYTES: usize = (16 << 20) + MAX_FRAME_BYTES;
 /// Overwrites held back for their undo records at most: a well-behaved
 /// agent's window stays below it, while SYNC_EVERY_BYTES of payload can
