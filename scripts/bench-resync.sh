@@ -9,6 +9,8 @@
 # Usage (root): [TIDEMARK_BIN=DIR] [PERF_OUT=FILE] scripts/bench-resync.sh [SIZE_MIB] [RUNS]
 # PERF_OUT: record a system-wide profile (perf record -a -g) of each
 # measured resync into FILE.N.
+# AGENT_SETTINGS='queue_depth = 16' adds top-level agent settings (to
+# compare tunings, alternating).
 # RECEIVER_TMPFS=1 keeps the receiver's side (its image and journal, and
 # rsync's destination file) on a tmpfs: the two sides then do not read
 # the same virtual disk at once, as on two machines, and the hashing rate
@@ -69,8 +71,8 @@ port=$((20000 + RANDOM % 20000))
   --image-dir "$side/images" --retention-dir "$side/retention" --retention-on-root-filesystem >/dev/null
 "$bin/tidemark-receiver" issue-cert --dir "$side/rx" --name bench-agent \
   --receiver "127.0.0.1:$port" --out "$work/agent" >/dev/null
-printf 'state_dir = "%s"\n%s\n[[disk]]\ndevice = "%s"\nid = "bench-disk"\n' \
-  "$work/agent/state" "$(cat "$work/agent/agent.toml")" "$loopdev" > "$work/agent/agent.toml.new"
+printf 'state_dir = "%s"\n%s\n%s\n[[disk]]\ndevice = "%s"\nid = "bench-disk"\n' \
+  "$work/agent/state" "${AGENT_SETTINGS:-}" "$(cat "$work/agent/agent.toml")" "$loopdev" > "$work/agent/agent.toml.new"
 mv "$work/agent/agent.toml.new" "$work/agent/agent.toml"
 "$bin/tidemark-receiver" serve --config "$side/rx/receiver.toml" 2> "$work/rx.log" &
 rx=$!
