@@ -19,8 +19,13 @@ rounds=${3:-24}
 churn_mib=${4:-64}
 [ "$(id -u)" -eq 0 ] || { echo "bench-journal: needs root" >&2; exit 1; }
 scripts/install-deps.sh
-cargo build --release --locked -q -p tidemark-agent -p tidemark-receiver
-bin=$PWD/target/release
+# TIDEMARK_BIN=DIR: another build's binaries (A/B runs, alternating).
+if [ -n "${TIDEMARK_BIN:-}" ]; then
+  bin=$TIDEMARK_BIN
+else
+  cargo build --release --locked -q -p tidemark-agent -p tidemark-receiver
+  bin=$PWD/target/release
+fi
 work=$(mktemp -d /var/tmp/tidemark-bench-journal.XXXXXX)
 loopdev=""
 rx=""
