@@ -260,8 +260,11 @@ impl Storage for FileStorage {
 
     /// The copy into cache pages and their writeback cost several times
     /// the CPU of a direct write (on the project's VMs, 4 GiB of 1 MiB
-    /// random overwrites: 2.5-5.2 CPU s buffered, 0.5 direct), but the
-    /// caller then waits for the disk on each write.
+    /// random overwrites: 2.5-5.2 CPU s buffered, 0.5 direct; much of
+    /// that is the VM's cost of touching pages freed to its host, which a
+    /// master target whose memory is full of cache does not pay:
+    /// docs/BENCHMARKS.md, issue 5), but the caller then waits for the
+    /// disk on each write.
     fn write_direct(&mut self, data: &[u8], offset: u64) -> io::Result<()> {
         let done = self.try_direct(data, offset);
         if done == data.len() {
