@@ -5,12 +5,14 @@
 # upgrade), then sees 200 random 4 KiB writes over 10 s and takes a
 # point. Prints the agent's RSS and peak RSS at the end.
 # Usage (root): scripts/bench-idle-rss.sh   (BIN=DIR: binaries in DIR)
+# TIDEMARK_BIN=DIR (another build) and LOOP_DIRECT_IO=1 (the loop device
+# past the page cache): see scripts/bench-common.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" -eq 0 ] || { echo "bench-idle-rss: needs root" >&2; exit 1; }
 scripts/install-deps.sh
-cargo build --release --locked -q -p tidemark-agent -p tidemark-receiver
-bin=${BIN:-$PWD/target/release}
+. scripts/bench-common.sh
+bench_bin
 work=$(mktemp -d /var/tmp/tidemark-idle-rss.XXXXXX)
 loopdev=""; rx=""; ag=""
 cleanup() {
@@ -22,7 +24,7 @@ cleanup() {
 }
 trap cleanup EXIT
 truncate -s 2G "$work/disk.img"
-loopdev=$(losetup --find --show "$work/disk.img")
+loopdev=$(bench_loop "$work/disk.img")
 port=$((20000 + RANDOM % 20000))
 "$bin/tidemark-receiver" init --dir "$work/rx" --name idle --listen "127.0.0.1:$port" \
   --image-dir "$work/images" --retention-dir "$work/retention" --retention-on-root-filesystem >/dev/null

@@ -11,6 +11,8 @@
 #     of hourly churn) against `qemu-img convert` of the live image to raw,
 #     page cache dropped before each; the export is checked byte for byte.
 # Usage (root): scripts/bench-journal.sh [SIZE_MIB] [RUNS] [ROUNDS] [CHURN_MIB_PER_ROUND]
+# TIDEMARK_BIN=DIR (another build) and LOOP_DIRECT_IO=1 (the loop device
+# past the page cache): see scripts/bench-common.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 size_mib=${1:-4096}
@@ -19,13 +21,8 @@ rounds=${3:-24}
 churn_mib=${4:-64}
 [ "$(id -u)" -eq 0 ] || { echo "bench-journal: needs root" >&2; exit 1; }
 scripts/install-deps.sh
-# TIDEMARK_BIN=DIR: another build's binaries (A/B runs, alternating).
-if [ -n "${TIDEMARK_BIN:-}" ]; then
-  bin=$TIDEMARK_BIN
-else
-  cargo build --release --locked -q -p tidemark-agent -p tidemark-receiver
-  bin=$PWD/target/release
-fi
+. scripts/bench-common.sh
+bench_bin
 work=$(mktemp -d /var/tmp/tidemark-bench-journal.XXXXXX)
 loopdev=""
 rx=""
@@ -85,7 +82,7 @@ now() { date +%s.%N; }
 drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 
 truncate -s "${size_mib}M" "$work/disk.img"
-loopdev=$(losetup --find --show "$work/disk.img")
+loopdev=$(bench_loop "$work/disk.img")
 port=$((20000 + RANDOM % 20000))
 "$bin/tidemark-receiver" init --dir "$work/rx" --name bench --listen "127.0.0.1:$port" \
   --image-dir "$work/images" --retention-dir "$work/retention" --retention-on-root-filesystem >/dev/null

@@ -7,6 +7,8 @@
 # counted on the loopback interface. Prints each run and the medians.
 # Also prints the CPU time both tidemark processes spent on the resync.
 # Usage (root): [TIDEMARK_BIN=DIR] [PERF_OUT=FILE] scripts/bench-resync.sh [SIZE_MIB] [RUNS]
+# TIDEMARK_BIN=DIR (another build) and LOOP_DIRECT_IO=1 (the loop device
+# past the page cache): see scripts/bench-common.sh.
 # PERF_OUT: record a system-wide profile (perf record -a -g) of each
 # measured resync into FILE.N.
 # AGENT_SETTINGS='queue_depth = 16' adds top-level agent settings (to
@@ -22,14 +24,8 @@ runs=${2:-3}
 [ "$(id -u)" -eq 0 ] || { echo "bench-resync: needs root" >&2; exit 1; }
 scripts/install-deps.sh
 for tool in rsync fio; do command -v $tool >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $tool >/dev/null; done
-# TIDEMARK_BIN: binaries of another build (e.g. a worktree of an older
-# commit) to measure instead of this tree's, for A/B runs.
-if [ -n "${TIDEMARK_BIN:-}" ]; then
-  bin=$TIDEMARK_BIN
-else
-  cargo build --release --locked -q -p tidemark-agent -p tidemark-receiver
-  bin=$PWD/target/release
-fi
+. scripts/bench-common.sh
+bench_bin
 work=$(mktemp -d /var/tmp/tidemark-bench.XXXXXX)
 loopdev=""
 rx=""
@@ -58,7 +54,7 @@ with open(path, "r+b") as f:
         f.write(os.urandom(3 << 20))
         f.write(text[: 2 << 20])
 PY
-loopdev=$(losetup --find --show "$work/disk.img")
+loopdev=$(bench_loop "$work/disk.img")
 side=$work
 if [ "${RECEIVER_TMPFS:-0}" = 1 ]; then
   rxfs=$work/rxfs

@@ -16,6 +16,8 @@
 #     against bytes on the wire, and how much went uncompressed or at the
 #     fast level (the agent's own counters, scraped from its metrics port).
 # Usage (root): scripts/bench-run.sh [DISK_MIB] [SECONDS_PER_STEP] [RATES_MBPS...]
+# TIDEMARK_BIN=DIR (another build) and LOOP_DIRECT_IO=1 (the loop device
+# past the page cache): see scripts/bench-common.sh.
 # BIN=DIR runs the agent and receiver binaries in DIR instead (to compare
 # two builds in one sitting, alternating). AGENT_SETTINGS='queue_depth = 8'
 # adds top-level agent settings (to compare tunings the same way);
@@ -43,8 +45,8 @@ rates=("$@")
 [ "$(id -u)" -eq 0 ] || { echo "bench-run: needs root" >&2; exit 1; }
 scripts/install-deps.sh
 command -v fio >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fio >/dev/null; }
-cargo build --release --locked -q -p tidemark-agent -p tidemark-receiver
-bin=${BIN:-$PWD/target/release}
+. scripts/bench-common.sh
+bench_bin
 work=$(mktemp -d /var/tmp/tidemark-bench-run.XXXXXX)
 loopdev=""; rx=""; ag=""; blkio=""; mnt=""
 cleanup() {
@@ -68,7 +70,7 @@ if [ "$disk_mib" -le 16384 ]; then
 else
   truncate -s "${disk_mib}M" "$work/disk.img"
 fi
-loopdev=$(losetup --find --show "$work/disk.img")
+loopdev=$(bench_loop "$work/disk.img")
 # What fio writes to: the device, or a file in the filesystem on it.
 target=("--filename=$loopdev")
 if [ -n "${FS:-}" ]; then

@@ -4,20 +4,16 @@
 # image), side by side with `qemu-img convert` copying the same device to a
 # local sparse raw file. Prints each run and the median ratio ours/qemu.
 # Usage (root): [TIDEMARK_BIN=DIR] scripts/bench-sync.sh [SIZE_MIB] [RUNS]
+# TIDEMARK_BIN=DIR (another build) and LOOP_DIRECT_IO=1 (the loop device
+# past the page cache): see scripts/bench-common.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 size_mib=${1:-1024}
 runs=${2:-3}
 [ "$(id -u)" -eq 0 ] || { echo "bench-sync: needs root" >&2; exit 1; }
 scripts/install-deps.sh
-# TIDEMARK_BIN=DIR: binaries of another build to measure instead of this
-# tree's, for A/B runs (as in bench-resync.sh).
-if [ -n "${TIDEMARK_BIN:-}" ]; then
-  bin=$TIDEMARK_BIN
-else
-  cargo build --release --locked -q -p tidemark-agent -p tidemark-receiver
-  bin=$PWD/target/release
-fi
+. scripts/bench-common.sh
+bench_bin
 work=$(mktemp -d /var/tmp/tidemark-bench.XXXXXX)
 loopdev=""
 rx=""
@@ -40,7 +36,7 @@ with open(path, "r+b") as f:
         f.write(os.urandom(3 << 20))
         f.write(text[: 2 << 20])
 PY
-loopdev=$(losetup --find --show "$work/disk.img")
+loopdev=$(bench_loop "$work/disk.img")
 port=$((20000 + RANDOM % 20000))
 "$bin/tidemark-receiver" init --dir "$work/rx" --name bench --listen "127.0.0.1:$port" \
   --image-dir "$work/images" --retention-dir "$work/retention" --retention-on-root-filesystem >/dev/null
