@@ -18,7 +18,7 @@ bench_bin() {
 # written, instead of through cache pages of its own. On this project's
 # VMs a new cache page costs a fault in the host, so a buffered loop
 # device reads at a fraction of the virtual disk's speed
-# (docs/BENCHMARKS.md, "Loop devices with direct I/O").
+# (docs/BENCHMARKS.md: its opening lines, and the checksum resync section).
 bench_loop() {
   local dio=off
   [ "${LOOP_DIRECT_IO:-0}" = 1 ] && dio=on
