@@ -2,7 +2,9 @@
 # Benchmark of continuous replication (`tidemark-agent run`) on a loop
 # device under an fio random-write load of 4-64 KiB writes:
 #  1. the guest's own fio throughput and p99 write latency with no agent,
-#     then with the agent replicating, in the same run;
+#     then with the agent replicating, in the same run: unthrottled, and
+#     at each of the steady rates below (each rate is run once without the
+#     agent first, so its p99 has a baseline of its own);
 #  2. at several churn rates: how far the newest durable point lags (time
 #     from asking for a point to the receiver holding it, median and max of
 #     the points taken during the load), agent CPU per 100 MB of churn, and
@@ -24,6 +26,10 @@
 # AGENT_ENV='VAR=value ...' sets environment variables for the agent alone.
 # AGENT_AS_UNIT=1 runs the agent at the systemd unit's priorities (Nice=5,
 # best-effort I/O class at level 4) instead of fio's.
+# RECEIVER_NICE=N runs the receiver at nice N: on a real site it is another
+# machine, here it shares the guest's two cores. It does not make the
+# receiver's CPU free for the guest on this VM (docs/BENCHMARKS.md, "The
+# guest's latency at a steady rate").
 # AGENT_BLKIO=1 runs the agent in a block-I/O cgroup of its own, as a
 # systemd service is in its unit's: the loop driver then serves the
 # agent's reads on a worker thread of their own instead of queueing them
@@ -121,8 +127,16 @@ echo "== guest fio without the agent (${secs}s, unthrottled)"
 fio_run 0 "$secs" "$work/base.json"
 read -r base_bw base_p99 < <(fio_summary "$work/base.json")
 echo "without agent: ${base_bw} MB/s, p99 ${base_p99} us"
+rx_priority=(env)
+[ -n "${RECEIVER_NICE:-}" ] && rx_priority=(nice -n "$RECEIVER_NICE")
+# The steady rates without the agent: the p99 each rate step is held to.
+declare -A rate_base_p99
+for rate in "${rates[@]}"; do
+  fio_run "$rate" "$secs" "$work/rate-base.json"
+  read -r _ rate_base_p99[$rate] < <(fio_summary "$work/rate-base.json")
+done
 
-"$bin/tidemark-receiver" serve --config "$work/rx/receiver.toml" 2> "$work/rx.log" &
+"${rx_priority[@]}" "$bin/tidemark-receiver" serve --config "$work/rx/receiver.toml" 2> "$work/rx.log" &
 rx=$!
 for _ in $(seq 1 100); do grep -q "listening on" "$work/rx.log" && break; sleep 0.1; done
 priority=()
@@ -178,7 +192,7 @@ freezes() {
   [ -n "$mnt" ] || return 0
   tail -n +"$(($1 + 1))" "$work/agent.log" | sed -n 's/.*filesystems frozen for \([0-9]*\) ms.*/\1/p'
 }
-printf '\n%10s %12s %14s %14s %16s %18s\n' "rate MB/s" "fio MB/s" "lag p50 (s)" "lag max (s)" "CPU s / 100 MB" "freeze p50/max ms"
+printf '\n%10s %12s %14s %14s %16s %18s %22s\n' "rate MB/s" "fio MB/s" "lag p50 (s)" "lag max (s)" "CPU s / 100 MB" "freeze p50/max ms" "fio p99 us alone/with"
 steps_log=$(wc -l < "$work/agent.log")
 for rate in "${rates[@]}"; do
   fio_run "$rate" "$secs" "$work/rate.json" &
@@ -209,13 +223,15 @@ for rate in "${rates[@]}"; do
   wait "$fio_pid"
   [ -n "$sampler" ] && wait "$sampler"
   t1=$(cpu_ticks)
-  read -r bw _ < <(fio_summary "$work/rate.json")
+  read -r bw rate_p99 < <(fio_summary "$work/rate.json")
   churn_mb=$(echo "$bw * $secs" | bc -l)
   cpu_s=$(echo "($t1 - $t0) / $hz" | bc -l)
   p50=$(printf '%s\n' "${lags[@]}" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
   max=$(printf '%s\n' "${lags[@]}" | sort -g | tail -1)
   frozen=$(freezes "$log_lines" | sort -g | awk '{a[NR]=$1} END {if (NR) printf "%d/%d", a[int((NR+1)/2)], a[NR]; else printf "-"}')
-  printf '%10s %12s %14.2f %14.2f %16.2f %18s\n' "$rate" "$bw" "$p50" "$max" "$(echo "100 * $cpu_s / $churn_mb" | bc -l)" "$frozen"
+  base=${rate_base_p99[$rate]}
+  printf '%10s %12s %14.2f %14.2f %16.2f %18s %22s\n' "$rate" "$bw" "$p50" "$max" "$(echo "100 * $cpu_s / $churn_mb" | bc -l)" "$frozen" \
+    "$base/$rate_p99 ($(echo "100 * ($rate_p99 - $base) / $base" | bc -l | xargs printf '%+.0f')%)"
 done
 
 if [ -n "$mnt" ]; then
