@@ -6,7 +6,7 @@
 # sequential io_uring read of the same device. Bytes on the wire are
 # counted on the loopback interface. Prints each run and the medians.
 # Also prints the CPU time both tidemark processes spent on the resync.
-# Usage (root): [TIDEMARK_BIN=DIR] [PERF_OUT=FILE] scripts/bench-resync.sh [SIZE_MIB] [RUNS]
+# Usage (root): [PERF_OUT=FILE] scripts/bench-resync.sh [SIZE_MIB] [RUNS]
 # TIDEMARK_BIN=DIR (another build) and LOOP_DIRECT_IO=1 (the loop device
 # past the page cache): see scripts/bench-common.sh.
 # PERF_OUT: record a system-wide profile (perf record -a -g) of each

@@ -3,7 +3,7 @@
 # 127.0.0.1 (io_uring reads, zstd, TLS, checksum verify, fsync'd sparse
 # image), side by side with `qemu-img convert` copying the same device to a
 # local sparse raw file. Prints each run and the median ratio ours/qemu.
-# Usage (root): [TIDEMARK_BIN=DIR] scripts/bench-sync.sh [SIZE_MIB] [RUNS]
+# Usage (root): scripts/bench-sync.sh [SIZE_MIB] [RUNS]
 # TIDEMARK_BIN=DIR (another build) and LOOP_DIRECT_IO=1 (the loop device
 # past the page cache): see scripts/bench-common.sh.
 set -euo pipefail

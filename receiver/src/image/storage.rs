@@ -151,10 +151,14 @@ impl FileStorage {
     /// Starts reading a range into the page cache in the background;
     /// errors only lose the hint.
     pub fn prefetch(&self, offset: u64, len: u64) {
+        // A range past what off_t holds cannot be in the file: no hint.
+        let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return;
+        };
         let _ = nix::fcntl::posix_fadvise(
             &self.file,
-            offset as i64,
-            len as i64,
+            offset,
+            len,
             nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED,
         );
     }
@@ -290,11 +294,17 @@ impl Storage for FileStorage {
     }
 
     fn punch_hole(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        let (Ok(start), Ok(count)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("cannot punch {len} bytes at {offset}: past the largest file offset"),
+            ));
+        };
         let r = fallocate(
             &self.file,
             FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
-            offset as i64,
-            len as i64,
+            start,
+            count,
         );
         match r {
             Ok(()) => Ok(()),
@@ -479,6 +489,25 @@ mod tests {
         let mut buf = [7u8; 8];
         s.read_at(&mut buf, 2).expect("read");
         assert_eq!(buf, [9, 9, 0, 0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn ranges_past_the_largest_offset_are_refused_not_wrapped() {
+        let f = tempfile::tempfile().expect("tempfile");
+        let mut s = FileStorage::new(f);
+        s.write_at(&[9; 4], 0).expect("write");
+        // Cast to off_t these would be negative: an error, not a hole
+        // punched somewhere else.
+        let e = s.punch_hole(1 << 63, 4096).expect_err("refused");
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        assert!(
+            e.to_string().contains("past the largest file offset"),
+            "{e}"
+        );
+        s.prefetch(u64::MAX - 4096, 4096);
+        let mut buf = [0u8; 4];
+        s.read_at(&mut buf, 0).expect("read");
+        assert_eq!(buf, [9; 4]);
     }
 
     #[test]
