@@ -50,8 +50,59 @@ pub struct DeviceReader {
     engine: Engine,
     ring: Option<io_uring::IoUring>,
     queue_depth: usize,
+    /// The largest read the device takes without splitting it (see
+    /// `uring`); larger reads go in parts of this size.
+    max_part: usize,
     direct: bool,
     limit: Option<crate::throttle::ReadLimit>,
+}
+
+/// Reads larger than this are never split into parts: the size of the
+/// agent's read buffers (`pipeline::READ_BYTES`).
+const MAX_PART_BYTES: usize = 1 << 20;
+
+/// The largest read of `file` the block layer takes in one request,
+/// whatever pages the buffer lands in: `max_sectors_kb`, and
+/// `max_segments` segments of at most one page each (a segment can be
+/// smaller than a page only if `max_segment_size` says so). None for a
+/// file that is not a block device or whose queue limits cannot be read.
+fn unsplit_read_bytes(file: &File) -> Option<usize> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let meta = file.metadata().ok()?;
+    if !meta.file_type().is_block_device() {
+        return None;
+    }
+    let rdev = meta.rdev();
+    let (major, minor) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
+    let dev = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+    // A partition has no queue of its own: its disk's is one level up.
+    let queue = [dev.join("queue"), dev.join("../queue")]
+        .into_iter()
+        .find(|q| q.is_dir())?;
+    let read = |name: &str| -> Option<usize> {
+        std::fs::read_to_string(queue.join(name))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    Some(unsplit_bytes(
+        read("max_sectors_kb")?,
+        read("max_segments")?,
+        read("max_segment_size")?,
+    ))
+}
+
+/// See [`unsplit_read_bytes`]; at least one O_DIRECT block, at most
+/// [`MAX_PART_BYTES`], a multiple of [`ALIGN_BYTES`].
+fn unsplit_bytes(max_sectors_kb: usize, max_segments: usize, max_segment_size: usize) -> usize {
+    let page = 4096;
+    let by_segments = max_segments.saturating_mul(max_segment_size.min(page));
+    let bytes = max_sectors_kb
+        .saturating_mul(1024)
+        .min(by_segments)
+        .min(MAX_PART_BYTES);
+    (bytes / ALIGN_BYTES * ALIGN_BYTES).max(ALIGN_BYTES)
 }
 
 impl DeviceReader {
@@ -80,16 +131,20 @@ impl DeviceReader {
             }
         };
         let queue_depth = queue_depth.clamp(1, 4096);
+        let max_part = unsplit_read_bytes(&file).unwrap_or(MAX_PART_BYTES);
+        // Room in the rings for every part of every read in flight.
+        let entries = (queue_depth * MAX_PART_BYTES.div_ceil(max_part)).min(4096);
         let no_uring_env = std::env::var("TIDEMARK_NO_URING").is_ok_and(|v| v == "1");
         let ring = if force_pread || no_uring_env {
             tracing::info!("reading {} with pread (io_uring disabled)", path.display());
             None
         } else {
-            match io_uring::IoUring::new(queue_depth.next_power_of_two() as u32) {
+            match io_uring::IoUring::new(entries.next_power_of_two() as u32) {
                 Ok(r) => {
                     tracing::info!(
-                        "reading {} with io_uring, queue depth {queue_depth}{}",
+                        "reading {} with io_uring, queue depth {queue_depth}, reads of up to {} KiB per request{}",
                         path.display(),
+                        max_part >> 10,
                         if direct { ", O_DIRECT" } else { "" }
                     );
                     Some(r)
@@ -113,6 +168,7 @@ impl DeviceReader {
             },
             ring,
             queue_depth,
+            max_part,
             direct,
             limit: None,
         })
@@ -166,7 +222,10 @@ impl DeviceReader {
             Some(ring) => uring::read_pieces(
                 ring,
                 &self.file,
-                self.queue_depth,
+                uring::Depth {
+                    reads: self.queue_depth,
+                    max_part: self.max_part,
+                },
                 pieces,
                 pool,
                 self.limit.as_ref(),
@@ -235,6 +294,52 @@ mod tests {
     }
 
     #[test]
+    fn reads_in_parts_reassemble_exactly() {
+        let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir");
+        let p = dir.path().join("disk");
+        let data = pattern((5 << 20) + 4096);
+        std::fs::write(&p, &data).expect("write");
+        let pool = BufPool::new(3, 1 << 20);
+        let ranges = [4096..(2 << 20) + 12288, (3 << 20)..data.len() as u64];
+        // Parts that do not divide a read evenly, and one block each.
+        for max_part in [12 << 10, 4096] {
+            let mut r = DeviceReader::open(&p, 2, false).expect("open");
+            assert_eq!(r.engine(), Engine::IoUring);
+            r.max_part = max_part;
+            let mut got = vec![0xeeu8; data.len()];
+            r.read_ranges::<SourceError>(&ranges, &pool, |off, buf| {
+                got[off as usize..off as usize + buf.len()].copy_from_slice(&buf);
+                Ok(())
+            })
+            .expect("read");
+            for r in &ranges {
+                let (s, e) = (r.start as usize, r.end as usize);
+                assert!(got[s..e] == data[s..e], "parts of {max_part}: range {r:?}");
+            }
+            assert!(got[..4096].iter().all(|&b| b == 0xee));
+        }
+        // A file is no block device: its reads are not split.
+        let f = File::open(&p).expect("open");
+        assert_eq!(unsplit_read_bytes(&f), None);
+    }
+
+    #[test]
+    fn unsplit_size_follows_the_queue_limits() {
+        // A loop device: 128 segments of one page bound it below
+        // max_sectors_kb.
+        assert_eq!(unsplit_bytes(1280, 128, 65536), 512 << 10);
+        // virtio-blk here: 254 pages.
+        assert_eq!(unsplit_bytes(4096, 254, u32::MAX as usize), 254 * 4096);
+        // Segments smaller than a page.
+        assert_eq!(unsplit_bytes(1024, 128, 512), 64 << 10);
+        // Limited by max_sectors_kb, never above the read buffers.
+        assert_eq!(unsplit_bytes(128, 1024, 65536), 128 << 10);
+        assert_eq!(unsplit_bytes(32768, 4096, 1 << 20), MAX_PART_BYTES);
+        // Nonsense limits still give one O_DIRECT block.
+        assert_eq!(unsplit_bytes(0, 0, 0), ALIGN_BYTES);
+    }
+
+    #[test]
     fn deliver_error_stops_cleanly() {
         let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir");
         let p = dir.path().join("disk");
@@ -269,13 +374,19 @@ mod tests {
         let p = dir.path().join("disk");
         std::fs::write(&p, pattern(1 << 20)).expect("write");
         let pool = BufPool::new(2, 1 << 20);
-        for pread in [false, true] {
+        // io_uring reading whole buffers and in parts (some of which then
+        // read nothing at all), and pread.
+        for (pread, max_part) in [(false, MAX_PART_BYTES), (false, 12 << 10), (true, 0)] {
             let mut r = DeviceReader::open(&p, 2, pread).expect("open");
+            r.max_part = max_part;
             let res = r.read_ranges::<SourceError>(&[0..2 << 20], &pool, |_, _| Ok(()));
             assert!(
                 matches!(res, Err(SourceError::ShortRead { .. })),
-                "pread={pread}: {res:?}"
+                "pread={pread} parts of {max_part}: {res:?}"
             );
+            // Every buffer is back in the pool.
+            let all: Vec<_> = (0..2).map(|_| pool.try_get().expect("returned")).collect();
+            drop(all);
         }
     }
 
