@@ -31,6 +31,23 @@ fn sync_exports_byte_for_byte_and_zeros_do_not_travel() -> anyhow::Result<()> {
         site.export("disk-a", "latest")? == device,
         "export differs from device"
     );
+
+    // The agent read the device in requests its queue takes whole: the
+    // loop device's limits, read here from sysfs, not 1 MiB that the block
+    // layer would split (and io_uring then hand to a worker thread).
+    let name = dev.path().file_name().context("device name")?;
+    let queue = Path::new("/sys/block").join(name).join("queue");
+    let limit = |f: &str| -> anyhow::Result<u64> {
+        Ok(std::fs::read_to_string(queue.join(f))?.trim().parse()?)
+    };
+    let takes_kib = limit("max_sectors_kb")?
+        .min(limit("max_segments")? * 4)
+        .min(1024);
+    let log = String::from_utf8_lossy(&first.stderr);
+    assert!(
+        log.contains(&format!("reads of up to {takes_kib} KiB per request")),
+        "expected reads of up to {takes_kib} KiB: {log}"
+    );
     assert!(site.export("disk-a", &p1.to_string())? == device);
 
     // Zeros travel as records: the wire carries at most the non-zero data
