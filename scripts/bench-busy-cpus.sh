@@ -27,7 +27,7 @@ modes=("$@")
 [ "$(id -u)" -eq 0 ] || { echo "bench-busy-cpus: needs root" >&2; exit 1; }
 command -v fio >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fio >/dev/null; }
 . scripts/bench-common.sh
-work=$(mktemp -d /var/tmp/tidemark-bench-busy.XXXXXX)
+work=$(mktemp -d "${ON_DIR:-/var/tmp}/tidemark-bench-busy.XXXXXX")
 loopdev=""
 cleanup() {
   # shellcheck disable=SC2046
@@ -39,15 +39,9 @@ cleanup() {
 trap cleanup EXIT
 # Written once, so every mode overwrites allocated blocks (bench-run does
 # the same).
-if [ -n "${ON_DIR:-}" ]; then
-  target=$(mktemp "$ON_DIR/tidemark-bench-busy.XXXXXX")
-  trap 'cleanup; rm -f "$target"' EXIT
-  dd if=/dev/zero of="$target" bs=1M count=2048 conv=fsync status=none
-else
-  dd if=/dev/zero of="$work/disk.img" bs=1M count=2048 conv=fsync status=none
-  loopdev=$(bench_loop "$work/disk.img")
-  target=$loopdev
-fi
+dd if=/dev/zero of="$work/disk.img" bs=1M count=2048 conv=fsync status=none
+target=$work/disk.img
+[ -n "${ON_DIR:-}" ] || { loopdev=$(bench_loop "$work/disk.img"); target=$loopdev; }
 ncpu=$(nproc)
 busy() { # count, then the command that runs each loop
   local n=$1

@@ -4,7 +4,7 @@
 # again (so it resumes from its saved state without a resync, as after an
 # upgrade), then sees 200 random 4 KiB writes over 10 s and takes a
 # point. Prints the agent's RSS and peak RSS at the end.
-# Usage (root): scripts/bench-idle-rss.sh   (BIN=DIR: binaries in DIR)
+# Usage (root): scripts/bench-idle-rss.sh
 # TIDEMARK_BIN=DIR (another build) and LOOP_DIRECT_IO=1 (the loop device
 # past the page cache): see scripts/bench-common.sh.
 set -euo pipefail

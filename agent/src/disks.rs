@@ -62,9 +62,7 @@ pub fn open_disk(cfg: &DiskConfig) -> Result<Disk, DiskError> {
     if !meta.file_type().is_block_device() {
         return Err(DiskError::NotBlockDevice { path: path.clone() });
     }
-    let rdev = meta.rdev();
-    let (major, minor) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
-    let sysfs = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+    let sysfs = sysfs_dir(&meta);
     // A block device's size is where seeking to its end lands.
     let size_bytes = File::open(path)
         .and_then(|mut f| f.seek(SeekFrom::End(0)))
@@ -72,9 +70,8 @@ pub fn open_disk(cfg: &DiskConfig) -> Result<Disk, DiskError> {
             path: path.clone(),
             source,
         })?;
-    let logical_block_bytes = read_sysfs(&sysfs.join("queue/logical_block_size"))
-        .or_else(|| read_sysfs(&sysfs.join("../queue/logical_block_size")))
-        .and_then(|s| s.parse().ok())
+    let logical_block_bytes = queue_attr(&sysfs, "logical_block_size")
+        .and_then(|n| u32::try_from(n).ok())
         .unwrap_or(512);
     let id = match &cfg.id {
         Some(id) => id.clone(),
@@ -93,6 +90,22 @@ pub fn open_disk(cfg: &DiskConfig) -> Result<Disk, DiskError> {
         logical_block_bytes,
         sysfs,
     })
+}
+
+/// `/sys/dev/block/MAJ:MIN` of the block device `meta` describes.
+pub fn sysfs_dir(meta: &std::fs::Metadata) -> PathBuf {
+    let rdev = meta.rdev();
+    let (major, minor) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
+    PathBuf::from(format!("/sys/dev/block/{major}:{minor}"))
+}
+
+/// A number from the request queue of the disk at `sysfs`: a partition has
+/// no queue of its own, so its disk's, one level up, answers for it.
+pub fn queue_attr(sysfs: &Path, name: &str) -> Option<u64> {
+    ["queue", "../queue"]
+        .iter()
+        .find_map(|q| read_sysfs(&sysfs.join(q).join(name)))
+        .and_then(|s| s.parse().ok())
 }
 
 fn read_sysfs(p: &Path) -> Option<String> {

@@ -67,29 +67,18 @@ const MAX_PART_BYTES: usize = 1 << 20;
 /// smaller than a page only if `max_segment_size` says so). None for a
 /// file that is not a block device or whose queue limits cannot be read.
 fn unsplit_read_bytes(file: &File) -> Option<usize> {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    use crate::disks::{queue_attr, sysfs_dir};
+    use std::os::unix::fs::FileTypeExt;
     let meta = file.metadata().ok()?;
     if !meta.file_type().is_block_device() {
         return None;
     }
-    let rdev = meta.rdev();
-    let (major, minor) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
-    let dev = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
-    // A partition has no queue of its own: its disk's is one level up.
-    let queue = [dev.join("queue"), dev.join("../queue")]
-        .into_iter()
-        .find(|q| q.is_dir())?;
-    let read = |name: &str| -> Option<usize> {
-        std::fs::read_to_string(queue.join(name))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
-    };
+    let sysfs = sysfs_dir(&meta);
+    let limit = |name| queue_attr(&sysfs, name).and_then(|n| usize::try_from(n).ok());
     Some(unsplit_bytes(
-        read("max_sectors_kb")?,
-        read("max_segments")?,
-        read("max_segment_size")?,
+        limit("max_sectors_kb")?,
+        limit("max_segments")?,
+        limit("max_segment_size")?,
     ))
 }
 

@@ -109,6 +109,7 @@ pub(super) fn read_pieces<E: From<SourceError>>(
                 .position(Option::is_none)
                 .expect("a slot is free below queue depth");
             let parts = split(len, max_part);
+            let n_parts = parts.len();
             slots[idx] = Some(Slot {
                 buf,
                 offset,
@@ -117,7 +118,7 @@ pub(super) fn read_pieces<E: From<SourceError>>(
                 parts,
                 failed: None,
             });
-            for part in 0..slots[idx].as_ref().map_or(0, |s| s.parts.len()) {
+            for part in 0..n_parts {
                 if let Err(e) = submit(ring, fd, &mut slots, idx, part) {
                     return Err(abandon(&mut slots, e));
                 }
