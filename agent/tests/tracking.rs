@@ -17,6 +17,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use nix::fcntl::{Flock, FlockArg};
+use tidemark_agent::source::DeviceReader;
 use tidemark_agent::tracking::{disk_counters, DirtyMap, TrackedDisk, Tracker, TRACEFS_ROOT};
 
 const KIB: u64 = 1024;
@@ -479,6 +480,23 @@ fn partition_writes_are_clipped_and_shifted() {
     assert_eq!(
         disk_counters(&part_sysfs).expect("stat"),
         disk_counters(&dev.sysfs()).expect("stat")
+    );
+    // A partition has no request queue of its own: its reads are cut to
+    // its disk's limits, not left whole for the block layer to split.
+    let request_bytes = |p: &Path| {
+        DeviceReader::open(p, 1, false)
+            .unwrap_or_else(|e| panic!("open {}: {e}", p.display()))
+            .request_bytes()
+    };
+    let whole_request = request_bytes(&dev.path);
+    assert!(
+        whole_request < MIB as usize,
+        "a loop device's queue (max_segments 128) takes {whole_request} bytes whole"
+    );
+    assert_eq!(
+        request_bytes(&part_node),
+        whole_request,
+        "partition's reads"
     );
 
     let inst = Instance::new("part");

@@ -171,6 +171,11 @@ impl DeviceReader {
         &self.path
     }
 
+    /// The largest request a read is issued as (see [`unsplit_read_bytes`]).
+    pub fn request_bytes(&self) -> usize {
+        self.max_part
+    }
+
     /// Issues reads no faster than `limit` allows (None: as fast as the
     /// device goes).
     pub fn set_read_limit(&mut self, limit: Option<crate::throttle::ReadLimit>) {
