@@ -8,7 +8,8 @@
 #  2. at several churn rates: how far the newest durable point lags (time
 #     from asking for a point to the receiver holding it, median and max of
 #     the points taken during the load), agent CPU per 100 MB of churn, and
-#     the agent's peak RSS;
+#     the agent's peak RSS; and where the machine's two cores went: the
+#     receiver's CPU per 100 MB and the share left idle;
 #  3. catch-up: a fixed, seeded 1 GiB burst of the same writes as fast as
 #     fio goes, then the time until a point holds all of it: the rate at
 #     which the agent and receiver drain a backlog, i.e. the highest churn
@@ -184,6 +185,12 @@ echo "with agent:    ${with_bw} MB/s, p99 ${with_p99} us  (throughput $(echo "10
 "$bin/tidemark-agent" bookmark --config "$work/agent/run.toml" 2>/dev/null >/dev/null
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$ag/stat"; }
+rx_ticks() { awk '{print $14 + $15}' "/proc/$rx/stat"; }
+# Idle (with iowait) and all ticks of the machine, to show where the two
+# cores go during a step (until its last point is durable, which can be
+# after fio stops): on a real site the receiver's share is another
+# machine's.
+machine_ticks() { awk '/^cpu / {print $5 + $6, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9}' /proc/stat; }
 hz=$(getconf CLK_TCK)
 # The freeze time of each point the agent logged since line $1 of its log
 # (with no filesystem, nothing is frozen: the figure it logs is then only
@@ -192,12 +199,12 @@ freezes() {
   [ -n "$mnt" ] || return 0
   tail -n +"$(($1 + 1))" "$work/agent.log" | sed -n 's/.*filesystems frozen for \([0-9]*\) ms.*/\1/p'
 }
-printf '\n%10s %12s %14s %14s %16s %18s %22s\n' "rate MB/s" "fio MB/s" "lag p50 (s)" "lag max (s)" "CPU s / 100 MB" "freeze p50/max ms" "fio p99 us alone/with"
+printf '\n%10s %12s %14s %14s %16s %18s %22s %20s %10s\n' "rate MB/s" "fio MB/s" "lag p50 (s)" "lag max (s)" "CPU s / 100 MB" "freeze p50/max ms" "fio p99 us alone/with" "receiver CPU/100 MB" "idle"
 steps_log=$(wc -l < "$work/agent.log")
 for rate in "${rates[@]}"; do
   fio_run "$rate" "$secs" "$work/rate.json" &
   fio_pid=$!
-  t0=$(cpu_ticks)
+  t0=$(cpu_ticks); r0=$(rx_ticks); read -r idle0 all0 < <(machine_ticks)
   lags=()
   log_lines=$(wc -l < "$work/agent.log")
   step_start=$(date +%s.%N)
@@ -222,7 +229,7 @@ for rate in "${rates[@]}"; do
   done
   wait "$fio_pid"
   [ -n "$sampler" ] && wait "$sampler"
-  t1=$(cpu_ticks)
+  t1=$(cpu_ticks); r1=$(rx_ticks); read -r idle1 all1 < <(machine_ticks)
   read -r bw rate_p99 < <(fio_summary "$work/rate.json")
   churn_mb=$(echo "$bw * $secs" | bc -l)
   cpu_s=$(echo "($t1 - $t0) / $hz" | bc -l)
@@ -230,8 +237,9 @@ for rate in "${rates[@]}"; do
   max=$(printf '%s\n' "${lags[@]}" | sort -g | tail -1)
   frozen=$(freezes "$log_lines" | sort -g | awk '{a[NR]=$1} END {if (NR) printf "%d/%d", a[int((NR+1)/2)], a[NR]; else printf "-"}')
   base=${rate_base_p99[$rate]}
-  printf '%10s %12s %14.2f %14.2f %16.2f %18s %22s\n' "$rate" "$bw" "$p50" "$max" "$(echo "100 * $cpu_s / $churn_mb" | bc -l)" "$frozen" \
-    "$base/$rate_p99 ($(echo "100 * ($rate_p99 - $base) / $base" | bc -l | xargs printf '%+.0f')%)"
+  printf '%10s %12s %14.2f %14.2f %16.2f %18s %22s %20.2f %9.0f%%\n' "$rate" "$bw" "$p50" "$max" "$(echo "100 * $cpu_s / $churn_mb" | bc -l)" "$frozen" \
+    "$base/$rate_p99 ($(echo "100 * ($rate_p99 - $base) / $base" | bc -l | xargs printf '%+.0f')%)" \
+    "$(echo "100 * ($r1 - $r0) / $hz / $churn_mb" | bc -l)" "$(echo "100 * ($idle1 - $idle0) / ($all1 - $all0)" | bc -l)"
 done
 
 if [ -n "$mnt" ]; then
