@@ -9,7 +9,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "kebab-case")]
@@ -50,6 +50,15 @@ pub struct Status {
     /// Cap on reads of sync and resync (None: unlimited).
     #[serde(default)]
     pub sync_read_cap_bytes_per_sec: Option<u64>,
+    /// A point that is due or asked for but held back: for how long, and why.
+    #[serde(default)]
+    pub point_waiting: Option<PointWaiting>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PointWaiting {
+    pub secs: u64,
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -112,7 +121,14 @@ impl Drop for AnsweringGuard {
 }
 
 /// Listens on `path` (replacing a stale socket) and forwards requests.
-pub fn serve(path: &Path, tx: mpsc::Sender<Pending>) -> anyhow::Result<Answering> {
+/// `status` is answered from the run loop's latest snapshot once it has
+/// one: the loop only takes requests between rounds, and a round under a
+/// low send cap can take a minute, too long for a monitoring script.
+pub fn serve(
+    path: &Path,
+    tx: mpsc::Sender<Pending>,
+    status: watch::Receiver<Option<Status>>,
+) -> anyhow::Result<Answering> {
     use std::os::unix::fs::PermissionsExt;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
@@ -131,9 +147,10 @@ pub fn serve(path: &Path, tx: mpsc::Sender<Pending>) -> anyhow::Result<Answering
                 continue;
             };
             let tx = tx.clone();
+            let status = status.clone();
             let guard = counted.enter();
             tokio::spawn(async move {
-                let _ = handle(stream, tx).await;
+                let _ = handle(stream, tx, status).await;
                 drop(guard);
             });
         }
@@ -141,7 +158,11 @@ pub fn serve(path: &Path, tx: mpsc::Sender<Pending>) -> anyhow::Result<Answering
     Ok(answering)
 }
 
-async fn handle(stream: UnixStream, tx: mpsc::Sender<Pending>) -> std::io::Result<()> {
+async fn handle(
+    stream: UnixStream,
+    tx: mpsc::Sender<Pending>,
+    status: watch::Receiver<Option<Status>>,
+) -> std::io::Result<()> {
     let (rd, mut wr) = stream.into_split();
     let mut line = String::new();
     // The socket is local, but a stuck client must not make us buffer
@@ -149,7 +170,9 @@ async fn handle(stream: UnixStream, tx: mpsc::Sender<Pending>) -> std::io::Resul
     tokio::io::AsyncReadExt::take(BufReader::new(rd), 64 * 1024)
         .read_line(&mut line)
         .await?;
+    let snapshot = status.borrow().clone();
     let reply = match serde_json::from_str::<Request>(&line) {
+        Ok(Request::Status) if snapshot.is_some() => Reply::Status(snapshot.expect("checked")),
         Ok(request) => {
             let (reply_tx, reply_rx) = oneshot::channel();
             if tx

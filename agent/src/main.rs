@@ -232,6 +232,12 @@ fn status_table(s: &admin::Status) -> String {
         )),
         None => out.push_str("no point taken by this run yet\n"),
     }
+    if let Some(w) = &s.point_waiting {
+        out.push_str(&format!(
+            "next point waiting for {} s: {}\n",
+            w.secs, w.reason
+        ));
+    }
     let rate = |r: Option<u64>| r.map_or_else(|| "unlimited".to_owned(), show_rate);
     out.push_str(&format!(
         "send cap {}{}, sync/resync reads {}\n",

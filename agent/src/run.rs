@@ -18,10 +18,11 @@ use tidemark_common::service::{self, Watchdog};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::admin::{self, DiskStatus, Pending, PointInfo, Reply, Request, Status};
+use crate::admin::{self, DiskStatus, Pending, PointInfo, PointWaiting, Reply, Request, Status};
 use crate::compare::{ChunkCursor, HASH_LOOKAHEAD};
 use crate::config::{AgentConfig, FailoverLeave};
 use crate::consistency::freeze::{disk_devices, freeze, mount_points};
+use crate::consistency::held::{HeldPoint, Note};
 use crate::consistency::scripts::{self, Phase};
 use crate::disks::{open_disk, Disk};
 use crate::pipeline::{Job, Piece, Pipeline, READ_BYTES};
@@ -67,6 +68,26 @@ struct DiskRun {
 }
 
 impl DiskRun {
+    /// Bytes not yet durable at the receiver: dirty, or sent and not yet
+    /// acknowledged, each byte once (a range in flight can be written, and
+    /// so be dirty, again; pending ranges of two rounds can overlap).
+    fn backlog_bytes(&self) -> u64 {
+        let mut pending = self.pending.clone();
+        pending.sort_unstable_by_key(|r| r.start);
+        let mut merged: Vec<Range<u64>> = Vec::with_capacity(pending.len());
+        for r in pending {
+            match merged.last_mut() {
+                Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+                _ => merged.push(r),
+            }
+        }
+        let in_flight_only: u64 = merged
+            .into_iter()
+            .map(|r| (r.end - r.start) - self.dirty.dirty_bytes_in(r))
+            .sum();
+        self.dirty.dirty_bytes() + in_flight_only
+    }
+
     fn counters(&self) -> u64 {
         disk_counters(&self.disk.sysfs).map_or(0, |(w, d)| w + d)
     }
@@ -233,12 +254,18 @@ struct Runner {
     progress: Arc<Progress>,
     settings: crate::pipeline::Settings,
     last_point: Option<PointInfo>,
+    /// A point that is wanted but cannot be taken yet.
+    held: HeldPoint,
     /// A planned failover waiting for the backlog to shrink.
     failover: Option<(FailoverLeave, tokio::sync::oneshot::Sender<Reply>)>,
     /// Fed by every successful drain of the tracer: as long as writes are
     /// being collected the agent is doing its job.
     watchdog: Watchdog,
     last_status: Option<(Instant, String)>,
+    /// What `status` answers: refreshed between rounds, and every second
+    /// during one.
+    status_tx: tokio::sync::watch::Sender<Option<Status>>,
+    status_refreshed: Instant,
     /// Last drain of the tracer.
     drained_at: Instant,
 }
@@ -291,7 +318,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         );
     }
     let (admin_tx, mut admin_rx) = mpsc::channel::<Pending>(16);
-    let answering = admin::serve(&cfg.admin_socket, admin_tx)?;
+    let (status_tx, status_rx) = tokio::sync::watch::channel(None);
+    let answering = admin::serve(&cfg.admin_socket, admin_tx, status_rx)?;
     if let Some(addr) = cfg.metrics_listen {
         let registry = Arc::new(crate::metrics::get().registry());
         tidemark_common::metrics::serve(addr, registry).await?;
@@ -307,9 +335,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         shipper,
         progress,
         last_point: None,
+        held: HeldPoint::default(),
         failover: None,
         watchdog: Watchdog::from_env(),
         last_status: None,
+        status_tx,
+        status_refreshed: Instant::now(),
         drained_at: Instant::now(),
     };
     let now = Instant::now();
@@ -372,12 +403,27 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
         let backlog: u64 = r.disks.iter().map(|d| d.dirty.dirty_bytes()).sum();
         let resyncing = r.disks.iter().any(|d| d.resync.is_some());
-        // A point needs the receiver: waiting for it inside the point would
-        // stop draining the tracer.
-        let ready = backlog <= r.cfg.point_max_backlog_bytes
-            && !resyncing
-            && blocked.is_none()
-            && r.shipper.connected();
+        let held_because = r.point_held_because(backlog);
+        let ready = held_because.is_none() && blocked.is_none();
+        let held = if wanted.is_some() || r.failover.is_some() {
+            held_because
+        } else {
+            None
+        };
+        match r.held.update(Instant::now(), held) {
+            // A resync (an initial sync of a large disk above all) can
+            // rightly hold points back for hours; it logs its own progress.
+            Some(Note::Waiting { secs, why }) if resyncing => {
+                info!("a recovery point has waited {secs} s: {why}")
+            }
+            Some(Note::Waiting { secs, why }) => {
+                warn!("a recovery point has waited {secs} s: {why}")
+            }
+            Some(Note::Released { secs }) => {
+                info!("the recovery point held back for {secs} s can be taken now")
+            }
+            None => {}
+        }
         if r.failover.is_some() && ready {
             let (leave, reply) = r.failover.take().expect("checked");
             match r.planned_failover(leave).await {
@@ -630,6 +676,11 @@ impl Runner {
                 );
                 d.require_resync(ResyncReason::AuditMismatch(detail));
             }
+        }
+        // Between rounds the loop refreshes it anyway; within a long one,
+        // a second-old answer will do (the backlog takes some counting).
+        if self.status_refreshed.elapsed() >= Duration::from_secs(1) {
+            self.refresh_status();
         }
         Ok(())
     }
@@ -1017,11 +1068,7 @@ impl Runner {
             .iter()
             .filter(|d| d.resync.is_some() && !d.absent && d.refused.is_none())
             .count();
-        let backlog: u64 = self
-            .disks
-            .iter()
-            .map(|d| d.dirty.dirty_bytes() + d.pending.iter().map(|r| r.end - r.start).sum::<u64>())
-            .sum();
+        let backlog: u64 = self.disks.iter().map(DiskRun::backlog_bytes).sum();
         let rpo = self.last_point.as_ref().map_or_else(
             || "no point yet".to_owned(),
             |p| format!("RPO {} s", now_ms().saturating_sub(p.agent_time_ms) / 1000),
@@ -1043,14 +1090,24 @@ impl Runner {
         )
     }
 
+    /// What `status` answers from now on.
+    fn refresh_status(&mut self) {
+        self.status_tx.send_replace(Some(self.status()));
+        self.status_refreshed = Instant::now();
+    }
+
     fn publish_status(&mut self) {
+        self.refresh_status();
         let m = crate::metrics::get();
         m.set_connected(self.shipper.connected());
         m.set_send_cap(self.shipper.send_cap().0);
         for d in &self.disks {
-            let backlog =
-                d.dirty.dirty_bytes() + d.pending.iter().map(|r| r.end - r.start).sum::<u64>();
-            m.disk(&d.disk.id, d.disk.size_bytes, backlog, d.resync.is_some());
+            m.disk(
+                &d.disk.id,
+                d.disk.size_bytes,
+                d.backlog_bytes(),
+                d.resync.is_some(),
+            );
         }
         let line = self.status_line();
         let due = self.last_status.as_ref().is_none_or(|(at, last)| {
@@ -1063,9 +1120,38 @@ impl Runner {
         }
     }
 
+    /// Why a point cannot be taken now (None: it can, unless `blocked()`,
+    /// which refuses it outright). A point needs the receiver: waiting for
+    /// it inside the point would stop draining the tracer.
+    fn point_held_because(&self, backlog: u64) -> Option<String> {
+        if let Some(d) = self.disks.iter().find(|d| d.resync.is_some()) {
+            Some(format!(
+                "disk {} is resyncing; the point follows once it is in step",
+                d.disk.id
+            ))
+        } else if !self.shipper.connected() {
+            Some(format!(
+                "not connected to the receiver {}",
+                self.cfg.receiver
+            ))
+        } else if backlog > self.cfg.point_max_backlog_bytes {
+            Some(format!(
+                "{} dirty, more than point_max_backlog_bytes ({}) lets a point read under a freeze; the point follows once shipping brings it below that",
+                mib(backlog),
+                mib(self.cfg.point_max_backlog_bytes)
+            ))
+        } else {
+            None
+        }
+    }
+
     fn status(&self) -> Status {
         let (send_cap, send_window) = self.shipper.send_cap();
         Status {
+            point_waiting: self
+                .held
+                .waiting(Instant::now())
+                .map(|(secs, reason)| PointWaiting { secs, reason }),
             send_cap_bytes_per_sec: send_cap,
             send_cap_window: send_window,
             sync_read_cap_bytes_per_sec: self.settings.read_limit.as_ref().map(|l| l.rate),
@@ -1092,8 +1178,7 @@ impl Runner {
                         .refused
                         .clone()
                         .or_else(|| d.resync.as_ref().map(ToString::to_string)),
-                    dirty_bytes: d.dirty.dirty_bytes()
-                        + d.pending.iter().map(|r| r.end - r.start).sum::<u64>(),
+                    dirty_bytes: d.backlog_bytes(),
                 })
                 .collect(),
         }

@@ -305,3 +305,67 @@ fn a_window_covering_now_sets_the_cap_in_run_and_one_that_does_not_leaves_it() -
     agent.stop()?;
     Ok(())
 }
+
+/// A point waits while more is dirty than a freeze should cover; under a
+/// send cap that makes the backlog outlast the request, `status` says so
+/// and why while it waits, and the point comes once the backlog is read.
+#[test]
+fn a_point_held_back_by_the_backlog_says_why_in_status() -> anyhow::Result<()> {
+    let site = Site::start()?;
+    let dev = LoopDev::create(&site.dir.path().join("held.img"), 16 * MIB)?;
+    let cfg = run_config(
+        &site,
+        "run-held",
+        &[(dev.path(), "disk-held")],
+        "point_max_backlog_bytes = 1048576",
+    )?;
+    append(&cfg, "\n[throttle]\nrate = \"2 MiB/s\"\n")?;
+    let mut agent = RunningAgent::start(&cfg, "run-held")?;
+    agent.bookmark(false)?;
+    let status = agent.status_json()?;
+    assert!(status["point_waiting"].is_null(), "{status}");
+
+    random_fill(&dev, 12, 8 * MIB)?;
+    let bookmark = Command::new(tidemark_tests::workspace_bin("tidemark-agent"))
+        .args(["bookmark", "--config", tidemark_tests::site::path(&cfg)])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let waiting = loop {
+        let status = agent.status_json()?;
+        if !status["point_waiting"].is_null() {
+            break status["point_waiting"].clone();
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no point_waiting in status while a point waits: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let reason = waiting["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("dirty, more than point_max_backlog_bytes (1.0 MiB)"),
+        "{waiting}"
+    );
+    let table = Command::new(tidemark_tests::workspace_bin("tidemark-agent"))
+        .args(["status", "--config", tidemark_tests::site::path(&cfg)])
+        .output()?;
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("next point waiting for "),
+        "status table: {table}"
+    );
+
+    // 8 MiB at 2 MiB/s: the point comes after a few seconds, not never.
+    let out = bookmark.wait_with_output()?;
+    ensure!(out.status.success(), "bookmark failed: {}", agent.log());
+    let id: u64 = String::from_utf8(out.stdout)?.trim().parse()?;
+    let status = agent.status_json()?;
+    assert!(status["point_waiting"].is_null(), "{status}");
+    ensure!(
+        site.export("disk-held", &id.to_string())? == dev.read_all()?,
+        "point {id} differs from the device"
+    );
+    agent.stop()?;
+    Ok(())
+}

@@ -265,6 +265,22 @@ impl DirtyMap {
         }
     }
 
+    /// Bytes of `range` that are dirty, counted by whole granules and at
+    /// most the range's own length (clipped to the disk).
+    pub fn dirty_bytes_in(&self, range: Range<u64>) -> u64 {
+        let len = range.end.min(self.size_bytes).saturating_sub(range.start);
+        let granules: u64 = chunk_spans(range, self.size_bytes, self.granularity_bytes)
+            .map(|(c, span)| match &self.chunks[c] {
+                Chunk::Clean => 0,
+                Chunk::Full => span.end - span.start,
+                Chunk::Bits(b) => word_masks(span)
+                    .map(|(w, mask)| u64::from((b.words[w] & mask).count_ones()))
+                    .sum(),
+            })
+            .sum();
+        (granules * self.granularity_bytes).min(len)
+    }
+
     /// Takes dirty data as ranges in disk order and clears it: adjacent
     /// granules are merged into ranges of at most `max_range_bytes`
     /// (rounded down to whole granules, at least one), the total stays
@@ -646,6 +662,37 @@ fn chunk_count(size_bytes: u64, granularity_bytes: u64) -> u64 {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn dirty_bytes_in_counts_whole_granules_within_the_range() {
+        const G: u64 = 4096;
+        let size = (2 * CHUNK_GRANULES + 10) * G;
+        let mut m = DirtyMap::new(size, G);
+        assert_eq!(m.dirty_bytes_in(0..size), 0, "clean");
+        m.mark(3 * G..5 * G); // bits in chunk 0
+        m.mark(CHUNK_GRANULES * G..2 * CHUNK_GRANULES * G); // chunk 1 full
+        m.mark(size - 100..size); // the last granule, in chunk 2
+        assert_eq!(m.dirty_bytes_in(0..size), m.dirty_bytes());
+        assert_eq!(m.dirty_bytes(), (2 + CHUNK_GRANULES + 1) * G);
+        assert_eq!(m.dirty_bytes_in(0..4 * G), G);
+        assert_eq!(
+            m.dirty_bytes_in(4 * G + 1..4 * G + 2),
+            1,
+            "at most the range"
+        );
+        assert_eq!(m.dirty_bytes_in(5 * G..CHUNK_GRANULES * G), 0);
+        assert_eq!(
+            m.dirty_bytes_in(CHUNK_GRANULES * G - G..CHUNK_GRANULES * G + 3 * G),
+            3 * G,
+            "across a chunk boundary into a full chunk"
+        );
+        assert_eq!(
+            m.dirty_bytes_in(size - G..size + G),
+            G,
+            "clipped to the disk"
+        );
+        assert_eq!(m.dirty_bytes_in(size..size + G), 0);
+    }
 
     const G: u64 = 4096;
 
