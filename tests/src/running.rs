@@ -91,6 +91,16 @@ impl RunningAgent {
         ]))?;
         Ok(serde_json::from_slice(&out.stdout)?)
     }
+
+    /// `status` as an operator reads it.
+    pub fn status_table(&self) -> anyhow::Result<String> {
+        let out = run_ok(Command::new(workspace_bin("tidemark-agent")).args([
+            "status",
+            "--config",
+            path(&self.cfg),
+        ]))?;
+        Ok(String::from_utf8(out.stdout)?)
+    }
 }
 
 impl Drop for RunningAgent {

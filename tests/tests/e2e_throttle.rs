@@ -241,10 +241,7 @@ fn a_window_covering_now_sets_the_cap_in_run_and_one_that_does_not_leaves_it() -
     let w = status["send_cap_window"].as_str().unwrap_or_default();
     assert!(w.starts_with("window 1: "), "{status}");
     assert!(status["sync_read_cap_bytes_per_sec"].is_null(), "{status}");
-    let table = Command::new(tidemark_tests::workspace_bin("tidemark-agent"))
-        .args(["status", "--config", tidemark_tests::site::path(&cfg)])
-        .output()?;
-    let table = String::from_utf8_lossy(&table.stdout);
+    let table = agent.status_table()?;
     assert!(
         table.contains("send cap 2.0 MiB/s (window 1: "),
         "status table: {table}"
@@ -347,10 +344,7 @@ fn a_point_held_back_by_the_backlog_says_why_in_status() -> anyhow::Result<()> {
         reason.contains("dirty, more than point_max_backlog_bytes (1.0 MiB)"),
         "{waiting}"
     );
-    let table = Command::new(tidemark_tests::workspace_bin("tidemark-agent"))
-        .args(["status", "--config", tidemark_tests::site::path(&cfg)])
-        .output()?;
-    let table = String::from_utf8_lossy(&table.stdout);
+    let table = agent.status_table()?;
     assert!(
         table.contains("next point waiting for "),
         "status table: {table}"
