@@ -227,8 +227,11 @@ fn status_table(s: &admin::Status) -> String {
     );
     match &s.last_point {
         Some(p) => out.push_str(&format!(
-            "last point {} ({}), frozen {} ms\n",
-            p.id, p.kind, p.freeze_ms
+            "last point {} ({}), frozen {} ms, {} s ago\n",
+            p.id,
+            p.kind,
+            p.freeze_ms,
+            tidemark_agent::shipper::now_ms().saturating_sub(p.agent_time_ms) / 1000
         )),
         None => out.push_str("no point taken by this run yet\n"),
     }

@@ -34,6 +34,7 @@ pub struct Metrics {
     freeze_seconds: Histogram,
     connected: Gauge,
     send_cap: Gauge,
+    point_waiting: Gauge,
     fast_compressed_bytes: Counter,
     stored_bytes: Counter,
 }
@@ -47,6 +48,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     freeze_seconds: Histogram::new(FREEZE_BUCKETS),
     connected: Gauge::default(),
     send_cap: Gauge::default(),
+    point_waiting: Gauge::default(),
     fast_compressed_bytes: Counter::default(),
     stored_bytes: Counter::default(),
 });
@@ -98,6 +100,11 @@ impl Metrics {
             "send_cap_bytes_per_second",
             "Cap on bytes sent to the receiver per second now (0: unlimited)",
             self.send_cap.clone(),
+        );
+        r.register(
+            "point_waiting_seconds",
+            "How long a recovery point that is due or asked for has been held back (0: none is)",
+            self.point_waiting.clone(),
         );
         r.register(
             "fast_compressed_bytes",
@@ -165,6 +172,11 @@ impl Metrics {
 
     pub fn set_send_cap(&self, cap: Option<u64>) {
         self.send_cap.set(cap.map_or(0, |c| c as i64));
+    }
+
+    pub fn set_point_waiting(&self, secs: Option<u64>) {
+        self.point_waiting
+            .set(secs.map_or(0, |s| i64::try_from(s).unwrap_or(i64::MAX)));
     }
 
     pub fn set_connected(&self, connected: bool) {

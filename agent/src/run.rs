@@ -1069,10 +1069,13 @@ impl Runner {
             .filter(|d| d.resync.is_some() && !d.absent && d.refused.is_none())
             .count();
         let backlog: u64 = self.disks.iter().map(DiskRun::backlog_bytes).sum();
-        let rpo = self.last_point.as_ref().map_or_else(
+        let mut rpo = self.last_point.as_ref().map_or_else(
             || "no point yet".to_owned(),
             |p| format!("RPO {} s", now_ms().saturating_sub(p.agent_time_ms) / 1000),
         );
+        if let Some((secs, _)) = self.held.waiting(Instant::now()) {
+            rpo.push_str(&format!(", next point held back {secs} s (see status)"));
+        }
         format!(
             "{} disk(s) protected, {resyncing} resyncing,{} receiver {}, backlog {}, {rpo}",
             self.disks.len() - resyncing - stalled,
@@ -1090,8 +1093,10 @@ impl Runner {
         )
     }
 
-    /// What `status` answers from now on.
+    /// What `status` (and the held-point gauge) answers from now on.
     fn refresh_status(&mut self) {
+        crate::metrics::get()
+            .set_point_waiting(self.held.waiting(Instant::now()).map(|(secs, _)| secs));
         self.status_tx.send_replace(Some(self.status()));
         self.status_refreshed = Instant::now();
     }

@@ -127,6 +127,7 @@ fn both_metrics_endpoints_scrape_with_names_labels_and_monotonic_counters() -> a
         "tidemark_agent_resync_progress_ratio{disk=\"disk-m\"}",
         "tidemark_agent_freeze_seconds_count",
         "tidemark_agent_connected",
+        "tidemark_agent_point_waiting_seconds",
         "tidemark_agent_fast_compressed_bytes_total",
         "tidemark_agent_stored_bytes_total",
     ] {
@@ -138,6 +139,8 @@ fn both_metrics_endpoints_scrape_with_names_labels_and_monotonic_counters() -> a
         "{text}"
     );
     ensure!(get(&ag1, "tidemark_agent_connected")? == 1.0);
+    // The point just taken waited for nothing.
+    ensure!(get(&ag1, "tidemark_agent_point_waiting_seconds")? == 0.0);
     // The initial sync shipped the whole 16 MiB disk, mostly as zeros.
     ensure!(
         get(

@@ -349,6 +349,7 @@ fn a_point_held_back_by_the_backlog_says_why_in_status() -> anyhow::Result<()> {
         table.contains("next point waiting for "),
         "status table: {table}"
     );
+    assert!(table.contains(" s ago\n"), "the last point's age: {table}");
 
     // 8 MiB at 2 MiB/s: the point comes after a few seconds, not never.
     let out = bookmark.wait_with_output()?;
