@@ -171,9 +171,9 @@ async fn handle(
         .read_line(&mut line)
         .await?;
     let snapshot = status.borrow().clone();
-    let reply = match serde_json::from_str::<Request>(&line) {
-        Ok(Request::Status) if snapshot.is_some() => Reply::Status(snapshot.expect("checked")),
-        Ok(request) => {
+    let reply = match (serde_json::from_str::<Request>(&line), snapshot) {
+        (Ok(Request::Status), Some(now)) => Reply::Status(now),
+        (Ok(request), _) => {
             let (reply_tx, reply_rx) = oneshot::channel();
             if tx
                 .send(Pending {
@@ -190,7 +190,7 @@ async fn handle(
                     .unwrap_or_else(|_| Reply::Error("agent is stopping".into()))
             }
         }
-        Err(e) => Reply::Error(format!("bad request: {e}")),
+        (Err(e), _) => Reply::Error(format!("bad request: {e}")),
     };
     let mut out = serde_json::to_vec(&reply).expect("reply serializes");
     out.push(b'\n');

@@ -453,6 +453,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     .find_map(|b| b.1.clone())
                     .unwrap_or_else(|| if app { "app-consistent" } else { "scheduled" }.to_owned());
                 let result = r.point(app, &name, None).await;
+                if let Ok(p) = &result {
+                    // A script's `status` right after its `bookmark` must
+                    // show this point.
+                    r.last_point = Some(p.clone());
+                    r.refresh_status();
+                }
                 let reply = match &result {
                     Ok(p) => Reply::Point {
                         id: p.id,
@@ -463,8 +469,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 for (_, _, tx) in bookmarks.drain(..) {
                     let _ = tx.send(reply.clone());
                 }
-                let p = result?;
-                r.last_point = Some(p);
+                result?;
                 if app {
                     next_app = app_every.map(|d| Instant::now() + d);
                 }

@@ -357,6 +357,10 @@ fn a_point_held_back_by_the_backlog_says_why_in_status() -> anyhow::Result<()> {
     let id: u64 = String::from_utf8(out.stdout)?.trim().parse()?;
     let status = agent.status_json()?;
     assert!(status["point_waiting"].is_null(), "{status}");
+    assert_eq!(
+        status["last_point"]["id"], id,
+        "status after bookmark: {status}"
+    );
     ensure!(
         site.export("disk-held", &id.to_string())? == dev.read_all()?,
         "point {id} differs from the device"
