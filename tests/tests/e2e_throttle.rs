@@ -309,24 +309,31 @@ fn a_window_covering_now_sets_the_cap_in_run_and_one_that_does_not_leaves_it() -
 #[test]
 fn a_point_held_back_by_the_backlog_says_why_in_status() -> anyhow::Result<()> {
     let site = Site::start()?;
-    let dev = LoopDev::create(&site.dir.path().join("held.img"), 16 * MIB)?;
+    let dev = LoopDev::create(&site.dir.path().join("held.img"), 96 * MIB)?;
     let cfg = run_config(
         &site,
         "run-held",
         &[(dev.path(), "disk-held")],
         "point_max_backlog_bytes = 1048576",
     )?;
-    append(&cfg, "\n[throttle]\nrate = \"2 MiB/s\"\n")?;
+    append(&cfg, "\n[throttle]\nrate = \"32 MiB/s\"\n")?;
     let mut agent = RunningAgent::start(&cfg, "run-held")?;
     agent.bookmark(false)?;
     let status = agent.status_json()?;
     assert!(status["point_waiting"].is_null(), "{status}");
 
-    random_fill(&dev, 12, 8 * MIB)?;
+    // The writes and the request land while the agent is stopped, so it
+    // sees both before it ships any of it. A round takes at most 64 MiB:
+    // after the first, more than 1 MiB is still dirty whichever it saw
+    // first.
+    let paused = agent.paused()?;
+    random_fill(&dev, 12, 80 * MIB)?;
     let bookmark = Command::new(tidemark_tests::workspace_bin("tidemark-agent"))
         .args(["bookmark", "--config", tidemark_tests::site::path(&cfg)])
         .stdout(std::process::Stdio::piped())
         .spawn()?;
+    std::thread::sleep(Duration::from_millis(200));
+    drop(paused);
     let deadline = Instant::now() + Duration::from_secs(10);
     let waiting = loop {
         let status = agent.status_json()?;
@@ -351,7 +358,7 @@ fn a_point_held_back_by_the_backlog_says_why_in_status() -> anyhow::Result<()> {
     );
     assert!(table.contains(" s ago\n"), "the last point's age: {table}");
 
-    // 8 MiB at 2 MiB/s: the point comes after a few seconds, not never.
+    // 80 MiB at 32 MiB/s: the point comes after a few seconds, not never.
     let out = bookmark.wait_with_output()?;
     ensure!(out.status.success(), "bookmark failed: {}", agent.log());
     let id: u64 = String::from_utf8(out.stdout)?.trim().parse()?;
