@@ -212,7 +212,7 @@ for rate in "${rates[@]}"; do
   if [ -n "${TIMELINE:-}" ]; then
     while kill -0 "$fio_pid" 2>/dev/null; do
       "$bin/tidemark-agent" status --json --config "$work/agent/run.toml" 2>/dev/null |
-        python3 -c 'import json, sys; print(sum(d["dirty_bytes"] for d in json.load(sys.stdin)["disks"]) >> 20)' |
+        grep -o '"dirty_bytes": *[0-9]*' | awk -F: '{s += $2} END {print int(s / 1048576)}' |
         xargs printf '%s %.2f backlog_mib %s\n' "$rate" "$(echo "$(date +%s.%N) - $step_start" | bc -l)" >> "$TIMELINE"
       sleep 0.25
     done &
