@@ -410,7 +410,15 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         } else {
             None
         };
-        match r.held.update(Instant::now(), held) {
+        let was_held = r.held.waiting(Instant::now()).is_some();
+        let now_held = held.is_some();
+        let note = r.held.update(Instant::now(), held);
+        if was_held != now_held {
+            // Even a short hold shows in `status`: the snapshot would
+            // otherwise wait for the next second within a round.
+            r.refresh_status();
+        }
+        match note {
             // A resync (an initial sync of a large disk above all) can
             // rightly hold points back for hours; it logs its own progress.
             Some(Note::Waiting { secs, why }) if resyncing => {
