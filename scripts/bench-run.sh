@@ -96,6 +96,9 @@ port=$((20000 + RANDOM % 20000))
 metrics_port=$((port + 1))
 "$bin/tidemark-receiver" init --dir "$work/rx" --name bench --listen "127.0.0.1:$port" \
   --image-dir "$work/images" --retention-dir "$work/retention" --retention-on-root-filesystem >/dev/null
+# The receiver's metrics too: how much of what it overwrote it journaled.
+rx_metrics_port=$((port + 2))
+sed -i "1i metrics_listen = \"127.0.0.1:$rx_metrics_port\"" "$work/rx/receiver.toml"
 "$bin/tidemark-receiver" issue-cert --dir "$work/rx" --name bench-run \
   --receiver "127.0.0.1:$port" --out "$work/agent" >/dev/null
 {
@@ -274,5 +277,15 @@ printf 'shipped since the initial sync: %.2f GB of disk data as %.2f GB on the w
   "$(echo "($sh_d1 - $sh_d0) / 1000000000" | bc -l)" "$(echo "($sh_w1 - $sh_w0) / 1000000000" | bc -l)" \
   "$(echo "($sh_w1 - $sh_w0) / ($sh_d1 - $sh_d0)" | bc -l)" \
   "$(echo "($sh_s1 - $sh_s0) / 1000000000" | bc -l)" "$(echo "($sh_f1 - $sh_f0) / 1000000000" | bc -l)"
+# Bytes the receiver wrote over the image behind a point, and of those
+# the ones whose pre-image it journaled (the others had been overwritten
+# before since the newest point), and the journal's size now.
+rx_metric() {
+  timeout 5 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1"; printf "GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n" >&3; cat <&3' _ "$rx_metrics_port" | awk -v m="tidemark_receiver_$1" 'index($1, m "{") == 1 || $1 == m {s += $2} END {printf "%.0f", s}'
+}
+printf 'receiver: %.2f GB written over the image behind a point, pre-images journaled for %.2f GB of them (%.0f%%); journal now %.2f GB\n' \
+  "$(echo "$(rx_metric overwritten_bytes_total) / 1000000000" | bc -l)" "$(echo "$(rx_metric journaled_bytes_total) / 1000000000" | bc -l)" \
+  "$(echo "100 * $(rx_metric journaled_bytes_total) / ($(rx_metric overwritten_bytes_total) + 1)" | bc -l)" \
+  "$(echo "$(rx_metric journal_bytes) / 1000000000" | bc -l)"
 echo "agent peak RSS: $(awk '/VmHWM/ {print $2/1024 " MiB"}' "/proc/$ag/status") (disk ${disk_mib} MiB)"
 grep -c "resync required" "$work/agent.log" | xargs echo "resyncs during the run (1 = the initial sync):"

@@ -14,6 +14,7 @@
 //! - [`workspace_bin`]: the path of a freshly built workspace binary.
 //! - [`faultfs_library`]: an `LD_PRELOAD` library injecting storage faults.
 //! - [`NotifySocket`]: systemd's notification socket, for READY/WATCHDOG.
+//! - [`metrics`]: a daemon's Prometheus endpoint, scraped and parsed.
 //! - [`raw`]: a protocol client scripting messages over real TLS.
 //! - [`kernel_lock`]: run tests that share kernel resources one at a time.
 //! - [`free_port`], [`require_root`], [`require_cmd`].
@@ -24,6 +25,7 @@ mod fill;
 pub mod fuzzing;
 mod lock;
 mod loopdev;
+pub mod metrics;
 mod net;
 pub mod netns;
 mod notify;

@@ -3,71 +3,20 @@
 //! documented names and labels are there, and counters only grow.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context};
+use anyhow::ensure;
+use tidemark_tests::metrics::{get, parse, scrape};
 use tidemark_tests::running::{run_config, RunningAgent};
 use tidemark_tests::site::Site;
 use tidemark_tests::{free_port, LoopDev, SplitMix64};
-
-/// `GET /metrics`, returning the body after checking status and type.
-fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
-    let mut s = TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
-    let mut reply = String::new();
-    s.read_to_string(&mut reply)?;
-    let (head, body) = reply.split_once("\r\n\r\n").context("no header end")?;
-    ensure!(head.starts_with("HTTP/1.1 200"), "{head}");
-    ensure!(
-        head.to_ascii_lowercase()
-            .contains("content-type: application/openmetrics-text"),
-        "{head}"
-    );
-    ensure!(body.trim_end().ends_with("# EOF"), "no # EOF:\n{body}");
-    Ok(body.to_owned())
-}
-
-/// Samples by `name{labels}` (labels as printed), checking every line is
-/// a comment or `series value`.
-fn parse(text: &str) -> anyhow::Result<BTreeMap<String, f64>> {
-    let mut out = BTreeMap::new();
-    for line in text
-        .lines()
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-    {
-        let (series, value) = line
-            .rsplit_once(' ')
-            .context(format!("bad line {line:?}"))?;
-        let value: f64 = value
-            .parse()
-            .with_context(|| format!("bad value in {line:?}"))?;
-        let name = series.split('{').next().unwrap_or_default();
-        ensure!(
-            !name.is_empty()
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
-            "bad metric name in {line:?}"
-        );
-        out.insert(series.to_owned(), value);
-    }
-    Ok(out)
-}
 
 fn random(rng: &mut SplitMix64, len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];
     v.chunks_mut(8)
         .for_each(|c| c.copy_from_slice(&rng.next_u64().to_le_bytes()[..c.len()]));
     v
-}
-
-fn get(m: &BTreeMap<String, f64>, series: &str) -> anyhow::Result<f64> {
-    m.get(series)
-        .copied()
-        .with_context(|| format!("{series} missing; have {:#?}", m.keys().collect::<Vec<_>>()))
 }
 
 /// Every counter sample in `before` is present in `after` and not smaller.
@@ -175,6 +124,19 @@ fn both_metrics_endpoints_scrape_with_names_labels_and_monotonic_counters() -> a
         &ag2,
         "tidemark_agent_shipped_disk_bytes_total{disk=\"disk-m\"}",
     )?;
+    // Written over the image behind the first point: journaled first.
+    let overwritten = get(
+        &rx2,
+        "tidemark_receiver_overwritten_bytes_total{disk=\"disk-m\"}",
+    )?;
+    let journaled = get(
+        &rx2,
+        "tidemark_receiver_journaled_bytes_total{disk=\"disk-m\"}",
+    )?;
+    ensure!(
+        journaled >= (2 << 20) as f64 && journaled <= overwritten,
+        "journaled {journaled} of {overwritten} bytes overwritten"
+    );
     // 2 MiB of random data does not compress: it arrives about as large.
     ensure!(rx_disk >= (2 << 20) as f64, "received {rx_disk}");
     ensure!(

@@ -67,6 +67,11 @@ impl Ranges {
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
     }
+
+    /// How many separate ranges the set holds.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
 }
 
 #[cfg(test)]

@@ -21,6 +21,8 @@ fn disk_label(disk: &str) -> Labels {
 pub struct Metrics {
     received_disk_bytes: Family<Labels, Counter>,
     received_wire_bytes: Family<Labels, Counter>,
+    overwritten_bytes: Family<Labels, Counter>,
+    journaled_bytes: Family<Labels, Counter>,
     rpo_seconds: Family<Labels, Gauge>,
     points: Family<Labels, Gauge>,
     journal_bytes: Family<Labels, Gauge>,
@@ -41,6 +43,16 @@ impl Metrics {
             "received_wire_bytes",
             "Extent payload bytes received as they travelled (compressed)",
             self.received_wire_bytes.clone(),
+        );
+        r.register(
+            "overwritten_bytes",
+            "Bytes written over the image behind a recovery point, each a candidate for the undo journal",
+            self.overwritten_bytes.clone(),
+        );
+        r.register(
+            "journaled_bytes",
+            "Of the overwritten bytes, those whose pre-image was journaled; the rest had been overwritten before since the newest point, and their pre-image at that point was already journaled",
+            self.journaled_bytes.clone(),
         );
         r.register(
             "rpo_seconds",
@@ -75,6 +87,14 @@ impl Metrics {
         self.received_wire_bytes
             .get_or_create(&l)
             .inc_by(wire_bytes);
+    }
+
+    /// `bytes` were written over the image behind a point, and the
+    /// pre-image of `journaled` of them was journaled.
+    pub fn overwritten(&self, disk: &str, bytes: u64, journaled: u64) {
+        let l = disk_label(disk);
+        self.overwritten_bytes.get_or_create(&l).inc_by(bytes);
+        self.journaled_bytes.get_or_create(&l).inc_by(journaled);
     }
 
     /// After an alarm evaluation. Alarms that cleared stay at 0 rather

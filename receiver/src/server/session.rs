@@ -29,6 +29,7 @@ use crate::image::disk_uuid;
 use crate::image::storage::aligned_range;
 use crate::image::{live, Image, ImageError};
 use crate::journal::points::read_all;
+use crate::journal::ranges::Ranges;
 use crate::journal::undo::{self, UndoLog};
 use crate::registry::{validate_disk_id, DiskEntry, Registry, SizeBefore};
 
@@ -49,6 +50,11 @@ const SYNC_GRACE: Duration = Duration::from_millis(2);
 const SYNC_DELAY_MAX: Duration = Duration::from_millis(50);
 /// Pre-images are read and journaled in pieces of at most this size.
 const UNDO_CHUNK_BYTES: u64 = 4 << 20;
+/// Separate ranges a disk remembers as journaled since its newest point
+/// (`OpenDisk::journaled`) at most: about 10 MiB of B-tree at worst. Past
+/// it, overwrites outside those ranges are journaled every time, as
+/// before the set existed: more journal, never less history.
+const JOURNALED_RANGES_MAX: usize = 1 << 18;
 /// How far ahead of a hash request the image is read in the background.
 const HASH_PREFETCH_BYTES: u64 = 16 << 20;
 /// Hash requests at least this large are hashed on two threads.
@@ -424,6 +430,19 @@ struct OpenDisk {
     /// The newest point covering this disk: overwrites are journaled under
     /// it. None before the first point, when there is nothing to go back to.
     tag: Option<u64>,
+    /// What this session has journaled under `tag`. The segment holds the
+    /// bytes' pre-images as they were at the point; export and thinning
+    /// take the oldest record of each byte, so a second record of the
+    /// same bytes under the same tag would never be read. Overwrites
+    /// there skip the pre-image read, its compression and its journal
+    /// bytes: under churn that rewrites its working set within a point
+    /// interval, most of them. A record is durable before any later
+    /// overwrite of its bytes reaches the image (an overlapping overwrite
+    /// in the same batch flushes the batch first), and a session that
+    /// fails ends with its set, so nothing here outlives a record that
+    /// did not reach the disk. Cleared when a point changes `tag`; a new
+    /// session starts empty and journals again, which is only redundant.
+    journaled: Ranges,
     /// Ranges with an overwrite queued in this batch (start → end).
     queued: BTreeMap<u64, u64>,
 }
@@ -852,12 +871,22 @@ impl Worker {
         // The pre-images are read beside this thread, which goes on with
         // the next messages; they are journaled before any overwrite of
         // the batch reaches the image (apply_queued).
-        let mut at = offset_bytes;
-        while at < end {
-            let n = (end - at).min(UNDO_CHUNK_BYTES);
-            disk.read_pre(tag, at, n)?;
-            at += n;
+        let mut journaled = 0;
+        for (from, to) in disk.journaled.gaps(offset_bytes, end) {
+            let mut at = from;
+            while at < to {
+                let n = (to - at).min(UNDO_CHUNK_BYTES);
+                disk.read_pre(tag, at, n)?;
+                at += n;
+            }
+            journaled += to - from;
         }
+        if disk.journaled.len() < JOURNALED_RANGES_MAX {
+            disk.journaled.insert(offset_bytes, end);
+        }
+        self.shared
+            .metrics
+            .overwritten(&disk.id, len_bytes, journaled);
         disk.journal_pre(PRE_READS_MAX)?;
         disk.queued.insert(offset_bytes, end);
         self.queued_bytes += data.as_ref().map_or(0, |b| b.len() as u64);
@@ -1024,6 +1053,7 @@ impl Worker {
             .map_err(storage)?;
         for d in &mut self.disks {
             d.tag = Some(point.id);
+            d.journaled = Ranges::new();
         }
         self.prune(&point)?;
         info!(
@@ -1230,6 +1260,7 @@ impl Worker {
                     size_bytes,
                     undo: UndoLog::new(undo::disk_dir(&self.shared.config.retention_dir, &disk_id)),
                     tag,
+                    journaled: Ranges::new(),
                     queued: BTreeMap::new(),
                     pre: VecDeque::new(),
                     ahead: HashAhead::default(),
