@@ -18,6 +18,10 @@
 #  4. what compression saved: disk bytes shipped after the initial sync
 #     against bytes on the wire, and how much went uncompressed or at the
 #     fast level (the agent's own counters, scraped from its metrics port).
+#  5. the receiver's journal: bytes written over the image behind a point,
+#     how many of them had their pre-image journaled (a byte already
+#     journaled since the newest point is not again), and the journal's
+#     size at the end (the receiver's metrics port).
 # Usage (root): scripts/bench-run.sh [DISK_MIB] [SECONDS_PER_STEP] [RATES_MBPS...]
 # TIDEMARK_BIN=DIR (another build) and LOOP_DIRECT_IO=1 (the loop device
 # past the page cache): see scripts/bench-common.sh.
