@@ -97,7 +97,10 @@ enum Step {
 const DISK_BYTES: u64 = 16 << 20;
 
 /// Three rounds of four writes (random and compressible data, up to
-/// 64 KiB, overlapping earlier ones at times), a write-zeroes and a point.
+/// 64 KiB, overlapping earlier ones at times), a fifth over half of the
+/// round's first and past it (the receiver journals only the half not yet
+/// journaled since the point: cut anywhere, the point must still export),
+/// a write-zeroes and a point.
 fn script(seed: u64) -> Vec<Step> {
     let mut rng = SplitMix64::new(seed);
     let mut steps = Vec::new();
@@ -106,8 +109,10 @@ fn script(seed: u64) -> Vec<Step> {
         (rng.below((DISK_BYTES - len) / 4096) * 4096, len)
     };
     for _ in 0..3 {
+        let mut first = None;
         for i in 0..4 {
             let (offset, len) = place(&mut rng, 16);
+            first.get_or_insert((offset, len));
             let mut data = vec![0u8; len as usize];
             if i % 2 == 0 {
                 rng.fill_bytes(&mut data);
@@ -116,6 +121,11 @@ fn script(seed: u64) -> Vec<Step> {
             }
             steps.push(Step::Write { offset, data });
         }
+        let (at, len) = first.expect("four writes");
+        let offset = (at + len / 2 / 4096 * 4096).min(DISK_BYTES - len);
+        let mut data = vec![0u8; len as usize];
+        rng.fill_bytes(&mut data);
+        steps.push(Step::Write { offset, data });
         let (offset, len) = place(&mut rng, 8);
         steps.push(Step::Zero { offset, len });
         steps.push(Step::Point);
