@@ -166,20 +166,26 @@ printf 'initial sync: %.1f s (%.0f MB/s of disk), agent peak RSS so far %.1f MiB
   "$(echo "$disk_mib * 1048576 / 1000000 / $sync_secs" | bc -l)" \
   "$(awk '/VmHWM/ {print $2 / 1024}' "/proc/$ag/status")"
 
+# Each named metric on the metrics port $1, summed over its label sets, as
+# integers in the order named: one scrape per call.
+metric_sums() {
+  python3 - "$@" <<'PY'
+import sys, urllib.request
+port, names = sys.argv[1], sys.argv[2:]
+text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+total = dict.fromkeys(names, 0.0)
+for line in text.splitlines():
+    name = line.split(" ")[0].split("{")[0]
+    if name in total:
+        total[name] += float(line.split()[-1])
+print(*(int(total[n]) for n in names))
+PY
+}
 # The agent's counters of disk bytes and wire bytes shipped, bytes stored
 # uncompressed and bytes compressed at the fast level.
 shipped() {
-  python3 - "$metrics_port" <<'PY'
-import sys, urllib.request
-text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=5).read().decode()
-names = ["shipped_disk_bytes_total", "shipped_wire_bytes_total", "stored_bytes_total", "fast_compressed_bytes_total"]
-total = dict.fromkeys(names, 0.0)
-for line in text.splitlines():
-    for name in names:
-        if line.startswith(f"tidemark_agent_{name}"):
-            total[name] += float(line.split()[-1])
-print(*(int(total[n]) for n in names))
-PY
+  metric_sums "$metrics_port" tidemark_agent_shipped_disk_bytes_total tidemark_agent_shipped_wire_bytes_total \
+    tidemark_agent_stored_bytes_total tidemark_agent_fast_compressed_bytes_total
 }
 read -r sh_d0 sh_w0 sh_s0 sh_f0 < <(shipped)
 
@@ -284,12 +290,10 @@ printf 'shipped since the initial sync: %.2f GB of disk data as %.2f GB on the w
 # Bytes the receiver wrote over the image behind a point, and of those
 # the ones whose pre-image it journaled (the others had been overwritten
 # before since the newest point), and the journal's size now.
-rx_metric() {
-  timeout 5 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1"; printf "GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n" >&3; cat <&3' _ "$rx_metrics_port" | awk -v m="tidemark_receiver_$1" 'index($1, m "{") == 1 || $1 == m {s += $2} END {printf "%.0f", s}'
-}
+read -r rx_over rx_jour rx_journal < <(metric_sums "$rx_metrics_port" tidemark_receiver_overwritten_bytes_total \
+  tidemark_receiver_journaled_bytes_total tidemark_receiver_journal_bytes)
 printf 'receiver: %.2f GB written over the image behind a point, pre-images journaled for %.2f GB of them (%.0f%%); journal now %.2f GB\n' \
-  "$(echo "$(rx_metric overwritten_bytes_total) / 1000000000" | bc -l)" "$(echo "$(rx_metric journaled_bytes_total) / 1000000000" | bc -l)" \
-  "$(echo "100 * $(rx_metric journaled_bytes_total) / ($(rx_metric overwritten_bytes_total) + 1)" | bc -l)" \
-  "$(echo "$(rx_metric journal_bytes) / 1000000000" | bc -l)"
+  "$(echo "$rx_over / 1000000000" | bc -l)" "$(echo "$rx_jour / 1000000000" | bc -l)" \
+  "$(echo "100 * $rx_jour / ($rx_over + 1)" | bc -l)" "$(echo "$rx_journal / 1000000000" | bc -l)"
 echo "agent peak RSS: $(awk '/VmHWM/ {print $2/1024 " MiB"}' "/proc/$ag/status") (disk ${disk_mib} MiB)"
 grep -c "resync required" "$work/agent.log" | xargs echo "resyncs during the run (1 = the initial sync):"
