@@ -26,9 +26,10 @@ pub struct AgentConfig {
     /// Reads kept in flight per disk (io_uring queue depth).
     #[serde(default = "default_queue_depth")]
     pub queue_depth: usize,
-    /// Compressed bytes sent but not yet acknowledged durable, in MiB: the
-    /// agent holds each of them for a resend, so this is most of its
-    /// memory beyond the read buffers.
+    /// Compressed bytes sent but not yet acknowledged durable, in MiB.
+    /// `run` lets its data go once written between points (a lost
+    /// connection's is read again); a point's and a `sync`'s are held for
+    /// a resend.
     #[serde(default = "default_send_window_mib")]
     pub send_window_mib: u64,
     /// Compression threads; 0 means one per CPU.

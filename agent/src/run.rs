@@ -864,8 +864,9 @@ impl Runner {
             if cut {
                 // Compared chunks whose pieces never came out are not known
                 // to be at the receiver: what this cycle took for a
-                // compared disk is dirty again (pieces already sent are
-                // resent by the shipper; marking them too costs a compare).
+                // compared disk is dirty again (pieces already sent come
+                // back from the shipper as lost or are resent; marking
+                // them too costs a compare).
                 for (i, ranges) in compared {
                     for r in ranges {
                         self.disks[i].dirty.mark(r);
@@ -887,7 +888,8 @@ impl Runner {
     /// nothing is (it had grown by every round's ranges: 4.5 GiB of
     /// "backlog" for a 2 GiB disk after 25 s of 200 MB/s churn).
     fn settle(&mut self) {
-        let all_acked = self.shipper.unacked_bytes() == 0;
+        self.mark_lost();
+        let all_acked = self.shipper.all_acked();
         for (i, d) in self.disks.iter_mut().enumerate() {
             let unacked = if all_acked {
                 Vec::new()
@@ -901,6 +903,18 @@ impl Runner {
             if all_acked && d.resync.is_some() && d.dirty.is_clean() {
                 info!("disk {}: resync complete", d.disk.id);
                 d.resync = None;
+                d.changed = true;
+            }
+        }
+    }
+
+    /// Data let go after it was written whose connection ended before
+    /// the receiver acknowledged it is dirty again: read again, it ships
+    /// the device's current bytes.
+    fn mark_lost(&mut self) {
+        for (i, range) in self.shipper.take_lost() {
+            if let Some(d) = self.disks.get_mut(i) {
+                d.dirty.mark(range);
                 d.changed = true;
             }
         }
@@ -979,6 +993,16 @@ impl Runner {
             devices.extend(devs);
         }
         let mounts = mount_points(&devices)?;
+        // Data shipped since the last point was let go once sent
+        // (`Shipper::try_send`). What is lost with a connection is dirty
+        // again, and must be in this cut: wait until the receiver holds
+        // it or it is known lost, before the freeze so that the wait
+        // does not lengthen it.
+        while self.shipper.let_go_unacked() {
+            self.shipper.wait_let_go(DRAIN_EVERY).await?;
+            self.collect_due()?;
+            self.mark_lost();
+        }
         let frozen = match freeze(&mounts) {
             Ok(f) => Some(f),
             Err(e) => {

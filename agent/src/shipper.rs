@@ -1,9 +1,15 @@
 //! Keeps one connection to the receiver and gets pieces and points to it
-//! durably. Pieces stay in memory until the receiver acknowledges them;
-//! after a reconnect the unacknowledged ones go again, in their original
-//! order and before anything newer, so a point never overtakes its data.
-//! The window bounds that memory; while it is full (or the receiver is
-//! away) `send` waits and the caller's own backlog grows instead.
+//! durably. Pieces given to [`Shipper::send`] (a point's data, a one-shot
+//! sync's) stay in memory until the receiver acknowledges them; after a
+//! reconnect the unacknowledged ones go again, in their original order and
+//! before anything newer, so a point never overtakes its data. Data given
+//! to [`Shipper::try_send`] (continuous shipping between points) is let go
+//! once written: if its connection ends before the ack, its range comes
+//! back from [`Shipper::take_lost`] for the caller to mark dirty and read
+//! again, which yields the device's current bytes, never older ones.
+//! The window bounds what is unacknowledged; while it is full (or the
+//! receiver is away) sending waits and the caller's own backlog grows
+//! instead.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -22,8 +28,7 @@ use crate::throttle::{SendThrottle, RECHECK_EVERY};
 use crate::transport::{retryable, ConnectError, Connection, Connector, Refused, Registered};
 
 /// Payload bytes sent but not yet acknowledged, unless configured
-/// (`send_window_mib`). Held for a resend, they are most of the agent's
-/// memory beside its read buffers. 8 MiB with the receiver acking every
+/// (`send_window_mib`). 8 MiB with the receiver acking every
 /// 4 MiB drained a backlog as fast as 16 MiB with acks every 8 MiB, or
 /// faster, for 9 MiB less peak RSS (docs/BENCHMARKS.md, 2026-12-05).
 pub const WINDOW_BYTES: u64 = 8 << 20;
@@ -35,6 +40,42 @@ pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A piece written and not yet acknowledged.
+enum InFlight {
+    /// Sent again after a reconnect.
+    Kept(Piece),
+    /// Data whose payload was dropped once written: read again if lost.
+    LetGo {
+        disk: usize,
+        range: std::ops::Range<u64>,
+        wire_bytes: u64,
+    },
+}
+
+impl InFlight {
+    fn wire_bytes(&self) -> u64 {
+        match self {
+            InFlight::Kept(p) => p.wire_bytes(),
+            InFlight::LetGo { wire_bytes, .. } => *wire_bytes,
+        }
+    }
+
+    fn range(&self) -> (usize, std::ops::Range<u64>) {
+        match self {
+            InFlight::Kept(p) => p.range(),
+            InFlight::LetGo { disk, range, .. } => (*disk, range.clone()),
+        }
+    }
+
+    /// Data or zeros: what an ack makes durable on the disk.
+    fn is_data(&self) -> bool {
+        matches!(
+            self,
+            InFlight::Kept(Piece::Data(_) | Piece::Zero { .. }) | InFlight::LetGo { .. }
+        )
+    }
 }
 
 /// A connection attempt (TCP, TLS, hello, registration) under way.
@@ -56,11 +97,14 @@ pub struct Shipper {
     seq: u64,
     /// Highest seq the receiver acknowledged on this connection.
     acked_seq: u64,
-    inflight: BTreeMap<u64, Piece>,
+    inflight: BTreeMap<u64, InFlight>,
     inflight_bytes: u64,
     /// Most payload bytes in flight.
     window_bytes: u64,
     resend: VecDeque<Piece>,
+    /// Ranges of let-go data whose connection ended unacknowledged, by
+    /// disk index: dirty again, once the caller takes them.
+    lost: Vec<(usize, std::ops::Range<u64>)>,
     progress: Arc<Progress>,
     last_heartbeat: Instant,
     /// Since when something sent on this connection has had no answer at
@@ -135,6 +179,7 @@ impl Shipper {
             inflight_bytes: 0,
             window_bytes: WINDOW_BYTES,
             resend: VecDeque::new(),
+            lost: Vec::new(),
             progress,
             last_heartbeat: Instant::now(),
             unanswered_since: None,
@@ -216,7 +261,7 @@ impl Shipper {
                 return Ok(false);
             }
             let p = self.resend.pop_front().expect("checked above");
-            self.write_piece(p).await;
+            self.write_piece(p, false).await;
         }
         Ok(self.conn.is_some())
     }
@@ -244,19 +289,22 @@ impl Shipper {
         self.connector.addr()
     }
 
-    /// Bytes sent and not yet durable at the receiver.
-    pub fn unacked_bytes(&self) -> u64 {
-        self.inflight_bytes + self.resend.iter().map(Piece::wire_bytes).sum::<u64>()
+    /// Whether everything sent is durable at the receiver (nothing in
+    /// flight, waiting for a resend, or lost).
+    pub fn all_acked(&self) -> bool {
+        self.inflight.is_empty() && self.resend.is_empty() && self.lost.is_empty()
     }
 
-    /// The byte ranges of disk `index` sent or waiting to be resent and
-    /// not yet durable at the receiver, in order, overlaps merged.
+    /// The byte ranges of disk `index` sent, waiting to be resent or lost
+    /// (not yet taken) and not yet durable at the receiver, in order,
+    /// overlaps merged.
     pub fn unacked_ranges(&self, index: usize) -> Vec<std::ops::Range<u64>> {
         let mut ranges: Vec<std::ops::Range<u64>> = self
             .inflight
             .values()
-            .chain(self.resend.iter())
-            .map(Piece::range)
+            .map(InFlight::range)
+            .chain(self.resend.iter().map(Piece::range))
+            .chain(self.lost.iter().cloned())
             .filter(|(d, r)| *d == index && !r.is_empty())
             .map(|(_, r)| r)
             .collect();
@@ -402,11 +450,7 @@ impl Shipper {
                 "reconnecting to receiver {} to register the new size",
                 self.connector.addr()
             );
-            let inflight = std::mem::take(&mut self.inflight);
-            for (_, p) in inflight.into_iter().rev() {
-                self.resend.push_front(p);
-            }
-            self.inflight_bytes = 0;
+            self.requeue_inflight();
             self.next_attempt = Instant::now();
         }
         // An attempt under way would register the old size.
@@ -447,12 +491,49 @@ impl Shipper {
                 );
             }
         }
+        self.requeue_inflight();
+        self.unanswered_since = None;
+    }
+
+    /// The connection is gone: what it left unacknowledged goes again
+    /// before anything newer, and what was let go is lost.
+    fn requeue_inflight(&mut self) {
         let inflight = std::mem::take(&mut self.inflight);
-        for (_, p) in inflight.into_iter().rev() {
-            self.resend.push_front(p);
+        for (_, f) in inflight.into_iter().rev() {
+            match f {
+                InFlight::Kept(p) => self.resend.push_front(p),
+                InFlight::LetGo { disk, range, .. } => self.lost.push((disk, range)),
+            }
         }
         self.inflight_bytes = 0;
-        self.unanswered_since = None;
+    }
+
+    /// Ranges of data let go by [`Shipper::try_send`] whose connection
+    /// ended before the receiver acknowledged them: the caller marks them
+    /// dirty, to be read and sent again.
+    pub fn take_lost(&mut self) -> Vec<(usize, std::ops::Range<u64>)> {
+        std::mem::take(&mut self.lost)
+    }
+
+    /// Whether data let go is still unacknowledged (or lost and not yet
+    /// taken). A point must not be sent then: a lost range read again
+    /// after it would be missing from it.
+    pub fn let_go_unacked(&self) -> bool {
+        !self.lost.is_empty()
+            || self
+                .inflight
+                .values()
+                .any(|f| matches!(f, InFlight::LetGo { .. }))
+    }
+
+    /// Waits up to `dur` for data let go to be acknowledged (or lost).
+    pub async fn wait_let_go(&mut self, dur: Duration) -> anyhow::Result<()> {
+        let until = Instant::now() + dur;
+        self.flush().await;
+        while self.conn.is_some() && self.let_go_unacked() && Instant::now() < until {
+            self.wait_incoming(Some(until)).await?;
+        }
+        Ok(())
     }
 
     /// The receiver's Error that ended a connection, as the reason to
@@ -485,7 +566,9 @@ impl Shipper {
     }
 
     /// Writes one piece (buffered); on failure the piece waits for resend.
-    async fn write_piece(&mut self, piece: Piece) {
+    /// With `let_go`, a data piece's payload is dropped once written (see
+    /// the module's comment): only its range is remembered.
+    async fn write_piece(&mut self, piece: Piece, let_go: bool) {
         let Some(c) = self.conn.as_mut() else {
             self.resend.push_back(piece);
             return;
@@ -501,7 +584,18 @@ impl Shipper {
         if let Some(d) = self.disks.get(piece.range().0) {
             crate::metrics::get().shipped(&d.id, piece.disk_bytes(), piece.wire_bytes());
         }
-        self.inflight.insert(self.seq, piece);
+        let held = match piece {
+            Piece::Data(_) if let_go => {
+                let (disk, range) = piece.range();
+                InFlight::LetGo {
+                    disk,
+                    range,
+                    wire_bytes: piece.wire_bytes(),
+                }
+            }
+            p => InFlight::Kept(p),
+        };
+        self.inflight.insert(self.seq, held);
         self.unanswered_since.get_or_insert_with(Instant::now);
         if let Err(e) = c.send_outgoing(frame) {
             self.write_failed(e).await;
@@ -533,7 +627,7 @@ impl Shipper {
                 break;
             }
         }
-        self.write_piece(piece).await;
+        self.write_piece(piece, false).await;
         Ok(())
     }
 
@@ -561,6 +655,10 @@ impl Shipper {
     /// Sends a piece if connected, waiting for acks while the window is
     /// full; hands the piece back if the connection is (or goes) away, so
     /// the caller can mark its range dirty instead of holding its data.
+    /// A data piece is let go once written: up to a window of payloads
+    /// held for a resend was a sixth of the agent's peak RSS. Its range
+    /// comes back from [`Shipper::take_lost`] if the connection ends
+    /// before the ack.
     pub async fn try_send(&mut self, piece: Piece) -> anyhow::Result<Option<Piece>> {
         loop {
             if self.conn.is_none() || !self.push_resends(None).await? {
@@ -576,7 +674,7 @@ impl Shipper {
                 break;
             }
         }
-        self.write_piece(piece).await;
+        self.write_piece(piece, true).await;
         Ok(None)
     }
 
@@ -610,6 +708,11 @@ impl Shipper {
     /// Sends a point after everything queued so far and waits until the
     /// receiver has recorded it durably; returns its id.
     pub async fn point(&mut self, kind: PointKind, name: &str) -> anyhow::Result<u64> {
+        if self.let_go_unacked() {
+            // The caller waits for them before it cuts the point
+            // (`wait_let_go`); a lost range would be read after the cut.
+            bail!("internal error: a point was asked for while data sent before it may still be lost; no point taken");
+        }
         loop {
             self.ensure_connected().await?;
             // A point follows its data, and is sent at the cap like it: a
@@ -744,20 +847,17 @@ impl Shipper {
                 // Only data made durable is progress: acknowledged hash
                 // requests alone are what a receiver that refuses every
                 // point still gives, and must not reset the backoff.
-                if retired
-                    .values()
-                    .any(|p| matches!(p, Piece::Data(_) | Piece::Zero { .. }))
-                {
+                if retired.values().any(InFlight::is_data) {
                     self.progressed();
                 }
-                for p in retired.into_values() {
-                    self.inflight_bytes -= p.wire_bytes();
-                    Progress::add(&self.progress.acked_bytes, p.disk_bytes());
-                    if let (Some(log), Piece::Data(_) | Piece::Zero { .. }) =
-                        (self.acked_log.as_mut(), &p)
-                    {
-                        let (disk, range) = p.range();
-                        log.push((disk, range.start));
+                for f in retired.into_values() {
+                    self.inflight_bytes -= f.wire_bytes();
+                    let (disk, range) = f.range();
+                    if f.is_data() {
+                        Progress::add(&self.progress.acked_bytes, range.end - range.start);
+                        if let Some(log) = self.acked_log.as_mut() {
+                            log.push((disk, range.start));
+                        }
                     }
                 }
                 Ok(None)

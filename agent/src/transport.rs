@@ -341,9 +341,8 @@ impl Connection {
 pub enum Outgoing {
     Frame(Vec<u8>),
     /// An extent's frame up to its payload, then the payload itself, read
-    /// from the extent the shipper keeps until it is acknowledged: queued
-    /// frames would otherwise hold a second copy of every payload in the
-    /// window (up to 16 MiB) and cost a copy per byte sent.
+    /// from the extent the shipper may keep for a resend: a frame of its
+    /// own would hold a second copy and cost a copy per byte sent.
     Extent {
         head: Vec<u8>,
         extent: Arc<Extent>,
