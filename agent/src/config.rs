@@ -65,7 +65,8 @@ pub struct AgentConfig {
     #[serde(default = "default_trace_buffer_kb")]
     pub trace_buffer_kb: u32,
     /// A point waits while more than this many bytes are dirty, so that the
-    /// freeze only covers a short read.
+    /// freeze only covers a short read and the memory it reads into stays
+    /// small.
     #[serde(default = "default_point_max_backlog")]
     pub point_max_backlog_bytes: u64,
     /// What `failover` leaves behind after the final point: `stopped`
@@ -166,8 +167,13 @@ pub const MIN_RECEIVER_TIMEOUT_SECS: u64 = 15;
 fn default_receiver_timeout() -> u64 {
     DEFAULT_RECEIVER_TIMEOUT_SECS
 }
+/// 24 MiB: a point holds what it reads under the freeze in memory until
+/// it is sent, and where points come often that is the agent's peak RSS
+/// (32 MiB put it at 57–62 MiB with ext4 under 100–150 MB/s of churn,
+/// 24 MiB at 51–54, points as often and freezes no longer:
+/// docs/BENCHMARKS.md, 2026-12-05, fourth session).
 fn default_point_max_backlog() -> u64 {
-    32 << 20
+    24 << 20
 }
 
 impl AgentConfig {

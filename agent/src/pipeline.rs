@@ -31,8 +31,8 @@ const _: () = assert!(READ_BYTES <= MAX_EXTENT_BYTES as usize);
 #[derive(Debug, Clone)]
 pub enum Piece {
     /// `disk` in the extent is the index of the disk in this run. Shared
-    /// with the frame being written, so the shipper's copy for a resend is
-    /// the only one.
+    /// with the frame being written, so there is one copy, freed once
+    /// written unless the shipper keeps it for a resend.
     Data(Arc<Extent>),
     Zero {
         disk: u32,

@@ -172,7 +172,7 @@ impl Extent {
 
     /// Appends this extent's frame as sent with `seq` and `disk`, all but
     /// the payload, which is to follow it on the wire: a sender keeps one
-    /// copy of the payload (the one it holds for a resend) instead of a
+    /// copy of the payload (the one it may hold for a resend) instead of a
     /// second inside the frame.
     pub fn encode_frame_head(&self, seq: u64, disk: u32, out: &mut Vec<u8>) {
         let start = out.len();
