@@ -13,6 +13,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
+use tidemark_tests::metrics::{get, parse, scrape};
 use tidemark_tests::netns::{NetPair, Side, RECEIVER_IP};
 use tidemark_tests::running::{run_config, RunningAgent};
 use tidemark_tests::site::{path, Site};
@@ -278,17 +279,36 @@ fn frozen_flow_beyond_the_receiver_timeout_is_abandoned() -> anyhow::Result<()> 
 #[test]
 fn data_lost_with_the_connection_while_a_point_is_asked_for_is_in_the_point() -> anyhow::Result<()>
 {
-    let w = world("net-lost", 64, "receiver_timeout_secs = 15")?;
+    let metrics: SocketAddr = "127.0.0.1:9475".parse()?;
+    let w = world(
+        "net-lost",
+        64,
+        &format!("receiver_timeout_secs = 15\nmetrics_listen = \"{metrics}\""),
+    )?;
+    // The agent's endpoint listens in the agent's namespace.
+    let shipped = || -> anyhow::Result<f64> {
+        let text = w.pair.agent.run_in(move || scrape(metrics))??;
+        get(
+            &parse(&text)?,
+            "tidemark_agent_shipped_disk_bytes_total{disk=\"disk\"}",
+        )
+    };
     // Nothing moves either way from here: the agent sends what follows
     // and hears no ack for it.
     w.proxy.set_paused(true);
+    let before_writes = shipped()?;
     let mut rng = SplitMix64::new(131);
     for i in 0..8u64 {
         w.dev
             .write_at((3 + i * 5) << 20, &random_bytes(&mut rng, 256 << 10))?;
     }
-    // A cycle (1 s) takes the writes and ships them into the pause.
-    std::thread::sleep(Duration::from_secs(3));
+    // A cycle (1 s) takes the writes and ships them into the pause; the
+    // test is only worth something if it did.
+    wait_until(
+        Duration::from_secs(20),
+        "2 MiB shipped into the stall",
+        || shipped().is_ok_and(|b| b - before_writes >= f64::from(2u32 << 20)),
+    )?;
     let before = w.proxy.connections();
     let asked = std::thread::spawn({
         let cfg = w.agent.cfg.clone();
