@@ -170,7 +170,7 @@ fn default_receiver_timeout() -> u64 {
 /// 24 MiB: a point holds what it reads under the freeze in memory until
 /// it is sent, and where points come often that is the agent's peak RSS
 /// (32 MiB put it at 57–62 MiB with ext4 under 100–150 MB/s of churn,
-/// 24 MiB at 51–54, points as often and freezes no longer:
+/// 24 MiB at 51–59, points as often and freezes no longer:
 /// docs/BENCHMARKS.md, 2026-12-05, fourth session).
 fn default_point_max_backlog() -> u64 {
     24 << 20
