@@ -528,9 +528,19 @@ impl Shipper {
 
     /// Waits up to `dur` for data let go to be acknowledged (or lost).
     pub async fn wait_let_go(&mut self, dur: Duration) -> anyhow::Result<()> {
+        self.wait_while(dur, Shipper::let_go_unacked).await
+    }
+
+    /// Handles what the receiver sends for up to `dur`, while connected
+    /// and `pending` holds, without reconnecting.
+    async fn wait_while(
+        &mut self,
+        dur: Duration,
+        pending: fn(&Shipper) -> bool,
+    ) -> anyhow::Result<()> {
         let until = Instant::now() + dur;
         self.flush().await;
-        while self.conn.is_some() && self.let_go_unacked() && Instant::now() < until {
+        while self.conn.is_some() && pending(self) && Instant::now() < until {
             self.wait_incoming(Some(until)).await?;
         }
         Ok(())
@@ -687,22 +697,12 @@ impl Shipper {
     /// connection to end), so the caller can drain the tracer between
     /// waits however slow the link is.
     pub async fn wait_window(&mut self, dur: Duration) -> anyhow::Result<()> {
-        let until = Instant::now() + dur;
-        self.flush().await;
-        while self.window_full() && Instant::now() < until {
-            self.wait_incoming(Some(until)).await?;
-        }
-        Ok(())
+        self.wait_while(dur, Shipper::window_full).await
     }
 
     /// Waits up to `dur` for outstanding acks without reconnecting.
     pub async fn await_acks(&mut self, dur: Duration) -> anyhow::Result<()> {
-        let until = Instant::now() + dur;
-        self.flush().await;
-        while self.conn.is_some() && self.inflight_bytes > 0 && Instant::now() < until {
-            self.wait_incoming(Some(until)).await?;
-        }
-        Ok(())
+        self.wait_while(dur, |s| s.inflight_bytes > 0).await
     }
 
     /// Sends a point after everything queued so far and waits until the
