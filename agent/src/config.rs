@@ -23,9 +23,12 @@ pub struct AgentConfig {
     pub cert: PathBuf,
     /// This agent's private key (PEM).
     pub key: PathBuf,
-    /// Reads kept in flight per disk (io_uring queue depth).
+    /// Reads kept in flight per disk (io_uring queue depth) by `run`.
     #[serde(default = "default_queue_depth")]
     pub queue_depth: usize,
+    /// The same for the one-shot `sync` and `resync` commands.
+    #[serde(default = "default_sync_queue_depth")]
+    pub sync_queue_depth: usize,
     /// Compressed bytes sent but not yet acknowledged durable, in MiB.
     /// `run` lets its data go once written between points (a lost
     /// connection's is read again); a point's and a `sync`'s are held for
@@ -126,6 +129,16 @@ fn default_server_name() -> String {
 fn default_queue_depth() -> usize {
     8
 }
+/// The one-shot commands read a whole disk, and nothing there is
+/// targeted but their speed: on the benchmark machine a 4 GiB checksum
+/// resync took 2.07 s at the median with sixteen reads in flight and
+/// 2.36 s with eight, the lower median in each of four alternating pairs
+/// (docs/BENCHMARKS.md, 2026-12-05, fifth session). It costs 8 MiB more
+/// read buffers while they run. `run`'s own resyncs keep `queue_depth`:
+/// the daemon's memory is bounded by it.
+fn default_sync_queue_depth() -> usize {
+    16
+}
 fn default_send_window_mib() -> u64 {
     crate::shipper::WINDOW_BYTES >> 20
 }
@@ -214,6 +227,9 @@ impl AgentConfig {
         if !(1..=1024).contains(&self.queue_depth) {
             return Err("queue_depth must be between 1 and 1024".into());
         }
+        if !(1..=1024).contains(&self.sync_queue_depth) {
+            return Err("sync_queue_depth must be between 1 and 1024".into());
+        }
         if !(1..=1024).contains(&self.send_window_mib) {
             return Err(format!(
                 "send_window_mib = {} must be between 1 and 1024 (the default is {})",
@@ -274,15 +290,24 @@ impl AgentConfig {
         }
     }
 
-    /// Pipeline settings with a buffer pool of their own; build once per
-    /// run and reuse.
+    /// `run`'s pipeline settings with a buffer pool of their own; build
+    /// once per run and reuse.
     pub fn pipeline_settings(&self) -> crate::pipeline::Settings {
+        self.pipeline_settings_at(self.queue_depth)
+    }
+
+    /// The same for the one-shot `sync` and `resync` commands.
+    pub fn sync_pipeline_settings(&self) -> crate::pipeline::Settings {
+        self.pipeline_settings_at(self.sync_queue_depth)
+    }
+
+    fn pipeline_settings_at(&self, queue_depth: usize) -> crate::pipeline::Settings {
         crate::pipeline::Settings {
-            queue_depth: self.queue_depth,
+            queue_depth,
             compress_threads: self.compress_threads(),
             zstd_level: self.zstd_level,
             read_limit: self.read_limit().ok().flatten(),
-            pool: crate::pipeline::Settings::pool_for(self.queue_depth, self.compress_threads()),
+            pool: crate::pipeline::Settings::pool_for(queue_depth, self.compress_threads()),
         }
     }
 
@@ -312,6 +337,8 @@ mod example_tests {
         assert_eq!(c.admin_socket, default_admin_socket());
         assert_eq!(c.state_dir, default_state_dir());
         assert_eq!(c.point_max_backlog_bytes, default_point_max_backlog());
+        assert_eq!(c.queue_depth, default_queue_depth());
+        assert_eq!(c.sync_queue_depth, default_sync_queue_depth());
     }
 }
 
@@ -323,6 +350,15 @@ mod throttle_tests {
 
     fn load(extra: &str) -> Result<AgentConfig, String> {
         load_with("", extra)
+    }
+
+    #[test]
+    fn the_one_shot_commands_read_at_their_own_depth() {
+        let c = load_with("queue_depth = 4\nsync_queue_depth = 32\n", "").expect("loads");
+        assert_eq!(c.pipeline_settings().queue_depth, 4);
+        assert_eq!(c.sync_pipeline_settings().queue_depth, 32);
+        let err = load_with("sync_queue_depth = 0\n", "").expect_err("0 is refused");
+        assert!(err.contains("sync_queue_depth"), "{err}");
     }
 
     /// `top` goes before every table, `extra` after BASE's.
