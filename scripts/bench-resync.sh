@@ -5,7 +5,11 @@
 # rsync daemon on 127.0.0.1; and the agent's hashing rate against fio's
 # sequential io_uring read of the same device. Bytes on the wire are
 # counted on the loopback interface. Prints each run and the medians.
-# Also prints the CPU time both tidemark processes spent on the resync.
+# Also prints the CPU time both tidemark processes spent on the resync,
+# and the agent's hashing rate on its own: the agent's side of the same
+# resync with the receiver's hashes already in hand (the `hash_rate`
+# example of the agent crate), since here the receiver hashes on the same
+# two cores.
 # Usage (root): [PERF_OUT=FILE] scripts/bench-resync.sh [SIZE_MIB] [RUNS]
 # TIDEMARK_BIN=DIR (another build) and LOOP_DIRECT_IO=1 (the loop device
 # past the page cache): see scripts/bench-common.sh.
@@ -26,6 +30,13 @@ scripts/install-deps.sh
 for tool in rsync fio; do command -v $tool >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $tool >/dev/null; done
 . scripts/bench-common.sh
 bench_bin
+# The agent's side alone: another build's if it brought one
+# (TIDEMARK_BIN=DIR with DIR/examples/hash_rate), else this tree's.
+hash_rate_bin=$bin/examples/hash_rate
+if [ ! -x "$hash_rate_bin" ]; then
+  cargo build --release --locked -q -p tidemark-agent --example hash_rate
+  hash_rate_bin=$PWD/target/release/examples/hash_rate
+fi
 work=$(mktemp -d /var/tmp/tidemark-bench.XXXXXX)
 loopdev=""
 rx=""
@@ -138,7 +149,7 @@ os.close(fd)
 PY
 }
 
-ours=(); cpu=(); theirs=(); ratio=(); wire_ours=(); wire_theirs=(); hash_rate=(); fio_rate=()
+ours=(); cpu=(); theirs=(); ratio=(); wire_ours=(); wire_theirs=(); hash_rate=(); fio_rate=(); alone_rate=()
 for i in $(seq 1 "$runs"); do
   change "$i"
   cp --sparse=always "$work/disk.img" "$work/new.img"
@@ -161,20 +172,28 @@ for i in $(seq 1 "$runs"); do
   fio_out=$(fio --name=seqread --filename="$loopdev" --rw=read --bs=1M --ioengine=io_uring \
     --direct=1 --iodepth=16 --readonly --output-format=json)
   fio_bw=$(echo "$fio_out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["jobs"][0]["read"]["bw_bytes"] / 1e6)')
+  # The device still holds this run's changes, old.img what the resync
+  # started from: the same comparison, the same blocks differing.
+  alone_out=$("$hash_rate_bin" --config "$work/agent/agent.toml" --disk bench-disk --image "$work/old.img" --drop-caches)
+  alone=$(echo "$alone_out" | sed -n 's/.*(\([0-9.]*\) MB\/s).*/\1/p')
+  [ -n "$alone" ] || { echo "bench-resync: no rate in hash_rate's output: $alone_out" >&2; exit 1; }
+  alone_rate+=("$alone")
   a=$(echo "$t1 - $t0" | bc -l); b=$(echo "$t3 - $t2" | bc -l)
   hr=$(echo "$size_mib * 1.048576 / $a" | bc -l)
   ours+=("$a"); theirs+=("$b"); ratio+=("$(echo "$b / $a" | bc -l)")
   wire_ours+=("$((w1 - w0))"); wire_theirs+=("$((w2 - w1))")
   hash_rate+=("$hr"); fio_rate+=("$fio_bw")
   cpu+=("$(echo "$cpu_agent + $cpu_rx" | bc -l)")
-  printf 'run %d: checksum resync %.2f s (%d wire bytes, hashing %.0f MB/s, CPU agent %.2f s receiver %.2f s)   rsync %.2f s (%d wire bytes)   rsync/ours %.1fx   fio read %.0f MB/s\n' \
-    "$i" "$a" "$((w1 - w0))" "$hr" "$cpu_agent" "$cpu_rx" "$b" "$((w2 - w1))" "$(echo "$b / $a" | bc -l)" "$fio_bw"
+  printf 'run %d: checksum resync %.2f s (%d wire bytes, hashing %.0f MB/s, CPU agent %.2f s receiver %.2f s)   rsync %.2f s (%d wire bytes)   rsync/ours %.1fx   fio read %.0f MB/s   agent alone %.0f MB/s (%.2f of fio)\n' \
+    "$i" "$a" "$((w1 - w0))" "$hr" "$cpu_agent" "$cpu_rx" "$b" "$((w2 - w1))" "$(echo "$b / $a" | bc -l)" "$fio_bw" \
+    "$alone" "$(echo "$alone / $fio_bw" | bc -l)"
   # Back to the old contents for the next run (itself a checksum resync).
   restore
   agent resync --disk bench-disk --mode checksum
 done
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-printf 'median over %d runs, %d MiB, 1%% of blocks changed: checksum resync %.2f s (CPU %.2f s), rsync %.2f s, rsync/ours %.1fx; wire bytes ours %d, rsync %d; hashing %.0f MB/s vs fio %.0f MB/s (%.2f)\n' \
+printf 'median over %d runs, %d MiB, 1%% of blocks changed: checksum resync %.2f s (CPU %.2f s), rsync %.2f s, rsync/ours %.1fx; wire bytes ours %d, rsync %d; hashing %.0f MB/s vs fio %.0f MB/s (%.2f); agent alone %.0f MB/s (%.2f of fio)\n' \
   "$runs" "$size_mib" "$(median "${ours[@]}")" "$(median "${cpu[@]}")" "$(median "${theirs[@]}")" "$(median "${ratio[@]}")" \
   "$(median "${wire_ours[@]}")" "$(median "${wire_theirs[@]}")" "$(median "${hash_rate[@]}")" \
-  "$(median "${fio_rate[@]}")" "$(echo "$(median "${hash_rate[@]}") / $(median "${fio_rate[@]}")" | bc -l)"
+  "$(median "${fio_rate[@]}")" "$(echo "$(median "${hash_rate[@]}") / $(median "${fio_rate[@]}")" | bc -l)" \
+  "$(median "${alone_rate[@]}")" "$(echo "$(median "${alone_rate[@]}") / $(median "${fio_rate[@]}")" | bc -l)"
