@@ -4,6 +4,8 @@
 # image), side by side with `qemu-img convert` copying the same device to a
 # local sparse raw file. Prints each run and the median ratio ours/qemu.
 # Usage (root): scripts/bench-sync.sh [SIZE_MIB] [RUNS]
+# AGENT_SETTINGS='sync_queue_depth = 8' adds top-level agent settings (to
+# compare tunings, alternating).
 # TIDEMARK_BIN=DIR (another build) and LOOP_DIRECT_IO=1 (the loop device
 # past the page cache): see scripts/bench-common.sh.
 set -euo pipefail
@@ -42,7 +44,7 @@ port=$((20000 + RANDOM % 20000))
   --image-dir "$work/images" --retention-dir "$work/retention" --retention-on-root-filesystem >/dev/null
 "$bin/tidemark-receiver" issue-cert --dir "$work/rx" --name bench-agent \
   --receiver "127.0.0.1:$port" --out "$work/agent" >/dev/null
-printf '\n[[disk]]\ndevice = "%s"\nid = "bench-disk"\n' "$loopdev" >> "$work/agent/agent.toml"
+printf '\n%s\n[[disk]]\ndevice = "%s"\nid = "bench-disk"\n' "${AGENT_SETTINGS:-}" "$loopdev" >> "$work/agent/agent.toml"
 "$bin/tidemark-receiver" serve --config "$work/rx/receiver.toml" 2> "$work/rx.log" &
 rx=$!
 for _ in $(seq 1 100); do grep -q "listening on" "$work/rx.log" && break; sleep 0.1; done
