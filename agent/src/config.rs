@@ -133,8 +133,9 @@ fn default_queue_depth() -> usize {
 /// targeted but their speed: on the benchmark machine a 4 GiB checksum
 /// resync took 2.07 s at the median with sixteen reads in flight and
 /// 2.36 s with eight, the lower median in each of four alternating pairs
-/// (docs/BENCHMARKS.md, 2026-12-05, fifth session). It costs 8 MiB more
-/// read buffers while they run. `run`'s own resyncs keep `queue_depth`:
+/// (docs/BENCHMARKS.md, 2026-12-05, fifth session); a full sync took no
+/// longer beyond the noise. It costs 8 MiB more read buffers while they
+/// run. `run`'s own resyncs keep `queue_depth`:
 /// the daemon's memory is bounded by it.
 fn default_sync_queue_depth() -> usize {
     16
