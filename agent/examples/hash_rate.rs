@@ -125,7 +125,7 @@ fn main() -> anyhow::Result<()> {
     let secs = started.elapsed().as_secs_f64();
     let s = progress.snapshot();
     println!(
-        "agent alone: hashed {} MiB of {} in {:.2} s ({:.0} MB/s); {} MiB differed, sent as {} pieces of {} MiB",
+        "agent alone: hashed {} MiB of {} in {:.2} s ({:.0} MB/s); {} MiB differed, compressed into {} pieces of {} MiB for sending",
         s.read_bytes >> 20,
         disk.device.display(),
         secs,
