@@ -132,11 +132,10 @@ fn default_queue_depth() -> usize {
 /// The one-shot commands read a whole disk, and nothing there is
 /// targeted but their speed: on the benchmark machine a 4 GiB checksum
 /// resync took 2.07 s at the median with sixteen reads in flight and
-/// 2.36 s with eight: faster in three of four alternating pairs, level in
-/// the fourth
-/// (docs/BENCHMARKS.md, 2026-12-05, fifth session); a full sync took no
-/// longer beyond the noise. It costs 8 MiB more read buffers while they
-/// run. `run`'s own resyncs keep `queue_depth`:
+/// 2.36 s with eight, faster in three of four alternating pairs and level
+/// in the fourth; a full sync took no longer beyond the noise
+/// (docs/BENCHMARKS.md, 2026-12-05, fifth session). It costs 8 MiB more
+/// read buffers while they run. `run`'s own resyncs keep `queue_depth`:
 /// the daemon's memory is bounded by it.
 fn default_sync_queue_depth() -> usize {
     16
