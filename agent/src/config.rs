@@ -186,7 +186,7 @@ fn default_receiver_timeout() -> u64 {
 /// (32 MiB put it at 57–62 MiB with ext4 under 100–150 MB/s of churn,
 /// 24 MiB at 51–59, points as often and freezes no longer:
 /// docs/BENCHMARKS.md, 2026-12-05, fourth session). 16 MiB took another
-/// 6–10 MiB off, but at 150 MB/s the backlog then never fell low enough
+/// 6–12 MiB off, but at 150 MB/s the backlog then never fell low enough
 /// and no point came for the whole 15 s step (fifth session).
 fn default_point_max_backlog() -> u64 {
     24 << 20
