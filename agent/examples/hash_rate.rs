@@ -27,11 +27,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Parser;
 use tidemark_agent::compare::HASH_BLOCK_BYTES;
 use tidemark_agent::config::AgentConfig;
-use tidemark_agent::disks::open_disk;
+use tidemark_agent::disks::open_configured;
 use tidemark_agent::pipeline::{Job, Piece, Pipeline, READ_BYTES};
 use tidemark_agent::progress::Progress;
 use tidemark_common::checksum::block_checksums;
@@ -58,18 +58,7 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let cfg = AgentConfig::load(&args.config)?;
-    let Some(disk_cfg) = cfg
-        .disks
-        .iter()
-        .find(|d| d.id.as_deref() == Some(args.disk.as_str()))
-    else {
-        bail!(
-            "disk {:?} has no [[disk]] entry with that id in {}",
-            args.disk,
-            args.config.display()
-        );
-    };
-    let disk = open_disk(disk_cfg)?;
+    let disk = open_configured(&cfg.disks, Some(&args.disk))?.remove(0);
 
     // The receiver's answers, one hash list per chunk the reader delivers.
     let image = File::open(&args.image)

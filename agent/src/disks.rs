@@ -53,6 +53,30 @@ impl Disk {
     }
 }
 
+/// Opens every configured disk, or only the one whose id is `only`.
+pub fn open_configured(configs: &[DiskConfig], only: Option<&str>) -> anyhow::Result<Vec<Disk>> {
+    let mut disks = Vec::new();
+    for c in configs {
+        // A disk without an explicit id gets one from its device, so it has
+        // to be opened to be matched.
+        if let (Some(want), Some(id)) = (only, &c.id) {
+            if want != id {
+                continue;
+            }
+        }
+        let d = open_disk(c)?;
+        if only.is_none_or(|want| d.id == want) {
+            disks.push(d);
+        }
+    }
+    if let (Some(want), true) = (only, disks.is_empty()) {
+        anyhow::bail!(
+            "disk {want:?} is not in the agent's configuration; run `tidemark-agent status` or see the [[disk]] entries of the config"
+        );
+    }
+    Ok(disks)
+}
+
 pub fn open_disk(cfg: &DiskConfig) -> Result<Disk, DiskError> {
     let path = &cfg.device;
     let meta = std::fs::metadata(path).map_err(|source| DiskError::Stat {

@@ -18,7 +18,7 @@ use tracing::{info, warn};
 
 use crate::compare::{ChunkCursor, HASH_LOOKAHEAD};
 use crate::config::AgentConfig;
-use crate::disks::{open_disk, Disk};
+use crate::disks::{open_configured, Disk};
 use crate::pipeline::{Job, Piece, Pipeline, READ_BYTES};
 use crate::progress::{mib, Progress, Reporter, Snapshot};
 use crate::shipper::Shipper;
@@ -62,25 +62,7 @@ pub async fn sync(
     // Certificates and key first: a configuration mistake is reported
     // before any device is opened.
     let connector = Connector::new(cfg)?;
-    let mut disks = Vec::new();
-    for c in &cfg.disks {
-        // A disk without an explicit id gets one from its device, so it has
-        // to be opened to be matched.
-        if let (Some(want), Some(id)) = (only, &c.id) {
-            if want != id {
-                continue;
-            }
-        }
-        let d = open_disk(c)?;
-        if only.is_none_or(|want| d.id == want) {
-            disks.push(d);
-        }
-    }
-    if let (Some(want), true) = (only, disks.is_empty()) {
-        anyhow::bail!(
-            "disk {want:?} is not in the agent's configuration; run `tidemark-agent status` or see the [[disk]] entries of the config"
-        );
-    }
+    let disks = open_configured(&cfg.disks, only)?;
     let progress = Arc::new(Progress::default());
     let mut shipper = Shipper::connect(
         connector,
