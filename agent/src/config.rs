@@ -7,6 +7,8 @@ use serde::Deserialize;
 use tidemark_common::config::{load_toml, resolve, ConfigError};
 use tidemark_common::tls::{TlsFiles, RECEIVER_SERVER_NAME};
 
+use crate::source::Pages;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
@@ -292,23 +294,25 @@ impl AgentConfig {
     }
 
     /// `run`'s pipeline settings with a buffer pool of their own; build
-    /// once per run and reuse.
+    /// once per run and reuse. Its buffers are in base pages, resident
+    /// only once read into: an idle agent stays small.
     pub fn pipeline_settings(&self) -> crate::pipeline::Settings {
-        self.pipeline_settings_at(self.queue_depth)
+        self.pipeline_settings_at(self.queue_depth, Pages::Small)
     }
 
-    /// The same for the one-shot `sync` and `resync` commands.
+    /// The same for the one-shot `sync` and `resync` commands, whose reads
+    /// go into huge pages: whole-disk reads, every buffer in use at once.
     pub fn sync_pipeline_settings(&self) -> crate::pipeline::Settings {
-        self.pipeline_settings_at(self.sync_queue_depth)
+        self.pipeline_settings_at(self.sync_queue_depth, Pages::Huge)
     }
 
-    fn pipeline_settings_at(&self, queue_depth: usize) -> crate::pipeline::Settings {
+    fn pipeline_settings_at(&self, queue_depth: usize, pages: Pages) -> crate::pipeline::Settings {
         crate::pipeline::Settings {
             queue_depth,
             compress_threads: self.compress_threads(),
             zstd_level: self.zstd_level,
             read_limit: self.read_limit().ok().flatten(),
-            pool: crate::pipeline::Settings::pool_for(queue_depth, self.compress_threads()),
+            pool: crate::pipeline::Settings::pool_for(queue_depth, self.compress_threads(), pages),
         }
     }
 

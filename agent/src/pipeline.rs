@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use crate::compare::{differing, HashBoard, HASH_BLOCK_BYTES};
 use crate::disks::Disk;
 use crate::progress::Progress;
-use crate::source::{BufPool, DeviceReader, ReadBuf, SourceError};
+use crate::source::{BufPool, DeviceReader, Pages, ReadBuf, SourceError};
 use crate::transport::Outgoing;
 
 /// Bytes per read. One extent per read keeps checksums and compression
@@ -208,8 +208,8 @@ impl Settings {
     /// Enough buffers for every read in flight plus one being compressed
     /// and one queued per worker: memory stays bounded however large the
     /// disks are.
-    pub fn pool_for(queue_depth: usize, compress_threads: usize) -> BufPool {
-        BufPool::new(queue_depth + 2 * compress_threads.max(1), READ_BYTES)
+    pub fn pool_for(queue_depth: usize, compress_threads: usize, pages: Pages) -> BufPool {
+        BufPool::with_pages(queue_depth + 2 * compress_threads.max(1), READ_BYTES, pages)
     }
 }
 

@@ -17,7 +17,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use nix::fcntl::{Flock, FlockArg};
-use tidemark_agent::source::DeviceReader;
+use tidemark_agent::source::{BufPool, DeviceReader, Pages};
 use tidemark_agent::tracking::{disk_counters, DirtyMap, TrackedDisk, Tracker, TRACEFS_ROOT};
 
 const KIB: u64 = 1024;
@@ -483,20 +483,38 @@ fn partition_writes_are_clipped_and_shifted() {
     );
     // A partition has no request queue of its own: its reads are cut to
     // its disk's limits, not left whole for the block layer to split.
-    let request_bytes = |p: &Path| {
+    let small = BufPool::new(1, MIB as usize);
+    let huge = BufPool::with_pages(1, MIB as usize, Pages::Huge);
+    let request_bytes = |p: &Path, pool: &BufPool| {
         DeviceReader::open(p, 1, false)
             .unwrap_or_else(|e| panic!("open {}: {e}", p.display()))
-            .request_bytes()
+            .request_bytes(pool)
     };
-    let whole_request = request_bytes(&dev.path);
+    let whole_request = request_bytes(&dev.path, &small);
     assert!(
         whole_request < MIB as usize,
         "a loop device's queue (max_segments 128) takes {whole_request} bytes whole"
     );
     assert_eq!(
-        request_bytes(&part_node),
+        request_bytes(&part_node, &small),
         whole_request,
         "partition's reads"
+    );
+    // Into huge pages its 128 segments are 64 KiB each: a buffer whole.
+    let expect = if huge.contiguous_bytes() > 4096 {
+        MIB as usize
+    } else {
+        whole_request
+    };
+    assert_eq!(
+        request_bytes(&dev.path, &huge),
+        expect,
+        "reads into huge pages"
+    );
+    assert_eq!(
+        request_bytes(&part_node, &huge),
+        expect,
+        "partition's, into huge pages"
     );
 
     let inst = Instance::new("part");

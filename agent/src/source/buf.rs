@@ -10,55 +10,146 @@ use std::sync::{Arc, Condvar, Mutex};
 /// every disk the agent supports (512 and 4096-byte sectors).
 pub const ALIGN_BYTES: usize = 4096;
 
-/// One aligned allocation.
-struct Aligned {
-    ptr: NonNull<u8>,
-    cap: usize,
+/// How a pool's memory is backed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pages {
+    /// Base pages, resident only where a read lands. For `run`, which
+    /// spends most of its life reading a few small extents now and then:
+    /// an idle agent then holds only the pages it has read into.
+    Small,
+    /// Transparent huge pages where the kernel grants them. An O_DIRECT
+    /// read into scattered 4 KiB pages is split by the block layer: a
+    /// loop device takes at most 128 segments of 64 KiB, so a 1 MiB read
+    /// went to it as two requests of 512 KiB, and the agent's reader got
+    /// about two-thirds of what fio (whose buffers happened to be
+    /// contiguous) got from the same device. Reading into huge pages
+    /// keeps each read one request, and pins one folio instead of 256
+    /// pages. For `sync` and `resync`, which use every buffer within
+    /// moments of starting anyway (docs/BENCHMARKS.md, "Read buffers in
+    /// huge pages").
+    Huge,
 }
 
-// SAFETY: `Aligned` owns its allocation exclusively (no aliasing pointer is
-// kept anywhere else), so moving it to another thread is sound.
-unsafe impl Send for Aligned {}
+/// The size of a transparent huge page on x86-64 and of a PMD mapping
+/// generally; the arena of a [`Pages::Huge`] pool is aligned to it, since
+/// the kernel backs only whole, aligned ones.
+const HUGE_PAGE_BYTES: usize = 2 << 20;
 
-impl Aligned {
-    /// A private anonymous mapping: page-aligned (which covers
-    /// [`ALIGN_BYTES`]), zero-filled by the kernel, and resident only
-    /// where something has been read into it. The allocator's aligned
-    /// zeroed allocation writes every byte instead, which made the whole
-    /// pool (12 MiB by default) resident from the start, on an idle disk
-    /// too. The pool hands out the most recently returned buffer first,
-    /// so under light load the same few stay in use.
-    fn new(cap: usize) -> Aligned {
+/// One private anonymous mapping holding every buffer of a pool:
+/// page-aligned (which covers [`ALIGN_BYTES`]), zero-filled by the kernel,
+/// and resident only where something has been written into it. The
+/// allocator's aligned zeroed allocation writes every byte instead, which
+/// made the whole pool (12 MiB by default) resident from the start, on an
+/// idle disk too.
+struct Arena {
+    ptr: NonNull<u8>,
+    len: usize,
+    /// Whether the kernel took the advice to back it with huge pages
+    /// (it may still fall back to base pages where it has none free).
+    huge: bool,
+}
+
+// SAFETY: the arena is only unmapped on drop, and its bytes are reached
+// only through the `Aligned` slices carved from it, each owned by one
+// holder at a time.
+unsafe impl Send for Arena {}
+// SAFETY: a shared `Arena` gives access to nothing but its address and
+// length; the bytes go through the `Aligned` slices, as above.
+unsafe impl Sync for Arena {}
+
+impl Arena {
+    fn new(len: usize, pages: Pages) -> Arena {
         use nix::libc;
-        // SAFETY: asks for new memory and touches none that exists; cap is
-        // non-zero (BufPool rounds sizes up to at least ALIGN_BYTES).
+        let align = match pages {
+            Pages::Small => ALIGN_BYTES,
+            Pages::Huge => HUGE_PAGE_BYTES,
+        };
+        let len = len.max(1).div_ceil(align) * align;
+        // Room to slide the start to an aligned address; the slack is
+        // unmapped again below.
+        let map_len = len + (align - ALIGN_BYTES);
+        let layout = Layout::from_size_align(len, align).expect("arena size is valid");
+        // SAFETY: asks for new memory and touches none that exists;
+        // map_len is non-zero.
         let raw = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                cap,
+                map_len,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
                 -1,
                 0,
             )
         };
-        let layout = Layout::from_size_align(cap, ALIGN_BYTES).expect("buffer size is valid");
         if raw == libc::MAP_FAILED {
             std::alloc::handle_alloc_error(layout);
         }
-        // Huge pages would make a 4 KiB read resident as 2 MiB where the
-        // kernel merges neighbouring buffers into one mapping. Advice only:
-        // a kernel without THP refuses it, and nothing depends on it.
-        // SAFETY: the range is the mapping just made.
-        unsafe { libc::madvise(raw, cap, libc::MADV_NOHUGEPAGE) };
-        let ptr = NonNull::new(raw.cast::<u8>())
+        let raw_addr = raw as usize;
+        let start = raw_addr.next_multiple_of(align);
+        let head = start - raw_addr;
+        let tail = map_len - head - len;
+        // SAFETY: both ranges lie inside the mapping just made and outside
+        // [start, start + len), which is all this arena keeps.
+        unsafe {
+            if head > 0 {
+                libc::munmap(raw, head);
+            }
+            if tail > 0 {
+                libc::munmap((start + len) as *mut libc::c_void, tail);
+            }
+        }
+        // Advice only: a kernel without THP refuses it, and nothing
+        // depends on it. Small pools turn huge pages off: where THP is
+        // `always`, a 4 KiB read into the arena could make 2 MiB
+        // resident.
+        let advice = match pages {
+            Pages::Small => libc::MADV_NOHUGEPAGE,
+            Pages::Huge => libc::MADV_HUGEPAGE,
+        };
+        // SAFETY: the range is the part of the mapping kept.
+        let advised = unsafe { libc::madvise(start as *mut libc::c_void, len, advice) } == 0;
+        let ptr = NonNull::new(start as *mut u8)
             .unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        Aligned { ptr, cap }
+        Arena {
+            ptr,
+            len,
+            huge: pages == Pages::Huge && advised && huge_pages_enabled(),
+        }
     }
+}
 
+/// False where the administrator turned transparent huge pages off, and
+/// the advice above is ignored.
+fn huge_pages_enabled() -> bool {
+    std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .is_ok_and(|s| !s.contains("[never]"))
+}
+
+impl Drop for Arena {
+    fn drop(&mut self) {
+        // SAFETY: mapped in `new` with this start and length, unmapped
+        // once; every `Aligned` carved from it is gone, since they live in
+        // the pool that owns the arena or in `ReadBuf`s that keep that
+        // pool alive.
+        unsafe { nix::libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// One buffer: a disjoint slice of its pool's arena.
+struct Aligned {
+    ptr: NonNull<u8>,
+    cap: usize,
+}
+
+// SAFETY: an `Aligned` is the only handle to its slice of the arena (no
+// two overlap), so moving it to another thread is sound.
+unsafe impl Send for Aligned {}
+
+impl Aligned {
     fn slice(&self, len: usize) -> &[u8] {
-        // SAFETY: ptr points to `cap` initialised (zeroed) bytes owned by
-        // self; len <= cap is kept by ReadBuf::set_len.
+        // SAFETY: ptr points to `cap` initialised (zeroed) bytes of the
+        // arena, kept mapped while self exists; len <= cap is kept by
+        // ReadBuf::set_len.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), len) }
     }
 
@@ -68,18 +159,13 @@ impl Aligned {
     }
 }
 
-impl Drop for Aligned {
-    fn drop(&mut self) {
-        // SAFETY: mapped in `new` with this length, unmapped once; no
-        // slice of it outlives self.
-        unsafe { nix::libc::munmap(self.ptr.as_ptr().cast(), self.cap) };
-    }
-}
-
 struct PoolInner {
     free: Mutex<Vec<Aligned>>,
     returned: Condvar,
     size_bytes: usize,
+    count: usize,
+    /// Dropped after every buffer: those still out hold this pool.
+    arena: Arena,
 }
 
 /// A fixed set of aligned buffers; cloning shares the set.
@@ -89,17 +175,32 @@ pub struct BufPool {
 }
 
 impl BufPool {
-    /// `count` buffers of `size_bytes` (rounded up to [`ALIGN_BYTES`]).
+    /// `count` buffers of `size_bytes` (rounded up to [`ALIGN_BYTES`]),
+    /// in base pages.
     pub fn new(count: usize, size_bytes: usize) -> BufPool {
+        BufPool::with_pages(count, size_bytes, Pages::Small)
+    }
+
+    /// The same, backed as `pages` says.
+    pub fn with_pages(count: usize, size_bytes: usize, pages: Pages) -> BufPool {
         let size_bytes = size_bytes.max(1).div_ceil(ALIGN_BYTES) * ALIGN_BYTES;
-        let free = (0..count.max(1))
-            .map(|_| Aligned::new(size_bytes))
+        let count = count.max(1);
+        let arena = Arena::new(count * size_bytes, pages);
+        let free = (0..count)
+            .map(|i| Aligned {
+                // SAFETY: i * size_bytes + size_bytes <= count * size_bytes
+                // <= arena.len: inside the arena.
+                ptr: unsafe { arena.ptr.add(i * size_bytes) },
+                cap: size_bytes,
+            })
             .collect();
         BufPool {
             inner: Arc::new(PoolInner {
                 free: Mutex::new(free),
                 returned: Condvar::new(),
                 size_bytes,
+                count,
+                arena,
             }),
         }
     }
@@ -108,7 +209,32 @@ impl BufPool {
         self.inner.size_bytes
     }
 
-    /// Blocks until a buffer is free.
+    /// How many buffers the pool has.
+    pub fn count(&self) -> usize {
+        self.inner.count
+    }
+
+    /// The bytes of a buffer that are physically contiguous at least,
+    /// which decide how large a read the block layer takes whole: a page,
+    /// or the whole buffer where huge pages back the pool and each buffer
+    /// lies within one (a 1 MiB buffer in a 2 MiB page), or a huge page
+    /// where a buffer spans whole ones.
+    pub fn contiguous_bytes(&self) -> usize {
+        let size = self.inner.size_bytes;
+        if !self.inner.arena.huge {
+            ALIGN_BYTES
+        } else if HUGE_PAGE_BYTES.is_multiple_of(size) {
+            size
+        } else if size.is_multiple_of(HUGE_PAGE_BYTES) {
+            HUGE_PAGE_BYTES
+        } else {
+            ALIGN_BYTES
+        }
+    }
+
+    /// Blocks until a buffer is free. The most recently returned comes
+    /// first, so under light load the same few buffers, and pages, stay in
+    /// use.
     pub fn get(&self) -> ReadBuf {
         let mut free = self.inner.free.lock().expect("pool lock");
         loop {
@@ -207,6 +333,97 @@ mod tests {
         assert_eq!(&a[..], &[1, 2, 3]);
         std::thread::spawn(move || drop(b)).join().expect("thread");
         assert!(pool.try_get().is_some());
+    }
+
+    #[test]
+    fn buffers_are_disjoint_slices_of_one_arena() {
+        for pages in [Pages::Small, Pages::Huge] {
+            let pool = BufPool::with_pages(5, 1 << 20, pages);
+            assert_eq!(pool.count(), 5);
+            let mut bufs: Vec<ReadBuf> = (0..5).map(|_| pool.get()).collect();
+            let mut starts: Vec<usize> = bufs.iter_mut().map(|b| b.as_mut_ptr() as usize).collect();
+            starts.sort_unstable();
+            for w in starts.windows(2) {
+                assert_eq!(w[1] - w[0], 1 << 20, "{pages:?}: buffers side by side");
+            }
+            if pages == Pages::Huge {
+                // Huge pages back only whole, aligned ones.
+                assert_eq!(starts[0] % HUGE_PAGE_BYTES, 0);
+            }
+            for (i, b) in bufs.iter_mut().enumerate() {
+                b.full_mut().fill(i as u8);
+                b.set_len(1 << 20);
+            }
+            for (i, b) in bufs.iter().enumerate() {
+                assert!(
+                    b.iter().all(|&x| x == i as u8),
+                    "{pages:?}: buffer {i} kept"
+                );
+            }
+            // Buffers outlive the pool handle: the arena goes with the last.
+            drop(pool);
+            assert!(bufs[4].iter().all(|&x| x == 4));
+        }
+    }
+
+    #[test]
+    fn only_huge_page_pools_promise_contiguous_buffers() {
+        assert_eq!(BufPool::new(2, 1 << 20).contiguous_bytes(), ALIGN_BYTES);
+        let thp = huge_pages_enabled();
+        let expect = |bytes| if thp { bytes } else { ALIGN_BYTES };
+        // A buffer inside one huge page is contiguous as a whole; one
+        // spanning several, per huge page; one that straddles them, only
+        // per page.
+        assert_eq!(
+            BufPool::with_pages(3, 1 << 20, Pages::Huge).contiguous_bytes(),
+            expect(1 << 20)
+        );
+        assert_eq!(
+            BufPool::with_pages(2, 4 << 20, Pages::Huge).contiguous_bytes(),
+            expect(2 << 20)
+        );
+        assert_eq!(
+            BufPool::with_pages(2, 3 << 20, Pages::Huge).contiguous_bytes(),
+            ALIGN_BYTES
+        );
+    }
+
+    /// Where the kernel has huge pages, a huge-page pool's filled buffers
+    /// are in them (`AnonHugePages` of its mapping in smaps).
+    #[test]
+    fn a_huge_page_pool_gets_huge_pages_where_the_kernel_has_them() {
+        let pool = BufPool::with_pages(2, 1 << 20, Pages::Huge);
+        let mut a = pool.get();
+        let mut b = pool.get();
+        a.full_mut().fill(1);
+        b.full_mut().fill(2);
+        let start = (a.as_mut_ptr() as usize).min(b.as_mut_ptr() as usize);
+        let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
+        let mut huge_kib = None;
+        let mut inside = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ') {
+                if let Some((lo, hi)) = range.split_once('-') {
+                    if let (Ok(lo), Ok(hi)) =
+                        (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+                    {
+                        inside = lo <= start && start < hi;
+                        continue;
+                    }
+                }
+            }
+            if inside {
+                if let Some(v) = line.strip_prefix("AnonHugePages:") {
+                    huge_kib = v.trim().trim_end_matches("kB").trim().parse::<usize>().ok();
+                }
+            }
+        }
+        let huge_kib = huge_kib.expect("the pool's mapping is in smaps");
+        if huge_pages_enabled() {
+            assert_eq!(huge_kib, 2048, "both buffers in one huge page");
+        } else {
+            assert_eq!(huge_kib, 0);
+        }
     }
 
     /// Pages of `buf` the kernel has resident.

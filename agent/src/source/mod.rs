@@ -11,7 +11,7 @@ use std::ops::Range;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-pub use buf::{BufPool, ReadBuf, ALIGN_BYTES};
+pub use buf::{BufPool, Pages, ReadBuf, ALIGN_BYTES};
 
 /// Which engine reads the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,8 +50,11 @@ pub struct DeviceReader {
     engine: Engine,
     ring: Option<io_uring::IoUring>,
     queue_depth: usize,
-    /// The largest read the device takes without splitting it (see
-    /// `uring`); larger reads go in parts of this size.
+    /// The device's queue limits; None for a file, whose reads the block
+    /// layer does not split.
+    limits: Option<QueueLimits>,
+    /// Reads never go in parts larger than this ([`MAX_PART_BYTES`];
+    /// tests lower it to exercise parts).
     max_part: usize,
     direct: bool,
     limit: Option<crate::throttle::ReadLimit>,
@@ -61,37 +64,52 @@ pub struct DeviceReader {
 /// agent's read buffers (`pipeline::READ_BYTES`).
 const MAX_PART_BYTES: usize = 1 << 20;
 
-/// The largest read of `file` the block layer takes in one request,
-/// whatever pages the buffer lands in: `max_sectors_kb`, and
-/// `max_segments` segments of at most one page each (a segment can be
-/// smaller than a page only if `max_segment_size` says so). None for a
-/// file that is not a block device or whose queue limits cannot be read.
-fn unsplit_read_bytes(file: &File) -> Option<usize> {
-    use crate::disks::{queue_attr, sysfs_dir};
-    use std::os::unix::fs::FileTypeExt;
-    let meta = file.metadata().ok()?;
-    if !meta.file_type().is_block_device() {
-        return None;
-    }
-    let sysfs = sysfs_dir(&meta);
-    let limit = |name| queue_attr(&sysfs, name).and_then(|n| usize::try_from(n).ok());
-    Some(unsplit_bytes(
-        limit("max_sectors_kb")?,
-        limit("max_segments")?,
-        limit("max_segment_size")?,
-    ))
+/// What a block device's queue takes in one request.
+#[derive(Debug, Clone, Copy)]
+struct QueueLimits {
+    max_sectors_kb: usize,
+    max_segments: usize,
+    max_segment_size: usize,
 }
 
-/// See [`unsplit_read_bytes`]; at least one O_DIRECT block, at most
-/// [`MAX_PART_BYTES`], a multiple of [`ALIGN_BYTES`].
-fn unsplit_bytes(max_sectors_kb: usize, max_segments: usize, max_segment_size: usize) -> usize {
-    let page = 4096;
-    let by_segments = max_segments.saturating_mul(max_segment_size.min(page));
-    let bytes = max_sectors_kb
-        .saturating_mul(1024)
-        .min(by_segments)
-        .min(MAX_PART_BYTES);
-    (bytes / ALIGN_BYTES * ALIGN_BYTES).max(ALIGN_BYTES)
+impl QueueLimits {
+    /// The limits of `file`; None for a file that is not a block device
+    /// or whose limits cannot be read.
+    fn of(file: &File) -> Option<QueueLimits> {
+        use crate::disks::{queue_attr, sysfs_dir};
+        use std::os::unix::fs::FileTypeExt;
+        let meta = file.metadata().ok()?;
+        if !meta.file_type().is_block_device() {
+            return None;
+        }
+        let sysfs = sysfs_dir(&meta);
+        let limit = |name| queue_attr(&sysfs, name).and_then(|n| usize::try_from(n).ok());
+        Some(QueueLimits {
+            max_sectors_kb: limit("max_sectors_kb")?,
+            max_segments: limit("max_segments")?,
+            max_segment_size: limit("max_segment_size")?,
+        })
+    }
+
+    /// The largest read the block layer takes in one request into a
+    /// buffer whose physically contiguous runs are `contiguous` bytes
+    /// (a page, or more in huge pages): `max_sectors_kb`, and
+    /// `max_segments` segments of at most such a run each (or of
+    /// `max_segment_size` if smaller). A read it would split, io_uring
+    /// issues again from a worker thread of its own (docs/BENCHMARKS.md,
+    /// "reads the device takes whole"). At least one O_DIRECT block, at
+    /// most [`MAX_PART_BYTES`], a multiple of [`ALIGN_BYTES`].
+    fn unsplit_bytes(&self, contiguous: usize) -> usize {
+        let by_segments = self
+            .max_segments
+            .saturating_mul(self.max_segment_size.min(contiguous.max(ALIGN_BYTES)));
+        let bytes = self
+            .max_sectors_kb
+            .saturating_mul(1024)
+            .min(by_segments)
+            .min(MAX_PART_BYTES);
+        (bytes / ALIGN_BYTES * ALIGN_BYTES).max(ALIGN_BYTES)
+    }
 }
 
 impl DeviceReader {
@@ -120,9 +138,11 @@ impl DeviceReader {
             }
         };
         let queue_depth = queue_depth.clamp(1, 4096);
-        let max_part = unsplit_read_bytes(&file).unwrap_or(MAX_PART_BYTES);
-        // Room in the rings for every part of every read in flight.
-        let entries = (queue_depth * MAX_PART_BYTES.div_ceil(max_part)).min(4096);
+        let limits = QueueLimits::of(&file);
+        // Room in the rings for every part of every read in flight, in
+        // parts as small as reads into base pages need.
+        let smallest_part = limits.map_or(MAX_PART_BYTES, |l| l.unsplit_bytes(ALIGN_BYTES));
+        let entries = (queue_depth * MAX_PART_BYTES.div_ceil(smallest_part)).min(4096);
         let no_uring_env = std::env::var("TIDEMARK_NO_URING").is_ok_and(|v| v == "1");
         let ring = if force_pread || no_uring_env {
             tracing::info!("reading {} with pread (io_uring disabled)", path.display());
@@ -131,9 +151,10 @@ impl DeviceReader {
             match io_uring::IoUring::new(entries.next_power_of_two() as u32) {
                 Ok(r) => {
                     tracing::info!(
-                        "reading {} with io_uring, queue depth {queue_depth}, reads of up to {} KiB per request{}",
+                        "reading {} with io_uring, queue depth {queue_depth}, reads of up to {} KiB per request ({} KiB into huge pages){}",
                         path.display(),
-                        max_part >> 10,
+                        smallest_part >> 10,
+                        limits.map_or(MAX_PART_BYTES, |l| l.unsplit_bytes(usize::MAX)) >> 10,
                         if direct { ", O_DIRECT" } else { "" }
                     );
                     Some(r)
@@ -157,7 +178,8 @@ impl DeviceReader {
             },
             ring,
             queue_depth,
-            max_part,
+            limits,
+            max_part: MAX_PART_BYTES,
             direct,
             limit: None,
         })
@@ -171,9 +193,12 @@ impl DeviceReader {
         &self.path
     }
 
-    /// The largest request a read is issued as (see [`unsplit_read_bytes`]).
-    pub fn request_bytes(&self) -> usize {
-        self.max_part
+    /// The largest request a read into `pool`'s buffers is issued as
+    /// (see [`QueueLimits::unsplit_bytes`]).
+    pub fn request_bytes(&self, pool: &BufPool) -> usize {
+        self.limits
+            .map_or(MAX_PART_BYTES, |l| l.unsplit_bytes(pool.contiguous_bytes()))
+            .min(self.max_part)
     }
 
     /// Issues reads no faster than `limit` allows (None: as fast as the
@@ -212,13 +237,14 @@ impl DeviceReader {
                 .step_by(piece as usize)
                 .map(move |off| (off, (r.end - off).min(piece) as usize))
         });
+        let max_part = self.request_bytes(pool);
         match self.ring.as_mut() {
             Some(ring) => uring::read_pieces(
                 ring,
                 &self.file,
                 uring::Depth {
                     reads: self.queue_depth,
-                    max_part: self.max_part,
+                    max_part,
                 },
                 pieces,
                 pool,
@@ -314,23 +340,37 @@ mod tests {
         }
         // A file is no block device: its reads are not split.
         let f = File::open(&p).expect("open");
-        assert_eq!(unsplit_read_bytes(&f), None);
+        assert!(QueueLimits::of(&f).is_none());
     }
 
     #[test]
     fn unsplit_size_follows_the_queue_limits() {
+        let unsplit = |max_sectors_kb, max_segments, max_segment_size, contiguous| {
+            QueueLimits {
+                max_sectors_kb,
+                max_segments,
+                max_segment_size,
+            }
+            .unsplit_bytes(contiguous)
+        };
+        let page = 4096;
         // A loop device: 128 segments of one page bound it below
-        // max_sectors_kb.
-        assert_eq!(unsplit_bytes(1280, 128, 65536), 512 << 10);
+        // max_sectors_kb; in huge pages a segment is 64 KiB, and the
+        // whole buffer goes in one request.
+        assert_eq!(unsplit(1280, 128, 65536, page), 512 << 10);
+        assert_eq!(unsplit(1280, 128, 65536, 2 << 20), MAX_PART_BYTES);
         // virtio-blk here: 254 pages.
-        assert_eq!(unsplit_bytes(4096, 254, u32::MAX as usize), 254 * 4096);
-        // Segments smaller than a page.
-        assert_eq!(unsplit_bytes(1024, 128, 512), 64 << 10);
+        assert_eq!(unsplit(4096, 254, u32::MAX as usize, page), 254 * 4096);
+        // Segments smaller than a page, whatever the buffer.
+        assert_eq!(unsplit(1024, 128, 512, page), 64 << 10);
+        assert_eq!(unsplit(1024, 128, 512, 2 << 20), 64 << 10);
         // Limited by max_sectors_kb, never above the read buffers.
-        assert_eq!(unsplit_bytes(128, 1024, 65536), 128 << 10);
-        assert_eq!(unsplit_bytes(32768, 4096, 1 << 20), MAX_PART_BYTES);
+        assert_eq!(unsplit(128, 1024, 65536, page), 128 << 10);
+        assert_eq!(unsplit(128, 1024, 65536, 2 << 20), 128 << 10);
+        assert_eq!(unsplit(32768, 4096, 1 << 20, page), MAX_PART_BYTES);
         // Nonsense limits still give one O_DIRECT block.
-        assert_eq!(unsplit_bytes(0, 0, 0), ALIGN_BYTES);
+        assert_eq!(unsplit(0, 0, 0, page), ALIGN_BYTES);
+        assert_eq!(unsplit(1280, 128, 65536, 0), 512 << 10);
     }
 
     #[test]
