@@ -224,7 +224,13 @@ impl Pipeline {
         let pool = settings.pool.clone();
         let board = Arc::new(HashBoard::default());
         let compare: Arc<Vec<bool>> = Arc::new(jobs.iter().map(|j| j.compare).collect());
-        let (work_tx, work_rx) = crossbeam_channel::bounded::<(u32, u64, ReadBuf)>(workers_n);
+        // Room for every buffer of the pool, which alone bounds the
+        // memory: the reader hands a filled buffer over without waiting.
+        // With room for one per worker, a compressor a moment late held
+        // the reader in `send`, where it neither reaped reads nor issued
+        // new ones, and the device's queue ran dry (docs/BENCHMARKS.md,
+        // "Read buffers in huge pages").
+        let (work_tx, work_rx) = crossbeam_channel::bounded::<(u32, u64, ReadBuf)>(pool.count());
         // A few pieces per worker: enough to keep the sender busy, bounded
         // so compressed data never piles up in memory.
         let (piece_tx, piece_rx) = mpsc::channel::<Piece>(4 * workers_n);
@@ -240,7 +246,9 @@ impl Pipeline {
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("compress-{i}"))
-                    .spawn(move || compress_worker(rx, tx, level, &progress, &board, &compare))
+                    .spawn(move || {
+                        compress_worker(rx, tx, level, workers_n, &progress, &board, &compare)
+                    })
                     .map_err(PipelineError::Spawn)?,
             );
         }
@@ -322,6 +330,7 @@ fn compress_worker(
     rx: crossbeam_channel::Receiver<(u32, u64, ReadBuf)>,
     tx: mpsc::Sender<Piece>,
     level: i32,
+    workers: usize,
     progress: &Progress,
     board: &HashBoard,
     compare: &[bool],
@@ -331,13 +340,14 @@ fn compress_worker(
     let mut fast: Option<zstd::bulk::Compressor<'static>> = None;
     let mut effort = Effort::new(level);
     while let Ok((disk, offset, buf)) = rx.recv() {
-        // Reads waiting for a compressor while the sender has room:
-        // compression is the slowest step, and a faster level ships this
-        // chunk sooner than a smaller one would. When the link (or the
-        // receiver) is what is slow, the sender is full and the configured
-        // level keeps saving bytes, unless the data barely compresses at
-        // it (`Effort`; None: it goes uncompressed).
-        let chunk_level = effort.next_level(rx.is_full() && tx.capacity() > 0);
+        // Reads waiting for a compressor (one per worker or more) while
+        // the sender has room: compression is the slowest step, and a
+        // faster level ships this chunk sooner than a smaller one would.
+        // When the link (or the receiver) is what is slow, the sender is
+        // full and the configured level keeps saving bytes, unless the
+        // data barely compresses at it (`Effort`; None: it goes
+        // uncompressed).
+        let chunk_level = effort.next_level(rx.len() >= workers && tx.capacity() > 0);
         let mut compressor = match chunk_level {
             None => None,
             Some(l) if l == level => Some(&mut compressor),
