@@ -25,7 +25,8 @@ const BARELY: f64 = 0.85;
 const HARDLY: f64 = 0.875;
 /// While on the fast level or storing, one piece in this many is still
 /// compressed at the configured level, so that data turning compressible
-/// is noticed.
+/// is noticed, and data that stopped compressing while pieces were
+/// hurried.
 const PROBE_EVERY: u32 = 16;
 /// Weight of each new observation in the running ratio.
 const WEIGHT: f64 = 0.125;
@@ -65,7 +66,19 @@ impl Effort {
         if self.level <= FAST_ZSTD_LEVEL {
             return Some(self.level);
         }
-        if hurry || self.ratio >= BARELY {
+        if self.ratio >= BARELY {
+            return Some(FAST_ZSTD_LEVEL);
+        }
+        if hurry {
+            // Hurried pieces teach the estimate nothing, and it may be
+            // the first guess or data long gone: under a hurry that does
+            // not end, data that stopped compressing would go at the fast
+            // level for good instead of being stored.
+            self.since_probe += 1;
+            if self.since_probe >= PROBE_EVERY {
+                self.since_probe = 0;
+                return Some(self.level);
+            }
             return Some(FAST_ZSTD_LEVEL);
         }
         Some(self.level)
@@ -129,6 +142,21 @@ mod tests {
         run(&mut e, 0.99, 2000);
         let hurried = (0..160).filter(|_| e.next_level(true).is_none()).count();
         assert_eq!(hurried, 150, "all but the probes");
+    }
+
+    #[test]
+    fn data_that_stops_compressing_while_hurried_is_still_stored() {
+        let mut e = Effort::new(1);
+        assert_eq!(run(&mut e, 0.3, 100), (0.0, 0.0));
+        // Always hurried from here on: the probes still find out.
+        let mut stored = 0;
+        for _ in 0..2000 {
+            match e.next_level(true) {
+                None => stored += 1,
+                Some(level) => e.observe(level, 1000, 900),
+            }
+        }
+        assert!(stored > 1500, "stored {stored} of 2000");
     }
 
     #[test]
