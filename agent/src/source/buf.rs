@@ -21,8 +21,8 @@ pub enum Pages {
     /// read into scattered 4 KiB pages is split by the block layer: a
     /// loop device takes at most 128 segments of 64 KiB, so a 1 MiB read
     /// went to it as two requests of 512 KiB, and the agent's reader got
-    /// about two-thirds of what fio (whose buffers happened to be
-    /// contiguous) got from the same device. Reading into huge pages
+    /// about 0.6 of what fio got from the same device whenever fio's
+    /// buffers happened to be contiguous. Reading into huge pages
     /// keeps each read one request, and pins one folio instead of 256
     /// pages. For `sync` and `resync`, which use every buffer within
     /// moments of starting anyway (docs/BENCHMARKS.md, "Read buffers in
