@@ -89,6 +89,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    one_malloc_arena();
     tidemark_common::cli::init_logging();
     let result = run(Cli::parse());
     let refused = result.as_ref().err().is_some_and(|e| {
@@ -102,6 +103,28 @@ fn main() -> ExitCode {
         ExitCode::from(tidemark_agent::transport::REFUSED_EXIT_CODE)
     } else {
         code
+    }
+}
+
+/// glibc gives each thread that allocates an arena of its own (up to
+/// 8 per core), and an arena keeps the pages of its own peak. A payload
+/// is allocated on a compression thread and freed on the sender's, so
+/// each compressor's arena peaked on its own, and at a point (up to
+/// `point_max_backlog_bytes` held at once) their sum set the agent's peak
+/// RSS. One arena for the whole process took 8-10 MiB off that peak with
+/// no change in CPU or drain rate (docs/BENCHMARKS.md, "One malloc
+/// arena"); the agent allocates in blocks of up to 1 MiB a few thousand
+/// times a second, too seldom for the shared lock to matter. An operator's
+/// own `MALLOC_ARENA_MAX` or `GLIBC_TUNABLES` wins.
+fn one_malloc_arena() {
+    let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
+    if std::env::var_os("MALLOC_ARENA_MAX").is_some() || tunables.contains("arena_max") {
+        return;
+    }
+    // SAFETY: mallopt only sets an allocator parameter; it is called
+    // before any other thread exists.
+    unsafe {
+        nix::libc::mallopt(nix::libc::M_ARENA_MAX, 1);
     }
 }
 

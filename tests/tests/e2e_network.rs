@@ -222,6 +222,42 @@ fn memory(pid: u32) -> anyhow::Result<(u64, u64)> {
     Ok((field("VmRSS:")?, field("VmHWM:")?))
 }
 
+/// How many malloc arenas of its threads' own a process has: glibc maps
+/// each such arena as a heap of its own, reserved as 64 MiB aligned to
+/// 64 MiB, the part in use read-write and the rest inaccessible. The main
+/// arena lives in the program break and is not counted.
+fn thread_arenas(pid: u32) -> anyhow::Result<usize> {
+    const HEAP: u64 = 64 << 20;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    let mut rows = Vec::new();
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let (range, perms) = (f.next().context("range")?, f.next().context("perms")?);
+        let anonymous = f.nth(3).is_none();
+        let (a, b) = range.split_once('-').context("range")?;
+        rows.push((
+            u64::from_str_radix(a, 16)?,
+            u64::from_str_radix(b, 16)?,
+            perms.to_owned(),
+            anonymous,
+        ));
+    }
+    let heaps = rows
+        .iter()
+        .zip(rows.iter().skip(1))
+        .filter(|(used, rest)| {
+            used.3
+                && rest.3
+                && used.0.is_multiple_of(HEAP)
+                && used.2.starts_with("rw")
+                && rest.2.starts_with("---")
+                && rest.0 == used.1
+                && rest.1 - used.0 == HEAP
+        })
+        .count();
+    Ok(heaps)
+}
+
 #[test]
 fn cut_mid_frame_resumes_and_converges() -> anyhow::Result<()> {
     let w = world("net-cut", 64, "")?;
@@ -463,6 +499,13 @@ fn memory_stays_bounded_while_the_receiver_is_unreachable() -> anyhow::Result<()
     );
     w.pair.set_link(Side::Receiver, true)?;
     w.converged("a long partition under churn")?;
+    // Payloads are made on the compression threads and freed on the
+    // sender's; per-thread arenas would each keep their own peak.
+    let arenas = thread_arenas(pid)?;
+    ensure!(
+        arenas == 0,
+        "the agent has {arenas} malloc arenas of its threads' own; it should allocate from one"
+    );
     let log = w.agent.log();
     ensure!(
         !log.contains("write events were lost"),
