@@ -157,9 +157,9 @@ PY
 # fio's huge-page buffers come from the kernel's reserved pool: 16 MiB
 # for 16 reads of 1 MiB, with room to spare. Given back on exit.
 hugepages_before=$(cat /proc/sys/vm/nr_hugepages)
-echo $((hugepages_before + 16)) > /proc/sys/vm/nr_hugepages
 cleanup_hugepages() { echo "$hugepages_before" > /proc/sys/vm/nr_hugepages; cleanup; }
 trap cleanup_hugepages EXIT
+echo $((hugepages_before + 16)) > /proc/sys/vm/nr_hugepages
 fio_read() {
   fio --name=seqread --filename="$loopdev" --rw=read --bs=1M --ioengine=io_uring \
     --direct=1 --iodepth=16 --readonly --output-format=json "$@" |

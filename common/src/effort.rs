@@ -53,32 +53,26 @@ impl Effort {
     /// `hurry` (compression is what the pipeline waits for) means the fast
     /// level where the configured one would be used.
     pub fn next_level(&mut self, hurry: bool) -> Option<i32> {
-        if self.ratio >= BARELY {
+        let barely = self.ratio >= BARELY;
+        // Away from the configured level (storing, or the fast level when
+        // it barely pays or when hurried), one piece in PROBE_EVERY still
+        // goes at it: other pieces teach the estimate nothing, and under
+        // a hurry that does not end, data that stopped compressing would
+        // otherwise go at the fast level for good instead of being stored.
+        if barely || (hurry && self.level > FAST_ZSTD_LEVEL) {
             self.since_probe += 1;
             if self.since_probe >= PROBE_EVERY {
                 self.since_probe = 0;
                 return Some(self.level);
             }
-            if self.ratio >= HARDLY {
-                return None;
-            }
+        }
+        if barely && self.ratio >= HARDLY {
+            return None;
         }
         if self.level <= FAST_ZSTD_LEVEL {
             return Some(self.level);
         }
-        if self.ratio >= BARELY {
-            return Some(FAST_ZSTD_LEVEL);
-        }
-        if hurry {
-            // Hurried pieces teach the estimate nothing, and it may be
-            // the first guess or data long gone: under a hurry that does
-            // not end, data that stopped compressing would go at the fast
-            // level for good instead of being stored.
-            self.since_probe += 1;
-            if self.since_probe >= PROBE_EVERY {
-                self.since_probe = 0;
-                return Some(self.level);
-            }
+        if barely || hurry {
             return Some(FAST_ZSTD_LEVEL);
         }
         Some(self.level)
