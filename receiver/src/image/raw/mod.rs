@@ -107,14 +107,16 @@ impl Image for RawImage {
     fn write_at(&mut self, offset_bytes: u64, data: &[u8]) -> Result<(), ImageError> {
         self.check(offset_bytes, data.len() as u64)?;
         self.storage
-            .write_at(data, offset_bytes)
+            .allocate_exact(offset_bytes, data.len() as u64)
+            .and_then(|()| self.storage.write_at(data, offset_bytes))
             .map_err(|e| self.write_err(offset_bytes, e))
     }
 
     fn write_direct(&mut self, offset_bytes: u64, data: &[u8]) -> Result<(), ImageError> {
         self.check(offset_bytes, data.len() as u64)?;
         self.storage
-            .write_direct(data, offset_bytes)
+            .allocate_exact(offset_bytes, data.len() as u64)
+            .and_then(|()| self.storage.write_direct(data, offset_bytes))
             .map_err(|e| self.write_err(offset_bytes, e))
     }
 
