@@ -60,7 +60,7 @@ fn writes_into_holes_of_a_raw_image_hold_only_their_own_blocks() -> anyhow::Resu
         image.write_direct(at(i) + (1 << 20), &vec![i as u8 + 101; LARGE])?;
     }
     image.flush()?;
-    let held = before - allocator_free_blocks(&dev_path)?;
+    let held = before.saturating_sub(allocator_free_blocks(&dev_path)?);
 
     let written = WRITES * ((SMALL + LARGE) / 4096) as u64;
     // A few blocks more for the extent tree of a file of 96 extents.
