@@ -46,6 +46,10 @@
 # on a file in it (three quarters of the disk, written once beforehand),
 # so each point freezes it: the rate steps then also report the freeze
 # time per point (median and the largest of the step's points).
+# IMAGES_FS=xfs|ext4 puts the receiver's images on a filesystem of their
+# own (IMAGES_GIB, default 32) on a loop device over a fully allocated
+# file, made without discards so that it stays allocated: what the
+# images' filesystem does, without a sparse file under it allocating too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 disk_mib=${1:-2048}
@@ -59,10 +63,14 @@ command -v fio >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractiv
 . scripts/bench-common.sh
 bench_bin
 work=$(mktemp -d /var/tmp/tidemark-bench-run.XXXXXX)
-loopdev=""; rx=""; ag=""; blkio=""; mnt=""
+loopdev=""; rx=""; ag=""; blkio=""; mnt=""; images_loop=""
 cleanup() {
   [ -n "$ag" ] && kill "$ag" 2>/dev/null && wait "$ag" 2>/dev/null || true
   [ -n "$rx" ] && kill "$rx" 2>/dev/null && wait "$rx" 2>/dev/null || true
+  if [ -n "$images_loop" ]; then
+    umount "$work/images" || umount -l "$work/images" || true
+    losetup -d "$images_loop" || true
+  fi
   rmdir /sys/kernel/tracing/instances/tidemark-bench-run 2>/dev/null || true
   [ -n "$blkio" ] && rmdir "$blkio" 2>/dev/null || true
   [ -n "$mnt" ] && umount "$mnt" || true
@@ -98,6 +106,17 @@ if [ -n "${FS:-}" ]; then
 fi
 port=$((20000 + RANDOM % 20000))
 metrics_port=$((port + 1))
+if [ -n "${IMAGES_FS:-}" ]; then
+  fallocate -l "${IMAGES_GIB:-32}G" "$work/images.fs"
+  case "$IMAGES_FS" in
+    xfs) mkfs.xfs -q -f -K "$work/images.fs" ;;
+    ext4) mkfs.ext4 -q -F -E nodiscard,lazy_itable_init=0,lazy_journal_init=0 "$work/images.fs" ;;
+    *) echo "bench-run: IMAGES_FS=$IMAGES_FS: xfs or ext4" >&2; exit 1 ;;
+  esac
+  images_loop=$(losetup --find --show "$work/images.fs")
+  mkdir -p "$work/images"
+  mount "$images_loop" "$work/images"
+fi
 "$bin/tidemark-receiver" init --dir "$work/rx" --name bench --listen "127.0.0.1:$port" \
   --image-dir "$work/images" --retention-dir "$work/retention" --retention-on-root-filesystem >/dev/null
 # The receiver's metrics too: how much of what it overwrote it journaled.
