@@ -53,11 +53,13 @@ fn writes_into_holes_of_a_raw_image_hold_only_their_own_blocks() -> anyhow::Resu
     let mut image = RawImage::create(&volume.dir().join("disk.raw"), 256 << 30)?;
     let before = allocator_free_blocks(&dev_path)?;
     // Far apart, as random writes over a large disk are: each into a hole
-    // of its own. The large ones go past the page cache.
+    // of its own, and the large ones, which go past the page cache, in
+    // 8 MiB windows apart from the small ones, so that each path shows.
     let at = |i: u64| i * (5 << 30) + 12345 * 4096;
+    const LARGE_AFTER: u64 = 64 << 20;
     for i in 0..WRITES {
         image.write_at(at(i), &[i as u8 + 1; SMALL])?;
-        image.write_direct(at(i) + (1 << 20), &vec![i as u8 + 101; LARGE])?;
+        image.write_direct(at(i) + LARGE_AFTER, &vec![i as u8 + 101; LARGE])?;
     }
     image.flush()?;
     let held = before.saturating_sub(allocator_free_blocks(&dev_path)?);
@@ -73,7 +75,7 @@ fn writes_into_holes_of_a_raw_image_hold_only_their_own_blocks() -> anyhow::Resu
         let mut small = vec![0u8; SMALL];
         let mut large = vec![0u8; LARGE];
         image.read_at(at(i), &mut small)?;
-        image.read_at(at(i) + (1 << 20), &mut large)?;
+        image.read_at(at(i) + LARGE_AFTER, &mut large)?;
         ensure!(
             small.iter().all(|&b| b == i as u8 + 1) && large.iter().all(|&b| b == i as u8 + 101),
             "write {i} did not read back"

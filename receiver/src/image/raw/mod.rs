@@ -89,6 +89,21 @@ impl RawImage {
         }
     }
 
+    /// Writes `data` with `write` (through the page cache or past it)
+    /// once its range is allocated exactly.
+    fn write_with(
+        &mut self,
+        offset_bytes: u64,
+        data: &[u8],
+        write: fn(&mut FileStorage, &[u8], u64) -> std::io::Result<()>,
+    ) -> Result<(), ImageError> {
+        self.check(offset_bytes, data.len() as u64)?;
+        self.storage
+            .allocate_exact(offset_bytes, data.len() as u64)
+            .and_then(|()| write(&mut self.storage, data, offset_bytes))
+            .map_err(|e| self.write_err(offset_bytes, e))
+    }
+
     fn write_err(&mut self, offset_bytes: u64, source: std::io::Error) -> ImageError {
         self.poisoned = true;
         ImageError::Write {
@@ -105,19 +120,11 @@ impl Image for RawImage {
     }
 
     fn write_at(&mut self, offset_bytes: u64, data: &[u8]) -> Result<(), ImageError> {
-        self.check(offset_bytes, data.len() as u64)?;
-        self.storage
-            .allocate_exact(offset_bytes, data.len() as u64)
-            .and_then(|()| self.storage.write_at(data, offset_bytes))
-            .map_err(|e| self.write_err(offset_bytes, e))
+        self.write_with(offset_bytes, data, FileStorage::write_at)
     }
 
     fn write_direct(&mut self, offset_bytes: u64, data: &[u8]) -> Result<(), ImageError> {
-        self.check(offset_bytes, data.len() as u64)?;
-        self.storage
-            .allocate_exact(offset_bytes, data.len() as u64)
-            .and_then(|()| self.storage.write_direct(data, offset_bytes))
-            .map_err(|e| self.write_err(offset_bytes, e))
+        self.write_with(offset_bytes, data, FileStorage::write_direct)
     }
 
     fn write_zeroes(&mut self, offset_bytes: u64, len_bytes: u64) -> Result<(), ImageError> {
