@@ -375,10 +375,22 @@ impl Outgoing {
     }
 }
 
+/// Frames written in one call, at most: enough that a TLS write fills
+/// several records and the socket gets them in one system call.
+const BATCH_FRAMES: usize = 32;
+/// Bytes a batch grows to, at most, from frames already queued.
+const BATCH_BYTES: usize = 256 << 10;
+
 /// Writes queued frames in order, flushing when the queue runs empty. A
 /// receiver that stops reading (a frozen flow, a partition) fills the
 /// socket buffer: a write that makes no progress for `io_timeout` ends the
 /// connection, and why is reported where the shipper reads.
+///
+/// Frames already queued go to TLS together, as one vectored write:
+/// written one part at a time, an extent's small head became a TLS record
+/// and a socket write of its own, and at 175 MB/s of churn in random
+/// 4-64 KiB writes that was some 3000 writes a second, each waking the
+/// receiver (docs/BENCHMARKS.md, "Frames written together").
 async fn write_frames(
     mut wr: WriteHalf<TlsStream<TcpStream>>,
     mut queued: mpsc::UnboundedReceiver<Outgoing>,
@@ -392,20 +404,31 @@ async fn write_frames(
         )
     };
     let result: std::io::Result<()> = async {
-        while let Some(frame) = queued.recv().await {
-            for part in frame.parts() {
-                let mut at = 0;
-                while at < part.len() {
-                    let n = tokio::time::timeout(io_timeout, wr.write(&part[at..]))
-                        .await
-                        .map_err(|_| stalled("sending"))??;
-                    if n == 0 {
-                        return Err(std::io::ErrorKind::WriteZero.into());
-                    }
-                    at += n;
+        let mut batch = Batch::default();
+        loop {
+            if batch.is_empty() {
+                match queued.recv().await {
+                    Some(frame) => batch.push(frame),
+                    None => break,
                 }
             }
-            if queued.is_empty() {
+            while batch.frames.len() < BATCH_FRAMES && batch.bytes < BATCH_BYTES {
+                match queued.try_recv() {
+                    Ok(frame) => batch.push(frame),
+                    Err(_) => break,
+                }
+            }
+            let n = {
+                let slices = batch.slices();
+                tokio::time::timeout(io_timeout, wr.write_vectored(&slices))
+                    .await
+                    .map_err(|_| stalled("sending"))??
+            };
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            batch.advance(n);
+            if batch.is_empty() && queued.is_empty() {
                 tokio::time::timeout(io_timeout, wr.flush())
                     .await
                     .map_err(|_| stalled("flushing"))??;
@@ -417,5 +440,95 @@ async fn write_frames(
     queued.close();
     if let Err(e) = result {
         let _ = report.send(Err(FrameError::Io(e))).await;
+    }
+}
+
+/// Frames taken from the queue and not yet wholly written.
+#[derive(Default)]
+struct Batch {
+    frames: std::collections::VecDeque<Outgoing>,
+    /// Bytes of the first frame already written.
+    written: usize,
+    /// Bytes of all the frames, written or not.
+    bytes: usize,
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    fn push(&mut self, frame: Outgoing) {
+        self.bytes += frame.parts().iter().map(|p| p.len()).sum::<usize>();
+        self.frames.push_back(frame);
+    }
+
+    /// What is left to write, in order.
+    fn slices(&self) -> Vec<std::io::IoSlice<'_>> {
+        let mut skip = self.written;
+        let mut out = Vec::with_capacity(self.frames.len() * 2);
+        for frame in &self.frames {
+            for part in frame.parts() {
+                let from = skip.min(part.len());
+                skip -= from;
+                if from < part.len() {
+                    out.push(std::io::IoSlice::new(&part[from..]));
+                }
+            }
+        }
+        out
+    }
+
+    /// Marks `n` more bytes written, dropping the frames written whole.
+    fn advance(&mut self, n: usize) {
+        self.written += n;
+        while let Some(front) = self.frames.front() {
+            let len: usize = front.parts().iter().map(|p| p.len()).sum();
+            if self.written < len {
+                break;
+            }
+            self.written -= len;
+            self.bytes -= len;
+            self.frames.pop_front();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rest(b: &Batch) -> Vec<u8> {
+        b.slices().iter().flat_map(|s| s.iter().copied()).collect()
+    }
+
+    #[test]
+    fn a_batch_writes_every_byte_once_in_order_however_the_writes_split() {
+        let extent = Arc::new(Extent::pack(1, 0, 4096, &[7u8; 9000], None));
+        let frames = || {
+            vec![
+                Outgoing::Frame(vec![1, 2, 3]),
+                Outgoing::extent(5, 2, &extent),
+                Outgoing::Frame(vec![4; 10]),
+            ]
+        };
+        let whole: Vec<u8> = frames().iter().flat_map(|f| f.parts().concat()).collect();
+        for step in [1, 2, 3, 5, 64, 4096, 100_000] {
+            let mut b = Batch::default();
+            for f in frames() {
+                b.push(f);
+            }
+            assert_eq!(b.bytes, whole.len());
+            let mut sent = Vec::new();
+            while !b.is_empty() {
+                let left = rest(&b);
+                assert_eq!(left[..], whole[sent.len()..], "step {step}");
+                let n = step.min(left.len());
+                sent.extend_from_slice(&left[..n]);
+                b.advance(n);
+            }
+            assert_eq!(sent, whole, "step {step}");
+            assert_eq!((b.bytes, b.written), (0, 0), "step {step}");
+        }
     }
 }
