@@ -83,6 +83,12 @@ pub trait Image: Send {
     /// Makes a range read as zeros, deallocating it where the format can.
     fn write_zeroes(&mut self, offset_bytes: u64, len_bytes: u64) -> Result<(), ImageError>;
     fn read_at(&mut self, offset_bytes: u64, buf: &mut [u8]) -> Result<(), ImageError>;
+    /// [`Image::read_at`] done only if it needs no wait for the disk (the
+    /// bytes are in the page cache); false, with `buf` to be read again,
+    /// otherwise, and always where the format cannot tell.
+    fn read_cached(&mut self, _offset_bytes: u64, _buf: &mut [u8]) -> bool {
+        false
+    }
     /// Everything written so far is durable when this returns Ok.
     fn flush(&mut self) -> Result<(), ImageError>;
     /// True only when the whole range is known to read as zeros without

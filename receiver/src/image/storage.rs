@@ -51,6 +51,9 @@ pub struct FileStorage {
     /// False once the filesystem refused `fallocate`: see
     /// [`FileStorage::allocate_exact`].
     can_allocate: bool,
+    /// False once the kernel refused a read that must not wait
+    /// (`RWF_NOWAIT`): see [`FileStorage::read_cached`].
+    can_read_cached: std::cell::Cell<bool>,
 }
 
 /// Address, length and offset alignment for reads that bypass the page
@@ -75,6 +78,7 @@ impl FileStorage {
             direct_write: None,
             bounce: Vec::new(),
             can_allocate: true,
+            can_read_cached: std::cell::Cell::new(true),
         }
     }
 
@@ -188,6 +192,38 @@ impl FileStorage {
             Err(nix::errno::Errno::ENXIO) => true,
             Err(_) => false,
         }
+    }
+
+    /// Fills `buf` from `offset` only if the page cache holds all of it,
+    /// without waiting for the disk (`RWF_NOWAIT`); false, and `buf` to be
+    /// read again, otherwise. Such a read costs a copy, where handing it to
+    /// a reader thread costs two wake-ups more than the copy itself.
+    /// Reads that [`Storage::read_at`] makes past the cache are not tried.
+    pub fn read_cached(&self, buf: &mut [u8], offset: u64) -> bool {
+        if !self.can_read_cached.get() || buf.len() >= DIRECT_MIN_BYTES {
+            return false;
+        }
+        let mut done = 0;
+        while done < buf.len() {
+            match rustix::io::preadv2(
+                &self.file,
+                &mut [io::IoSliceMut::new(&mut buf[done..])],
+                offset + done as u64,
+                rustix::io::ReadWriteFlags::NOWAIT,
+            ) {
+                Ok(n) if n > 0 => done += n,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::INVAL) => {
+                    self.can_read_cached.set(false);
+                    return false;
+                }
+                // EAGAIN: not all cached; 0: the end of the file, which
+                // the caller's read fills with zeros; anything else the
+                // caller's read reports.
+                _ => return false,
+            }
+        }
+        true
     }
 
     /// Starts reading a range into the page cache in the background;
@@ -592,6 +628,39 @@ mod tests {
         let r = aligned_range(&mut buf, 2 << 20);
         assert_eq!(s.read_direct(&mut buf[r.clone()], 0), 2 << 20);
         assert!(buf[r] == want[..], "direct read sees every write");
+    }
+
+    #[test]
+    fn cached_reads_take_only_what_the_page_cache_holds() {
+        // On the project's own filesystem (ext4), whose clean pages
+        // POSIX_FADV_DONTNEED drops.
+        let f = tempfile::tempfile_in(env!("CARGO_MANIFEST_DIR")).expect("tempfile");
+        let mut s = FileStorage::new(f);
+        let data: Vec<u8> = (0..1 << 17).map(|i| (i * 11 % 251) as u8).collect();
+        s.write_at(&data, 0).expect("write");
+        let mut buf = vec![0u8; 16384];
+        assert!(s.read_cached(&mut buf, 4096), "just written: cached");
+        assert_eq!(buf[..], data[4096..4096 + 16384]);
+        // Past the end of the file: for the caller's read, which fills zeros.
+        assert!(!s.read_cached(&mut buf, (1 << 17) - 4096));
+        // The size that read_at reads past the cache is not tried.
+        let mut big = vec![0u8; DIRECT_MIN_BYTES];
+        assert!(!s.read_cached(&mut big, 0));
+
+        s.sync().expect("sync");
+        nix::fcntl::posix_fadvise(
+            &s.file,
+            0,
+            0,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        )
+        .expect("drop the cached pages");
+        buf.fill(7);
+        assert!(!s.read_cached(&mut buf, 4096), "dropped: not cached");
+        s.read_at(&mut buf, 4096).expect("read from the disk");
+        buf.fill(7);
+        assert!(s.read_cached(&mut buf, 4096), "read back in: cached");
+        assert_eq!(buf[..], data[4096..4096 + 16384]);
     }
 
     #[test]

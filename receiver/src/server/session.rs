@@ -470,8 +470,8 @@ fn readers<'a>(
 
 impl OpenDisk {
     /// Starts reading the pre-image of `at..at + len` on a reader thread
-    /// (on this one where there are none); [`OpenDisk::journal_pre`]
-    /// journals it once read.
+    /// (on this one where it is cached or there are none);
+    /// [`OpenDisk::journal_pre`] journals it once read.
     fn read_pre(&mut self, tag: u64, at: u64, len: u64) -> Result<(), Refusal> {
         if self.image.is_hole(at, len) {
             self.pre.push_back(PreImage::Zeros { tag, at, len });
@@ -479,14 +479,21 @@ impl OpenDisk {
         }
         // Aligned, so that the image can read it past the page cache.
         let mut buf = self.undo.pre_buffer();
+        let window = aligned_range(&mut buf, len as usize);
+        // What the page cache holds (an image being churned, mostly) is
+        // copied here at once: a reader thread would cost more in wake-ups
+        // than the copy.
+        if self.image.read_cached(at, &mut buf[window.clone()]) {
+            let read = Pending::done(Ok((buf, window)));
+            self.pre.push_back(PreImage::Read { tag, at, read });
+            return Ok(());
+        }
         let read = if let Some(r) = readers(&self.readers, self.image.as_ref()) {
             r.run(When::Soon, at, move |image, _| {
-                let window = aligned_range(&mut buf, len as usize);
                 image.read_at(at, &mut buf[window.clone()])?;
                 Ok((buf, window))
             })
         } else {
-            let window = aligned_range(&mut buf, len as usize);
             self.image
                 .read_at(at, &mut buf[window.clone()])
                 .map_err(storage)?;

@@ -147,6 +147,11 @@ impl Image for RawImage {
             })
     }
 
+    fn read_cached(&mut self, offset_bytes: u64, buf: &mut [u8]) -> bool {
+        self.check(offset_bytes, buf.len() as u64).is_ok()
+            && self.storage.read_cached(buf, offset_bytes)
+    }
+
     fn is_hole(&self, offset_bytes: u64, len_bytes: u64) -> bool {
         self.check(offset_bytes, len_bytes).is_ok() && self.storage.is_hole(offset_bytes, len_bytes)
     }
