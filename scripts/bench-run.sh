@@ -46,6 +46,9 @@
 # on a file in it (three quarters of the disk, written once beforehand),
 # so each point freezes it: the rate steps then also report the freeze
 # time per point (median and the largest of the step's points).
+# SYSCALLS=FILE counts the agent's and the receiver's system calls per
+# thread (`perf trace -s`) for 5 s, from 4 s into the first rate step:
+# how often each thread waits and wakes (futex) and talks to the kernel.
 # IMAGES_FS=xfs|ext4 puts the receiver's images on a filesystem of their
 # own (IMAGES_GIB, default 32) on a loop device over a fully allocated
 # file, made without discards so that it stays allocated: what the
@@ -249,6 +252,9 @@ for rate in "${rates[@]}"; do
       sleep 0.25
     done &
     sampler=$!
+  fi
+  if [ -n "${SYSCALLS:-}" ] && [ "$rate" = "${rates[0]}" ]; then
+    (sleep 4 && perf trace -s -p "$ag,$rx" -o "$SYSCALLS" -- sleep 5 >/dev/null 2>&1) &
   fi
   sleep 2
   while kill -0 "$fio_pid" 2>/dev/null; do
