@@ -320,6 +320,14 @@ impl Image for FixedVhd {
 
     // The disk is the file's first bytes, as in a raw image, where the
     // store is a file (not the fault-injecting store of the tests).
+    fn read_cached(&mut self, offset_bytes: u64, buf: &mut [u8]) -> bool {
+        self.check(offset_bytes, buf.len() as u64, false).is_ok()
+            && self
+                .storage
+                .file_storage()
+                .is_some_and(|f| f.read_cached(buf, offset_bytes))
+    }
+
     fn is_hole(&self, offset_bytes: u64, len_bytes: u64) -> bool {
         self.check(offset_bytes, len_bytes, false).is_ok()
             && self
@@ -404,7 +412,7 @@ mod tests {
     /// As raw images and flat VMDK: the session reads it beside its own
     /// thread, and skips holes.
     #[test]
-    fn a_fixed_image_file_knows_holes_and_reads_from_other_threads() {
+    fn a_fixed_image_file_knows_holes_and_its_cache_and_reads_from_other_threads() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("t.vhd");
         let mut img = FixedVhd::create_file(&p, 8 << 20, [4; 16]).expect("create");
@@ -414,6 +422,13 @@ mod tests {
         assert!(img.is_hole(0, 4 << 20));
         assert!(
             !img.is_hole(8 << 20, 1),
+            "the footer is no part of the disk"
+        );
+        let mut b = vec![0u8; 8192];
+        assert!(img.read_cached(5 << 20, &mut b), "just written: cached");
+        assert!(b.iter().all(|&x| x == 0x77));
+        assert!(
+            !img.read_cached((8 << 20) - 4096, &mut b),
             "the footer is no part of the disk"
         );
         let mut reader = img.reader().expect("a file reads from elsewhere");
@@ -427,9 +442,10 @@ mod tests {
         assert!(b.iter().all(|&x| x == 0x77));
         assert!(refused, "the reader cannot write");
         let s = CrashStorage::new(Vec::new(), None);
-        let img =
+        let mut img =
             FixedVhd::create(Box::new(s), Path::new("c.vhd"), 1 << 20, [3; 16]).expect("create");
         assert!(img.reader().is_none());
+        assert!(!img.read_cached(0, &mut [0u8; 4096]), "nor read its cache");
         assert!(
             !img.is_hole(0, 1 << 20),
             "a store that is no file cannot tell"

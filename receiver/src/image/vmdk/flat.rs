@@ -580,6 +580,13 @@ impl Image for FlatImage {
             })
     }
 
+    fn read_cached(&mut self, offset_bytes: u64, buf: &mut [u8]) -> bool {
+        self.check(offset_bytes, buf.len() as u64, false).is_ok()
+            && self
+                .storage
+                .read_cached(buf, self.offset_bytes + offset_bytes)
+    }
+
     fn is_hole(&self, offset_bytes: u64, len_bytes: u64) -> bool {
         self.check(offset_bytes, len_bytes, false).is_ok()
             && self

@@ -503,6 +503,13 @@ impl Image for VmdkImage {
 
     // A sparse VMDK maps ranges through grain tables that only its own
     // handle keeps current, so it keeps the trait's defaults.
+    fn read_cached(&mut self, offset_bytes: u64, buf: &mut [u8]) -> bool {
+        match &mut self.inner {
+            Inner::Flat(f) => f.read_cached(offset_bytes, buf),
+            Inner::Sparse(_) => false,
+        }
+    }
+
     fn is_hole(&self, offset_bytes: u64, len_bytes: u64) -> bool {
         match &self.inner {
             Inner::Flat(f) => f.is_hole(offset_bytes, len_bytes),
@@ -563,7 +570,8 @@ mod tests {
     }
 
     /// The session reads pre-images and hashes beside its writes through
-    /// these, and skips holes; the default live format must offer them.
+    /// these (or from the page cache at once), and skips holes; the
+    /// default live format must offer them.
     #[test]
     fn flat_kinds_know_holes_and_read_on_other_threads_sparse_does_not() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -576,6 +584,10 @@ mod tests {
             assert!(!img.is_hole((3 << 20) + 4095, 1));
             assert!(img.is_hole(4 << 20, 4 << 20));
             assert!(!img.is_hole(8 << 20, 1), "beyond the end is no hole");
+            let mut b = vec![0u8; 4096];
+            assert!(img.read_cached(3 << 20, &mut b), "{kind:?}: just written");
+            assert!(b.iter().all(|&x| x == 0x5a), "{kind:?}: its own bytes");
+            assert!(!img.read_cached((8 << 20) - 2048, &mut b), "past the end");
             let mut reader = img.reader().expect("flat images read on other threads");
             let seen = std::thread::spawn(move || {
                 let mut b = vec![0u8; 4098];
@@ -593,9 +605,14 @@ mod tests {
             assert!(img.is_hole(0, 8 << 20));
         }
         let p = dir.path().join("sparse.vmdk");
-        let img =
+        let mut img =
             VmdkImage::create_file(&p, 8 << 20, U, VmdkKind::MonolithicSparse).expect("create");
         assert!(!img.is_hole(0, 8 << 20), "a sparse VMDK cannot tell");
+        img.write_at(0, &[0x5a; 4096]).expect("write");
+        assert!(
+            !img.read_cached(0, &mut [0u8; 4096]),
+            "nor read past its tables"
+        );
         assert!(img.reader().is_none());
     }
 
