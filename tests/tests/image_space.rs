@@ -53,8 +53,9 @@ fn writes_into_holes_of_a_raw_image_hold_only_their_own_blocks() -> anyhow::Resu
     let mut image = RawImage::create(&volume.dir().join("disk.raw"), 256 << 30)?;
     let before = allocator_free_blocks(&dev_path)?;
     // Far apart, as random writes over a large disk are: each into a hole
-    // of its own, and the large ones, which go past the page cache, in
-    // 8 MiB windows apart from the small ones, so that each path shows.
+    // of its own. The large ones, which go past the page cache, land
+    // 64 MiB from the small ones, outside the 8 MiB that a small write's
+    // preallocation would cover, so that each path shows on its own.
     let at = |i: u64| i * (5 << 30) + 12345 * 4096;
     const LARGE_AFTER: u64 = 64 << 20;
     for i in 0..WRITES {
