@@ -22,10 +22,21 @@
 //!
 //! A filesystem that refuses O_DIRECT (or these alignments) gets the same
 //! bytes through ordinary writes, without padding.
+//!
+//! The staged megabyte is written on a thread beside the caller while the
+//! caller stages the next one into a second buffer: waiting for these
+//! writes was a sixth of the receiver session's time in a backlog drain
+//! (docs/BENCHMARKS.md). One such write is in flight at most. A sync
+//! waits for it, then writes the partial last block itself and syncs the
+//! file. An error of a write made beside the caller is returned by the next
+//! call that waits for it (the next flush, sync or cut), so a sync never
+//! reports bytes durable behind a write that failed.
 
 use std::fs::File;
 use std::io;
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
+use std::sync::mpsc;
 
 use crate::image::storage::{aligned_range, open_direct, DIRECT_ALIGN};
 
@@ -41,10 +52,92 @@ pub struct DirectAppend {
     /// `stage[window]` holds the staged bytes and the room after them; its
     /// start is aligned.
     stage: Vec<u8>,
-    window: std::ops::Range<usize>,
+    window: Range<usize>,
     staged: usize,
     /// Where in the file the first staged byte goes (aligned while direct).
     at: u64,
+    /// Writes whole blocks beside the caller; started by the first.
+    writer: Option<Writer>,
+    /// A write is with the writer; its buffer comes back with its result.
+    pending: bool,
+    /// A stage buffer back from the writer, for the next hand-over.
+    spare: Option<(Vec<u8>, Range<usize>)>,
+    /// A write beside the caller failed: its bytes are no longer staged,
+    /// so nothing may be written after them until [`DirectAppend::cut`].
+    broken: bool,
+}
+
+/// Whole blocks for the writer: `buf[window.start..][..len]` at `at`.
+struct Job {
+    buf: Vec<u8>,
+    window: Range<usize>,
+    len: usize,
+    at: u64,
+}
+
+struct Done {
+    buf: Vec<u8>,
+    window: Range<usize>,
+    result: io::Result<()>,
+    /// The direct write was refused (EINVAL) and the bytes went through
+    /// the page cache instead; the caller stops writing directly.
+    refused: bool,
+}
+
+struct Writer {
+    jobs: Option<mpsc::SyncSender<Job>>,
+    done: mpsc::Receiver<Done>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    fn start(file: &File, direct: &File) -> io::Result<Writer> {
+        let file = file.try_clone()?;
+        let direct = direct.try_clone()?;
+        let (jobs, job_rx) = mpsc::sync_channel::<Job>(1);
+        let (done_tx, done) = mpsc::sync_channel::<Done>(1);
+        let thread = std::thread::Builder::new()
+            .name("undo-write".into())
+            .spawn(move || {
+                while let Ok(job) = job_rx.recv() {
+                    let bytes = &job.buf[job.window.start..job.window.start + job.len];
+                    let mut refused = false;
+                    let result = match direct.write_all_at(bytes, job.at) {
+                        Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {
+                            tracing::debug!(
+                                "direct journal writes refused ({e}); writing through the cache"
+                            );
+                            refused = true;
+                            file.write_all_at(bytes, job.at)
+                        }
+                        r => r,
+                    };
+                    let done = Done {
+                        buf: job.buf,
+                        window: job.window,
+                        result,
+                        refused,
+                    };
+                    if done_tx.send(done).is_err() {
+                        return;
+                    }
+                }
+            })?;
+        Ok(Writer {
+            jobs: Some(jobs),
+            done,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.jobs = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 fn align_down(n: u64) -> u64 {
@@ -67,6 +160,10 @@ impl DirectAppend {
             window: 0..0,
             staged: 0,
             at: len,
+            writer: None,
+            pending: false,
+            spare: None,
+            broken: false,
         };
         a.reload(len)?;
         Ok(a)
@@ -78,6 +175,7 @@ impl DirectAppend {
         self.at + self.staged as u64
     }
 
+    /// Stages `data`; may return the error of an earlier write.
     pub fn append(&mut self, data: &[u8]) -> io::Result<()> {
         self.reserve(data.len());
         let start = self.window.start + self.staged;
@@ -98,6 +196,10 @@ impl DirectAppend {
     /// Cuts the file back to `len` bytes, durably, and appends from there;
     /// whatever was staged past it is dropped.
     pub fn cut(&mut self, len: u64) -> io::Result<()> {
+        // A write still in flight lands before the truncate, not after it;
+        // its error is what the cut is for.
+        let _ = self.wait();
+        self.broken = false;
         // Dropped first: if the truncate or its sync fails, nothing staged
         // past `len` may be written by a later call.
         self.staged = 0;
@@ -139,10 +241,41 @@ impl DirectAppend {
         self.window = window;
     }
 
+    /// Waits for the write beside the caller, if one is in flight, and
+    /// returns its result.
+    fn wait(&mut self) -> io::Result<()> {
+        if !std::mem::take(&mut self.pending) {
+            return Ok(());
+        }
+        let done = self.writer.as_ref().and_then(|w| w.done.recv().ok());
+        let Some(done) = done else {
+            self.writer = None;
+            self.broken = true;
+            return Err(io::Error::other("the journal's writer thread is gone"));
+        };
+        self.spare = Some((done.buf, done.window));
+        if done.refused {
+            self.direct = None;
+        }
+        self.broken = done.result.is_err();
+        done.result
+    }
+
     /// Writes the staged whole blocks, and with `pad` the partial last one
     /// too (zero-padded, and kept staged for the next write to extend).
+    /// Whole blocks alone go to the writer thread.
     fn write_out(&mut self, pad: bool) -> io::Result<()> {
+        self.wait()?;
+        if self.broken {
+            return Err(io::Error::other(
+                "an earlier write of this journal failed; it must be cut back first",
+            ));
+        }
         if self.staged == 0 {
+            return Ok(());
+        }
+        let whole = align_down(self.staged as u64) as usize;
+        if !pad && whole > 0 && self.direct.is_some() && self.hand_over(whole) {
             return Ok(());
         }
         let Some(direct) = &self.direct else {
@@ -152,7 +285,6 @@ impl DirectAppend {
             self.staged = 0;
             return Ok(());
         };
-        let whole = align_down(self.staged as u64) as usize;
         let len = if pad { round_up(self.staged) } else { whole };
         if len == 0 {
             return Ok(());
@@ -178,6 +310,52 @@ impl DirectAppend {
         self.at += whole as u64;
         self.staged -= whole;
         Ok(())
+    }
+
+    /// Gives the first `whole` staged bytes to the writer thread and keeps
+    /// staging the rest in another buffer; false (nothing done) where the
+    /// thread cannot be started, and the caller writes them itself.
+    fn hand_over(&mut self, whole: usize) -> bool {
+        if self.writer.is_none() {
+            let Some(direct) = &self.direct else {
+                return false;
+            };
+            match Writer::start(&self.file, direct) {
+                Ok(w) => self.writer = Some(w),
+                Err(e) => {
+                    tracing::debug!("journal writes stay on the session thread: {e}");
+                    return false;
+                }
+            }
+        }
+        let Some(jobs) = self.writer.as_ref().and_then(|w| w.jobs.clone()) else {
+            return false;
+        };
+        let (mut buf, mut window) = self.spare.take().unwrap_or_default();
+        if window.len() < self.window.len() {
+            window = aligned_range(&mut buf, self.window.len());
+        }
+        let tail = self.staged - whole;
+        let from = self.window.start + whole;
+        buf[window.start..window.start + tail].copy_from_slice(&self.stage[from..from + tail]);
+        let job = Job {
+            buf: std::mem::replace(&mut self.stage, buf),
+            window: std::mem::replace(&mut self.window, window),
+            len: whole,
+            at: self.at,
+        };
+        if let Err(mpsc::SendError(job)) = jobs.send(job) {
+            // The thread is gone: take the staged bytes back, write here.
+            self.writer = None;
+            let other = std::mem::replace(&mut self.stage, job.buf);
+            let other_window = std::mem::replace(&mut self.window, job.window);
+            self.spare = Some((other, other_window));
+            return false;
+        }
+        self.pending = true;
+        self.at += whole as u64;
+        self.staged = tail;
+        true
     }
 }
 
@@ -266,6 +444,43 @@ mod tests {
         assert_eq!(&got[10_000..10_300], &third[..]);
         assert!(got[10_300..].iter().all(|&b| b == 0));
         assert!(got.len() < 10_300 + DIRECT_ALIGN);
+    }
+
+    #[test]
+    fn a_failed_write_beside_the_caller_fails_the_next_sync_until_a_cut() {
+        let (_dir, f, path) = file();
+        let mut a = DirectAppend::new(f, 0).expect("new");
+        let first = bytes(10_000, 1);
+        a.append(&first).expect("append");
+        a.sync().expect("sync");
+        // The writer thread gets a handle that cannot write: EBADF, as a
+        // failing device would give EIO.
+        a.direct = Some(open_direct(&a.file, false).expect("read-only O_DIRECT handle"));
+        a.append(&bytes(3 << 20, 2))
+            .expect("staged and handed over");
+        assert!(a.pending, "whole blocks went to the writer thread");
+        assert!(
+            a.sync().is_err(),
+            "the failed write is reported by the sync"
+        );
+        assert!(a.sync().is_err(), "and by every sync until a cut");
+        assert!(a.append(&bytes(2 << 20, 3)).is_err());
+        assert_eq!(
+            std::fs::read(&path).expect("read")[..first.len()],
+            first[..],
+            "what was durable is untouched"
+        );
+        // After the cut, appends are written again (here through the page
+        // cache: the writer keeps the handle it was started with).
+        a.cut(first.len() as u64).expect("cut");
+        a.writer = None;
+        a.direct = None;
+        let second = bytes(5000, 4);
+        a.append(&second).expect("append");
+        a.sync().expect("sync");
+        let got = std::fs::read(&path).expect("read");
+        assert_eq!(got.len(), first.len() + second.len());
+        assert_eq!(&got[first.len()..], &second[..]);
     }
 
     #[test]
