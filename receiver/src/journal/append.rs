@@ -26,11 +26,13 @@
 //! The staged megabyte is written on a thread beside the caller while the
 //! caller stages the next one into a second buffer: waiting for these
 //! writes was a sixth of the receiver session's time in a backlog drain
-//! (docs/BENCHMARKS.md). One such write is in flight at most. A sync
-//! waits for it, then writes the partial last block itself and syncs the
-//! file. An error of a write made beside the caller is returned by the next
-//! call that waits for it (the next flush, sync or cut), so a sync never
-//! reports bytes durable behind a write that failed.
+//! (docs/BENCHMARKS.md). A sync can be left to that thread too
+//! ([`DirectAppend::sync_start`]): it writes the padded last block and
+//! syncs the file while the caller goes on. One write or sync is in flight
+//! at most. An error of one is returned by the next call that waits for it
+//! (the next flush, sync or [`DirectAppend::synced`]), and every write and
+//! sync fails after it until a cut, so nothing is ever reported durable
+//! behind a write that failed.
 
 use std::fs::File;
 use std::io;
@@ -56,10 +58,13 @@ pub struct DirectAppend {
     staged: usize,
     /// Where in the file the first staged byte goes (aligned while direct).
     at: u64,
-    /// Writes whole blocks beside the caller; started by the first.
+    /// Writes and syncs beside the caller; started by the first.
     writer: Option<Writer>,
-    /// A write is with the writer; its buffer comes back with its result.
+    /// A job is with the writer; its buffer comes back with its result.
     pending: bool,
+    /// Syncs started, and those of them that succeeded.
+    syncs_started: u64,
+    syncs_done: u64,
     /// A stage buffer back from the writer, for the next hand-over.
     spare: Option<(Vec<u8>, Range<usize>)>,
     /// A write beside the caller failed: its bytes are no longer staged,
@@ -67,18 +72,21 @@ pub struct DirectAppend {
     broken: bool,
 }
 
-/// Whole blocks for the writer: `buf[window.start..][..len]` at `at`.
+/// For the writer: `buf[window.start..][..len]` goes to the file at `at`
+/// past the page cache, then the file is synced if `sync`.
 struct Job {
     buf: Vec<u8>,
     window: Range<usize>,
     len: usize,
     at: u64,
+    sync: bool,
 }
 
 struct Done {
     buf: Vec<u8>,
     window: Range<usize>,
     result: io::Result<()>,
+    sync: bool,
     /// The direct write was refused (EINVAL) and the bytes went through
     /// the page cache instead; the caller stops writing directly.
     refused: bool,
@@ -102,7 +110,7 @@ impl Writer {
                 while let Ok(job) = job_rx.recv() {
                     let bytes = &job.buf[job.window.start..job.window.start + job.len];
                     let mut refused = false;
-                    let result = match direct.write_all_at(bytes, job.at) {
+                    let mut result = match direct.write_all_at(bytes, job.at) {
                         Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {
                             tracing::debug!(
                                 "direct journal writes refused ({e}); writing through the cache"
@@ -112,10 +120,14 @@ impl Writer {
                         }
                         r => r,
                     };
+                    if job.sync && result.is_ok() {
+                        result = file.sync_data();
+                    }
                     let done = Done {
                         buf: job.buf,
                         window: job.window,
                         result,
+                        sync: job.sync,
                         refused,
                     };
                     if done_tx.send(done).is_err() {
@@ -148,6 +160,10 @@ fn round_up(n: usize) -> usize {
     n.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN
 }
 
+fn broken() -> io::Error {
+    io::Error::other("an earlier write of this journal failed; it must be cut back first")
+}
+
 impl DirectAppend {
     /// Appends to `file` after its first `len` bytes, which are kept; what
     /// lies past them is overwritten (callers cut it off first).
@@ -162,6 +178,8 @@ impl DirectAppend {
             at: len,
             writer: None,
             pending: false,
+            syncs_started: 0,
+            syncs_done: 0,
             spare: None,
             broken: false,
         };
@@ -189,8 +207,41 @@ impl DirectAppend {
 
     /// Everything appended is durable when this returns Ok.
     pub fn sync(&mut self) -> io::Result<()> {
+        self.sync_start()?;
+        self.synced(true).map(|_| ())
+    }
+
+    /// Starts making everything appended so far durable, beside the
+    /// caller where it can; [`DirectAppend::synced`] says when it is.
+    /// Appends may go on meanwhile; they are not covered by this sync.
+    pub fn sync_start(&mut self) -> io::Result<()> {
+        self.collect(true)?;
+        if self.broken {
+            return Err(broken());
+        }
+        self.syncs_started += 1;
+        if self.direct.is_some() {
+            let whole = align_down(self.staged as u64) as usize;
+            if self.hand_over(whole, round_up(self.staged), true) {
+                return Ok(());
+            }
+        }
         self.write_out(true)?;
-        self.file.sync_data()
+        self.file.sync_data()?;
+        self.syncs_done += 1;
+        Ok(())
+    }
+
+    /// True once the last [`DirectAppend::sync_start`] has made its bytes
+    /// durable; with `wait`, waits for it. Its error, if it failed.
+    pub fn synced(&mut self, wait: bool) -> io::Result<bool> {
+        if self.syncs_done < self.syncs_started {
+            self.collect(wait)?;
+        }
+        if self.broken {
+            return Err(broken());
+        }
+        Ok(self.syncs_done == self.syncs_started)
     }
 
     /// Cuts the file back to `len` bytes, durably, and appends from there;
@@ -198,8 +249,9 @@ impl DirectAppend {
     pub fn cut(&mut self, len: u64) -> io::Result<()> {
         // A write still in flight lands before the truncate, not after it;
         // its error is what the cut is for.
-        let _ = self.wait();
+        let _ = self.collect(true);
         self.broken = false;
+        self.syncs_started = self.syncs_done;
         // Dropped first: if the truncate or its sync fails, nothing staged
         // past `len` may be written by a later call.
         self.staged = 0;
@@ -241,13 +293,27 @@ impl DirectAppend {
         self.window = window;
     }
 
-    /// Waits for the write beside the caller, if one is in flight, and
-    /// returns its result.
-    fn wait(&mut self) -> io::Result<()> {
-        if !std::mem::take(&mut self.pending) {
+    /// Takes the result of the job beside the caller, if one is in flight;
+    /// with `wait` waits for it, without leaves it if unfinished.
+    fn collect(&mut self, wait: bool) -> io::Result<()> {
+        if !self.pending {
             return Ok(());
         }
-        let done = self.writer.as_ref().and_then(|w| w.done.recv().ok());
+        let Some(w) = &self.writer else {
+            self.pending = false;
+            self.broken = true;
+            return Err(io::Error::other("the journal's writer thread is gone"));
+        };
+        let done = if wait {
+            w.done.recv().ok()
+        } else {
+            match w.done.try_recv() {
+                Ok(d) => Some(d),
+                Err(mpsc::TryRecvError::Empty) => return Ok(()),
+                Err(mpsc::TryRecvError::Disconnected) => None,
+            }
+        };
+        self.pending = false;
         let Some(done) = done else {
             self.writer = None;
             self.broken = true;
@@ -257,7 +323,11 @@ impl DirectAppend {
         if done.refused {
             self.direct = None;
         }
-        self.broken = done.result.is_err();
+        if done.result.is_err() {
+            self.broken = true;
+        } else if done.sync {
+            self.syncs_done += 1;
+        }
         done.result
     }
 
@@ -265,17 +335,15 @@ impl DirectAppend {
     /// too (zero-padded, and kept staged for the next write to extend).
     /// Whole blocks alone go to the writer thread.
     fn write_out(&mut self, pad: bool) -> io::Result<()> {
-        self.wait()?;
+        self.collect(true)?;
         if self.broken {
-            return Err(io::Error::other(
-                "an earlier write of this journal failed; it must be cut back first",
-            ));
+            return Err(broken());
         }
         if self.staged == 0 {
             return Ok(());
         }
         let whole = align_down(self.staged as u64) as usize;
-        if !pad && whole > 0 && self.direct.is_some() && self.hand_over(whole) {
+        if !pad && whole > 0 && self.direct.is_some() && self.hand_over(whole, whole, false) {
             return Ok(());
         }
         let Some(direct) = &self.direct else {
@@ -312,10 +380,13 @@ impl DirectAppend {
         Ok(())
     }
 
-    /// Gives the first `whole` staged bytes to the writer thread and keeps
-    /// staging the rest in another buffer; false (nothing done) where the
-    /// thread cannot be started, and the caller writes them itself.
-    fn hand_over(&mut self, whole: usize) -> bool {
+    /// Gives the writer thread the first `len` staged bytes (zero-padded
+    /// past the staged ones), then a sync if `sync`, and keeps staging
+    /// from byte `whole` on in another buffer: a partial last block stays
+    /// staged for the next write to extend. False (nothing done) where the
+    /// thread cannot be had; the caller then writes them itself. The caller
+    /// has collected the job before.
+    fn hand_over(&mut self, whole: usize, len: usize, sync: bool) -> bool {
         if self.writer.is_none() {
             let Some(direct) = &self.direct else {
                 return false;
@@ -335,14 +406,19 @@ impl DirectAppend {
         if window.len() < self.window.len() {
             window = aligned_range(&mut buf, self.window.len());
         }
+        let start = self.window.start;
         let tail = self.staged - whole;
-        let from = self.window.start + whole;
-        buf[window.start..window.start + tail].copy_from_slice(&self.stage[from..from + tail]);
+        buf[window.start..window.start + tail]
+            .copy_from_slice(&self.stage[start + whole..start + self.staged]);
+        if len > self.staged {
+            self.stage[start + self.staged..start + len].fill(0);
+        }
         let job = Job {
             buf: std::mem::replace(&mut self.stage, buf),
             window: std::mem::replace(&mut self.window, window),
-            len: whole,
+            len,
             at: self.at,
+            sync,
         };
         if let Err(mpsc::SendError(job)) = jobs.send(job) {
             // The thread is gone: take the staged bytes back, write here.
@@ -456,6 +532,7 @@ mod tests {
         // The writer thread gets a handle that cannot write: EBADF, as a
         // failing device would give EIO.
         a.direct = Some(open_direct(&a.file, false).expect("read-only O_DIRECT handle"));
+        a.writer = None;
         a.append(&bytes(3 << 20, 2))
             .expect("staged and handed over");
         assert!(a.pending, "whole blocks went to the writer thread");

@@ -492,6 +492,20 @@ pub struct UndoLog {
     in_flight: std::collections::VecDeque<u64>,
     /// Pre-image buffers back from the encoder, for the next reads.
     spare: Vec<Vec<u8>>,
+    /// A sync begun by [`UndoLog::sync_start`] and not yet known done.
+    syncing: Option<Syncing>,
+    /// Records of that sync were dropped by a failure: it fails.
+    sync_lost: bool,
+}
+
+/// A sync in progress: first the records that were still encoding when it
+/// began are written, then the segment is synced beside the caller.
+struct Syncing {
+    /// Records at the front of `in_flight` still to be written first.
+    records: usize,
+    /// Once the segment's sync is started: its length then, durable once
+    /// the sync is done.
+    issued: Option<u64>,
 }
 
 /// Pre-images the encoder holds at most: bounds memory (4 MiB each) while
@@ -609,6 +623,8 @@ impl UndoLog {
             encoder: None,
             in_flight: std::collections::VecDeque::new(),
             spare: Vec::new(),
+            syncing: None,
+            sync_lost: false,
         }
     }
 
@@ -622,6 +638,7 @@ impl UndoLog {
             // still staged for the one we leave are written and synced:
             // a batch's records are all durable before its overwrites,
             // whichever segment they went to.
+            self.issued_done(true)?;
             self.cut()?;
             self.sync_current()?;
             std::fs::create_dir_all(&self.dir).map_err(|source| UndoError::Open {
@@ -726,6 +743,10 @@ impl UndoLog {
         self.written_len = len;
         self.unsynced = false;
         self.needs_cut = false;
+        // A sync in progress was of what the cut dropped; it failed.
+        if self.syncing.take().is_some() {
+            self.sync_lost = true;
+        }
         Ok(())
     }
 
@@ -840,6 +861,9 @@ impl UndoLog {
             return Err(encoder_gone(segment_path(&self.dir, tag)));
         };
         self.in_flight.pop_front();
+        if let Some(s) = self.syncing.as_mut() {
+            s.records = s.records.saturating_sub(1);
+        }
         if let Some(b) = done.pre {
             if self.spare.len() < ENCODER_DEPTH + 1 {
                 self.spare.push(b);
@@ -862,9 +886,90 @@ impl UndoLog {
 
     /// Makes every appended record durable; call before the overwrites.
     pub fn sync(&mut self) -> Result<(), UndoError> {
-        self.drain(0)?;
-        self.cut()?;
-        self.sync_current()
+        self.sync_start()?;
+        self.sync_done(true).map(|_| ())
+    }
+
+    /// Begins making every record appended so far durable, and returns
+    /// without waiting for the records still encoding or for the disk:
+    /// [`UndoLog::sync_done`] says when they are. Appends may go on
+    /// meanwhile; they are not covered. A sync still in progress is
+    /// finished first.
+    pub fn sync_start(&mut self) -> Result<(), UndoError> {
+        self.sync_done(true)?;
+        self.syncing = Some(Syncing {
+            records: self.in_flight.len(),
+            issued: None,
+        });
+        self.sync_done(false).map(|_| ())
+    }
+
+    /// True once the records appended before [`UndoLog::sync_start`] are
+    /// durable (or none was started); with `wait`, waits for them.
+    pub fn sync_done(&mut self, wait: bool) -> Result<bool, UndoError> {
+        if std::mem::take(&mut self.sync_lost) {
+            return Err(UndoError::Append {
+                path: self.dir.clone(),
+                source: std::io::Error::other(
+                    "records to be synced were dropped after a write error",
+                ),
+            });
+        }
+        let Some(s) = &self.syncing else {
+            return Ok(true);
+        };
+        if s.issued.is_none() {
+            while self.syncing.as_ref().is_some_and(|s| s.records > 0) {
+                if self.in_flight.is_empty() {
+                    // The encoder failed and its records were dropped.
+                    self.syncing = None;
+                    self.sync_lost = true;
+                    return self.sync_done(wait);
+                }
+                if !self.collect_one(wait)? {
+                    return Ok(false);
+                }
+            }
+            self.cut()?;
+            if !self.unsynced {
+                self.syncing = None;
+                return Ok(true);
+            }
+            if let Some((tag, f)) = &mut self.current {
+                if let Err(source) = f.sync_start() {
+                    let path = segment_path(&self.dir, *tag);
+                    self.failed();
+                    return Err(UndoError::Append { path, source });
+                }
+            }
+            self.unsynced = false;
+            if let Some(s) = self.syncing.as_mut() {
+                s.issued = Some(self.written_len);
+            }
+        }
+        self.issued_done(wait)
+    }
+
+    /// True once a segment sync started by [`UndoLog::sync_done`] is done
+    /// (or none is in progress), which makes its bytes the durable ones.
+    fn issued_done(&mut self, wait: bool) -> Result<bool, UndoError> {
+        let Some(len) = self.syncing.as_ref().and_then(|s| s.issued) else {
+            return Ok(self.syncing.is_none());
+        };
+        if let Some((tag, f)) = &mut self.current {
+            match f.synced(wait) {
+                Ok(true) => {}
+                Ok(false) => return Ok(false),
+                Err(source) => {
+                    let path = segment_path(&self.dir, *tag);
+                    self.failed();
+                    return Err(UndoError::Append { path, source });
+                }
+            }
+        }
+        self.durable_len = len;
+        self.syncing = None;
+        Ok(true)
     }
 
     /// Makes what was written to the current segment durable (records
@@ -986,6 +1091,58 @@ mod tests {
                 assert!(g == w, "segment {t}, record {i} differs");
             }
         }
+    }
+
+    #[test]
+    fn a_sync_begun_beside_the_caller_covers_what_came_before_and_later_records_follow() {
+        // On the project's ext4, which takes the journal's direct writes.
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).expect("tempdir");
+        let d = dir.path().join("disk");
+        let mut log = UndoLog::new(d.clone());
+        let mut want = Vec::new();
+        let mut x = 5u64;
+        let mut append = |log: &mut UndoLog, want: &mut Vec<Record>, i: u64| {
+            // 200 KiB of barely compressible bytes: the staged records
+            // cross the journal's 1 MiB writes.
+            let n = 200 << 10;
+            let pre: Vec<u8> = (0..n)
+                .map(|_| {
+                    x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                    (x >> 40) as u8
+                })
+                .collect();
+            let mut buf = log.pre_buffer();
+            let w = crate::image::storage::aligned_range(&mut buf, n);
+            buf[w.clone()].copy_from_slice(&pre);
+            log.append_owned(1, i * n as u64, buf, w)
+                .expect("append owned");
+            want.push(Record {
+                offset_bytes: i * n as u64,
+                len_bytes: n as u32,
+                data: Some(pre),
+            });
+        };
+        for i in 0..12 {
+            append(&mut log, &mut want, i);
+        }
+        log.sync_start().expect("sync started");
+        for i in 12..24 {
+            append(&mut log, &mut want, i);
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !log.sync_done(false).expect("sync") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the sync never finished"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let got = read_segment(&d, 1).expect("read");
+        assert!(got.len() >= 12, "the records before the sync are all in");
+        assert_eq!(got[..], want[..got.len()], "in order, as appended");
+        log.sync().expect("sync");
+        assert_eq!(read_segment(&d, 1).expect("read"), want);
+        assert_eq!(log.durable_len, log.written_len);
     }
 
     #[test]
