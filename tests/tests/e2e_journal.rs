@@ -828,3 +828,94 @@ fn rewrites_between_two_points_journal_each_byte_once_and_every_point_exports() 
     );
     Ok(())
 }
+
+/// The receiver commits a batch (journal sync, image writes, image sync,
+/// ack) while it reads the next one. Writes here land on bytes of a batch
+/// still being committed (their pre-images must hold that batch's data),
+/// put zeros over bytes just written (no longer a hole), rewrite bytes
+/// already journaled since the point (which do not wait for the commit)
+/// or go elsewhere, in extents large enough that batches end mid-stream.
+/// The journal's syncs are slowed down (40 ms each, as on a busy disk) so
+/// that the next messages do arrive while a batch is being committed.
+/// Every point must export exactly, the newest being the live image.
+#[test]
+fn overwrites_of_a_batch_still_being_committed_keep_every_point_exact() -> anyhow::Result<()> {
+    const MIB: u64 = 1 << 20;
+    const BLOCK: u64 = 4096;
+    const SIZE: u64 = 24 * MIB;
+    const DISK: &str = "disk-overlap";
+    let mut site = Site::start()?;
+    let lib = tidemark_tests::faultfs_library();
+    site.restart_receiver_with_env(&[
+        ("LD_PRELOAD", path(&lib)),
+        ("TIDEMARK_FAULT_SLOW_SYNC", "/undo/:40"),
+    ])?;
+    let agent_dir = site.agent_dir("agent-overlap")?;
+    let mut rng = SplitMix64::new(tidemark_tests::seed(77));
+    let mut disk = vec![0u8; SIZE as usize];
+    let mut states = Vec::new();
+    raw::block_on(async {
+        let mut s = raw::hello(site.addr, &agent_dir, "agent-overlap").await?;
+        let handle = raw::register(&mut s, DISK, SIZE).await?;
+        let mut seq = 0;
+        // (offset, len) of every write so far, newest last.
+        let mut history: Vec<(u64, u64)> = Vec::new();
+        // The first round comes before any point (nothing journaled);
+        // each later one writes about 24 MiB, some six batches.
+        for _round in 0..5 {
+            let mut msgs = Vec::new();
+            for _ in 0..48 {
+                seq += 1;
+                let len = BLOCK * (1 + rng.below(256));
+                let near = |back: usize, rng: &mut SplitMix64| {
+                    let (at, n) = history[history.len() - back];
+                    (at + rng.below(n / BLOCK) * BLOCK).min(SIZE - len)
+                };
+                let offset = match rng.below(8) {
+                    // Inside or across the last write: the same batch, or
+                    // the one being committed when it just ended.
+                    0 | 1 if !history.is_empty() => near(1, &mut rng),
+                    // A few writes back: likely the batch before.
+                    2 | 3 if history.len() >= 8 => near(2 + rng.below(6) as usize, &mut rng),
+                    _ => rng.below((SIZE - len) / BLOCK + 1) * BLOCK,
+                };
+                history.push((offset, len));
+                let range = offset as usize..(offset + len) as usize;
+                msgs.push(if rng.below(6) == 0 {
+                    disk[range].fill(0);
+                    Message::Zero {
+                        seq,
+                        disk: handle,
+                        offset_bytes: offset,
+                        len_bytes: len,
+                    }
+                } else {
+                    rng.fill_bytes(&mut disk[range.clone()]);
+                    Message::Extent(Extent::pack(seq, handle, offset, &disk[range], None))
+                });
+            }
+            seq += 1;
+            msgs.push(Message::Point {
+                seq,
+                kind: PointKind::CrashConsistent,
+                name: String::new(),
+                agent_time_ms: 1,
+            });
+            let id = send_all(&mut s, &msgs).await?.context("no point id")?;
+            states.push((id, disk.clone()));
+        }
+        anyhow::Ok(())
+    })?;
+    for (id, want) in &states {
+        let got = site.export(DISK, &id.to_string())?;
+        ensure!(
+            got.len() == want.len(),
+            "point {id} exports {} bytes",
+            got.len()
+        );
+        if let Some(at) = got.iter().zip(want).position(|(g, w)| g != w) {
+            anyhow::bail!("point {id} exports other bytes, first at byte {at}");
+        }
+    }
+    Ok(())
+}

@@ -445,6 +445,9 @@ struct OpenDisk {
     journaled: Ranges,
     /// Ranges with an overwrite queued in this batch (start → end).
     queued: BTreeMap<u64, u64>,
+    /// Ranges with an overwrite in the batch being committed beside the
+    /// session ([`Commit`]), not yet written to the image.
+    committing: BTreeMap<u64, u64>,
 }
 
 /// A pre-image for the undo journal.
@@ -564,6 +567,22 @@ struct Queued {
     len_bytes: u64,
 }
 
+/// A batch being committed while the session goes on with the next
+/// messages: its undo records are made durable beside the session
+/// ([`UndoLog::sync_start`]); then its overwrites go to the images, the
+/// images are synced and the agent gets its ack ([`Worker::finish_commit`]).
+/// The session waited for each step in turn at every batch end: the
+/// journal's encoder, its writes, the image's sync (docs/BENCHMARKS.md).
+/// Later messages that touch its ranges wait for it (see
+/// [`Worker::settle`]); one batch is committed at a time.
+struct Commit {
+    writes: Vec<Queued>,
+    /// Images written, to sync before the ack.
+    dirty: BTreeSet<usize>,
+    /// The highest seq the batch holds: acknowledged once it is durable.
+    seq: u64,
+}
+
 /// Applies one session's messages to disk, in order, on its own thread.
 struct Worker {
     shared: Arc<Shared>,
@@ -590,6 +609,8 @@ struct Worker {
     queued: Vec<Queued>,
     /// Data bytes held in `queued`.
     queued_bytes: u64,
+    /// The batch before, being committed; None once done.
+    commit: Option<Commit>,
 }
 
 impl Worker {
@@ -617,6 +638,7 @@ impl Worker {
             spare: Vec::new(),
             queued: Vec::new(),
             queued_bytes: 0,
+            commit: None,
         }
     }
 
@@ -662,6 +684,9 @@ impl Worker {
                     // and 45% of the session's time in a 4 GiB resync).
                     // The agent is never left waiting on an ack for data
                     // that sits in our page cache longer than that moment.
+                    // A batch being committed is finished first: there is
+                    // nothing else to do meanwhile.
+                    self.finish_commit(true)?;
                     let next = self.unsynced_since.and_then(|t| {
                         let until = (t + SYNC_DELAY_MAX).min(Instant::now() + SYNC_GRACE);
                         // The timer is made inside the runtime it needs.
@@ -686,12 +711,13 @@ impl Worker {
                 Err(mpsc::error::TryRecvError::Disconnected) => return Ok(()),
             };
             self.handle(msg)?;
+            self.finish_commit(false)?;
             if self.bytes_since_sync >= SYNC_EVERY_BYTES
                 || self
                     .unsynced_since
                     .is_some_and(|t| t.elapsed() >= SYNC_DELAY_MAX)
             {
-                self.sync_and_ack()?;
+                self.start_commit()?;
             }
         }
     }
@@ -801,9 +827,7 @@ impl Worker {
         self.next_seq(seq)?;
         let len = u64::from(len_bytes);
         let d = self.disk_for_write(handle, offset_bytes, len)?;
-        if self.overlaps_queued(d, offset_bytes, offset_bytes + len) {
-            self.apply_queued()?;
-        }
+        self.settle(d, offset_bytes, offset_bytes + len)?;
         let block = (block_bytes as usize).max(1);
         let disk = &mut self.disks[d];
         let hashes = if let Some(r) = readers(&disk.readers, disk.image.as_ref()) {
@@ -832,13 +856,24 @@ impl Worker {
         Ok(())
     }
 
-    /// True if a write queued in this batch touches `start..end`.
-    fn overlaps_queued(&self, d: usize, start: u64, end: u64) -> bool {
-        self.disks[d]
-            .queued
-            .range(..end)
-            .next_back()
-            .is_some_and(|(_, &e)| e > start)
+    /// Has every earlier overwrite of `start..end` reach the image, so that
+    /// what is read there next is what those writes left: the commit in
+    /// progress is finished if it has one, and this batch is applied if it
+    /// has one.
+    fn settle(&mut self, d: usize, start: u64, end: u64) -> Result<(), Refusal> {
+        let overlaps = |ranges: &BTreeMap<u64, u64>| {
+            ranges
+                .range(..end)
+                .next_back()
+                .is_some_and(|(_, &e)| e > start)
+        };
+        if overlaps(&self.disks[d].committing) {
+            self.finish_commit(true)?;
+        }
+        if overlaps(&self.disks[d].queued) {
+            self.apply_queued()?;
+        }
+        Ok(())
     }
 
     /// Writes into a disk's image, first saving what it overwrites when
@@ -866,9 +901,14 @@ impl Worker {
             return r.map_err(storage);
         };
         let end = offset_bytes + len_bytes;
-        if self.overlaps_queued(d, offset_bytes, end) {
-            // The pre-image must include the queued write: apply it first.
-            self.apply_queued()?;
+        // What is read of the image here (the pre-image, whether it is a
+        // hole) must include the earlier writes: they are applied first.
+        // An overwrite of data over bytes all journaled since the point
+        // reads nothing, and writes reach the image in the order they
+        // came, so it need not wait: rewrites of a hot range no longer
+        // end a batch each.
+        if data.is_none() || !self.disks[d].journaled.covers(offset_bytes, end) {
+            self.settle(d, offset_bytes, end)?;
         }
         let disk = &mut self.disks[d];
         if data.is_none() && disk.image.is_hole(offset_bytes, len_bytes) {
@@ -909,8 +949,10 @@ impl Worker {
         Ok(())
     }
 
-    /// Makes the batch's undo records durable, then performs its writes.
+    /// Makes the batch's undo records durable, then performs its writes,
+    /// after those of the batch before.
     fn apply_queued(&mut self) -> Result<(), Refusal> {
+        self.finish_commit(true)?;
         if self.queued.is_empty() {
             return Ok(());
         }
@@ -1016,22 +1058,69 @@ impl Worker {
         Ok(())
     }
 
+    /// Makes everything applied durable and acknowledges it.
     fn sync_and_ack(&mut self) -> Result<(), Refusal> {
+        self.start_commit()?;
+        self.finish_commit(true)?;
+        Ok(())
+    }
+
+    /// Ends the batch: its undo records start to be made durable beside
+    /// the session, which can go on with the next messages; see [`Commit`].
+    fn start_commit(&mut self) -> Result<(), Refusal> {
+        self.finish_commit(true)?;
         self.check_failover()?;
-        self.apply_queued()?;
-        for &d in &self.dirty {
-            self.disks[d].image.flush().map_err(storage)?;
+        for d in &mut self.disks {
+            if d.queued.is_empty() {
+                continue;
+            }
+            d.journal_pre(0)?;
+            d.undo.sync_start().map_err(storage)?;
+            d.committing = std::mem::take(&mut d.queued);
         }
-        self.dirty.clear();
+        self.queued_bytes = 0;
+        self.commit = Some(Commit {
+            writes: std::mem::take(&mut self.queued),
+            dirty: std::mem::take(&mut self.dirty),
+            seq: self.applied_seq,
+        });
         self.bytes_since_sync = 0;
         self.unsynced_since = None;
-        if self.applied_seq > self.acked_seq {
-            self.acked_seq = self.applied_seq;
-            let _ = self.reply(Message::Ack {
-                seq: self.acked_seq,
-            });
+        self.finish_commit(false).map(|_| ())
+    }
+
+    /// Finishes the commit in progress once its undo records are durable
+    /// (with `wait`, waits for them): writes its overwrites, syncs the
+    /// images and acknowledges. True if none is left in progress.
+    fn finish_commit(&mut self, wait: bool) -> Result<bool, Refusal> {
+        if self.commit.is_none() {
+            return Ok(true);
         }
-        Ok(())
+        for d in &mut self.disks {
+            if !d.undo.sync_done(wait).map_err(storage)? {
+                return Ok(false);
+            }
+        }
+        let Some(c) = self.commit.take() else {
+            return Ok(true);
+        };
+        for q in c.writes {
+            self.disks[q.disk]
+                .write(q.offset_bytes, q.len_bytes, q.data.as_deref(), false)
+                .map_err(storage)?;
+            self.recycle(q.data);
+        }
+        for d in &mut self.disks {
+            d.committing.clear();
+        }
+        for &d in &c.dirty {
+            self.disks[d].image.flush().map_err(storage)?;
+        }
+        if c.seq > self.acked_seq {
+            self.acked_seq = c.seq;
+            let _ = self.reply(Message::Ack { seq: c.seq });
+        }
+        Ok(true)
     }
 
     fn point(
@@ -1269,6 +1358,7 @@ impl Worker {
                     tag,
                     journaled: Ranges::new(),
                     queued: BTreeMap::new(),
+                    committing: BTreeMap::new(),
                     pre: VecDeque::new(),
                     ahead: HashAhead::default(),
                     readers: std::cell::OnceCell::new(),

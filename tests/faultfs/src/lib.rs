@@ -16,6 +16,10 @@
 //!   fault. With `TIDEMARK_FAULT_EIO_OPS=sync` only the syncs fail and the
 //!   writes land in the page cache: what a disk failing at writeback looks
 //!   like (the data is readable, its durability unknown).
+//! - `TIDEMARK_FAULT_SLOW_SYNC=S:MS`: syncs on descriptors whose path
+//!   contains S take MS milliseconds longer, as on a slow or busy disk
+//!   (this machine has no device-mapper delay target), so that what a
+//!   process does while a sync is in flight can be tested.
 //!
 //! Each replacement issues the system call itself rather than looking up
 //! the libc symbol it shadows: fewer moving parts inside a preload.
@@ -33,6 +37,8 @@ struct Config {
     eio: Option<(String, std::ffi::CString)>,
     /// Writes fail too, not only syncs.
     eio_writes: bool,
+    /// Syncs on paths containing the string are delayed by this long.
+    slow_sync: Option<(String, std::time::Duration)>,
 }
 
 fn config() -> &'static Config {
@@ -52,10 +58,19 @@ fn config() -> &'static Config {
             _ => None,
         };
         let eio_writes = std::env::var("TIDEMARK_FAULT_EIO_OPS").as_deref() != Ok("sync");
+        let slow_sync = std::env::var("TIDEMARK_FAULT_SLOW_SYNC")
+            .ok()
+            .and_then(|v| {
+                let (paths, ms) = v.rsplit_once(':')?;
+                let ms = ms.parse().ok()?;
+                (!paths.is_empty())
+                    .then(|| (paths.to_string(), std::time::Duration::from_millis(ms)))
+            });
         Config {
             stop_at_sync,
             eio,
             eio_writes,
+            slow_sync,
         }
     })
 }
@@ -75,12 +90,17 @@ fn failing(fd: c_int) -> bool {
     if unsafe { libc::access(flag.as_ptr(), libc::F_OK) } != 0 {
         return false;
     }
+    path_contains(fd, paths)
+}
+
+/// Whether the path `fd` is open on contains `paths`.
+fn path_contains(fd: c_int, paths: &str) -> bool {
     let link = format!("/proc/self/fd/{fd}\0");
     let link = CStr::from_bytes_with_nul(link.as_bytes()).expect("one trailing NUL");
     let mut target = [0u8; 4096];
     // SAFETY: `link` is NUL-terminated and `target` is writable for its length.
     let n = unsafe { libc::readlink(link.as_ptr(), target.as_mut_ptr().cast(), target.len()) };
-    n > 0 && String::from_utf8_lossy(&target[..n as usize]).contains(paths.as_str())
+    n > 0 && String::from_utf8_lossy(&target[..n as usize]).contains(paths)
 }
 
 fn eio<T: From<i8>>() -> T {
@@ -109,6 +129,11 @@ fn synced() {
 fn sync_call(nr: libc::c_long, fd: c_int) -> c_int {
     if failing(fd) {
         return eio();
+    }
+    if let Some((paths, delay)) = &config().slow_sync {
+        if path_contains(fd, paths) {
+            std::thread::sleep(*delay);
+        }
     }
     // SAFETY: forwards the caller's arguments to the system call it asked for.
     let r = unsafe { libc::syscall(nr, fd) } as c_int;
