@@ -726,6 +726,38 @@ async fn send_all(s: &mut raw::Stream, msgs: &[Message]) -> anyhow::Result<Optio
     }
 }
 
+/// Sends `msgs` and then a point with sequence number `seq`; returns the
+/// point's id once it is recorded.
+async fn send_with_point(
+    s: &mut raw::Stream,
+    mut msgs: Vec<Message>,
+    seq: u64,
+) -> anyhow::Result<u64> {
+    msgs.push(Message::Point {
+        seq,
+        kind: PointKind::CrashConsistent,
+        name: String::new(),
+        agent_time_ms: 1,
+    });
+    send_all(s, &msgs).await?.context("no point id")
+}
+
+/// Every point in `states` exports exactly the bytes kept with it.
+fn exports_match(site: &Site, disk: &str, states: &[(u64, Vec<u8>)]) -> anyhow::Result<()> {
+    for (id, want) in states {
+        let got = site.export(disk, &id.to_string())?;
+        ensure!(
+            got.len() == want.len(),
+            "point {id} exports {} bytes",
+            got.len()
+        );
+        if let Some(at) = got.iter().zip(want).position(|(g, w)| g != w) {
+            anyhow::bail!("point {id} exports other bytes, first at byte {at}");
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn rewrites_between_two_points_journal_each_byte_once_and_every_point_exports() -> anyhow::Result<()>
 {
@@ -792,24 +824,13 @@ fn rewrites_between_two_points_journal_each_byte_once_and_every_point_exports() 
                 });
             }
             seq += 1;
-            msgs.push(Message::Point {
-                seq,
-                kind: PointKind::CrashConsistent,
-                name: String::new(),
-                agent_time_ms: 1,
-            });
-            let id = send_all(&mut s, &msgs).await?.context("no point id")?;
+            let id = send_with_point(&mut s, msgs, seq).await?;
             states.push((id, disk.clone()));
         }
         anyhow::Ok(())
     })?;
 
-    for (id, want) in &states {
-        ensure!(
-            &site.export(DISK, &id.to_string())? == want,
-            "point {id} exports other bytes"
-        );
-    }
+    exports_match(&site, DISK, &states)?;
     let m = parse(&scrape(rx_metrics)?)?;
     let series = |name: &str| format!("tidemark_receiver_{name}_total{{disk=\"{DISK}\"}}");
     let overwritten = get(&m, &series("overwritten_bytes"))? as u64;
@@ -895,27 +916,10 @@ fn overwrites_of_a_batch_still_being_committed_keep_every_point_exact() -> anyho
                 });
             }
             seq += 1;
-            msgs.push(Message::Point {
-                seq,
-                kind: PointKind::CrashConsistent,
-                name: String::new(),
-                agent_time_ms: 1,
-            });
-            let id = send_all(&mut s, &msgs).await?.context("no point id")?;
+            let id = send_with_point(&mut s, msgs, seq).await?;
             states.push((id, disk.clone()));
         }
         anyhow::Ok(())
     })?;
-    for (id, want) in &states {
-        let got = site.export(DISK, &id.to_string())?;
-        ensure!(
-            got.len() == want.len(),
-            "point {id} exports {} bytes",
-            got.len()
-        );
-        if let Some(at) = got.iter().zip(want).position(|(g, w)| g != w) {
-            anyhow::bail!("point {id} exports other bytes, first at byte {at}");
-        }
-    }
-    Ok(())
+    exports_match(&site, DISK, &states)
 }
