@@ -437,10 +437,10 @@ struct OpenDisk {
     /// there skip the pre-image read, its compression and its journal
     /// bytes: under churn that rewrites its working set within a point
     /// interval, most of them. A record is durable before any later
-    /// overwrite of its bytes reaches the image (an overlapping overwrite
-    /// in the same batch flushes the batch first), and a session that
-    /// fails ends with its set, so nothing here outlives a record that
-    /// did not reach the disk. Cleared when a point changes `tag`; a new
+    /// overwrite of its bytes reaches the image (its batch's journal is
+    /// synced before the batch is written, and batches are written in
+    /// order), and a session that fails ends with its set, so nothing
+    /// here outlives a record that did not reach the disk. Cleared when a point changes `tag`; a new
     /// session starts empty and journals again, which is only redundant.
     journaled: Ranges,
     /// Ranges with an overwrite queued in this batch (start → end).
