@@ -856,7 +856,7 @@ impl Worker {
         Ok(())
     }
 
-    /// Has every earlier overwrite of `start..end` reach the image, so that
+    /// Makes every earlier overwrite of `start..end` reach the image, so that
     /// what is read there next is what those writes left: the commit in
     /// progress is finished if it has one, and this batch is applied if it
     /// has one.
