@@ -21,7 +21,9 @@
 //! a writer reopening the file cuts them off.
 //!
 //! A filesystem that refuses O_DIRECT (or these alignments) gets the same
-//! bytes through ordinary writes, without padding.
+//! bytes through ordinary writes, without padding from then on (the
+//! refused write itself, if padded, leaves its padding, which readers stop
+//! at like any other).
 //!
 //! The staged megabyte is written on a thread beside the caller while the
 //! caller stages the next one into a second buffer: waiting for these
@@ -109,17 +111,7 @@ impl Writer {
             .spawn(move || {
                 while let Ok(job) = job_rx.recv() {
                     let bytes = &job.buf[job.window.start..job.window.start + job.len];
-                    let mut refused = false;
-                    let mut result = match direct.write_all_at(bytes, job.at) {
-                        Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {
-                            tracing::debug!(
-                                "direct journal writes refused ({e}); writing through the cache"
-                            );
-                            refused = true;
-                            file.write_all_at(bytes, job.at)
-                        }
-                        r => r,
-                    };
+                    let (mut result, refused) = write_blocks(&direct, &file, bytes, job.at);
                     if job.sync && result.is_ok() {
                         result = file.sync_data();
                     }
@@ -149,6 +141,20 @@ impl Drop for Writer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// Writes `bytes` at `at` past the page cache. Where the filesystem takes
+/// O_DIRECT at open but not these writes (EINVAL), the same bytes go
+/// through the page cache from the same offset instead, and the second
+/// value is true: the caller writes through the cache from then on.
+fn write_blocks(direct: &File, file: &File, bytes: &[u8], at: u64) -> (io::Result<()>, bool) {
+    match direct.write_all_at(bytes, at) {
+        Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {
+            tracing::debug!("direct journal writes refused ({e}); writing through the cache");
+            (file.write_all_at(bytes, at), true)
+        }
+        r => (r, false),
     }
 }
 
@@ -361,18 +367,12 @@ impl DirectAppend {
         if len > self.staged {
             self.stage[start + self.staged..start + len].fill(0);
         }
-        match direct.write_all_at(&self.stage[start..start + len], self.at) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {
-                // This filesystem takes O_DIRECT at open but not these
-                // writes: the same bytes go through the page cache, from
-                // the same offset, from now on.
-                tracing::debug!("direct journal writes refused ({e}); writing through the cache");
-                self.direct = None;
-                return self.write_out(pad);
-            }
-            Err(e) => return Err(e),
+        let (result, refused) =
+            write_blocks(direct, &self.file, &self.stage[start..start + len], self.at);
+        if refused {
+            self.direct = None;
         }
+        result?;
         self.stage
             .copy_within(start + whole..start + self.staged, start);
         self.at += whole as u64;

@@ -908,12 +908,7 @@ impl UndoLog {
     /// durable (or none was started); with `wait`, waits for them.
     pub fn sync_done(&mut self, wait: bool) -> Result<bool, UndoError> {
         if std::mem::take(&mut self.sync_lost) {
-            return Err(UndoError::Append {
-                path: self.dir.clone(),
-                source: std::io::Error::other(
-                    "records to be synced were dropped after a write error",
-                ),
-            });
+            return Err(self.lost());
         }
         let Some(s) = &self.syncing else {
             return Ok(true);
@@ -923,8 +918,7 @@ impl UndoLog {
                 if self.in_flight.is_empty() {
                     // The encoder failed and its records were dropped.
                     self.syncing = None;
-                    self.sync_lost = true;
-                    return self.sync_done(wait);
+                    return Err(self.lost());
                 }
                 if !self.collect_one(wait)? {
                     return Ok(false);
@@ -948,6 +942,14 @@ impl UndoLog {
             }
         }
         self.issued_done(wait)
+    }
+
+    /// The error of a sync whose records were dropped.
+    fn lost(&self) -> UndoError {
+        UndoError::Append {
+            path: self.dir.clone(),
+            source: std::io::Error::other("records to be synced were dropped after a write error"),
+        }
     }
 
     /// True once a segment sync started by [`UndoLog::sync_done`] is done
