@@ -35,6 +35,7 @@ use tidemark_agent::disks::open_configured;
 use tidemark_agent::pipeline::{Job, Piece, Pipeline, READ_BYTES};
 use tidemark_agent::progress::Progress;
 use tidemark_common::checksum::block_checksums;
+use tidemark_common::proto::{SumKind, PROTOCOL_MAX};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -95,7 +96,12 @@ fn main() -> anyhow::Result<()> {
         limit_reads: true,
     };
     let started = Instant::now();
-    let mut pipeline = Pipeline::start(vec![job], &cfg.sync_pipeline_settings(), progress.clone())?;
+    let mut pipeline = Pipeline::start(
+        vec![job],
+        &cfg.sync_pipeline_settings(),
+        SumKind::for_version(PROTOCOL_MAX),
+        progress.clone(),
+    )?;
     // All at once: a receiver that keeps up has each chunk's hashes there
     // before the reader gets to it.
     for (offset, hashes) in remote {

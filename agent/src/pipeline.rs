@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use tidemark_common::effort::Effort;
-use tidemark_common::proto::messages::Extent;
-use tidemark_common::proto::{Message, MAX_EXTENT_BYTES};
+use tidemark_common::proto::messages::{Extent, PayloadError};
+use tidemark_common::proto::{Message, SumKind, MAX_EXTENT_BYTES};
 use tidemark_common::FAST_ZSTD_LEVEL;
 use tokio::sync::mpsc;
 
@@ -91,6 +91,21 @@ impl Piece {
             Piece::Data(e) => u64::from(e.len_bytes),
             Piece::Zero { len_bytes, .. } => *len_bytes,
             Piece::HashRequest { .. } | Piece::ChunkDone { .. } => 0,
+        }
+    }
+
+    /// The piece as a connection whose extents carry `sum` checksums takes
+    /// it: pieces are packed for the connection of their time and resent
+    /// on the next, which may be to a receiver of an older release.
+    pub fn for_connection(self, sum: SumKind) -> Result<Piece, PayloadError> {
+        match self {
+            Piece::Data(e) if e.checksum.kind() != sum => {
+                let mut d = zstd::bulk::Decompressor::new().map_err(|_| PayloadError::BadZstd {
+                    expected: e.len_bytes,
+                })?;
+                Ok(Piece::Data(Arc::new(e.with_sum(sum, &mut d)?)))
+            }
+            p => Ok(p),
         }
     }
 
@@ -214,10 +229,12 @@ impl Settings {
 }
 
 impl Pipeline {
-    /// Starts reading `jobs` (disk index = position in `jobs`).
+    /// Starts reading `jobs` (disk index = position in `jobs`), packing
+    /// extents with `sum` checksums.
     pub fn start(
         jobs: Vec<Job>,
         settings: &Settings,
+        sum: SumKind,
         progress: Arc<Progress>,
     ) -> Result<Pipeline, PipelineError> {
         let workers_n = settings.compress_threads.max(1);
@@ -247,7 +264,8 @@ impl Pipeline {
                 std::thread::Builder::new()
                     .name(format!("compress-{i}"))
                     .spawn(move || {
-                        compress_worker(rx, tx, level, workers_n, &progress, &board, &compare)
+                        let packing = Packing { level, sum };
+                        compress_worker(rx, tx, packing, workers_n, &progress, &board, &compare)
                     })
                     .map_err(PipelineError::Spawn)?,
             );
@@ -326,10 +344,17 @@ impl Drop for Pipeline {
     }
 }
 
+/// How a compressor packs extents: its configured zstd level, and the
+/// checksum the connection takes.
+struct Packing {
+    level: i32,
+    sum: SumKind,
+}
+
 fn compress_worker(
     rx: crossbeam_channel::Receiver<(u32, u64, ReadBuf)>,
     tx: mpsc::Sender<Piece>,
-    level: i32,
+    Packing { level, sum }: Packing,
     workers: usize,
     progress: &Progress,
     board: &HashBoard,
@@ -381,7 +406,8 @@ fn compress_worker(
                     }
                 } else {
                     let data = &buf[run_off..run_off + run_len];
-                    let e = Extent::pack(0, disk, offset_bytes, data, compressor.as_deref_mut());
+                    let e =
+                        Extent::pack(0, disk, offset_bytes, data, sum, compressor.as_deref_mut());
                     match chunk_level {
                         Some(l) if l == level => effort.observe(l, run_len, e.payload.len()),
                         Some(_) => crate::metrics::get().fast_compressed(run_len as u64),

@@ -773,7 +773,7 @@ impl Runner {
                 jobs.iter().map(|j| j.ranges.clone()).collect();
             let mut requests = ChunkCursor::new(&jobs);
             let mut requested = 0u64;
-            let mut pipeline = Pipeline::start(jobs, &self.settings, self.progress.clone())?;
+            let mut pipeline = self.start_pipeline(jobs)?;
             self.shipper.set_hash_board(Some(pipeline.board.clone()));
             let mut cut = false;
             loop {
@@ -1071,6 +1071,16 @@ impl Runner {
         })
     }
 
+    /// Starts reading `jobs`, packed for the receiver's protocol.
+    fn start_pipeline(&self, jobs: Vec<Job>) -> anyhow::Result<Pipeline> {
+        Ok(Pipeline::start(
+            jobs,
+            &self.settings,
+            self.shipper.sum_kind(),
+            self.progress.clone(),
+        )?)
+    }
+
     /// Reads every dirty range of every disk into memory (bounded by
     /// `point_max_backlog_bytes`, checked by the caller).
     async fn read_all_dirty(&mut self) -> anyhow::Result<Vec<Piece>> {
@@ -1081,7 +1091,7 @@ impl Runner {
             d.changed = true;
             jobs.push(Job::full(d.disk.clone(), ranges));
         }
-        let mut pipeline = Pipeline::start(jobs, &self.settings, self.progress.clone())?;
+        let mut pipeline = self.start_pipeline(jobs)?;
         let mut out = Vec::new();
         while let Some(p) = pipeline.pieces.recv().await {
             if !matches!(p, Piece::ChunkDone { .. }) {

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::bail;
 use tidemark_common::proto::frame::FrameError;
-use tidemark_common::proto::{ErrorCode, Message, PointKind};
+use tidemark_common::proto::{ErrorCode, Message, PointKind, SumKind, PROTOCOL_MAX};
 use tracing::{info, warn};
 
 use crate::compare::HashBoard;
@@ -134,6 +134,9 @@ pub struct Shipper {
     pub acked_log: Option<Vec<(usize, u64)>>,
     /// The send cap, when one is configured.
     throttle: Option<SendThrottle>,
+    /// The checksum extents carry on the last connection (before the
+    /// first: the newest protocol's).
+    sum: SumKind,
 }
 
 impl Drop for Shipper {
@@ -192,6 +195,7 @@ impl Shipper {
             hash_board: None,
             acked_log: None,
             throttle: None,
+            sum: SumKind::for_version(PROTOCOL_MAX),
         }
     }
 
@@ -205,6 +209,13 @@ impl Shipper {
     /// Caps what is sent from now on (wire bytes, after compression).
     pub fn set_throttle(&mut self, throttle: Option<SendThrottle>) {
         self.throttle = throttle;
+    }
+
+    /// The checksum to pack extents with: the last connection's, which is
+    /// very likely the next one's too (a piece that meets another is
+    /// converted when written).
+    pub fn sum_kind(&self) -> SumKind {
+        self.sum
     }
 
     /// The send cap in force now and the window that sets it; (None,
@@ -378,6 +389,7 @@ impl Shipper {
                     self.image_existed = r.image_existed;
                 }
                 self.handles = r.handles;
+                self.sum = c.sum;
                 self.conn = Some(c);
                 self.unanswered_since = None;
                 // Backoff and the give-up clock reset only when the
@@ -582,6 +594,18 @@ impl Shipper {
         let Some(c) = self.conn.as_mut() else {
             self.resend.push_back(piece);
             return;
+        };
+        let range = piece.range();
+        let piece = match piece.for_connection(c.sum) {
+            Ok(p) => p,
+            Err(e) => {
+                // Its payload no longer matches its own checksum (a memory
+                // fault): the data is read again instead, and until then
+                // no point is taken (`point`).
+                warn!("a piece held for sending is damaged ({e}); reading it again");
+                self.lost.push(range);
+                return;
+            }
         };
         let Some(frame) = piece.to_outgoing(self.seq + 1, &self.handles) else {
             return;

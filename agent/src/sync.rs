@@ -122,7 +122,12 @@ pub async fn sync(
     );
     let counters_before: Vec<_> = disks.iter().map(Disk::write_counters).collect();
     let mut requests = ChunkCursor::new(&jobs);
-    let mut pipeline = Pipeline::start(jobs, &cfg.sync_pipeline_settings(), progress.clone())?;
+    let mut pipeline = Pipeline::start(
+        jobs,
+        &cfg.sync_pipeline_settings(),
+        shipper.sum_kind(),
+        progress.clone(),
+    )?;
     shipper.set_hash_board(Some(pipeline.board.clone()));
     shipper.acked_log = Some(Vec::new());
     let reporter = Reporter::start(progress.clone(), "sync".into());

@@ -15,7 +15,7 @@ use tokio_rustls::TlsConnector;
 use tidemark_common::proto::frame::{read_message, write_message, FrameError};
 use tidemark_common::proto::handshake::{self, PREAMBLE_BYTES};
 use tidemark_common::proto::messages::Extent;
-use tidemark_common::proto::{ErrorCode, Message};
+use tidemark_common::proto::{ErrorCode, Message, SumKind};
 use tidemark_common::tls::{client_config, server_name, TlsError};
 use tidemark_common::SOFTWARE_VERSION;
 
@@ -74,6 +74,8 @@ pub struct Connection {
     writer: tokio::task::JoinHandle<()>,
     reader: tokio::task::JoinHandle<()>,
     pub receiver_name: String,
+    /// The checksum the receiver's protocol version takes.
+    pub sum: SumKind,
 }
 
 impl Drop for Connection {
@@ -142,7 +144,7 @@ impl Connector {
         rd.read_exact(&mut reply)
             .await
             .map_err(|e| self.classify(e, "reading preamble"))?;
-        handshake::agent_accept(&reply)
+        let version = handshake::agent_accept(&reply)
             .map_err(|e| ConnectError::Fatal(format!("receiver {}: {e}", self.addr)))?;
 
         let mut scratch = Vec::new();
@@ -211,6 +213,7 @@ impl Connector {
             writer,
             reader,
             receiver_name,
+            sum: SumKind::for_version(version),
         })
     }
 
@@ -504,7 +507,14 @@ mod tests {
 
     #[test]
     fn a_batch_writes_every_byte_once_in_order_however_the_writes_split() {
-        let extent = Arc::new(Extent::pack(1, 0, 4096, &[7u8; 9000], None));
+        let extent = Arc::new(Extent::pack(
+            1,
+            0,
+            4096,
+            &[7u8; 9000],
+            SumKind::Crc32c,
+            None,
+        ));
         let frames = || {
             vec![
                 Outgoing::Frame(vec![1, 2, 3]),

@@ -1,9 +1,8 @@
-//! The checksum every extent carries: BLAKE3 over the uncompressed bytes.
-//! Strong enough to detect any corruption between the agent's read and the
-//! receiver's write, and faster than the disks it protects (several GB/s per
-//! core), so it never is the bottleneck.
+//! BLAKE3 over a block's bytes: what the checksum sync compares, where a
+//! collision would leave a block unsent, and what extents carry on protocol
+//! version 1 connections (version 2's CRC32C: `proto::messages::SumKind`).
 
-/// Length in bytes of an extent checksum.
+/// Length in bytes of a BLAKE3 checksum.
 pub const CHECKSUM_BYTES: usize = 32;
 
 /// An extent checksum.

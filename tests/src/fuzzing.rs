@@ -5,7 +5,7 @@
 //! disk is here; none may panic, whatever the input.
 
 use tidemark_agent::tracking::DirtyMap;
-use tidemark_common::proto::Message;
+use tidemark_common::proto::{Message, SumKind};
 use tidemark_receiver::image::storage::CrashStorage;
 use tidemark_receiver::image::vhd::{self, footer::Footer};
 use tidemark_receiver::image::vmdk::sparse_header::SparseHeader;
@@ -158,13 +158,21 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
             0,
             4096,
             &text,
+            SumKind::Blake3,
             Some(&mut z),
         ))),
     ));
     out.push((
         "frame",
         "valid-extent-raw",
-        body(&Message::Extent(Extent::pack(8, 1, 0, &[9u8; 512], None))),
+        body(&Message::Extent(Extent::pack(
+            8,
+            1,
+            0,
+            &[9u8; 512],
+            SumKind::Crc32c,
+            None,
+        ))),
     ));
     out.push((
         "frame",

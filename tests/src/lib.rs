@@ -16,6 +16,8 @@
 //! - [`NotifySocket`]: systemd's notification socket, for READY/WATCHDOG.
 //! - [`metrics`]: a daemon's Prometheus endpoint, scraped and parsed.
 //! - [`raw`]: a protocol client scripting messages over real TLS.
+//! - [`VersionRelay`]: a TLS relay that makes the receiver look like one of
+//!   an older protocol version.
 //! - [`kernel_lock`]: run tests that share kernel resources one at a time.
 //! - [`free_port`], [`require_root`], [`require_cmd`].
 
@@ -31,6 +33,7 @@ pub mod netns;
 mod notify;
 mod prereq;
 pub mod raw;
+mod relay;
 pub mod running;
 pub mod site;
 mod volume;
@@ -46,6 +49,7 @@ pub use loopdev::LoopDev;
 pub use net::{free_port, CountingProxy};
 pub use notify::NotifySocket;
 pub use prereq::{require_cmd, require_root};
+pub use relay::VersionRelay;
 pub use volume::Volume;
 
 /// Trials a randomized fault test runs: `TIDEMARK_TRIALS` when set (the

@@ -7,13 +7,27 @@ use std::time::Duration;
 
 use tidemark_common::proto::frame::{read_message, write_message};
 use tidemark_common::proto::handshake;
-use tidemark_common::proto::Message;
+use tidemark_common::proto::{Message, PointKind, PROTOCOL_MAX, PROTOCOL_MIN};
 use tidemark_common::tls::{client_config, server_name, TlsFiles};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub type Stream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
 
 pub async fn connect(addr: SocketAddr, agent_dir: &Path) -> anyhow::Result<Stream> {
+    Ok(
+        connect_offering(addr, agent_dir, PROTOCOL_MIN..=PROTOCOL_MAX)
+            .await?
+            .0,
+    )
+}
+
+/// [`connect`] for an agent speaking only `versions` (an agent of another
+/// release); also returns the version the receiver chose.
+pub async fn connect_offering(
+    addr: SocketAddr,
+    agent_dir: &Path,
+    versions: std::ops::RangeInclusive<u16>,
+) -> anyhow::Result<(Stream, u16)> {
     let files = TlsFiles {
         ca: agent_dir.join("ca.pem"),
         cert: agent_dir.join("agent.pem"),
@@ -24,17 +38,39 @@ pub async fn connect(addr: SocketAddr, agent_dir: &Path) -> anyhow::Result<Strea
     let mut tls = connector
         .connect(server_name("tidemark-receiver")?, tcp)
         .await?;
-    tls.write_all(&handshake::agent_preamble()).await?;
+    let mut preamble = handshake::agent_preamble();
+    preamble[8..10].copy_from_slice(&versions.start().to_be_bytes());
+    preamble[10..12].copy_from_slice(&versions.end().to_be_bytes());
+    tls.write_all(&preamble).await?;
     let mut reply = [0u8; handshake::PREAMBLE_BYTES];
     tls.read_exact(&mut reply).await?;
-    handshake::agent_accept(&reply)?;
-    Ok(tls)
+    let chosen = handshake::agent_accept(&reply)?;
+    anyhow::ensure!(
+        versions.contains(&chosen),
+        "the receiver chose version {chosen}, not one of {versions:?}"
+    );
+    Ok((tls, chosen))
 }
 
 /// Connects as agent `name` (certificates in `agent_dir`) and says hello;
 /// fails unless the receiver welcomes it.
 pub async fn hello(addr: SocketAddr, agent_dir: &Path, name: &str) -> anyhow::Result<Stream> {
-    let mut s = connect(addr, agent_dir).await?;
+    Ok(
+        hello_offering(addr, agent_dir, name, PROTOCOL_MIN..=PROTOCOL_MAX)
+            .await?
+            .0,
+    )
+}
+
+/// [`hello`] for an agent speaking only `versions`; also returns the
+/// version the receiver chose.
+pub async fn hello_offering(
+    addr: SocketAddr,
+    agent_dir: &Path,
+    name: &str,
+    versions: std::ops::RangeInclusive<u16>,
+) -> anyhow::Result<(Stream, u16)> {
+    let (mut s, version) = connect_offering(addr, agent_dir, versions).await?;
     send(
         &mut s,
         &Message::Hello {
@@ -44,8 +80,30 @@ pub async fn hello(addr: SocketAddr, agent_dir: &Path, name: &str) -> anyhow::Re
     )
     .await?;
     match recv(&mut s).await? {
-        Some(Message::Welcome { .. }) => Ok(s),
+        Some(Message::Welcome { .. }) => Ok((s, version)),
         other => anyhow::bail!("expected welcome, got {other:?}"),
+    }
+}
+
+/// Sends a crash-consistent point `name` with `seq` and waits for it to be
+/// recorded, passing over acks; returns its id.
+pub async fn point(s: &mut Stream, seq: u64, name: &str) -> anyhow::Result<u64> {
+    send(
+        s,
+        &Message::Point {
+            seq,
+            kind: PointKind::CrashConsistent,
+            name: name.into(),
+            agent_time_ms: 1,
+        },
+    )
+    .await?;
+    loop {
+        match recv(s).await? {
+            Some(Message::PointRecorded { point_id, .. }) => return Ok(point_id),
+            Some(Message::Ack { .. }) => continue,
+            other => anyhow::bail!("point {name:?} was not recorded: {other:?}"),
+        }
     }
 }
 

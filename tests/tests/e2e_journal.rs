@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context};
 use tidemark_common::proto::messages::Extent;
-use tidemark_common::proto::{Message, PointKind};
+use tidemark_common::proto::{Message, PointKind, SumKind};
 use tidemark_tests::metrics::{get, parse, scrape};
 use tidemark_tests::raw;
 use tidemark_tests::site::{
@@ -810,7 +810,14 @@ fn rewrites_between_two_points_journal_each_byte_once_and_every_point_exports() 
                 msgs.push(match data {
                     Some(d) => {
                         disk[*offset as usize..][..d.len()].copy_from_slice(d);
-                        Message::Extent(Extent::pack(seq, handle, *offset, d, None))
+                        Message::Extent(Extent::pack(
+                            seq,
+                            handle,
+                            *offset,
+                            d,
+                            SumKind::Crc32c,
+                            None,
+                        ))
                     }
                     None => {
                         disk[*offset as usize..][..zeros_len].fill(0);
@@ -912,7 +919,14 @@ fn overwrites_of_a_batch_still_being_committed_keep_every_point_exact() -> anyho
                     }
                 } else {
                     rng.fill_bytes(&mut disk[range.clone()]);
-                    Message::Extent(Extent::pack(seq, handle, offset, &disk[range], None))
+                    Message::Extent(Extent::pack(
+                        seq,
+                        handle,
+                        offset,
+                        &disk[range],
+                        SumKind::Crc32c,
+                        None,
+                    ))
                 });
             }
             seq += 1;

@@ -29,7 +29,7 @@ use anyhow::{bail, ensure, Context};
 use std::sync::{Arc, Mutex};
 
 use tidemark_common::proto::messages::Extent;
-use tidemark_common::proto::{Message, PointKind};
+use tidemark_common::proto::{Message, PointKind, SumKind};
 use tidemark_tests::raw;
 use tidemark_tests::site::{agent_sync, path, point_id, run_ok, Site};
 use tidemark_tests::{
@@ -170,9 +170,14 @@ async fn run_script(
     for (i, step) in steps.iter().enumerate() {
         let seq = i as u64 + 1;
         let message = match step {
-            Step::Write { offset, data } => {
-                Message::Extent(Extent::pack(seq, disk, *offset, data, None))
-            }
+            Step::Write { offset, data } => Message::Extent(Extent::pack(
+                seq,
+                disk,
+                *offset,
+                data,
+                SumKind::Crc32c,
+                None,
+            )),
             Step::Zero { offset, len } => Message::Zero {
                 seq,
                 disk,

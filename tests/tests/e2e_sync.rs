@@ -296,49 +296,36 @@ fn garbage_and_oversized_frames_drop_only_that_connection() -> anyhow::Result<()
 #[test]
 fn checksum_mismatch_is_rejected_and_never_written() -> anyhow::Result<()> {
     use tidemark_common::proto::messages::Extent;
-    use tidemark_common::proto::{ErrorCode, Message};
+    use tidemark_common::proto::{ErrorCode, ExtentSum, Message, SumKind};
     let site = Site::start()?;
     let dev = LoopDev::create(&site.dir.path().join("disk0.raw"), 16 << 20)?;
     let cfg = site.agent("agent-k", site.addr, &[(dev.path(), "disk-k")])?;
-    raw::block_on(async {
-        let mut s = raw::connect(site.addr, cfg.parent().expect("dir")).await?;
-        raw::send(
-            &mut s,
-            &Message::Hello {
-                agent_name: "agent-k".into(),
-                software_version: "t".into(),
-            },
-        )
-        .await?;
-        assert!(matches!(
-            raw::recv(&mut s).await?,
-            Some(Message::Welcome { .. })
-        ));
-        raw::send(
-            &mut s,
-            &Message::RegisterDisk {
-                disk_id: "disk-k".into(),
-                size_bytes: 1 << 20,
-                logical_block_bytes: 512,
-            },
-        )
-        .await?;
-        let handle = match raw::recv(&mut s).await? {
-            Some(Message::DiskRegistered { handle, .. }) => handle,
-            other => anyhow::bail!("expected registration, got {other:?}"),
-        };
-        let mut e = Extent::pack(1, handle, 8192, &[0xab; 4096], None);
-        e.checksum[0] ^= 0xff;
-        raw::send(&mut s, &Message::Extent(e)).await?;
-        match raw::recv(&mut s).await? {
-            Some(Message::Error { code, message }) => {
-                assert_eq!(code, ErrorCode::ChecksumMismatch);
-                assert!(message.contains("nothing written"), "{message}");
+    // Both checksums: BLAKE3 (protocol 1) and CRC32C (protocol 2). Each
+    // mismatch ends its session.
+    for sum in [SumKind::Blake3, SumKind::Crc32c] {
+        raw::block_on(async {
+            let mut s = raw::hello(site.addr, cfg.parent().expect("dir"), "agent-k").await?;
+            raw::send(&mut s, &raw::register_msg("disk-k", 1 << 20)).await?;
+            let handle = match raw::recv(&mut s).await? {
+                Some(Message::DiskRegistered { handle, .. }) => handle,
+                other => anyhow::bail!("expected registration, got {other:?}"),
+            };
+            let mut e = Extent::pack(1, handle, 8192, &[0xab; 4096], sum, None);
+            match &mut e.checksum {
+                ExtentSum::Blake3(b) => b[0] ^= 0xff,
+                ExtentSum::Crc32c(c) => *c ^= 1 << 17,
             }
-            other => anyhow::bail!("expected a checksum error, got {other:?}"),
-        }
-        Ok::<_, anyhow::Error>(())
-    })?;
+            raw::send(&mut s, &Message::Extent(e)).await?;
+            match raw::recv(&mut s).await? {
+                Some(Message::Error { code, message }) => {
+                    assert_eq!(code, ErrorCode::ChecksumMismatch, "{sum:?}");
+                    assert!(message.contains("nothing written"), "{message}");
+                }
+                other => anyhow::bail!("expected a checksum error for {sum:?}, got {other:?}"),
+            }
+            Ok::<_, anyhow::Error>(())
+        })?;
+    }
     let image = std::fs::read(site.image("disk-k"))?;
     assert_eq!(image.len(), 1 << 20);
     assert!(

@@ -19,7 +19,7 @@ use anyhow::{bail, ensure, Context};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tidemark_common::proto::messages::Extent;
-use tidemark_common::proto::{ErrorCode, Message, PointKind};
+use tidemark_common::proto::{ErrorCode, Message, SumKind};
 use tidemark_common::tls::server_name;
 use tidemark_tests::raw::{self, register, register_msg, Stream};
 use tidemark_tests::site::{agent_sync, assert_fails_with, path, point_id, receiver_cmd, Site};
@@ -113,26 +113,12 @@ async fn still_replicates(site: &Site, name: &str, disk: &str) -> anyhow::Result
         .for_each(|c| c.copy_from_slice(&rng.next_u64().to_le_bytes()));
     raw::send(
         &mut s,
-        &Message::Extent(Extent::pack(1, handle, 8192, &data, None)),
+        &Message::Extent(Extent::pack(1, handle, 8192, &data, SumKind::Crc32c, None)),
     )
     .await?;
-    raw::send(
-        &mut s,
-        &Message::Point {
-            seq: 2,
-            kind: PointKind::CrashConsistent,
-            name: "after abuse".into(),
-            agent_time_ms: 1,
-        },
-    )
-    .await?;
-    loop {
-        match raw::recv(&mut s).await? {
-            Some(Message::PointRecorded { .. }) => break,
-            Some(Message::Ack { .. }) => continue,
-            other => bail!("{name} could not replicate: {other:?}"),
-        }
-    }
+    raw::point(&mut s, 2, "after abuse")
+        .await
+        .with_context(|| format!("{name} could not replicate"))?;
     let mut want = site.export(disk, "latest")?;
     ensure!(want.len() as u64 == SIZE, "export is {} bytes", want.len());
     ensure!(
@@ -441,7 +427,7 @@ fn protocol_abuse_is_refused_by_name_and_stores_nothing() -> anyhow::Result<()> 
         // a handle never registered.
         let mut s = raw::hello(site.addr, &dir, "agent-p").await?;
         let h = register(&mut s, "disk-p", 1 << 20).await?;
-        let e = Extent::pack(1, h, (1 << 20) - 2048, &[0x5a; 4096], None);
+        let e = Extent::pack(1, h, (1 << 20) - 2048, &[0x5a; 4096], SumKind::Blake3, None);
         raw::send(&mut s, &Message::Extent(e)).await?;
         refused(
             &mut s,

@@ -13,7 +13,12 @@ pub mod messages;
 
 pub use codec::DecodeError;
 pub use frame::{FrameError, MAX_FRAME_BYTES};
-pub use messages::{ErrorCode, Message, PointKind, MAX_EXTENT_BYTES};
+pub use messages::{ErrorCode, ExtentSum, Message, PointKind, SumKind, MAX_EXTENT_BYTES};
 
-/// Protocol version this build speaks. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Oldest protocol version this build speaks: agents and receivers are
+/// upgraded one machine at a time, so each side keeps speaking the
+/// versions the other may still have.
+pub const PROTOCOL_MIN: u16 = 1;
+/// Newest protocol version this build speaks; a connection uses the newest
+/// both sides speak. Version 2 added CRC32C extent checksums.
+pub const PROTOCOL_MAX: u16 = 2;

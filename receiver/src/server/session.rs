@@ -18,7 +18,7 @@ use tracing::{info, warn};
 use tidemark_common::proto::frame::{read_message, write_message, FrameError};
 use tidemark_common::proto::handshake::{self, PREAMBLE_BYTES};
 use tidemark_common::proto::messages::{Codec, Extent, PayloadError};
-use tidemark_common::proto::{ErrorCode, Message, PointKind, MAX_FRAME_BYTES};
+use tidemark_common::proto::{ErrorCode, Message, PointKind, SumKind, MAX_FRAME_BYTES};
 
 use super::hash_ahead::{zero_hashes, HashAhead};
 use super::readers::{Pending, Readers, When};
@@ -141,6 +141,8 @@ pub struct Greeted {
     rd: ReadHalf<TlsStream<TcpStream>>,
     wr: WriteHalf<TlsStream<TcpStream>>,
     pub agent: String,
+    /// The protocol version agreed in the preamble.
+    protocol: u16,
 }
 
 /// Preamble and hello; the caller bounds the time they take.
@@ -154,8 +156,11 @@ pub async fn greet(
 
     let mut pre = [0u8; PREAMBLE_BYTES];
     rd.read_exact(&mut pre).await.context("reading preamble")?;
-    match handshake::receiver_choose(&pre) {
-        Ok(v) => wr.write_all(&handshake::receiver_reply(v)).await?,
+    let protocol = match handshake::receiver_choose(&pre) {
+        Ok(v) => {
+            wr.write_all(&handshake::receiver_reply(v)).await?;
+            v
+        }
         Err(e) => {
             if e != handshake::HandshakeError::BadMagic {
                 wr.write_all(&handshake::receiver_reply(0)).await?;
@@ -163,7 +168,7 @@ pub async fn greet(
             }
             return Err(e.into());
         }
-    }
+    };
 
     let mut buf = Vec::new();
     let mut scratch = Vec::new();
@@ -199,7 +204,9 @@ pub async fn greet(
                 let _ = wr.shutdown().await;
                 anyhow::bail!(msg);
             }
-            info!("agent {agent_name} connected (tidemark {software_version})");
+            info!(
+                "agent {agent_name} connected (tidemark {software_version}, protocol {protocol})"
+            );
             agent_name
         }
         Some(other) => anyhow::bail!("expected hello, got {}", other.name()),
@@ -215,7 +222,12 @@ pub async fn greet(
     )
     .await?;
     wr.flush().await?;
-    Ok(Greeted { rd, wr, agent })
+    Ok(Greeted {
+        rd,
+        wr,
+        agent,
+        protocol,
+    })
 }
 
 /// How the task writing to the agent ended.
@@ -234,6 +246,7 @@ pub async fn run(shared: Arc<Shared>, greeted: Greeted, session_id: u64) -> anyh
         mut rd,
         mut wr,
         agent,
+        protocol,
     } = greeted;
     let mut buf = Vec::new();
 
@@ -274,7 +287,7 @@ pub async fn run(shared: Arc<Shared>, greeted: Greeted, session_id: u64) -> anyh
         let rt = tokio::runtime::Handle::current();
         std::thread::Builder::new()
             .name(format!("session-{session_id}"))
-            .spawn(move || Worker::new(shared, agent, session_id, out, rt).run(in_rx))
+            .spawn(move || Worker::new(shared, agent, protocol, session_id, out, rt).run(in_rx))
             .context("cannot start session thread")?
     };
 
@@ -587,6 +600,8 @@ struct Commit {
 struct Worker {
     shared: Arc<Shared>,
     agent: String,
+    /// The session's protocol version.
+    protocol: u16,
     session_id: u64,
     out: mpsc::Sender<Message>,
     disks: Vec<OpenDisk>,
@@ -617,6 +632,7 @@ impl Worker {
     fn new(
         shared: Arc<Shared>,
         agent: String,
+        protocol: u16,
         session_id: u64,
         out: mpsc::Sender<Message>,
         rt: tokio::runtime::Handle,
@@ -624,6 +640,7 @@ impl Worker {
         Worker {
             shared,
             agent,
+            protocol,
             session_id,
             out,
             disks: Vec::new(),
@@ -779,6 +796,15 @@ impl Worker {
     }
 
     fn extent(&mut self, e: Extent) -> Result<(), Refusal> {
+        if SumKind::for_version(self.protocol) == SumKind::Blake3
+            && e.checksum.kind() != SumKind::Blake3
+        {
+            // As a receiver of that release would: it has no such message.
+            return Err(Refusal::new(
+                ErrorCode::Protocol,
+                format!("an extent with a CRC32C checksum (message type 15) on a protocol version {} connection; the agent must send BLAKE3 extents (type 5) at that version", self.protocol),
+            ));
+        }
         self.next_seq(e.seq)?;
         let d = self.disk_for_write(e.disk, e.offset_bytes, u64::from(e.len_bytes))?;
         e.unpack(&mut self.decompressor, &mut self.scratch)
