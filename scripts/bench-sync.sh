@@ -2,7 +2,8 @@
 # Benchmark: a full `tidemark-agent sync` of a loop device to a receiver on
 # 127.0.0.1 (io_uring reads, zstd, TLS, checksum verify, fsync'd sparse
 # image), side by side with `qemu-img convert` copying the same device to a
-# local sparse raw file. Prints each run and the median ratio ours/qemu.
+# local sparse raw file. Prints each run, the median ratio ours/qemu, and
+# the CPU time agent and receiver spent per GiB of disk.
 # Usage (root): scripts/bench-sync.sh [SIZE_MIB] [RUNS]
 # AGENT_SETTINGS='sync_queue_depth = 8' adds top-level agent settings (to
 # compare tunings, alternating).
@@ -51,6 +52,11 @@ for _ in $(seq 1 100); do grep -q "listening on" "$work/rx.log" && break; sleep 
 
 ours=()
 theirs=()
+agent_cpu=()
+rx_cpu=()
+hz=$(getconf CLK_TCK)
+rx_ticks() { awk '{print $14 + $15}' "/proc/$rx/stat"; }
+TIMEFORMAT='%U %S'
 for i in $(seq 1 "$runs"); do
   # Each sync after the first overwrites the image through the undo
   # journal; start from nothing so every run does the same work.
@@ -60,9 +66,16 @@ for i in $(seq 1 "$runs"); do
   rx=$!
   for _ in $(seq 1 100); do grep -q "listening on" "$work/rx.log" && break; sleep 0.1; done
   sync; echo 3 > /proc/sys/vm/drop_caches
+  r0=$(rx_ticks)
   t0=$(date +%s.%N)
-  "$bin/tidemark-agent" sync --config "$work/agent/agent.toml" 2>/dev/null >/dev/null
+  # `time` reports the agent's user and system CPU; its own output is
+  # dropped.
+  cpu=$( { time "$bin/tidemark-agent" sync --config "$work/agent/agent.toml" >/dev/null 2>&1; } 2>&1 )
   t1=$(date +%s.%N)
+  r1=$(rx_ticks)
+  ac=$(echo "$cpu" | awk '{print $1 + $2}')
+  rc=$(echo "($r1 - $r0) / $hz" | bc -l)
+  agent_cpu+=("$ac"); rx_cpu+=("$rc")
   sync; echo 3 > /proc/sys/vm/drop_caches
   rm -f "$work/qemu.raw"
   t2=$(date +%s.%N)
@@ -71,10 +84,13 @@ for i in $(seq 1 "$runs"); do
   t3=$(date +%s.%N)
   a=$(echo "$t1 - $t0" | bc -l); b=$(echo "$t3 - $t2" | bc -l)
   ours+=("$a"); theirs+=("$b")
-  printf 'run %d: tidemark sync %.2f s (%.0f MB/s)   qemu-img convert %.2f s (%.0f MB/s)   ratio %.2f\n' \
-    "$i" "$a" "$(echo "$size_mib * 1.048576 / $a" | bc -l)" "$b" "$(echo "$size_mib * 1.048576 / $b" | bc -l)" "$(echo "$a / $b" | bc -l)"
+  printf 'run %d: tidemark sync %.2f s (%.0f MB/s)   qemu-img convert %.2f s (%.0f MB/s)   ratio %.2f   CPU agent %.2f s, receiver %.2f s\n' \
+    "$i" "$a" "$(echo "$size_mib * 1.048576 / $a" | bc -l)" "$b" "$(echo "$size_mib * 1.048576 / $b" | bc -l)" "$(echo "$a / $b" | bc -l)" "$ac" "$rc"
 done
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 mo=$(median "${ours[@]}"); mt=$(median "${theirs[@]}")
 printf 'median over %d runs, %d MiB: tidemark %.2f s, qemu-img %.2f s, ratio ours/qemu %.2f\n' \
   "$runs" "$size_mib" "$mo" "$mt" "$(echo "$mo / $mt" | bc -l)"
+printf 'median CPU per GiB of disk: agent %.3f s, receiver %.3f s\n' \
+  "$(echo "$(median "${agent_cpu[@]}") * 1024 / $size_mib" | bc -l)" \
+  "$(echo "$(median "${rx_cpu[@]}") * 1024 / $size_mib" | bc -l)"
