@@ -4,8 +4,10 @@
 //! and compress the data, and hand the pieces to the transport.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use tidemark_common::effort::Effort;
 use tidemark_common::proto::messages::{Extent, PayloadError};
@@ -172,6 +174,11 @@ pub struct Pipeline {
     pub board: Arc<HashBoard>,
     reader: Option<JoinHandle<Result<(), PipelineError>>>,
     workers: Vec<JoinHandle<()>>,
+    /// The reader's buffers on their way to the workers, for
+    /// [`Pipeline::finish`] to hand back to the pool when stopping early.
+    work: crossbeam_channel::Receiver<(u32, u64, ReadBuf)>,
+    /// Set when the pipeline stops: the reader hands nothing more over.
+    stop: Arc<AtomicBool>,
 }
 
 pub struct Job {
@@ -274,6 +281,8 @@ impl Pipeline {
 
         let qd = settings.queue_depth;
         let read_limit = settings.read_limit.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
         let reader = std::thread::Builder::new()
             .name("reader".into())
             .spawn(move || {
@@ -294,6 +303,9 @@ impl Pipeline {
                         reader.set_read_limit(read_limit.clone());
                     }
                     let r = reader.read_ranges(&job.ranges, &pool, |off, buf| {
+                        if stopped.load(Ordering::Relaxed) {
+                            return Err(Stop::Closed);
+                        }
                         Progress::add(&progress.read_bytes, buf.len() as u64);
                         work_tx
                             .send((idx as u32, off, buf))
@@ -313,6 +325,8 @@ impl Pipeline {
             board,
             reader: Some(reader),
             workers,
+            work: work_rx,
+            stop,
         })
     }
 
@@ -320,15 +334,30 @@ impl Pipeline {
     /// once `pieces` has returned `None` (everything was read), or to stop
     /// early: closing `pieces` makes every thread stop.
     pub fn finish(&mut self) -> Result<(), PipelineError> {
+        self.stop.store(true, Ordering::Relaxed);
         self.pieces.close();
         // Unblock workers waiting for hashes that will not come now.
         self.board.close();
         // Unblock workers waiting to hand over a piece.
         while self.pieces.try_recv().is_ok() {}
         let r = match self.reader.take() {
-            Some(h) => h
-                .join()
-                .unwrap_or_else(|_| panic!("reader thread panicked")),
+            Some(h) => {
+                // Stopped early, the workers may leave buffers queued for
+                // them in the work channel, and a reader with every buffer
+                // out waits for one to come back to the pool. An agent
+                // whose sync the receiver refused was found hanging here,
+                // the reader waiting with all 20 of the pool's buffers out
+                // and no worker left, about one run in ten of
+                // tests/tests/compat.rs with an agent that sent what the
+                // receiver refuses; with this, none in 40. So: hand back
+                // whatever is queued until the reader has stopped (it
+                // stops at its next buffer, `stop`).
+                while !h.is_finished() {
+                    let _ = self.work.recv_timeout(Duration::from_millis(2));
+                }
+                h.join()
+                    .unwrap_or_else(|_| panic!("reader thread panicked"))
+            }
             None => Ok(()),
         };
         for w in self.workers.drain(..) {
@@ -464,6 +493,51 @@ pub fn is_zero(block: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Dropping a pipeline part-way returns, whatever its threads were
+    /// doing. (A guard: the hang `finish` now avoids came from `sync` with
+    /// a refusing receiver; these rounds did not reproduce it.)
+    #[test]
+    fn a_pipeline_stopped_part_way_lets_its_threads_go() {
+        const SIZE: u64 = 24 << 20;
+        let dir = tempfile::tempdir_in("/var/tmp").expect("temp dir");
+        let path = dir.path().join("disk.raw");
+        let data: Vec<u8> = (0..SIZE).map(|i| (i * 7 + i / 4096) as u8 | 1).collect();
+        std::fs::write(&path, &data).expect("disk file");
+        for round in 0..40u64 {
+            let settings = Settings {
+                queue_depth: 2,
+                compress_threads: 2,
+                zstd_level: 1,
+                read_limit: None,
+                pool: Settings::pool_for(2, 2, Pages::Small),
+            };
+            let disk = Disk {
+                device: path.clone(),
+                id: "disk".into(),
+                size_bytes: SIZE,
+                logical_block_bytes: 512,
+                sysfs: std::path::PathBuf::new(),
+            };
+            let job = Job::full(disk, vec![0..SIZE]);
+            let progress = Arc::new(Progress::default());
+            let mut p = Pipeline::start(vec![job], &settings, SumKind::Crc32c, progress)
+                .expect("pipeline starts");
+            for _ in 0..round % 4 {
+                p.pieces.blocking_recv();
+            }
+            // Every queue fills while nothing is taken.
+            std::thread::sleep(Duration::from_millis(round % 7));
+            let (done, stopped) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                drop(p);
+                let _ = done.send(());
+            });
+            stopped
+                .recv_timeout(Duration::from_secs(20))
+                .unwrap_or_else(|_| panic!("round {round}: the pipeline did not stop"));
+        }
+    }
 
     #[test]
     fn runs_split_zero_and_data() {
