@@ -112,8 +112,9 @@ fn an_agent_syncs_through_a_receiver_downgraded_to_the_first_protocol() -> anyho
     const BEFORE_DOWNGRADE: u64 = 6;
     relay.downgrade_after(BEFORE_DOWNGRADE, 1);
 
-    // Bounded: an agent that kept resending what the receiver refuses
-    // would otherwise hold the test forever.
+    // Bounded, so that an agent that hangs fails the test with both logs
+    // instead of holding the suite (one did: agent/src/pipeline.rs,
+    // `finish`).
     let sync = Daemon::spawn({
         let mut c = Command::new(workspace_bin("tidemark-agent"));
         c.args(["sync", "--config", path(&cfg)]);
