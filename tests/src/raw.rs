@@ -38,10 +38,11 @@ pub async fn connect_offering(
     let mut tls = connector
         .connect(server_name("tidemark-receiver")?, tcp)
         .await?;
-    let mut preamble = handshake::agent_preamble();
-    preamble[8..10].copy_from_slice(&versions.start().to_be_bytes());
-    preamble[10..12].copy_from_slice(&versions.end().to_be_bytes());
-    tls.write_all(&preamble).await?;
+    tls.write_all(&handshake::preamble_offering(
+        *versions.start(),
+        *versions.end(),
+    ))
+    .await?;
     let mut reply = [0u8; handshake::PREAMBLE_BYTES];
     tls.read_exact(&mut reply).await?;
     let chosen = handshake::agent_accept(&reply)?;

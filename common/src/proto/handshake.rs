@@ -33,10 +33,16 @@ pub enum HandshakeError {
 
 /// What the agent sends.
 pub fn agent_preamble() -> [u8; PREAMBLE_BYTES] {
+    preamble_offering(PROTOCOL_MIN, PROTOCOL_MAX)
+}
+
+/// The preamble of an agent speaking versions `min..=max`: this build's
+/// through [`agent_preamble`]; others' in tests of other releases.
+pub fn preamble_offering(min: u16, max: u16) -> [u8; PREAMBLE_BYTES] {
     let mut out = [0u8; PREAMBLE_BYTES];
     out[..8].copy_from_slice(&MAGIC);
-    out[8..10].copy_from_slice(&PROTOCOL_MIN.to_be_bytes());
-    out[10..12].copy_from_slice(&PROTOCOL_MAX.to_be_bytes());
+    out[8..10].copy_from_slice(&min.to_be_bytes());
+    out[10..12].copy_from_slice(&max.to_be_bytes());
     out
 }
 
@@ -81,22 +87,15 @@ pub fn agent_accept(reply: &[u8; PREAMBLE_BYTES]) -> Result<u16, HandshakeError>
 mod tests {
     use super::*;
 
-    fn preamble(min: u16, max: u16) -> [u8; PREAMBLE_BYTES] {
-        let mut p = agent_preamble();
-        p[8..10].copy_from_slice(&min.to_be_bytes());
-        p[10..12].copy_from_slice(&max.to_be_bytes());
-        p
-    }
-
     #[test]
     fn agree_on_the_newest_version_both_speak() {
         let v = receiver_choose(&agent_preamble()).expect("same build agrees");
         assert_eq!(agent_accept(&receiver_reply(v)), Ok(PROTOCOL_MAX));
         // An agent of the first release speaks only version 1.
-        assert_eq!(receiver_choose(&preamble(1, 1)), Ok(1));
+        assert_eq!(receiver_choose(&preamble_offering(1, 1)), Ok(1));
         // A newer agent that still speaks ours.
         assert_eq!(
-            receiver_choose(&preamble(1, PROTOCOL_MAX + 3)),
+            receiver_choose(&preamble_offering(1, PROTOCOL_MAX + 3)),
             Ok(PROTOCOL_MAX)
         );
         // A receiver of the first release answers 1, which we still speak.
@@ -106,13 +105,13 @@ mod tests {
     #[test]
     fn refuse_other_versions_and_garbage() {
         assert_eq!(
-            receiver_choose(&preamble(PROTOCOL_MAX + 1, PROTOCOL_MAX + 4)),
+            receiver_choose(&preamble_offering(PROTOCOL_MAX + 1, PROTOCOL_MAX + 4)),
             Err(HandshakeError::NoCommonVersion {
                 min: PROTOCOL_MAX + 1,
                 max: PROTOCOL_MAX + 4
             })
         );
-        assert!(receiver_choose(&preamble(0, 0)).is_err());
+        assert!(receiver_choose(&preamble_offering(0, 0)).is_err());
         assert_eq!(
             agent_accept(&receiver_reply(PROTOCOL_MAX + 1)),
             Err(HandshakeError::BadChoice {

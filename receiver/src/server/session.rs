@@ -453,8 +453,9 @@ struct OpenDisk {
     /// overwrite of its bytes reaches the image (its batch's journal is
     /// synced before the batch is written, and batches are written in
     /// order), and a session that fails ends with its set, so nothing
-    /// here outlives a record that did not reach the disk. Cleared when a point changes `tag`; a new
-    /// session starts empty and journals again, which is only redundant.
+    /// here outlives a record that did not reach the disk. Cleared when a
+    /// point changes `tag`; a new session starts empty and journals
+    /// again, which is only redundant.
     journaled: Ranges,
     /// Ranges with an overwrite queued in this batch (start → end).
     queued: BTreeMap<u64, u64>,
