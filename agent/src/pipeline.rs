@@ -153,6 +153,30 @@ pub enum PipelineError {
     },
     #[error("cannot start a pipeline thread")]
     Spawn(#[source] std::io::Error),
+    /// A thread of the pipeline panicked: what it held was never handed
+    /// over, so the pass is incomplete, however the others ended.
+    #[error("the pipeline's {thread} thread failed ({message}); what it held was not sent")]
+    Panicked { thread: String, message: String },
+}
+
+/// The message of a panic, from a joined thread's payload.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "no message".to_owned()
+    }
+}
+
+/// Joins a pipeline thread; a panic becomes [`PipelineError::Panicked`].
+fn join<T>(h: JoinHandle<T>) -> Result<T, PipelineError> {
+    let thread = h.thread().name().unwrap_or("unnamed").to_owned();
+    h.join().map_err(|p| PipelineError::Panicked {
+        thread,
+        message: panic_message(p.as_ref()),
+    })
 }
 
 /// Internal signal: the consumer went away, stop quietly.
@@ -330,9 +354,12 @@ impl Pipeline {
         })
     }
 
-    /// Waits for the threads and returns the reader's error, if any. Call
-    /// once `pieces` has returned `None` (everything was read), or to stop
-    /// early: closing `pieces` makes every thread stop.
+    /// Waits for the threads and returns the reader's error, or that a
+    /// thread panicked, if any. Call once `pieces` has returned `None`
+    /// (everything was read), or to stop early: closing `pieces` makes
+    /// every thread stop. Once `pieces` has ended, only an `Ok` here means
+    /// every range of the jobs was handed over: a compressor that panicked
+    /// ends its share early while the others end normally.
     pub fn finish(&mut self) -> Result<(), PipelineError> {
         self.stop.store(true, Ordering::Relaxed);
         self.pieces.close();
@@ -355,15 +382,17 @@ impl Pipeline {
                 while !h.is_finished() {
                     let _ = self.work.recv_timeout(Duration::from_millis(2));
                 }
-                h.join()
-                    .unwrap_or_else(|_| panic!("reader thread panicked"))
+                join(h).and_then(|r| r)
             }
             None => Ok(()),
         };
+        let mut workers = Ok(());
         for w in self.workers.drain(..) {
-            let _ = w.join();
+            if let Err(e) = join(w) {
+                workers = workers.and(Err(e));
+            }
         }
-        r
+        r.and(workers)
     }
 }
 
@@ -380,6 +409,11 @@ struct Packing {
     sum: SumKind,
 }
 
+/// Tests make a compressor panic on the chunk at this offset (`u64::MAX`:
+/// never), as a bug in it would.
+#[cfg(test)]
+static PANIC_AT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(u64::MAX);
+
 fn compress_worker(
     rx: crossbeam_channel::Receiver<(u32, u64, ReadBuf)>,
     tx: mpsc::Sender<Piece>,
@@ -394,6 +428,10 @@ fn compress_worker(
     let mut fast: Option<zstd::bulk::Compressor<'static>> = None;
     let mut effort = Effort::new(level);
     while let Ok((disk, offset, buf)) = rx.recv() {
+        #[cfg(test)]
+        if offset == PANIC_AT.load(Ordering::Relaxed) {
+            panic!("a compressor fails at {offset} (test)");
+        }
         // Reads waiting for a compressor (one per worker or more) while
         // the sender has room: compression is the slowest step, and a
         // faster level ships this chunk sooner than a smaller one would.
@@ -536,6 +574,68 @@ mod tests {
             stopped
                 .recv_timeout(Duration::from_secs(20))
                 .unwrap_or_else(|_| panic!("round {round}: the pipeline did not stop"));
+        }
+    }
+
+    /// A compressor that panics ends its share of the pass early while the
+    /// others finish theirs: the pieces end as if all was read, so
+    /// `finish` must say otherwise, or the caller would count the chunk it
+    /// held as sent.
+    #[test]
+    fn a_compressor_that_panics_fails_the_pass() {
+        const SIZE: u64 = 32 << 20;
+        const AT: u64 = 30 << 20;
+        let dir = tempfile::tempdir_in("/var/tmp").expect("temp dir");
+        let path = dir.path().join("disk.raw");
+        let data: Vec<u8> = (0..SIZE).map(|i| (i * 13 + i / 4096) as u8 | 1).collect();
+        std::fs::write(&path, &data).expect("disk file");
+        for threads in [1, 2] {
+            let settings = Settings {
+                queue_depth: 2,
+                compress_threads: threads,
+                zstd_level: 1,
+                read_limit: None,
+                pool: Settings::pool_for(2, threads, Pages::Small),
+            };
+            let disk = Disk {
+                device: path.clone(),
+                id: "disk".into(),
+                size_bytes: SIZE,
+                logical_block_bytes: 512,
+                sysfs: std::path::PathBuf::new(),
+            };
+            PANIC_AT.store(AT, Ordering::Relaxed);
+            let progress = Arc::new(Progress::default());
+            let mut p = Pipeline::start(
+                vec![Job::full(disk, vec![0..SIZE])],
+                &settings,
+                SumKind::Crc32c,
+                progress,
+            )
+            .expect("pipeline starts");
+            let mut chunks = Vec::new();
+            while let Some(piece) = p.pieces.blocking_recv() {
+                if let Piece::ChunkDone { offset_bytes, .. } = piece {
+                    chunks.push(offset_bytes);
+                }
+            }
+            let r = p.finish();
+            PANIC_AT.store(u64::MAX, Ordering::Relaxed);
+            assert!(
+                !chunks.contains(&AT),
+                "{threads} thread(s): the chunk at {AT} was reported done"
+            );
+            match r {
+                Err(PipelineError::Panicked { thread, message }) => {
+                    assert!(thread.starts_with("compress-"), "{thread}");
+                    assert!(message.contains("fails at"), "{message}");
+                }
+                other => panic!("{threads} thread(s): finish gave {other:?}"),
+            }
+            if threads == 2 {
+                // The other compressor went on to the end.
+                assert!(chunks.contains(&(SIZE - (1 << 20))), "{chunks:?}");
+            }
         }
     }
 
