@@ -487,9 +487,19 @@ pub struct UndoLog {
     /// Compresses the records of [`UndoLog::append_owned`] on a thread of
     /// its own; started by the first of them.
     encoder: Option<Encoder>,
-    /// Tags of the records the encoder holds, oldest first: they are
-    /// written in the order appended, whatever thread encoded them.
+    /// Tags of the records not yet written, oldest first (in `batch`, at
+    /// the encoder, or in `ready`): they are written in the order
+    /// appended, whatever thread encoded them.
     in_flight: std::collections::VecDeque<u64>,
+    /// Records not yet handed to the encoder, which takes them a batch at
+    /// a time (see [`BATCH_RECORDS`]).
+    batch: Vec<EncodeJob>,
+    /// Pre-image bytes in `batch`.
+    batch_bytes: usize,
+    /// Batches handed to the encoder and not yet back.
+    at_encoder: usize,
+    /// Records back from the encoder, not yet written.
+    ready: std::collections::VecDeque<Encoded>,
     /// Pre-image buffers back from the encoder, for the next reads.
     spare: Vec<Vec<u8>>,
     /// A sync begun by [`UndoLog::sync_start`] and not yet known done.
@@ -508,9 +518,21 @@ struct Syncing {
     issued: Option<u64>,
 }
 
-/// Pre-images the encoder holds at most: bounds memory (4 MiB each) while
-/// letting the session read the next ones as these compress.
-const ENCODER_DEPTH: usize = 4;
+/// Batches handed to the encoder at most: one it encodes while the next
+/// waits, and the caller fills a third. With every pre-image at most 4 MiB
+/// and a batch handed over once it holds [`BATCH_BYTES`], that bounds the
+/// pre-images held at about 15 MiB.
+const ENCODER_DEPTH: usize = 2;
+/// A batch goes to the encoder once it holds this many records or
+/// [`BATCH_BYTES`] of pre-images, or when the caller would wait for any of
+/// them. One at a time, the session and the encoder took turns on two busy
+/// cores, each hand-over a wake-up (about 3,000 a second in a drain of
+/// fio's 4-64 KiB writes; docs/BENCHMARKS.md).
+const BATCH_RECORDS: usize = 16;
+const BATCH_BYTES: usize = 1 << 20;
+/// Spare pre-image buffers kept for the next reads, at most this many
+/// bytes of them.
+const SPARE_BYTES: usize = 8 << 20;
 
 /// A pre-image to encode: `buf[window]` holds it; no buffer is zeros.
 struct EncodeJob {
@@ -529,11 +551,12 @@ struct Encoded {
 }
 
 /// The compression of pre-images, which otherwise takes a third of a busy
-/// session thread, on a thread that runs beside it. Jobs are encoded one
-/// at a time in order, so records come back in the order they were given.
+/// session thread, on a thread that runs beside it. Batches are encoded
+/// one at a time in order, so records come back in the order they were
+/// given, a batch at a time.
 struct Encoder {
-    jobs: Option<std::sync::mpsc::SyncSender<EncodeJob>>,
-    done: std::sync::mpsc::Receiver<Encoded>,
+    jobs: Option<std::sync::mpsc::SyncSender<Vec<EncodeJob>>>,
+    done: std::sync::mpsc::Receiver<Vec<Encoded>>,
     thread: Option<std::thread::JoinHandle<()>>,
     /// Record buffers back from the log, for the next jobs.
     outs: Vec<Vec<u8>>,
@@ -541,8 +564,10 @@ struct Encoder {
 
 impl Encoder {
     fn start() -> std::io::Result<Encoder> {
-        let (jobs, job_rx) = std::sync::mpsc::sync_channel::<EncodeJob>(ENCODER_DEPTH);
-        let (done_tx, done) = std::sync::mpsc::sync_channel::<Encoded>(ENCODER_DEPTH);
+        // Room for every batch the log hands over: neither side ever
+        // waits on a full channel while the other waits on it.
+        let (jobs, job_rx) = std::sync::mpsc::sync_channel::<Vec<EncodeJob>>(ENCODER_DEPTH);
+        let (done_tx, done) = std::sync::mpsc::sync_channel::<Vec<Encoded>>(ENCODER_DEPTH);
         let thread = std::thread::Builder::new()
             .name("undo-encode".into())
             .spawn(move || {
@@ -550,40 +575,43 @@ impl Encoder {
                 let mut fast = None;
                 let mut zbuf = Vec::new();
                 let mut effort = Effort::new(ZSTD_LEVEL);
-                while let Ok(mut job) = job_rx.recv() {
-                    job.out.clear();
-                    let pre = match job.pre {
-                        Some((buf, window)) => {
-                            let level = effort.next_level(job.hurry);
-                            let ctx = if level == Some(ZSTD_LEVEL) {
-                                &mut zstd
-                            } else {
-                                &mut fast
-                            };
-                            let pre = &buf[window];
-                            let stored = encode_at(
-                                ctx,
-                                level,
-                                &mut zbuf,
-                                job.offset_bytes,
-                                pre,
-                                &mut job.out,
-                            );
-                            if let Some(level) = level.filter(|_| stored > 0) {
-                                effort.observe(level, pre.len(), stored);
+                while let Ok(jobs) = job_rx.recv() {
+                    let mut records = Vec::with_capacity(jobs.len());
+                    for mut job in jobs {
+                        job.out.clear();
+                        let pre = match job.pre {
+                            Some((buf, window)) => {
+                                let level = effort.next_level(job.hurry);
+                                let ctx = if level == Some(ZSTD_LEVEL) {
+                                    &mut zstd
+                                } else {
+                                    &mut fast
+                                };
+                                let pre = &buf[window];
+                                let stored = encode_at(
+                                    ctx,
+                                    level,
+                                    &mut zbuf,
+                                    job.offset_bytes,
+                                    pre,
+                                    &mut job.out,
+                                );
+                                if let Some(level) = level.filter(|_| stored > 0) {
+                                    effort.observe(level, pre.len(), stored);
+                                }
+                                Some(buf)
                             }
-                            Some(buf)
-                        }
-                        None => {
-                            encode_zeros(job.offset_bytes, job.len_bytes, &mut job.out);
-                            None
-                        }
-                    };
-                    let sent = done_tx.send(Encoded {
-                        record: job.out,
-                        pre,
-                    });
-                    if sent.is_err() {
+                            None => {
+                                encode_zeros(job.offset_bytes, job.len_bytes, &mut job.out);
+                                None
+                            }
+                        };
+                        records.push(Encoded {
+                            record: job.out,
+                            pre,
+                        });
+                    }
+                    if done_tx.send(records).is_err() {
                         return;
                     }
                 }
@@ -622,6 +650,10 @@ impl UndoLog {
             zbuf: Vec::new(),
             encoder: None,
             in_flight: std::collections::VecDeque::new(),
+            batch: Vec::new(),
+            batch_bytes: 0,
+            at_encoder: 0,
+            ready: std::collections::VecDeque::new(),
             spare: Vec::new(),
             syncing: None,
             sync_lost: false,
@@ -804,25 +836,83 @@ impl UndoLog {
             })?;
             self.encoder = Some(e);
         }
-        // Room for this one: write what is encoded, waiting if all are busy.
-        self.drain(ENCODER_DEPTH - 1)?;
         let encoder = self.encoder.as_mut().expect("started above");
-        let job = EncodeJob {
+        self.batch_bytes += pre.as_ref().map_or(0, |(_, w)| w.len());
+        self.batch.push(EncodeJob {
             offset_bytes,
             len_bytes,
             pre,
             out: encoder.outs.pop().unwrap_or_default(),
-            // Two records still ahead of this one: the encoder is what the
-            // session waits for, so it trades some journal bytes for speed
-            // until it catches up (FAST_ZSTD_LEVEL).
-            hurry: self.in_flight.len() >= 2,
-        };
-        let sent = encoder.jobs.as_ref().map(|j| j.send(job));
-        if !matches!(sent, Some(Ok(()))) {
-            return Err(encoder_gone(segment_path(&self.dir, tag)));
-        }
+            hurry: false,
+        });
         self.in_flight.push_back(tag);
+        if self.batch.len() >= BATCH_RECORDS || self.batch_bytes >= BATCH_BYTES {
+            self.hand_over()?;
+        }
         self.write_ready()
+    }
+
+    /// Hands the records appended since the last hand-over to the encoder
+    /// now rather than once the batch is full: for a caller about to wait
+    /// for something else (more input), so that the encoder is not left
+    /// idle meanwhile.
+    pub fn hand_over(&mut self) -> Result<(), UndoError> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        // Room for it: write what is encoded, waiting if all are busy.
+        while self.at_encoder >= ENCODER_DEPTH {
+            self.receive(true)?;
+        }
+        // A batch still ahead of this one: the encoder is what the session
+        // waits for, so it trades some journal bytes for speed until it
+        // catches up (FAST_ZSTD_LEVEL).
+        let hurry = self.at_encoder > 0;
+        let mut jobs = std::mem::take(&mut self.batch);
+        self.batch_bytes = 0;
+        for j in &mut jobs {
+            j.hurry = hurry;
+        }
+        let sent = self
+            .encoder
+            .as_ref()
+            .and_then(|e| e.jobs.as_ref())
+            .map(|j| j.send(jobs));
+        if !matches!(sent, Some(Ok(()))) {
+            return Err(self.gone());
+        }
+        self.at_encoder += 1;
+        Ok(())
+    }
+
+    /// Takes the oldest batch back from the encoder into `ready`; false if
+    /// it is not back and `wait` is false.
+    fn receive(&mut self, wait: bool) -> Result<bool, UndoError> {
+        let Some(encoder) = self.encoder.as_mut() else {
+            return Err(self.gone());
+        };
+        let got = if wait {
+            encoder.done.recv().ok()
+        } else {
+            match encoder.done.try_recv() {
+                Ok(e) => Some(e),
+                Err(std::sync::mpsc::TryRecvError::Empty) => return Ok(false),
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => None,
+            }
+        };
+        let Some(records) = got else {
+            return Err(self.gone());
+        };
+        self.at_encoder -= 1;
+        self.ready.extend(records);
+        Ok(true)
+    }
+
+    /// The error of an encoder that stopped, naming the oldest record's
+    /// segment.
+    fn gone(&self) -> UndoError {
+        let tag = self.in_flight.front().copied().unwrap_or_default();
+        encoder_gone(segment_path(&self.dir, tag))
     }
 
     /// Writes encoded records until at most `keep` are still encoding.
@@ -839,33 +929,34 @@ impl UndoLog {
         Ok(())
     }
 
-    /// Writes the oldest encoded record; false if it is not ready and
-    /// `wait` is false.
+    /// Writes the oldest record once encoded; false if it is not and
+    /// `wait` is false. Waiting for it, hands over the batch that holds it.
     fn collect_one(&mut self, wait: bool) -> Result<bool, UndoError> {
         let Some(&tag) = self.in_flight.front() else {
             return Ok(false);
         };
-        let Some(encoder) = self.encoder.as_mut() else {
-            return Err(encoder_gone(segment_path(&self.dir, tag)));
-        };
-        let got = if wait {
-            encoder.done.recv().ok()
-        } else {
-            match encoder.done.try_recv() {
-                Ok(e) => Some(e),
-                Err(std::sync::mpsc::TryRecvError::Empty) => return Ok(false),
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => None,
+        if self.ready.is_empty() {
+            if self.at_encoder == 0 {
+                // It is in the batch not yet handed over.
+                if !wait {
+                    return Ok(false);
+                }
+                self.hand_over()?;
             }
-        };
-        let Some(done) = got else {
-            return Err(encoder_gone(segment_path(&self.dir, tag)));
+            if !self.receive(wait)? {
+                return Ok(false);
+            }
+        }
+        let Some(done) = self.ready.pop_front() else {
+            return Err(self.gone());
         };
         self.in_flight.pop_front();
         if let Some(s) = self.syncing.as_mut() {
             s.records = s.records.saturating_sub(1);
         }
         if let Some(b) = done.pre {
-            if self.spare.len() < ENCODER_DEPTH + 1 {
+            let kept: usize = self.spare.iter().map(Vec::capacity).sum();
+            if kept + b.capacity() <= SPARE_BYTES {
                 self.spare.push(b);
             }
         }
@@ -879,6 +970,10 @@ impl UndoLog {
             // The batch fails; what is still encoding will not be written.
             self.encoder = None;
             self.in_flight.clear();
+            self.batch.clear();
+            self.batch_bytes = 0;
+            self.at_encoder = 0;
+            self.ready.clear();
             return Err(e);
         }
         Ok(true)
@@ -920,6 +1015,7 @@ impl UndoLog {
                     self.syncing = None;
                     return Err(self.lost());
                 }
+                self.hand_over_for_sync()?;
                 if !self.collect_one(wait)? {
                     return Ok(false);
                 }
@@ -942,6 +1038,18 @@ impl UndoLog {
             }
         }
         self.issued_done(wait)
+    }
+
+    /// Hands over the batch, if there is room for it at the encoder, when
+    /// the sync in progress covers records in it: they are not held back
+    /// for the batch to fill.
+    fn hand_over_for_sync(&mut self) -> Result<(), UndoError> {
+        let covered = self.syncing.as_ref().map_or(0, |s| s.records);
+        let before_batch = self.in_flight.len() - self.batch.len();
+        if covered > before_batch && self.at_encoder < ENCODER_DEPTH {
+            self.hand_over()?;
+        }
+        Ok(())
     }
 
     /// The error of a sync whose records were dropped.
@@ -1145,6 +1253,49 @@ mod tests {
         log.sync().expect("sync");
         assert_eq!(read_segment(&d, 1).expect("read"), want);
         assert_eq!(log.durable_len, log.written_len);
+    }
+
+    /// Records go to the encoder a batch at a time; a sync of a batch not
+    /// yet full hands it over itself, and polling alone finishes it.
+    #[test]
+    fn a_sync_of_a_batch_not_yet_full_finishes_without_more_appends() {
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).expect("tempdir");
+        let d = dir.path().join("disk");
+        let mut log = UndoLog::new(d.clone());
+        let mut want = Vec::new();
+        for i in 0..3u64 {
+            let pre: Vec<u8> = (0..4096u32).map(|k| (k as u64 * (i + 3)) as u8).collect();
+            let mut buf = log.pre_buffer();
+            let w = crate::image::storage::aligned_range(&mut buf, pre.len());
+            buf[w.clone()].copy_from_slice(&pre);
+            log.append_owned(1, i * 4096, buf, w).expect("append owned");
+            want.push(Record {
+                offset_bytes: i * 4096,
+                len_bytes: 4096,
+                data: Some(pre),
+            });
+        }
+        assert_eq!(log.batch.len(), 3, "held back for a fuller batch");
+        log.sync_start().expect("sync started");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !log.sync_done(false).expect("sync") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the sync never finished"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(read_segment(&d, 1).expect("read"), want);
+        assert_eq!(log.durable_len, log.written_len);
+        // And one held back when the caller goes idle is handed over.
+        let mut buf = log.pre_buffer();
+        let w = crate::image::storage::aligned_range(&mut buf, 4096);
+        buf[w.clone()].fill(9);
+        log.append_owned(1, 1 << 20, buf, w).expect("append owned");
+        log.hand_over().expect("handed over");
+        assert!(log.batch.is_empty());
+        log.sync().expect("sync");
+        assert_eq!(read_segment(&d, 1).expect("read").len(), 4);
     }
 
     #[test]

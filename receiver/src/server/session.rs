@@ -703,7 +703,12 @@ impl Worker {
                     // The agent is never left waiting on an ack for data
                     // that sits in our page cache longer than that moment.
                     // A batch being committed is finished first: there is
-                    // nothing else to do meanwhile.
+                    // nothing else to do meanwhile. Pre-images the journal
+                    // holds back to hand its encoder in batches go now, so
+                    // that it encodes them while we wait.
+                    for d in &mut self.disks {
+                        d.undo.hand_over().map_err(storage)?;
+                    }
                     self.finish_commit(true)?;
                     let next = self.unsynced_since.and_then(|t| {
                         let until = (t + SYNC_DELAY_MAX).min(Instant::now() + SYNC_GRACE);
