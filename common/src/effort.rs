@@ -8,7 +8,10 @@
 //! 64 KiB writes) while level 1 costs 2.4 times the CPU; on ordinary files
 //! level 1 saves a seventh more (0.540 against 0.613). docs/BENCHMARKS.md
 //! has the figures. So the configured level is kept while it pays and
-//! probed now and then while it does not.
+//! probed now and then while it does not. Where it barely pays and
+//! compression is also what the pipeline waits for, the piece is stored:
+//! the fast level's tenth or so of bytes saved then costs more time than
+//! the bytes do (on a link with room to spare; a full link is not a hurry).
 
 use crate::FAST_ZSTD_LEVEL;
 
@@ -51,7 +54,8 @@ impl Effort {
 
     /// The zstd level for the next piece, or None to store it as it is.
     /// `hurry` (compression is what the pipeline waits for) means the fast
-    /// level where the configured one would be used.
+    /// level where the configured one would be used, and storing where
+    /// the data barely compresses.
     pub fn next_level(&mut self, hurry: bool) -> Option<i32> {
         let barely = self.ratio >= BARELY;
         // Away from the configured level (storing, or the fast level when
@@ -66,7 +70,10 @@ impl Effort {
                 return Some(self.level);
             }
         }
-        if barely && self.ratio >= HARDLY {
+        // Stored: the configured level saves less than an eighth; or it
+        // barely pays and compression is what the pipeline waits for, where
+        // the fast level's few bytes saved cost more time than they save.
+        if barely && (self.ratio >= HARDLY || hurry) {
             return None;
         }
         if self.level <= FAST_ZSTD_LEVEL {
@@ -151,6 +158,15 @@ mod tests {
             }
         }
         assert!(stored > 1500, "stored {stored} of 2000");
+    }
+
+    #[test]
+    fn data_that_barely_compresses_is_stored_while_hurried() {
+        let mut e = Effort::new(1);
+        run(&mut e, 0.86, 200);
+        let stored = (0..160).filter(|_| e.next_level(true).is_none()).count();
+        assert_eq!(stored, 150, "all but the probes");
+        assert_eq!(e.next_level(false), Some(FAST_ZSTD_LEVEL), "not hurried");
     }
 
     #[test]
