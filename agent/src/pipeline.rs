@@ -532,6 +532,33 @@ pub fn is_zero(block: &[u8]) -> bool {
 mod tests {
     use super::*;
 
+    /// A pipeline reading all of the file at `path` with `threads`
+    /// compressors.
+    fn file_pipeline(path: &std::path::Path, size: u64, threads: usize) -> Pipeline {
+        let settings = Settings {
+            queue_depth: 2,
+            compress_threads: threads,
+            zstd_level: 1,
+            read_limit: None,
+            pool: Settings::pool_for(2, threads, Pages::Small),
+        };
+        let disk = Disk {
+            device: path.to_path_buf(),
+            id: "disk".into(),
+            size_bytes: size,
+            logical_block_bytes: 512,
+            sysfs: std::path::PathBuf::new(),
+        };
+        let progress = Arc::new(Progress::default());
+        Pipeline::start(
+            vec![Job::full(disk, vec![0..size])],
+            &settings,
+            SumKind::Crc32c,
+            progress,
+        )
+        .expect("pipeline starts")
+    }
+
     /// Dropping a pipeline part-way returns, whatever its threads were
     /// doing. (A guard: the hang `finish` now avoids came from `sync` with
     /// a refusing receiver; these rounds did not reproduce it.)
@@ -543,24 +570,7 @@ mod tests {
         let data: Vec<u8> = (0..SIZE).map(|i| (i * 7 + i / 4096) as u8 | 1).collect();
         std::fs::write(&path, &data).expect("disk file");
         for round in 0..40u64 {
-            let settings = Settings {
-                queue_depth: 2,
-                compress_threads: 2,
-                zstd_level: 1,
-                read_limit: None,
-                pool: Settings::pool_for(2, 2, Pages::Small),
-            };
-            let disk = Disk {
-                device: path.clone(),
-                id: "disk".into(),
-                size_bytes: SIZE,
-                logical_block_bytes: 512,
-                sysfs: std::path::PathBuf::new(),
-            };
-            let job = Job::full(disk, vec![0..SIZE]);
-            let progress = Arc::new(Progress::default());
-            let mut p = Pipeline::start(vec![job], &settings, SumKind::Crc32c, progress)
-                .expect("pipeline starts");
+            let mut p = file_pipeline(&path, SIZE, 2);
             for _ in 0..round % 4 {
                 p.pieces.blocking_recv();
             }
@@ -590,29 +600,8 @@ mod tests {
         let data: Vec<u8> = (0..SIZE).map(|i| (i * 13 + i / 4096) as u8 | 1).collect();
         std::fs::write(&path, &data).expect("disk file");
         for threads in [1, 2] {
-            let settings = Settings {
-                queue_depth: 2,
-                compress_threads: threads,
-                zstd_level: 1,
-                read_limit: None,
-                pool: Settings::pool_for(2, threads, Pages::Small),
-            };
-            let disk = Disk {
-                device: path.clone(),
-                id: "disk".into(),
-                size_bytes: SIZE,
-                logical_block_bytes: 512,
-                sysfs: std::path::PathBuf::new(),
-            };
             PANIC_AT.store(AT, Ordering::Relaxed);
-            let progress = Arc::new(Progress::default());
-            let mut p = Pipeline::start(
-                vec![Job::full(disk, vec![0..SIZE])],
-                &settings,
-                SumKind::Crc32c,
-                progress,
-            )
-            .expect("pipeline starts");
+            let mut p = file_pipeline(&path, SIZE, threads);
             let mut chunks = Vec::new();
             while let Some(piece) = p.pieces.blocking_recv() {
                 if let Piece::ChunkDone { offset_bytes, .. } = piece {

@@ -1125,6 +1125,26 @@ mod tests {
         disk
     }
 
+    /// [`UndoLog::append_owned`] of a copy of `pre`, in a buffer of the log's.
+    fn append_copy(log: &mut UndoLog, tag: u64, at: u64, pre: &[u8]) {
+        let mut buf = log.pre_buffer();
+        let w = crate::image::storage::aligned_range(&mut buf, pre.len());
+        buf[w.clone()].copy_from_slice(pre);
+        log.append_owned(tag, at, buf, w).expect("append owned");
+    }
+
+    /// Polls [`UndoLog::sync_done`] without waiting until the sync is done.
+    fn poll_until_synced(log: &mut UndoLog) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !log.sync_done(false).expect("sync") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the sync never finished"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
     #[test]
     fn a_pre_image_stored_uncompressed_reads_back_and_zeros_stay_a_header() {
         let pre: Vec<u8> = (0..8192u32).map(|k| (k / 64) as u8).collect();
@@ -1180,10 +1200,7 @@ mod tests {
                 })
                 .collect();
             inline.append(tag, at, &pre).expect("append");
-            let mut buf = owned.pre_buffer();
-            let w = crate::image::storage::aligned_range(&mut buf, n);
-            buf[w.clone()].copy_from_slice(&pre);
-            owned.append_owned(tag, at, buf, w).expect("append owned");
+            append_copy(&mut owned, tag, at, &pre);
         }
         inline.sync().expect("sync");
         owned.sync().expect("sync");
@@ -1221,11 +1238,7 @@ mod tests {
                     (x >> 40) as u8
                 })
                 .collect();
-            let mut buf = log.pre_buffer();
-            let w = crate::image::storage::aligned_range(&mut buf, n);
-            buf[w.clone()].copy_from_slice(&pre);
-            log.append_owned(1, i * n as u64, buf, w)
-                .expect("append owned");
+            append_copy(log, 1, i * n as u64, &pre);
             want.push(Record {
                 offset_bytes: i * n as u64,
                 len_bytes: n as u32,
@@ -1239,14 +1252,7 @@ mod tests {
         for i in 12..24 {
             append(&mut log, &mut want, i);
         }
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while !log.sync_done(false).expect("sync") {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the sync never finished"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
+        poll_until_synced(&mut log);
         let got = read_segment(&d, 1).expect("read");
         assert!(got.len() >= 12, "the records before the sync are all in");
         assert_eq!(got[..], want[..got.len()], "in order, as appended");
@@ -1265,10 +1271,7 @@ mod tests {
         let mut want = Vec::new();
         for i in 0..3u64 {
             let pre: Vec<u8> = (0..4096u32).map(|k| (k as u64 * (i + 3)) as u8).collect();
-            let mut buf = log.pre_buffer();
-            let w = crate::image::storage::aligned_range(&mut buf, pre.len());
-            buf[w.clone()].copy_from_slice(&pre);
-            log.append_owned(1, i * 4096, buf, w).expect("append owned");
+            append_copy(&mut log, 1, i * 4096, &pre);
             want.push(Record {
                 offset_bytes: i * 4096,
                 len_bytes: 4096,
@@ -1277,21 +1280,11 @@ mod tests {
         }
         assert_eq!(log.batch.len(), 3, "held back for a fuller batch");
         log.sync_start().expect("sync started");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while !log.sync_done(false).expect("sync") {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the sync never finished"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
+        poll_until_synced(&mut log);
         assert_eq!(read_segment(&d, 1).expect("read"), want);
         assert_eq!(log.durable_len, log.written_len);
         // And one held back when the caller goes idle is handed over.
-        let mut buf = log.pre_buffer();
-        let w = crate::image::storage::aligned_range(&mut buf, 4096);
-        buf[w.clone()].fill(9);
-        log.append_owned(1, 1 << 20, buf, w).expect("append owned");
+        append_copy(&mut log, 1, 1 << 20, &[9; 4096]);
         log.hand_over().expect("handed over");
         assert!(log.batch.is_empty());
         log.sync().expect("sync");
