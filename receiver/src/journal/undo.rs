@@ -494,8 +494,6 @@ pub struct UndoLog {
     /// Records not yet handed to the encoder, which takes them a batch at
     /// a time (see [`BATCH_RECORDS`]).
     batch: Vec<EncodeJob>,
-    /// Pre-image bytes in `batch`.
-    batch_bytes: usize,
     /// Batches handed to the encoder and not yet back.
     at_encoder: usize,
     /// Records back from the encoder, not yet written.
@@ -541,7 +539,12 @@ struct EncodeJob {
     pre: Option<(Vec<u8>, std::ops::Range<usize>)>,
     /// The record goes here (a buffer of an earlier record, reused).
     out: Vec<u8>,
-    /// Records are piling up behind this one: compress fast.
+}
+
+/// Records for the encoder, in order.
+struct Batch {
+    jobs: Vec<EncodeJob>,
+    /// Records are piling up behind these: compress fast.
     hurry: bool,
 }
 
@@ -555,7 +558,7 @@ struct Encoded {
 /// one at a time in order, so records come back in the order they were
 /// given, a batch at a time.
 struct Encoder {
-    jobs: Option<std::sync::mpsc::SyncSender<Vec<EncodeJob>>>,
+    jobs: Option<std::sync::mpsc::SyncSender<Batch>>,
     done: std::sync::mpsc::Receiver<Vec<Encoded>>,
     thread: Option<std::thread::JoinHandle<()>>,
     /// Record buffers back from the log, for the next jobs.
@@ -566,7 +569,7 @@ impl Encoder {
     fn start() -> std::io::Result<Encoder> {
         // Room for every batch the log hands over: neither side ever
         // waits on a full channel while the other waits on it.
-        let (jobs, job_rx) = std::sync::mpsc::sync_channel::<Vec<EncodeJob>>(ENCODER_DEPTH);
+        let (jobs, job_rx) = std::sync::mpsc::sync_channel::<Batch>(ENCODER_DEPTH);
         let (done_tx, done) = std::sync::mpsc::sync_channel::<Vec<Encoded>>(ENCODER_DEPTH);
         let thread = std::thread::Builder::new()
             .name("undo-encode".into())
@@ -575,13 +578,13 @@ impl Encoder {
                 let mut fast = None;
                 let mut zbuf = Vec::new();
                 let mut effort = Effort::new(ZSTD_LEVEL);
-                while let Ok(jobs) = job_rx.recv() {
+                while let Ok(Batch { jobs, hurry }) = job_rx.recv() {
                     let mut records = Vec::with_capacity(jobs.len());
                     for mut job in jobs {
                         job.out.clear();
                         let pre = match job.pre {
                             Some((buf, window)) => {
-                                let level = effort.next_level(job.hurry);
+                                let level = effort.next_level(hurry);
                                 let ctx = if level == Some(ZSTD_LEVEL) {
                                     &mut zstd
                                 } else {
@@ -651,7 +654,6 @@ impl UndoLog {
             encoder: None,
             in_flight: std::collections::VecDeque::new(),
             batch: Vec::new(),
-            batch_bytes: 0,
             at_encoder: 0,
             ready: std::collections::VecDeque::new(),
             spare: Vec::new(),
@@ -837,16 +839,20 @@ impl UndoLog {
             self.encoder = Some(e);
         }
         let encoder = self.encoder.as_mut().expect("started above");
-        self.batch_bytes += pre.as_ref().map_or(0, |(_, w)| w.len());
         self.batch.push(EncodeJob {
             offset_bytes,
             len_bytes,
             pre,
             out: encoder.outs.pop().unwrap_or_default(),
-            hurry: false,
         });
         self.in_flight.push_back(tag);
-        if self.batch.len() >= BATCH_RECORDS || self.batch_bytes >= BATCH_BYTES {
+        let pre_bytes: usize = self
+            .batch
+            .iter()
+            .filter_map(|j| j.pre.as_ref())
+            .map(|(_, w)| w.len())
+            .sum();
+        if self.batch.len() >= BATCH_RECORDS || pre_bytes >= BATCH_BYTES {
             self.hand_over()?;
         }
         self.write_ready()
@@ -867,17 +873,15 @@ impl UndoLog {
         // A batch still ahead of this one: the encoder is what the session
         // waits for, so it trades some journal bytes for speed until it
         // catches up (FAST_ZSTD_LEVEL).
-        let hurry = self.at_encoder > 0;
-        let mut jobs = std::mem::take(&mut self.batch);
-        self.batch_bytes = 0;
-        for j in &mut jobs {
-            j.hurry = hurry;
-        }
+        let batch = Batch {
+            jobs: std::mem::take(&mut self.batch),
+            hurry: self.at_encoder > 0,
+        };
         let sent = self
             .encoder
             .as_ref()
             .and_then(|e| e.jobs.as_ref())
-            .map(|j| j.send(jobs));
+            .map(|j| j.send(batch));
         if !matches!(sent, Some(Ok(()))) {
             return Err(self.gone());
         }
@@ -971,7 +975,6 @@ impl UndoLog {
             self.encoder = None;
             self.in_flight.clear();
             self.batch.clear();
-            self.batch_bytes = 0;
             self.at_encoder = 0;
             self.ready.clear();
             return Err(e);
