@@ -109,7 +109,7 @@ fn main() -> anyhow::Result<()> {
         pipeline.board.put(0, offset, hashes);
     }
     let mut pieces = 0u64;
-    while let Some(piece) = pipeline.pieces.blocking_recv() {
+    while let Some(piece) = pipeline.blocking_next() {
         if !matches!(piece, Piece::ChunkDone { .. }) {
             pieces += 1;
         }

@@ -192,8 +192,21 @@ impl From<SourceError> for Stop {
     }
 }
 
+/// Pieces a compressor hands over together, at most: one wake-up of the
+/// caller per batch instead of per piece. Random 4-64 KiB writes make
+/// pieces of some 40 KiB, and per piece a compressor, the caller's loop
+/// and the TLS writer each woke: 15,000 switches a second in the agent
+/// at 200 MB/s of churn (docs/BENCHMARKS.md, "Pieces handed over in
+/// batches").
+const BATCH_PIECES: usize = 32;
+/// Wire bytes a batch grows to, at most, before it is handed over.
+const BATCH_BYTES: u64 = 1 << 20;
+
 pub struct Pipeline {
-    pub pieces: mpsc::Receiver<Piece>,
+    /// Batches from the compressors; [`Pipeline::next`] takes them apart.
+    batches: mpsc::Receiver<Vec<Piece>>,
+    /// The rest of the batch being taken apart.
+    held: std::collections::VecDeque<Piece>,
     /// Where checksum-sync jobs wait for the receiver's hashes.
     pub board: Arc<HashBoard>,
     reader: Option<JoinHandle<Result<(), PipelineError>>>,
@@ -279,9 +292,10 @@ impl Pipeline {
         // new ones, and the device's queue ran dry (docs/BENCHMARKS.md,
         // "Read buffers in huge pages").
         let (work_tx, work_rx) = crossbeam_channel::bounded::<(u32, u64, ReadBuf)>(pool.count());
-        // A few pieces per worker: enough to keep the sender busy, bounded
-        // so compressed data never piles up in memory.
-        let (piece_tx, piece_rx) = mpsc::channel::<Piece>(4 * workers_n);
+        // Two batches per worker: enough to keep the sender busy, bounded
+        // so compressed data never piles up in memory (at most 2 MiB a
+        // batch: under BATCH_BYTES, then one more read buffer's pieces).
+        let (piece_tx, piece_rx) = mpsc::channel::<Vec<Piece>>(2 * workers_n);
 
         let mut workers = Vec::new();
         for i in 0..workers_n {
@@ -345,7 +359,8 @@ impl Pipeline {
             })
             .map_err(PipelineError::Spawn)?;
         Ok(Pipeline {
-            pieces: piece_rx,
+            batches: piece_rx,
+            held: std::collections::VecDeque::new(),
             board,
             reader: Some(reader),
             workers,
@@ -354,19 +369,44 @@ impl Pipeline {
         })
     }
 
+    /// The next piece, in the order its compressor handed it over; None
+    /// once every piece is out (then call [`Pipeline::finish`]). Cancel
+    /// safe: a piece is taken only when this returns it.
+    pub async fn next(&mut self) -> Option<Piece> {
+        if self.held.is_empty() {
+            self.held.extend(self.batches.recv().await?);
+        }
+        self.held.pop_front()
+    }
+
+    /// Whether [`Pipeline::next`] has a piece at hand: a caller that
+    /// queues frames flushes them only before it may wait.
+    pub fn holds_pieces(&self) -> bool {
+        !self.held.is_empty()
+    }
+
+    /// [`Pipeline::next`] for a caller outside the runtime.
+    pub fn blocking_next(&mut self) -> Option<Piece> {
+        if self.held.is_empty() {
+            self.held.extend(self.batches.blocking_recv()?);
+        }
+        self.held.pop_front()
+    }
+
     /// Waits for the threads and returns the reader's error, or that a
-    /// thread panicked, if any. Call once `pieces` has returned `None`
-    /// (everything was read), or to stop early: closing `pieces` makes
-    /// every thread stop. Once `pieces` has ended, only an `Ok` here means
+    /// thread panicked, if any. Call once [`Pipeline::next`] has returned
+    /// `None` (everything was read), or to stop early: this makes every
+    /// thread stop. Once the pieces have ended, only an `Ok` here means
     /// every range of the jobs was handed over: a compressor that panicked
     /// ends its share early while the others end normally.
     pub fn finish(&mut self) -> Result<(), PipelineError> {
         self.stop.store(true, Ordering::Relaxed);
-        self.pieces.close();
+        self.batches.close();
+        self.held.clear();
         // Unblock workers waiting for hashes that will not come now.
         self.board.close();
-        // Unblock workers waiting to hand over a piece.
-        while self.pieces.try_recv().is_ok() {}
+        // Unblock workers waiting to hand over a batch.
+        while self.batches.try_recv().is_ok() {}
         let r = match self.reader.take() {
             Some(h) => {
                 // Stopped early, the workers may leave buffers queued for
@@ -416,7 +456,7 @@ static PANIC_AT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::ne
 
 fn compress_worker(
     rx: crossbeam_channel::Receiver<(u32, u64, ReadBuf)>,
-    tx: mpsc::Sender<Piece>,
+    tx: mpsc::Sender<Vec<Piece>>,
     Packing { level, sum }: Packing,
     workers: usize,
     progress: &Progress,
@@ -427,7 +467,26 @@ fn compress_worker(
         zstd::bulk::Compressor::new(level).expect("zstd level validated by config");
     let mut fast: Option<zstd::bulk::Compressor<'static>> = None;
     let mut effort = Effort::new(level);
-    while let Ok((disk, offset, buf)) = rx.recv() {
+    let mut batch: Vec<Piece> = Vec::new();
+    // Hands the batch over; false once the caller is gone.
+    let hand_over = |batch: &mut Vec<Piece>| {
+        batch.is_empty() || tx.blocking_send(std::mem::take(batch)).is_ok()
+    };
+    loop {
+        let next = match rx.try_recv() {
+            Ok(work) => Ok(work),
+            Err(_) => {
+                // Nothing more to compress now: what is done goes before
+                // the wait.
+                if !hand_over(&mut batch) {
+                    return;
+                }
+                rx.recv()
+            }
+        };
+        let Ok((disk, offset, buf)) = next else {
+            break;
+        };
         #[cfg(test)]
         if offset == PANIC_AT.load(Ordering::Relaxed) {
             panic!("a compressor fails at {offset} (test)");
@@ -448,6 +507,10 @@ fn compress_worker(
             })),
         };
         let send: Vec<Range<usize>> = if compare[disk as usize] {
+            // The hashes may be a while: what is done goes first.
+            if !hand_over(&mut batch) {
+                return;
+            }
             let Some(remote) = board.take(disk, offset) else {
                 return;
             };
@@ -484,22 +547,27 @@ fn compress_worker(
                     Progress::add(&progress.payload_bytes, e.payload.len() as u64);
                     Piece::Data(Arc::new(e))
                 };
-                if tx.blocking_send(piece).is_err() {
-                    return;
-                }
+                batch.push(piece);
             }
         }
         // Tells the caller every piece of this chunk is out, so it can
         // track how far a resync has durably got.
-        let done = Piece::ChunkDone {
+        batch.push(Piece::ChunkDone {
             disk,
             offset_bytes: offset,
-        };
-        if tx.blocking_send(done).is_err() {
+        });
+        // Back to the pool before a wait to hand over.
+        drop(buf);
+        // A batch grows only while the caller is busy with the last: one
+        // that waits for pieces gets them at once (in a drain it feeds the
+        // receiver, which is what the pair waits for).
+        let idle = tx.capacity() == tx.max_capacity();
+        let bytes: u64 = batch.iter().map(Piece::wire_bytes).sum();
+        if (idle || batch.len() >= BATCH_PIECES || bytes >= BATCH_BYTES) && !hand_over(&mut batch) {
             return;
         }
-        // `buf` drops here and goes back to the pool.
     }
+    hand_over(&mut batch);
 }
 
 /// Splits a buffer into maximal runs of all-zero and non-zero
@@ -533,13 +601,18 @@ mod tests {
     use super::*;
 
     /// A pipeline reading all of the file at `path` with `threads`
-    /// compressors.
-    fn file_pipeline(path: &std::path::Path, size: u64, threads: usize) -> Pipeline {
+    /// compressors, at most `read_limit` bytes a second, and its progress.
+    fn file_pipeline(
+        path: &std::path::Path,
+        size: u64,
+        threads: usize,
+        read_limit: Option<u64>,
+    ) -> (Pipeline, Arc<Progress>) {
         let settings = Settings {
             queue_depth: 2,
             compress_threads: threads,
             zstd_level: 1,
-            read_limit: None,
+            read_limit: read_limit.map(crate::throttle::ReadLimit::new),
             pool: Settings::pool_for(2, threads, Pages::Small),
         };
         let disk = Disk {
@@ -550,13 +623,46 @@ mod tests {
             sysfs: std::path::PathBuf::new(),
         };
         let progress = Arc::new(Progress::default());
-        Pipeline::start(
-            vec![Job::full(disk, vec![0..size])],
-            &settings,
-            SumKind::Crc32c,
-            progress,
-        )
-        .expect("pipeline starts")
+        let mut job = Job::full(disk, vec![0..size]);
+        job.limit_reads = read_limit.is_some();
+        let p = Pipeline::start(vec![job], &settings, SumKind::Crc32c, progress.clone())
+            .expect("pipeline starts");
+        (p, progress)
+    }
+
+    /// A compressor hands over what it holds before it waits for the next
+    /// read: batching pieces must not hold them back while reads are slow
+    /// (a throttled resync, a busy device). Here a whole pass is one
+    /// batch's worth of pieces, so a compressor that only handed over
+    /// full batches would hand over nothing until the last read.
+    #[test]
+    fn pieces_come_out_while_reads_are_slow() {
+        const SIZE: u64 = 8 << 20;
+        let dir = tempfile::tempdir_in("/var/tmp").expect("temp dir");
+        let path = dir.path().join("disk.raw");
+        // Compressible, so that no batch fills by its bytes either.
+        let data: Vec<u8> = (0..SIZE).map(|i| b"tidemark "[(i % 9) as usize]).collect();
+        std::fs::write(&path, &data).expect("disk file");
+        let chunks = SIZE as usize / READ_BYTES;
+        assert!(2 * chunks <= BATCH_PIECES, "the pass fits one batch");
+        // Two seconds of reads.
+        let (mut p, progress) = file_pipeline(&path, SIZE, 1, Some(SIZE / 2));
+        let first = p.blocking_next().expect("a piece");
+        let read = progress.read_bytes.load(Ordering::Relaxed);
+        assert!(
+            read <= SIZE / 2,
+            "the first piece came out only after {read} of {SIZE} bytes were read"
+        );
+        let mut done = 0;
+        let mut piece = Some(first);
+        while let Some(pc) = piece {
+            if let Piece::ChunkDone { .. } = pc {
+                done += 1;
+            }
+            piece = p.blocking_next();
+        }
+        p.finish().expect("the pass completes");
+        assert_eq!(done, chunks, "every chunk is reported done");
     }
 
     /// Dropping a pipeline part-way returns, whatever its threads were
@@ -570,9 +676,9 @@ mod tests {
         let data: Vec<u8> = (0..SIZE).map(|i| (i * 7 + i / 4096) as u8 | 1).collect();
         std::fs::write(&path, &data).expect("disk file");
         for round in 0..40u64 {
-            let mut p = file_pipeline(&path, SIZE, 2);
+            let (mut p, _) = file_pipeline(&path, SIZE, 2, None);
             for _ in 0..round % 4 {
-                p.pieces.blocking_recv();
+                p.blocking_next();
             }
             // Every queue fills while nothing is taken.
             std::thread::sleep(Duration::from_millis(round % 7));
@@ -601,9 +707,9 @@ mod tests {
         std::fs::write(&path, &data).expect("disk file");
         for threads in [1, 2] {
             PANIC_AT.store(AT, Ordering::Relaxed);
-            let mut p = file_pipeline(&path, SIZE, threads);
+            let (mut p, _) = file_pipeline(&path, SIZE, threads, None);
             let mut chunks = Vec::new();
-            while let Some(piece) = p.pieces.blocking_recv() {
+            while let Some(piece) = p.blocking_next() {
                 if let Piece::ChunkDone { offset_bytes, .. } = piece {
                     chunks.push(offset_bytes);
                 }

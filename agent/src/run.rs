@@ -799,14 +799,16 @@ impl Runner {
                     // again (below).
                     pipeline.board.close();
                 }
-                self.shipper.flush().await;
+                if !pipeline.holds_pieces() {
+                    // The next piece may be a wait: what is queued goes
+                    // first (a batch's frames go together).
+                    self.shipper.flush().await;
+                }
                 self.collect_due()?;
                 let piece = if requested > pipeline.board.consumed() {
                     // Workers may be waiting for hashes: keep taking them
                     // off the connection.
-                    match tokio::time::timeout(Duration::from_millis(5), pipeline.pieces.recv())
-                        .await
-                    {
+                    match tokio::time::timeout(Duration::from_millis(5), pipeline.next()).await {
                         Ok(p) => p,
                         Err(_) => {
                             self.shipper.pump_ready().await?;
@@ -815,7 +817,7 @@ impl Runner {
                     }
                 } else {
                     // Reads may be throttled: wake up to drain meanwhile.
-                    match tokio::time::timeout(DRAIN_EVERY, pipeline.pieces.recv()).await {
+                    match tokio::time::timeout(DRAIN_EVERY, pipeline.next()).await {
                         Ok(p) => p,
                         Err(_) => {
                             self.shipper.pump_ready().await?;
@@ -1093,7 +1095,7 @@ impl Runner {
         }
         let mut pipeline = self.start_pipeline(jobs)?;
         let mut out = Vec::new();
-        while let Some(p) = pipeline.pieces.recv().await {
+        while let Some(p) = pipeline.next().await {
             if !matches!(p, Piece::ChunkDone { .. }) {
                 out.push(p);
             }

@@ -807,6 +807,8 @@ impl Shipper {
     /// handles acks and errors. Returns the message when it is one the
     /// caller may care about.
     async fn wait_incoming(&mut self, until: Option<Instant>) -> anyhow::Result<Option<Message>> {
+        // What is queued goes before a wait that may be for its answer.
+        self.flush().await;
         let hb_due = self.last_heartbeat + HEARTBEAT_EVERY;
         let mut wake = until.map_or(hb_due, |u| u.min(hb_due));
         if let Some(d) = self.silence_deadline() {

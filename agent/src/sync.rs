@@ -148,10 +148,12 @@ pub async fn sync(
                 .await?;
             requested += 1;
         }
-        shipper.flush().await;
+        if !pipeline.holds_pieces() {
+            shipper.flush().await;
+        }
         // Short waits: while the workers wait for hashes no piece comes,
         // and the hashes must be taken off the connection meanwhile.
-        match tokio::time::timeout(Duration::from_millis(5), pipeline.pieces.recv()).await {
+        match tokio::time::timeout(Duration::from_millis(5), pipeline.next()).await {
             Ok(Some(Piece::ChunkDone { disk, offset_bytes })) => {
                 resumes[disk as usize].chunk_done(offset_bytes);
             }

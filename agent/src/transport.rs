@@ -70,7 +70,11 @@ pub struct Connection {
     /// Encoded frames for the writer task. Writing happens there so that a
     /// receiver that stops reading never blocks the caller, which must
     /// drain the tracer on time; the shipper's window bounds what waits.
-    frames: mpsc::UnboundedSender<Outgoing>,
+    frames: mpsc::UnboundedSender<Vec<Outgoing>>,
+    /// Frames queued here until [`Connection::flush`] or until they make a
+    /// batch: the writer task wakes once per batch, not per frame.
+    pending: Vec<Outgoing>,
+    pending_bytes: usize,
     writer: tokio::task::JoinHandle<()>,
     reader: tokio::task::JoinHandle<()>,
     pub receiver_name: String,
@@ -210,6 +214,8 @@ impl Connector {
         Ok(Connection {
             incoming,
             frames,
+            pending: Vec::new(),
+            pending_bytes: 0,
             writer,
             reader,
             receiver_name,
@@ -259,27 +265,40 @@ fn refusal(addr: &str, code: ErrorCode, message: &str) -> ConnectError {
 }
 
 impl Connection {
-    /// Queues one message for the writer task.
+    /// Hands one message, and every frame queued before it, to the writer
+    /// task. Fails once the writer has stopped (its reason arrives on
+    /// `incoming`).
     pub async fn send(&mut self, msg: &Message) -> std::io::Result<()> {
-        self.send_buffered(msg).await
+        self.send_outgoing(Outgoing::message(msg))?;
+        self.flush().await
     }
 
-    /// Queues one message; the writer task flushes whenever it has
-    /// nothing more queued. Fails once the writer has stopped (its reason
-    /// arrives on `incoming`).
-    pub async fn send_buffered(&mut self, msg: &Message) -> std::io::Result<()> {
-        self.send_outgoing(Outgoing::message(msg))
-    }
-
-    /// Queues one frame, as [`Connection::send_buffered`].
+    /// Queues one frame; it goes to the writer task with the batch it
+    /// fills or at the next [`Connection::flush`], which the caller owes
+    /// before it waits for anything the frame may bring about. The writer
+    /// task flushes TLS whenever it has nothing more queued.
     pub fn send_outgoing(&mut self, frame: Outgoing) -> std::io::Result<()> {
+        self.pending_bytes += frame.len();
+        self.pending.push(frame);
+        if self.pending.len() >= BATCH_FRAMES || self.pending_bytes >= BATCH_BYTES {
+            self.hand_over()?;
+        }
+        Ok(())
+    }
+
+    fn hand_over(&mut self) -> std::io::Result<()> {
+        self.pending_bytes = 0;
         self.frames
-            .send(frame)
+            .send(std::mem::take(&mut self.pending))
             .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))
     }
 
-    /// Fails once the writer has stopped.
+    /// Hands the queued frames to the writer task; fails once the writer
+    /// has stopped.
     pub async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.pending.is_empty() {
+            self.hand_over()?;
+        }
         if self.frames.is_closed() {
             return Err(std::io::ErrorKind::BrokenPipe.into());
         }
@@ -369,6 +388,10 @@ impl Outgoing {
         }
     }
 
+    fn len(&self) -> usize {
+        self.parts().iter().map(|p| p.len()).sum()
+    }
+
     /// The bytes to write, in order.
     fn parts(&self) -> [&[u8]; 2] {
         match self {
@@ -396,7 +419,7 @@ const BATCH_BYTES: usize = 256 << 10;
 /// receiver (docs/BENCHMARKS.md, "Frames written together").
 async fn write_frames(
     mut wr: WriteHalf<TlsStream<TcpStream>>,
-    mut queued: mpsc::UnboundedReceiver<Outgoing>,
+    mut queued: mpsc::UnboundedReceiver<Vec<Outgoing>>,
     report: mpsc::Sender<Result<Message, FrameError>>,
     io_timeout: Duration,
 ) {
@@ -411,13 +434,13 @@ async fn write_frames(
         loop {
             if batch.is_empty() {
                 match queued.recv().await {
-                    Some(frame) => batch.push(frame),
+                    Some(frames) => batch.extend(frames),
                     None => break,
                 }
             }
             while batch.frames.len() < BATCH_FRAMES && batch.bytes < BATCH_BYTES {
                 match queued.try_recv() {
-                    Ok(frame) => batch.push(frame),
+                    Ok(frames) => batch.extend(frames),
                     Err(_) => break,
                 }
             }
@@ -462,8 +485,14 @@ impl Batch {
     }
 
     fn push(&mut self, frame: Outgoing) {
-        self.bytes += frame.parts().iter().map(|p| p.len()).sum::<usize>();
+        self.bytes += frame.len();
         self.frames.push_back(frame);
+    }
+
+    fn extend(&mut self, frames: Vec<Outgoing>) {
+        for f in frames {
+            self.push(f);
+        }
     }
 
     /// What is left to write, in order.
@@ -486,7 +515,7 @@ impl Batch {
     fn advance(&mut self, n: usize) {
         self.written += n;
         while let Some(front) = self.frames.front() {
-            let len: usize = front.parts().iter().map(|p| p.len()).sum();
+            let len = front.len();
             if self.written < len {
                 break;
             }
