@@ -373,7 +373,7 @@ impl Pipeline {
     /// once every piece is out (then call [`Pipeline::finish`]). Cancel
     /// safe: a piece is taken only when this returns it.
     pub async fn next(&mut self) -> Option<Piece> {
-        if self.held.is_empty() {
+        while self.held.is_empty() {
             self.held.extend(self.batches.recv().await?);
         }
         self.held.pop_front()
@@ -387,7 +387,7 @@ impl Pipeline {
 
     /// [`Pipeline::next`] for a caller outside the runtime.
     pub fn blocking_next(&mut self) -> Option<Piece> {
-        if self.held.is_empty() {
+        while self.held.is_empty() {
             self.held.extend(self.batches.blocking_recv()?);
         }
         self.held.pop_front()

@@ -437,6 +437,11 @@ async fn write_frames(
                     Some(frames) => batch.extend(frames),
                     None => break,
                 }
+                if batch.is_empty() {
+                    // Nothing to write: a write of nothing would read as
+                    // a connection that takes no more.
+                    continue;
+                }
             }
             while batch.frames.len() < BATCH_FRAMES && batch.bytes < BATCH_BYTES {
                 match queued.try_recv() {
