@@ -652,7 +652,6 @@ impl Shipper {
                 continue;
             }
             if self.inflight_bytes >= self.window_bytes {
-                self.flush().await;
                 self.wait_incoming(None).await?;
                 continue;
             }
@@ -680,7 +679,6 @@ impl Shipper {
             if !self.push_resends(Some(until)).await? {
                 continue;
             }
-            self.flush().await;
             self.wait_incoming(Some(until)).await?;
         }
         Ok(())
@@ -699,7 +697,6 @@ impl Shipper {
                 return Ok(Some(piece));
             }
             if self.inflight_bytes >= self.window_bytes {
-                self.flush().await;
                 self.wait_incoming(None).await?;
                 continue;
             }
