@@ -401,7 +401,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             }
             wanted = None;
         }
-        let backlog: u64 = r.disks.iter().map(|d| d.dirty.dirty_bytes()).sum();
+        let backlog = r.shippable_bytes();
         let resyncing = r.disks.iter().any(|d| d.resync.is_some());
         let held_because = r.point_held_because(backlog);
         let ready = held_because.is_none() && blocked.is_none();
@@ -490,8 +490,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
         // Wait out the cycle (not at all while a backlog remains), draining
         // the tracer and answering the receiver and the admin socket.
-        let backlog_left = r.disks.iter().any(|d| !d.dirty.is_clean());
-        let until = if backlog_left && r.shipper.connected() {
+        let until = if r.shippable_bytes() > 0 && r.shipper.connected() {
             Instant::now()
         } else {
             started + cycle
@@ -625,6 +624,17 @@ impl Runner {
             }
         }
         grown
+    }
+
+    /// Dirty bytes of the disks a round reads from: not those of a disk
+    /// that is gone or refused, which wait for it to come back (counting
+    /// them had the loop go round without pause, taking nothing).
+    fn shippable_bytes(&self) -> u64 {
+        self.disks
+            .iter()
+            .filter(|d| !d.absent && d.refused.is_none())
+            .map(|d| d.dirty.dirty_bytes())
+            .sum()
     }
 
     /// Why no point can be taken now, if a disk is not being replicated.

@@ -211,5 +211,40 @@ fn a_shrunk_disk_is_refused_and_its_replica_kept() -> anyhow::Result<()> {
         site.export("disk-sh", "latest")?.len() as u64 == old,
         "the replica was truncated"
     );
+    // Writes to the refused disk are tracked for the resync to come, not
+    // shipped. Their backlog must not keep the loop going round without a
+    // pause: it did, at a whole core, until the backlog counted only
+    // disks a round reads from.
+    dev.write_at(0, &random_block(&mut rng, 1 << 20))?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let pid = agent.pid()?;
+    let (cpu_before, wall) = (cpu_secs(pid)?, Instant::now());
+    std::thread::sleep(Duration::from_secs(3));
+    let used = cpu_secs(pid)? - cpu_before;
+    ensure!(
+        used < 0.5 * wall.elapsed().as_secs_f64(),
+        "the agent used {used:.2} s of CPU in {:.1} s with only a refused disk dirty: {}",
+        wall.elapsed().as_secs_f64(),
+        agent.log()
+    );
+    ensure!(
+        agent.status_json()?["disks"][0]["state"] == "size-refused",
+        "the disk left size-refused"
+    );
     Ok(())
+}
+
+/// CPU time (user + system) a process has used so far, from /proc.
+fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .context("malformed /proc stat")?
+        .1
+        .split_whitespace()
+        .collect();
+    // After the command name: state is field 3, utime 14 and stime 15.
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.context("no CLK_TCK")?;
+    Ok(ticks as f64 / hz as f64)
 }
