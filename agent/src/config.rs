@@ -51,7 +51,8 @@ pub struct AgentConfig {
     /// Unix socket the running agent answers `bookmark` and `status` on.
     #[serde(default = "default_admin_socket")]
     pub admin_socket: PathBuf,
-    /// How often `run` collects write events and ships dirty data, in ms.
+    /// How often `run` ships dirty data while writes are sparse, in ms;
+    /// a larger backlog ships at once (`run::SHIP_NOW_BYTES`).
     #[serde(default = "default_cycle_ms")]
     pub cycle_ms: u64,
     /// Crash-consistent point interval in seconds (0: only on bookmark).

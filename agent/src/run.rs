@@ -38,6 +38,11 @@ const CYCLE_BUDGET_BYTES: u64 = 64 << 20;
 /// How often the trace buffers are drained, whatever else is going on:
 /// often enough that a burst cannot overrun the ring between drains.
 const DRAIN_EVERY: Duration = Duration::from_millis(100);
+/// A backlog this large ships without waiting for the cycle's end: about
+/// what one trace drain (100 ms) brings at 80 MB/s of writes. Below it,
+/// sparse writes still gather for a cycle into one round (each round
+/// saves the dirty map, with four fsyncs).
+const SHIP_NOW_BYTES: u64 = 8 << 20;
 /// How often the STATUS line for systemd is refreshed at most.
 const STATUS_EVERY: Duration = Duration::from_secs(5);
 
@@ -495,6 +500,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         } else {
             started + cycle
         };
+        let point_held = r.held.waiting(Instant::now()).is_some();
         loop {
             let left = until.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -504,6 +510,29 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 res = r.shipper.idle(left.min(DRAIN_EVERY)) => {
                     res?;
                     r.collect()?;
+                    // Acks that came meanwhile: `status` shows what is
+                    // still not durable, and a resync they complete is
+                    // over now rather than at the next round.
+                    r.settle();
+                    // A point held back (a resync, the connection, the
+                    // backlog) goes once nothing holds it, not a cycle
+                    // later.
+                    if point_held
+                        && r.blocked().is_none()
+                        && r.point_held_because(r.shippable_bytes()).is_none()
+                    {
+                        break;
+                    }
+                    // The cycle gathers sparse writes into one round. A
+                    // burst after a quiet spell ships at once instead:
+                    // waiting out the second let 200 MB pile up at
+                    // 200 MB/s, far more than a point may read under a
+                    // freeze, and under steady churn the backlog then
+                    // never came down to it (docs/BENCHMARKS.md, "A
+                    // burst ships at once").
+                    if r.shipper.connected() && r.shippable_bytes() >= SHIP_NOW_BYTES {
+                        break;
+                    }
                 }
                 req = admin_rx.recv() => {
                     if let Some(p) = req {

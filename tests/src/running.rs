@@ -126,8 +126,14 @@ pub fn run_config(
     let dir = cfg.parent().context("agent dir")?;
     let text = std::fs::read_to_string(&cfg)?;
     // `site.agent` already put state_dir and admin_socket in `dir`.
+    // Short cycles keep tests quick, unless a test sets its own.
+    let cycle = if extra.contains("cycle_ms") {
+        ""
+    } else {
+        "cycle_ms = 200\n"
+    };
     let top = format!(
-        "cycle_ms = 200\ncrash_consistent_interval_secs = 0\napp_consistent_interval_secs = 0\nscripts_dir = \"{}\"\n{extra}\n",
+        "{cycle}crash_consistent_interval_secs = 0\napp_consistent_interval_secs = 0\nscripts_dir = \"{}\"\n{extra}\n",
         dir.join("scripts").display(),
     );
     std::fs::write(&cfg, top + &text)?;
