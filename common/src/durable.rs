@@ -20,6 +20,19 @@ pub fn write_atomic_with(
     mode: u32,
     write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
+    replace_with(path, mode, true, write)
+}
+
+/// [`write_atomic_with`], durable only if `sync`. Without it the
+/// replacement is still whole for every reader and survives the writer's
+/// crash (the page cache keeps it), but a power cut may leave the old
+/// file: for state that is only trusted within the boot that wrote it.
+pub fn replace_with(
+    path: &Path,
+    mode: u32,
+    sync: bool,
+    write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
     let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
@@ -34,10 +47,16 @@ pub fn write_atomic_with(
             .open(&tmp)?;
         let mut w = std::io::BufWriter::with_capacity(64 << 10, f);
         write(&mut w)?;
-        w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        let f = w.into_inner().map_err(|e| e.into_error())?;
+        if sync {
+            f.sync_all()?;
+        }
     }
     std::fs::rename(&tmp, path)?;
-    sync_dir(dir)
+    if sync {
+        sync_dir(dir)?;
+    }
+    Ok(())
 }
 
 /// Makes creations, renames and removals in `dir` durable.
@@ -62,6 +81,10 @@ mod tests {
         write_atomic(&p, b"first, longer", 0o600).expect("write");
         write_atomic(&p, b"second", 0o600).expect("write");
         assert_eq!(std::fs::read(&p).expect("read"), b"second");
+        assert!(!dir.join("state.json.tmp").exists());
+        // Unsynced, the same for every reader: whole, and no temp left.
+        replace_with(&p, 0o600, false, |w| w.write_all(b"third")).expect("replace");
+        assert_eq!(std::fs::read(&p).expect("read"), b"third");
         assert!(!dir.join("state.json.tmp").exists());
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
