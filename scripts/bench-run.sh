@@ -49,6 +49,13 @@
 # SYSCALLS=FILE counts the agent's and the receiver's system calls per
 # thread (`perf trace -s`) for 5 s, from 4 s into the first rate step:
 # how often each thread waits and wakes (futex) and talks to the kernel.
+# DISK_IN_RAM=1 keeps the protected disk's backing file in a tmpfs of its
+# own instead of /var/tmp: the guest's writes then never reach the
+# virtual disk that holds the receiver's images and journal. Otherwise
+# the kernel writes the backing file back there about every 30 s, a
+# gigabyte or more at 3-4 GB/s, and the receiver's syncs wait behind it
+# (docs/BENCHMARKS.md, "A burst ships at once"). On a real site the
+# master target is another machine, with disks of its own.
 # IMAGES_FS=xfs|ext4 puts the receiver's images on a filesystem of their
 # own (IMAGES_GIB, default 32) on a loop device over a fully allocated
 # file, made without discards so that it stays allocated: what the
@@ -66,7 +73,7 @@ command -v fio >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractiv
 . scripts/bench-common.sh
 bench_bin
 work=$(mktemp -d /var/tmp/tidemark-bench-run.XXXXXX)
-loopdev=""; rx=""; ag=""; blkio=""; mnt=""; images_loop=""
+loopdev=""; rx=""; ag=""; blkio=""; mnt=""; images_loop=""; disk_ram=""
 cleanup() {
   [ -n "$ag" ] && kill "$ag" 2>/dev/null && wait "$ag" 2>/dev/null || true
   [ -n "$rx" ] && kill "$rx" 2>/dev/null && wait "$rx" 2>/dev/null || true
@@ -78,6 +85,7 @@ cleanup() {
   [ -n "$blkio" ] && rmdir "$blkio" 2>/dev/null || true
   [ -n "$mnt" ] && umount "$mnt" || true
   [ -n "$loopdev" ] && losetup -d "$loopdev" || true
+  [ -n "$disk_ram" ] && umount "$disk_ram" || true
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -87,12 +95,19 @@ trap cleanup EXIT
 # cost of an overwrite, and would handicap whichever fio run came first.
 # Disks past 16 GiB (run to see the agent's memory with a full-size dirty
 # map: 256 GiB already has the largest, 8 MiB) stay sparse instead.
-if [ "$disk_mib" -le 16384 ]; then
-  dd if=/dev/zero of="$work/disk.img" bs=1M count="$disk_mib" conv=fsync status=none
-else
-  truncate -s "${disk_mib}M" "$work/disk.img"
+disk_dir=$work
+if [ "${DISK_IN_RAM:-0}" = 1 ]; then
+  disk_ram=$work/disk-ram
+  mkdir -p "$disk_ram"
+  mount -t tmpfs -o size="$((disk_mib + 64))m" tidemark-bench-disk "$disk_ram"
+  disk_dir=$disk_ram
 fi
-loopdev=$(bench_loop "$work/disk.img")
+if [ "$disk_mib" -le 16384 ]; then
+  dd if=/dev/zero of="$disk_dir/disk.img" bs=1M count="$disk_mib" conv=fsync status=none
+else
+  truncate -s "${disk_mib}M" "$disk_dir/disk.img"
+fi
+loopdev=$(bench_loop "$disk_dir/disk.img")
 # What fio writes to: the device, or a file in the filesystem on it.
 target=("--filename=$loopdev")
 if [ -n "${FS:-}" ]; then
