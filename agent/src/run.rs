@@ -41,7 +41,7 @@ const DRAIN_EVERY: Duration = Duration::from_millis(100);
 /// A backlog this large ships without waiting for the cycle's end: about
 /// what one trace drain (100 ms) brings at 80 MB/s of writes. Below it,
 /// sparse writes still gather for a cycle into one round (each round
-/// saves the dirty map, with four fsyncs).
+/// costs new reader and compressor threads and a save of the dirty map).
 const SHIP_NOW_BYTES: u64 = 8 << 20;
 /// How often the STATUS line for systemd is refreshed at most.
 const STATUS_EVERY: Duration = Duration::from_secs(5);
@@ -498,8 +498,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         // Wait out the cycle (not at all while a backlog remains), draining
         // the tracer and answering the receiver and the admin socket.
         // What was written during the round decides: collected only at the
-        // next drain, the loop idled for up to a drain interval after a
-        // round that emptied the maps, 14-66 ms a round on average under
+        // next drain, it left a round that had emptied the maps waiting
+        // for that drain, 100 ms, two or three times a 15 s step of
         // steady churn (docs/BENCHMARKS.md, "A burst ships at once").
         r.collect()?;
         let until = if r.shippable_bytes() > 0 && r.shipper.connected() {
