@@ -112,6 +112,16 @@ impl QueueLimits {
     }
 }
 
+/// Whether this process has not logged `line` yet. How a device is read
+/// is said once: `run` opens its disks again every round, twice a second
+/// or more under steady writes, and the same line filled the journal.
+fn first_time(line: &str) -> bool {
+    static SAID: std::sync::Mutex<std::collections::BTreeSet<String>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    SAID.lock()
+        .map_or(true, |mut said| said.insert(line.to_owned()))
+}
+
 impl DeviceReader {
     /// Opens `path` read-only with O_DIRECT (buffered if the filesystem
     /// refuses O_DIRECT) and picks the engine.
@@ -120,10 +130,13 @@ impl DeviceReader {
         let (file, direct) = match open(nix::libc::O_DIRECT) {
             Ok(f) => (f, true),
             Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {
-                tracing::warn!(
+                let line = format!(
                     "{} refuses O_DIRECT; reading through the page cache",
                     path.display()
                 );
+                if first_time(&line) {
+                    tracing::warn!("{line}");
+                }
                 let f = open(0).map_err(|source| SourceError::OpenDevice {
                     path: path.to_path_buf(),
                     source,
@@ -145,25 +158,34 @@ impl DeviceReader {
         let entries = (queue_depth * MAX_PART_BYTES.div_ceil(smallest_part)).min(4096);
         let no_uring_env = std::env::var("TIDEMARK_NO_URING").is_ok_and(|v| v == "1");
         let ring = if force_pread || no_uring_env {
-            tracing::info!("reading {} with pread (io_uring disabled)", path.display());
+            let line = format!("reading {} with pread (io_uring disabled)", path.display());
+            if first_time(&line) {
+                tracing::info!("{line}");
+            }
             None
         } else {
             match io_uring::IoUring::new(entries.next_power_of_two() as u32) {
                 Ok(r) => {
-                    tracing::info!(
+                    let line = format!(
                         "reading {} with io_uring, queue depth {queue_depth}, reads of up to {} KiB per request ({} KiB into huge pages){}",
                         path.display(),
                         smallest_part >> 10,
                         limits.map_or(MAX_PART_BYTES, |l| l.unsplit_bytes(usize::MAX)) >> 10,
                         if direct { ", O_DIRECT" } else { "" }
                     );
+                    if first_time(&line) {
+                        tracing::info!("{line}");
+                    }
                     Some(r)
                 }
                 Err(e) => {
-                    tracing::warn!(
+                    let line = format!(
                         "io_uring unavailable ({e}); reading {} with pread",
                         path.display()
                     );
+                    if first_time(&line) {
+                        tracing::warn!("{line}");
+                    }
                     None
                 }
             }
