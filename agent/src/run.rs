@@ -358,7 +358,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut next_app = app_every.map(|d| now + d);
     let mut bookmarks: Vec<(bool, Option<String>, tokio::sync::oneshot::Sender<Reply>)> =
         Vec::new();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    // Registered once, like `term`: a listener made at each wait missed
+    // an interrupt that came while the loop was busy.
+    let mut int = signal(SignalKind::interrupt())?;
     let cycle = Duration::from_millis(r.cfg.cycle_ms);
     info!("replicating {} disk(s) continuously", r.disks.len());
     // Every disk is tracked from here on; the receiver may come later.
@@ -497,6 +501,16 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
         r.persist(false);
         r.publish_status();
+        // Under writes that never pause, the wait below is skipped round
+        // after round and its select never looks at the signals: a stop
+        // waited for a round that left nothing dirty, and systemd's stop
+        // timeout came first (an unclean stop, a resync at the start).
+        tokio::select! {
+            biased;
+            _ = term.recv() => return r.stop().await,
+            _ = int.recv() => return r.stop().await,
+            _ = std::future::ready(()) => {}
+        }
 
         // Wait out the cycle (not at all while a backlog remains), draining
         // the tracer and answering the receiver and the admin socket.
@@ -551,7 +565,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                         }
                     }
                 }
-                _ = tokio::signal::ctrl_c() => return r.stop().await,
+                _ = int.recv() => return r.stop().await,
                 _ = term.recv() => return r.stop().await,
             }
         }

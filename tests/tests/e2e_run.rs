@@ -68,6 +68,7 @@ impl Drop for StopOnDrop {
 /// by every round's ranges until a quiet moment (4.5 GiB for a 2 GiB disk
 /// after 25 s of fio), and was saved with the map every round. Now it is
 /// what the send window holds, so the backlog stays within the disk.
+/// A stop under such writes is prompt and clean.
 #[test]
 fn backlog_under_writes_that_never_pause_stays_within_the_disk() -> anyhow::Result<()> {
     use std::os::unix::fs::FileExt;
@@ -81,7 +82,7 @@ fn backlog_under_writes_that_never_pause_stays_within_the_disk() -> anyhow::Resu
         &[(dev.path(), "disk-steady")],
         "send_window_mib = 1",
     )?;
-    let agent = RunningAgent::start(&cfg, "run-steady")?;
+    let mut agent = RunningAgent::start(&cfg, "run-steady")?;
     agent.bookmark(false)?;
     let done = std::sync::Arc::new(AtomicBool::new(false));
     // Stops the writer however this test ends, before the device goes.
@@ -106,6 +107,17 @@ fn backlog_under_writes_that_never_pause_stays_within_the_disk() -> anyhow::Resu
         std::thread::sleep(Duration::from_millis(200));
         most = most.max(backlog(&agent)?);
     }
+    // A stop under writes that never pause is clean and prompt: it once
+    // waited for a round that left nothing dirty, and systemd's timeout
+    // killed the agent first.
+    let asked = std::time::Instant::now();
+    agent.stop()?;
+    let took = asked.elapsed();
+    ensure!(
+        took < Duration::from_secs(10),
+        "a stop under steady writes took {:.1} s",
+        took.as_secs_f64()
+    );
     done.store(true, Ordering::Relaxed);
     writer.join().expect("writer thread")?;
     let written = written.load(Ordering::Relaxed);
@@ -121,7 +133,15 @@ fn backlog_under_writes_that_never_pause_stays_within_the_disk() -> anyhow::Resu
         "backlog {most} bytes for a {size}-byte disk: {}",
         agent.log()
     );
+    // The clean stop's state spares the restart a resync, and the point
+    // after it holds every write, before the stop and after.
+    agent.restart()?;
     let id = agent.bookmark(false)?;
+    let log = agent.log();
+    ensure!(
+        log.contains("clean stop") && !log.contains("resync required"),
+        "the restart after a stop under writes: {log}"
+    );
     ensure!(
         site.export("disk-steady", &id.to_string())? == dev.read_all()?,
         "point {id} differs from the device"
