@@ -1115,12 +1115,29 @@ impl Runner {
             kind = PointKind::SyncMarker;
         }
         for p in pieces {
+            // A slow receiver keeps the window full for a while: the
+            // tracer is drained meanwhile, as in a round.
+            while self.shipper.window_full() {
+                self.shipper.wait_window(DRAIN_EVERY).await?;
+                self.collect_due()?;
+            }
             self.pace().await?;
             self.shipper.send(p).await?;
         }
         self.pace().await?;
         let agent_time_ms = now_ms();
-        let id = self.shipper.point(kind, name).await?;
+        // The receiver records the point once its data is durable, which
+        // takes a sync or two, seconds on a busy disk: the tracer is
+        // drained meanwhile, or a burst of small writes overran its ring
+        // (a resync of every disk).
+        let mut sent = self.shipper.send_point(kind, name).await?;
+        let id = loop {
+            let until = self.drained_at + DRAIN_EVERY;
+            if let Some(id) = self.shipper.point_recorded(&mut sent, Some(until)).await? {
+                break id;
+            }
+            self.collect_due()?;
+        };
         self.settle();
         info!(
             "recovery point {id} ({}) durable at the receiver; filesystems frozen for {} ms (freeze took {} ms)",

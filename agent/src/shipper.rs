@@ -81,6 +81,13 @@ impl InFlight {
 /// A connection attempt (TCP, TLS, hello, registration) under way.
 type Attempt = tokio::task::JoinHandle<Result<(Connection, Registered), ConnectError>>;
 
+/// A point sent and not yet recorded by the receiver.
+pub struct SentPoint {
+    seq: u64,
+    kind: PointKind,
+    name: String,
+}
+
 pub struct Shipper {
     connector: Arc<Connector>,
     /// Runs on a task of its own: against a partitioned network an attempt
@@ -729,6 +736,17 @@ impl Shipper {
     /// Sends a point after everything queued so far and waits until the
     /// receiver has recorded it durably; returns its id.
     pub async fn point(&mut self, kind: PointKind, name: &str) -> anyhow::Result<u64> {
+        let mut sent = self.send_point(kind, name).await?;
+        loop {
+            if let Some(id) = self.point_recorded(&mut sent, None).await? {
+                return Ok(id);
+            }
+        }
+    }
+
+    /// Sends a point after everything queued so far; [`Shipper::point_recorded`]
+    /// then says when the receiver holds it.
+    pub async fn send_point(&mut self, kind: PointKind, name: &str) -> anyhow::Result<SentPoint> {
         if self.let_go_unacked() {
             // The caller waits for them before it cuts the point
             // (`wait_let_go`); a lost range would be read after the cut.
@@ -760,15 +778,30 @@ impl Shipper {
                 self.write_failed(e).await;
                 continue;
             }
-            loop {
-                match self.wait_incoming(None).await? {
-                    Some(Message::PointRecorded { seq: s, point_id }) if s == seq => {
-                        return Ok(point_id)
-                    }
-                    _ if self.conn.is_none() => break,
-                    _ => {}
-                }
-            }
+            return Ok(SentPoint {
+                seq,
+                kind,
+                name: name.to_owned(),
+            });
+        }
+    }
+
+    /// The id of a point sent, once the receiver has recorded it durably;
+    /// None if it has not by `until` (None: the next message). A point
+    /// whose connection ended is sent again after its data (resent
+    /// first) on the next.
+    pub async fn point_recorded(
+        &mut self,
+        sent: &mut SentPoint,
+        until: Option<Instant>,
+    ) -> anyhow::Result<Option<u64>> {
+        if self.conn.is_none() {
+            *sent = self.send_point(sent.kind, &sent.name).await?;
+            return Ok(None);
+        }
+        match self.wait_incoming(until).await? {
+            Some(Message::PointRecorded { seq, point_id }) if seq == sent.seq => Ok(Some(point_id)),
+            _ => Ok(None),
         }
     }
 

@@ -353,6 +353,88 @@ fn sigkill_and_restart_converge_without_resync() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The receiver records a point once its data is durable: a sync or two,
+/// seconds on a busy disk. The agent drains its tracer while it waits:
+/// it did not, and steady small writes overran a small ring in that
+/// wait, a resync of every disk for no loss of the agent's making.
+#[test]
+fn a_point_slow_to_record_does_not_overrun_the_tracer() -> anyhow::Result<()> {
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    const SLOW_SYNC_MS: u64 = 2000;
+    let mut site = Site::start()?;
+    let size = 16u64 << 20;
+    let dev = LoopDev::create(&site.dir.path().join("slowpoint.img"), size)?;
+    // Some 140 events a CPU: 100 ms of the writer below fits several
+    // times over, a slow sync does not.
+    let cfg = run_config(
+        &site,
+        "run-slowpoint",
+        &[(dev.path(), "disk-slowpoint")],
+        "trace_buffer_kb = 8",
+    )?;
+    let agent = RunningAgent::start(&cfg, "run-slowpoint")?;
+    agent.bookmark(false)?;
+    let lib = tidemark_tests::faultfs_library();
+    let slow = format!("/:{SLOW_SYNC_MS}");
+    site.restart_receiver_with_env(&[
+        ("LD_PRELOAD", path(&lib)),
+        ("TIDEMARK_FAULT_SLOW_SYNC", &slow),
+    ])?;
+    // The agent reconnects; the writes start with the point, so that it
+    // has little to send and waits mostly for the receiver's syncs.
+    std::thread::sleep(Duration::from_secs(2));
+    let done = std::sync::Arc::new(AtomicBool::new(false));
+    let _stop = StopOnDrop(done.clone());
+    let written = std::sync::Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (path, done, written) = (dev.path().to_path_buf(), done.clone(), written.clone());
+        std::thread::spawn(move || -> anyhow::Result<()> {
+            let f = std::fs::OpenOptions::new().write(true).open(path)?;
+            let mut rng = SplitMix64::new(31);
+            while !done.load(Ordering::Relaxed) {
+                let at = (rng.next_u64() % (size / 4096)) * 4096;
+                f.write_all_at(&random_block(&mut rng, 4096), at)?;
+                f.sync_data()?;
+                written.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Ok(())
+        })
+    };
+    let asked = std::time::Instant::now();
+    agent.bookmark(false)?;
+    let took = asked.elapsed();
+    let writes = written.load(Ordering::Relaxed);
+    done.store(true, Ordering::Relaxed);
+    writer.join().expect("writer thread")?;
+    eprintln!(
+        "the point took {:.1} s, {writes} writes meanwhile",
+        took.as_secs_f64()
+    );
+    ensure!(
+        took >= Duration::from_millis(SLOW_SYNC_MS),
+        "the point took only {took:?}: the receiver's syncs were not slowed"
+    );
+    ensure!(
+        writes >= 400,
+        "only {writes} writes during the point: too few to overrun the ring"
+    );
+    let log = agent.log();
+    ensure!(
+        !log.contains("write events were lost"),
+        "the tracer overran while a point waited: {log}"
+    );
+    // At full speed again, the point that follows holds every write.
+    site.restart_receiver_with_env(&[])?;
+    let id = agent.bookmark(false)?;
+    ensure!(
+        site.export("disk-slowpoint", &id.to_string())? == dev.read_all()?,
+        "point {id} differs from the device"
+    );
+    Ok(())
+}
+
 #[test]
 fn ring_overrun_is_detected_and_resynced() -> anyhow::Result<()> {
     let site = Site::start()?;
