@@ -1115,10 +1115,15 @@ impl Runner {
             kind = PointKind::SyncMarker;
         }
         for p in pieces {
-            // A slow receiver keeps the window full for a while: the
-            // tracer is drained meanwhile, as in a round.
-            while self.shipper.window_full() {
-                self.shipper.wait_window(DRAIN_EVERY).await?;
+            // A slow receiver keeps the window full for a while, a lost
+            // one the connection away until it is back: the tracer is
+            // drained meanwhile, as in a round.
+            while self.shipper.window_full() || !self.shipper.connected() {
+                if self.shipper.connected() {
+                    self.shipper.wait_window(DRAIN_EVERY).await?;
+                } else {
+                    self.shipper.idle(DRAIN_EVERY).await?;
+                }
                 self.collect_due()?;
             }
             self.pace().await?;
@@ -1127,9 +1132,10 @@ impl Runner {
         self.pace().await?;
         let agent_time_ms = now_ms();
         // The receiver records the point once its data is durable, which
-        // takes a sync or two, seconds on a busy disk: the tracer is
-        // drained meanwhile, or a burst of small writes overran its ring
-        // (a resync of every disk).
+        // takes a sync or two, seconds on a busy disk, and longer if it
+        // restarts meanwhile: the tracer is drained all the while, or a
+        // burst of small writes overran its ring (a resync of every
+        // disk).
         let mut sent = self.shipper.send_point(kind, name).await?;
         let id = loop {
             let until = self.drained_at + DRAIN_EVERY;

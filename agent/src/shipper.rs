@@ -789,14 +789,22 @@ impl Shipper {
     /// The id of a point sent, once the receiver has recorded it durably;
     /// None if it has not by `until` (None: the next message). A point
     /// whose connection ended is sent again after its data (resent
-    /// first) on the next.
+    /// first) on the next, which is waited for until `until` too.
     pub async fn point_recorded(
         &mut self,
         sent: &mut SentPoint,
         until: Option<Instant>,
     ) -> anyhow::Result<Option<u64>> {
         if self.conn.is_none() {
-            *sent = self.send_point(sent.kind, &sent.name).await?;
+            let connected = match until {
+                None => true,
+                Some(until) => self.try_connect(Some(until)).await?,
+            };
+            if connected {
+                *sent = self.send_point(sent.kind, &sent.name).await?;
+            } else if let (None, Some(until)) = (&self.attempt, until) {
+                tokio::time::sleep_until(self.next_attempt.min(until).into()).await;
+            }
             return Ok(None);
         }
         match self.wait_incoming(until).await? {

@@ -353,19 +353,81 @@ fn sigkill_and_restart_converge_without_resync() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// 4 KiB writes at random places of a device, each synced, a few hundred
+/// a second until stopped: steady events for a small trace ring.
+struct SmallWrites {
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    written: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl SmallWrites {
+    fn start(dev: &LoopDev, seed: u64) -> SmallWrites {
+        use std::os::unix::fs::FileExt;
+        use std::sync::atomic::Ordering;
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let written = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (path, size) = (dev.path().to_path_buf(), dev.size_bytes());
+        let thread = {
+            let (done, written) = (done.clone(), written.clone());
+            std::thread::spawn(move || -> anyhow::Result<()> {
+                let f = std::fs::OpenOptions::new().write(true).open(path)?;
+                let mut rng = SplitMix64::new(seed);
+                while !done.load(Ordering::Relaxed) {
+                    let at = (rng.next_u64() % (size / 4096)) * 4096;
+                    f.write_all_at(&random_block(&mut rng, 4096), at)?;
+                    f.sync_data()?;
+                    written.fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Ok(())
+            })
+        };
+        SmallWrites {
+            done,
+            written,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the writes; returns how many there were.
+    fn stop(mut self) -> anyhow::Result<u64> {
+        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().expect("writer thread")?;
+        }
+        Ok(self.written.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+impl Drop for SmallWrites {
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Restarts the site's receiver with every sync `ms` slower (faultfs).
+fn slow_syncs(site: &mut Site, ms: u64) -> anyhow::Result<()> {
+    let lib = tidemark_tests::faultfs_library();
+    site.restart_receiver_with_env(&[
+        ("LD_PRELOAD", path(&lib)),
+        ("TIDEMARK_FAULT_SLOW_SYNC", &format!("/:{ms}")),
+    ])
+}
+
 /// The receiver records a point once its data is durable: a sync or two,
 /// seconds on a busy disk. The agent drains its tracer while it waits:
 /// it did not, and steady small writes overran a small ring in that
 /// wait, a resync of every disk for no loss of the agent's making.
 #[test]
 fn a_point_slow_to_record_does_not_overrun_the_tracer() -> anyhow::Result<()> {
-    use std::os::unix::fs::FileExt;
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     const SLOW_SYNC_MS: u64 = 2000;
     let mut site = Site::start()?;
-    let size = 16u64 << 20;
-    let dev = LoopDev::create(&site.dir.path().join("slowpoint.img"), size)?;
-    // Some 140 events a CPU: 100 ms of the writer below fits several
+    let dev = LoopDev::create(&site.dir.path().join("slowpoint.img"), 16 << 20)?;
+    // Some 140 events a CPU: 100 ms of the writes below fits several
     // times over, a slow sync does not.
     let cfg = run_config(
         &site,
@@ -375,39 +437,15 @@ fn a_point_slow_to_record_does_not_overrun_the_tracer() -> anyhow::Result<()> {
     )?;
     let agent = RunningAgent::start(&cfg, "run-slowpoint")?;
     agent.bookmark(false)?;
-    let lib = tidemark_tests::faultfs_library();
-    let slow = format!("/:{SLOW_SYNC_MS}");
-    site.restart_receiver_with_env(&[
-        ("LD_PRELOAD", path(&lib)),
-        ("TIDEMARK_FAULT_SLOW_SYNC", &slow),
-    ])?;
+    slow_syncs(&mut site, SLOW_SYNC_MS)?;
     // The agent reconnects; the writes start with the point, so that it
     // has little to send and waits mostly for the receiver's syncs.
     std::thread::sleep(Duration::from_secs(2));
-    let done = std::sync::Arc::new(AtomicBool::new(false));
-    let _stop = StopOnDrop(done.clone());
-    let written = std::sync::Arc::new(AtomicU64::new(0));
-    let writer = {
-        let (path, done, written) = (dev.path().to_path_buf(), done.clone(), written.clone());
-        std::thread::spawn(move || -> anyhow::Result<()> {
-            let f = std::fs::OpenOptions::new().write(true).open(path)?;
-            let mut rng = SplitMix64::new(31);
-            while !done.load(Ordering::Relaxed) {
-                let at = (rng.next_u64() % (size / 4096)) * 4096;
-                f.write_all_at(&random_block(&mut rng, 4096), at)?;
-                f.sync_data()?;
-                written.fetch_add(1, Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            Ok(())
-        })
-    };
+    let writes = SmallWrites::start(&dev, 31);
     let asked = std::time::Instant::now();
     agent.bookmark(false)?;
     let took = asked.elapsed();
-    let writes = written.load(Ordering::Relaxed);
-    done.store(true, Ordering::Relaxed);
-    writer.join().expect("writer thread")?;
+    let writes = writes.stop()?;
     eprintln!(
         "the point took {:.1} s, {writes} writes meanwhile",
         took.as_secs_f64()
@@ -426,10 +464,77 @@ fn a_point_slow_to_record_does_not_overrun_the_tracer() -> anyhow::Result<()> {
         "the tracer overran while a point waited: {log}"
     );
     // At full speed again, the point that follows holds every write.
-    site.restart_receiver_with_env(&[])?;
+    site.restart_receiver()?;
     let id = agent.bookmark(false)?;
     ensure!(
         site.export("disk-slowpoint", &id.to_string())? == dev.read_all()?,
+        "point {id} differs from the device"
+    );
+    Ok(())
+}
+
+/// A receiver that goes away while a point waits for it: the point is
+/// sent again once it is back, and the tracer is drained meanwhile (the
+/// wait for the connection drained nothing, and small writes overran
+/// a small ring in a few seconds).
+#[test]
+fn a_point_across_a_receiver_restart_drains_the_tracer() -> anyhow::Result<()> {
+    let mut site = Site::start()?;
+    let dev = LoopDev::create(&site.dir.path().join("gonepoint.img"), 16 << 20)?;
+    let cfg = run_config(
+        &site,
+        "run-gonepoint",
+        &[(dev.path(), "disk-gonepoint")],
+        "trace_buffer_kb = 8",
+    )?;
+    let agent = RunningAgent::start(&cfg, "run-gonepoint")?;
+    agent.bookmark(false)?;
+    // Slow syncs keep the point waiting for the receiver when it dies.
+    slow_syncs(&mut site, 2000)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let writes = SmallWrites::start(&dev, 37);
+    let asked = std::time::Instant::now();
+    let bookmark = Command::new(workspace_bin("tidemark-agent"))
+        .args(["bookmark", "--config", path(&cfg)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(Duration::from_secs(1));
+    site.receiver.kill();
+    let gone = std::time::Instant::now();
+    std::thread::sleep(Duration::from_secs(4));
+    let away = gone.elapsed();
+    site.restart_receiver()?;
+    let out = bookmark.wait_with_output()?;
+    let took = asked.elapsed();
+    let writes = writes.stop()?;
+    eprintln!(
+        "the point took {:.1} s, the receiver was away {:.1} s, {writes} writes",
+        took.as_secs_f64(),
+        away.as_secs_f64()
+    );
+    ensure!(
+        out.status.success(),
+        "the point across the restart failed: {}{}",
+        String::from_utf8_lossy(&out.stderr),
+        agent.log()
+    );
+    ensure!(
+        took > away + Duration::from_secs(1),
+        "the point was recorded before the receiver went away ({took:?})"
+    );
+    ensure!(
+        writes >= 800,
+        "only {writes} writes during the point: too few to overrun the ring"
+    );
+    let log = agent.log();
+    ensure!(
+        !log.contains("write events were lost"),
+        "the tracer overran while a point waited for the receiver: {log}"
+    );
+    let id = agent.bookmark(false)?;
+    ensure!(
+        site.export("disk-gonepoint", &id.to_string())? == dev.read_all()?,
         "point {id} differs from the device"
     );
     Ok(())
