@@ -1033,16 +1033,8 @@ impl Runner {
         } else {
             PointKind::CrashConsistent
         };
-        let scripts_dir = self.cfg.scripts_dir.clone();
-        let timeout = Duration::from_secs(self.cfg.script_timeout_secs);
         if app {
-            let n = name.to_owned();
-            let dir = scripts_dir.clone();
-            let pre =
-                tokio::task::spawn_blocking(move || scripts::run(&dir, Phase::Pre, &n, timeout))
-                    .await
-                    .unwrap_or_else(|e| Err(e.to_string()));
-            if let Err(e) = pre {
+            if let Err(e) = self.scripts(Phase::Pre, name).await? {
                 warn!("pre script failed ({e}); taking a crash-consistent point instead");
                 kind = PointKind::CrashConsistent;
             }
@@ -1092,13 +1084,7 @@ impl Runner {
             crate::metrics::get().frozen(frozen_for);
         }
         if app && failover.is_none() {
-            let n = name.to_owned();
-            let post = tokio::task::spawn_blocking(move || {
-                scripts::run(&scripts_dir, Phase::Post, &n, timeout)
-            })
-            .await
-            .unwrap_or_else(|e| Err(e.to_string()));
-            if let Err(e) = post {
+            if let Err(e) = self.scripts(Phase::Post, name).await? {
                 warn!("post script failed: {e}");
             }
         }
@@ -1157,6 +1143,25 @@ impl Runner {
             agent_time_ms,
             freeze_ms: frozen_for.as_millis() as u64,
         })
+    }
+
+    /// Runs the operator's scripts of `phase` for the point `name`; the
+    /// inner Err says which failed. The tracer is drained while they run:
+    /// a database's flush before a point is when it writes the most, and
+    /// each script may take up to `script_timeout_secs`.
+    async fn scripts(&mut self, phase: Phase, name: &str) -> anyhow::Result<Result<(), String>> {
+        let (dir, name) = (self.cfg.scripts_dir.clone(), name.to_owned());
+        let timeout = Duration::from_secs(self.cfg.script_timeout_secs);
+        let mut task =
+            tokio::task::spawn_blocking(move || scripts::run(&dir, phase, &name, timeout));
+        loop {
+            tokio::select! {
+                ran = &mut task => return Ok(ran.unwrap_or_else(|e| Err(e.to_string()))),
+                _ = tokio::time::sleep_until((self.drained_at + DRAIN_EVERY).into()) => {
+                    self.collect_due()?;
+                }
+            }
+        }
     }
 
     /// Starts reading `jobs`, packed for the receiver's protocol.
