@@ -418,6 +418,27 @@ fn slow_syncs(site: &mut Site, ms: u64) -> anyhow::Result<()> {
     ])
 }
 
+/// A 16 MiB device `{name}.img`, replicated as `disk-{name}` by agent
+/// `run-{name}` with a small trace ring, after the initial sync; `extra`
+/// adds agent settings. Some 140 events a CPU: 100 ms of [`SmallWrites`]
+/// fits several times over, a second does not.
+fn small_ring_agent(
+    site: &Site,
+    name: &str,
+    extra: &str,
+) -> anyhow::Result<(LoopDev, PathBuf, RunningAgent)> {
+    let dev = LoopDev::create(&site.dir.path().join(format!("{name}.img")), 16 << 20)?;
+    let cfg = run_config(
+        site,
+        &format!("run-{name}"),
+        &[(dev.path(), &format!("disk-{name}"))],
+        &format!("trace_buffer_kb = 8\n{extra}"),
+    )?;
+    let agent = RunningAgent::start(&cfg, &format!("run-{name}"))?;
+    agent.bookmark(false)?;
+    Ok((dev, cfg, agent))
+}
+
 /// The tracer did not overrun (`during` says when it might have), and a
 /// point taken now holds every write of the device.
 fn no_overrun_and_converged(
@@ -448,17 +469,7 @@ fn no_overrun_and_converged(
 fn a_point_slow_to_record_does_not_overrun_the_tracer() -> anyhow::Result<()> {
     const SLOW_SYNC_MS: u64 = 2000;
     let mut site = Site::start()?;
-    let dev = LoopDev::create(&site.dir.path().join("slowpoint.img"), 16 << 20)?;
-    // Some 140 events a CPU: 100 ms of the writes below fits several
-    // times over, a slow sync does not.
-    let cfg = run_config(
-        &site,
-        "run-slowpoint",
-        &[(dev.path(), "disk-slowpoint")],
-        "trace_buffer_kb = 8",
-    )?;
-    let agent = RunningAgent::start(&cfg, "run-slowpoint")?;
-    agent.bookmark(false)?;
+    let (dev, _, agent) = small_ring_agent(&site, "slowpoint", "")?;
     slow_syncs(&mut site, SLOW_SYNC_MS)?;
     // The agent reconnects; the writes start with the point, so that it
     // has little to send and waits mostly for the receiver's syncs.
@@ -498,15 +509,7 @@ fn a_point_slow_to_record_does_not_overrun_the_tracer() -> anyhow::Result<()> {
 #[test]
 fn a_point_across_a_receiver_restart_drains_the_tracer() -> anyhow::Result<()> {
     let mut site = Site::start()?;
-    let dev = LoopDev::create(&site.dir.path().join("gonepoint.img"), 16 << 20)?;
-    let cfg = run_config(
-        &site,
-        "run-gonepoint",
-        &[(dev.path(), "disk-gonepoint")],
-        "trace_buffer_kb = 8",
-    )?;
-    let agent = RunningAgent::start(&cfg, "run-gonepoint")?;
-    agent.bookmark(false)?;
+    let (dev, cfg, agent) = small_ring_agent(&site, "gonepoint", "")?;
     // Slow syncs keep the point waiting for the receiver when it dies.
     slow_syncs(&mut site, 2000)?;
     std::thread::sleep(Duration::from_secs(2));
@@ -562,20 +565,13 @@ fn a_point_across_a_receiver_restart_drains_the_tracer() -> anyhow::Result<()> {
 fn a_slow_pre_script_does_not_overrun_the_tracer() -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let site = Site::start()?;
-    let dev = LoopDev::create(&site.dir.path().join("slowscript.img"), 16 << 20)?;
-    let cfg = run_config(
-        &site,
-        "run-slowscript",
-        &[(dev.path(), "disk-slowscript")],
-        "trace_buffer_kb = 8\nscript_timeout_secs = 20",
-    )?;
+    let (dev, cfg, agent) = small_ring_agent(&site, "slowscript", "script_timeout_secs = 20")?;
+    // Scripts are looked for at each point: one added now runs at the next.
     let scripts = cfg.parent().context("agent dir")?.join("scripts");
     std::fs::create_dir_all(&scripts)?;
     let pre = scripts.join("pre-10-flush");
     std::fs::write(&pre, "#!/bin/sh\nsleep 3\n")?;
     std::fs::set_permissions(&pre, std::fs::Permissions::from_mode(0o755))?;
-    let agent = RunningAgent::start(&cfg, "run-slowscript")?;
-    agent.bookmark(false)?;
     let writes = SmallWrites::start(&dev, 43);
     let asked = std::time::Instant::now();
     agent.bookmark(true)?;
