@@ -12,6 +12,7 @@ pub mod pipeline;
 pub mod progress;
 pub mod run;
 pub mod shipper;
+pub mod signals;
 pub mod source;
 pub mod state;
 pub mod sync;

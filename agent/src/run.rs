@@ -28,6 +28,7 @@ use crate::disks::{open_disk, Disk};
 use crate::pipeline::{Job, Piece, Pipeline, READ_BYTES};
 use crate::progress::{mib, Progress};
 use crate::shipper::{now_ms, Shipper};
+use crate::signals::{StopSignals, Stopping};
 use crate::state::{self, DiskState, ResyncReason};
 use crate::tracking::{disk_counters, granularity_for, DirtyMap, TrackedDisk, Tracker};
 use crate::transport::Connector;
@@ -275,6 +276,7 @@ struct Runner {
     status_refreshed: Instant,
     /// Last drain of the tracer.
     drained_at: Instant,
+    signals: StopSignals,
 }
 
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
@@ -349,6 +351,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         status_tx,
         status_refreshed: Instant::now(),
         drained_at: Instant::now(),
+        signals: StopSignals::register()?,
     };
     let now = Instant::now();
     let every = |secs: u64| (secs > 0).then(|| Duration::from_secs(secs));
@@ -358,11 +361,6 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut next_app = app_every.map(|d| now + d);
     let mut bookmarks: Vec<(bool, Option<String>, tokio::sync::oneshot::Sender<Reply>)> =
         Vec::new();
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    // Registered once, like `term`: a listener made at each wait missed
-    // an interrupt that came while the loop was busy.
-    let mut int = signal(SignalKind::interrupt())?;
     let cycle = Duration::from_millis(r.cfg.cycle_ms);
     info!("replicating {} disk(s) continuously", r.disks.len());
     // Every disk is tracked from here on; the receiver may come later.
@@ -463,8 +461,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     };
                 }
                 Err(e) => {
-                    warn!("planned failover failed: {e:#}");
                     let _ = reply.send(Reply::Error(format!("{e:#}")));
+                    if e.is::<Stopping>() {
+                        return r.stop().await;
+                    }
+                    warn!("planned failover failed: {e:#}");
                 }
             }
         }
@@ -491,7 +492,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 for (_, _, tx) in bookmarks.drain(..) {
                     let _ = tx.send(reply.clone());
                 }
-                result?;
+                if let Err(e) = result {
+                    if e.is::<Stopping>() {
+                        return r.stop().await;
+                    }
+                    return Err(e);
+                }
                 if app {
                     next_app = app_every.map(|d| Instant::now() + d);
                 }
@@ -505,11 +511,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         // after round and its select never looks at the signals: a stop
         // waited for a round that left nothing dirty, and systemd's stop
         // timeout came first (an unclean stop, a resync at the start).
-        tokio::select! {
-            biased;
-            _ = term.recv() => return r.stop().await,
-            _ = int.recv() => return r.stop().await,
-            _ = std::future::ready(()) => {}
+        if r.signals.asked() {
+            return r.stop().await;
         }
 
         // Wait out the cycle (not at all while a backlog remains), draining
@@ -565,8 +568,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                         }
                     }
                 }
-                _ = int.recv() => return r.stop().await,
-                _ = term.recv() => return r.stop().await,
+                _ = r.signals.recv() => return r.stop().await,
             }
         }
     }
@@ -839,6 +841,7 @@ impl Runner {
             let mut pipeline = self.start_pipeline(jobs)?;
             self.shipper.set_hash_board(Some(pipeline.board.clone()));
             let mut cut = false;
+            let mut stopping = false;
             loop {
                 while !cut && requested < pipeline.board.consumed() + HASH_LOOKAHEAD {
                     let Some((disk, offset_bytes, len_bytes)) = requests.next() else {
@@ -868,6 +871,12 @@ impl Runner {
                     self.shipper.flush().await;
                 }
                 self.collect_due()?;
+                if self.signals.asked() {
+                    // A stop does not wait for the rest of the round: a
+                    // resync's reads and the sends may be capped.
+                    stopping = true;
+                    break;
+                }
                 let piece = if requested > pipeline.board.consumed() {
                     // Workers may be waiting for hashes: keep taking them
                     // off the connection.
@@ -896,9 +905,13 @@ impl Runner {
                 // dirty maps: memory stays bounded however long it is away.
                 // A full window can take long to open on a slow or dead
                 // link; the tracer is drained meanwhile.
-                while !cut && self.shipper.window_full() {
+                while !cut && self.shipper.window_full() && !self.signals.asked() {
                     self.shipper.wait_window(DRAIN_EVERY).await?;
                     self.collect_due()?;
+                }
+                if self.signals.asked() {
+                    stopping = true;
+                    break;
                 }
                 let back = if cut {
                     Some(piece)
@@ -914,11 +927,15 @@ impl Runner {
             }
             let read = pipeline.finish();
             self.shipper.set_hash_board(None);
-            if let Err(e) = read {
+            if let Err(e) = &read {
                 // A device that went away mid-read (detached) must not
                 // stop the agent: what this round took is dirty again, and
                 // the next round's look at the devices says what happened.
                 warn!("reading the disks failed: {e}; retrying what this round took");
+            }
+            if read.is_err() || stopping {
+                // What was sent of it is in the shipper too: marked again,
+                // it is read again, which costs little.
                 for (i, ranges) in taken_ranges.into_iter().enumerate() {
                     for r in ranges {
                         self.disks[i].dirty.mark(r);
@@ -1033,6 +1050,7 @@ impl Runner {
         } else {
             PointKind::CrashConsistent
         };
+        self.signals.check()?;
         if app {
             if let Err(e) = self.scripts(Phase::Pre, name).await? {
                 warn!("pre script failed ({e}); taking a crash-consistent point instead");
@@ -1059,6 +1077,14 @@ impl Runner {
             self.shipper.wait_let_go(DRAIN_EVERY).await?;
             self.collect_due()?;
             self.mark_lost();
+            if self.signals.asked() {
+                // What a pre script began (a database in backup mode) its
+                // post script ends, point or not.
+                if app {
+                    self.post_scripts(name).await?;
+                }
+                return Err(Stopping.into());
+            }
         }
         let frozen = match freeze(&mounts) {
             Ok(f) => Some(f),
@@ -1068,6 +1094,10 @@ impl Runner {
             }
         };
         let freeze_time = frozen.as_ref().map_or(Duration::ZERO, |f| f.freeze_time);
+        // A planned failover's final point is not given up for a stop once
+        // the filesystems are frozen: it may leave them so, and saving the
+        // agent's state on a frozen filesystem would hang.
+        let stoppable = failover.is_none();
         // Everything written before the freeze returned is now traced.
         let collected = self.collect();
         let before: Vec<u64> = self.disks.iter().map(DiskRun::counters).collect();
@@ -1084,9 +1114,7 @@ impl Runner {
             crate::metrics::get().frozen(frozen_for);
         }
         if app && failover.is_none() {
-            if let Err(e) = self.scripts(Phase::Post, name).await? {
-                warn!("post script failed: {e}");
-            }
+            self.post_scripts(name).await?;
         }
         let pieces = pieces?;
         // Raw writes are not stopped by a freeze, and a disk without a
@@ -1100,10 +1128,13 @@ impl Runner {
             );
             kind = PointKind::SyncMarker;
         }
-        for p in pieces {
+        let mut pieces = pieces.into_iter();
+        while let Some(p) = pieces.next() {
             // A slow receiver keeps the window full for a while, a lost
             // one the connection away until it is back: the tracer is
-            // drained meanwhile, as in a round.
+            // drained meanwhile, as in a round, and a stop is not kept
+            // waiting (what was not sent is dirty again, saved with the
+            // map).
             while self.shipper.window_full() || !self.shipper.connected() {
                 if self.shipper.connected() {
                     self.shipper.wait_window(DRAIN_EVERY).await?;
@@ -1111,6 +1142,13 @@ impl Runner {
                     self.shipper.idle(DRAIN_EVERY).await?;
                 }
                 self.collect_due()?;
+                if stoppable && self.signals.asked() {
+                    for p in std::iter::once(p).chain(pieces) {
+                        let (disk, range) = p.range();
+                        self.disks[disk].dirty.mark(range);
+                    }
+                    return Err(Stopping.into());
+                }
             }
             self.pace().await?;
             self.shipper.send(p).await?;
@@ -1121,14 +1159,18 @@ impl Runner {
         // takes a sync or two, seconds on a busy disk, and longer if it
         // restarts meanwhile: the tracer is drained all the while, or a
         // burst of small writes overran its ring (a resync of every
-        // disk).
-        let mut sent = self.shipper.send_point(kind, name).await?;
+        // disk); and a stop gives the point up (its data, sent, is in
+        // the shipper until acknowledged, saved as dirty if it is not).
+        let mut sent = self.shipper.new_point(kind, name)?;
         let id = loop {
             let until = self.drained_at + DRAIN_EVERY;
             if let Some(id) = self.shipper.point_recorded(&mut sent, Some(until)).await? {
                 break id;
             }
             self.collect_due()?;
+            if stoppable {
+                self.signals.check()?;
+            }
         };
         self.settle();
         info!(
@@ -1162,6 +1204,13 @@ impl Runner {
                 }
             }
         }
+    }
+
+    async fn post_scripts(&mut self, name: &str) -> anyhow::Result<()> {
+        if let Err(e) = self.scripts(Phase::Post, name).await? {
+            warn!("post script failed: {e}");
+        }
+        Ok(())
     }
 
     /// Starts reading `jobs`, packed for the receiver's protocol.

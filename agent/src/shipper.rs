@@ -81,9 +81,10 @@ impl InFlight {
 /// A connection attempt (TCP, TLS, hello, registration) under way.
 type Attempt = tokio::task::JoinHandle<Result<(Connection, Registered), ConnectError>>;
 
-/// A point sent and not yet recorded by the receiver.
+/// A point not yet recorded by the receiver.
 pub struct SentPoint {
-    seq: u64,
+    /// The connection it went on and its seq there, once sent.
+    sent_on: Option<(u64, u64)>,
     kind: PointKind,
     name: String,
 }
@@ -98,6 +99,8 @@ pub struct Shipper {
     /// Give up after this long without a connection (None: never).
     give_up_after: Option<Duration>,
     conn: Option<Connection>,
+    /// Counts connections made: says whether a point went on this one.
+    connections: u64,
     handles: Vec<u32>,
     /// From the first registration: whether each image already existed.
     pub image_existed: Vec<bool>,
@@ -183,6 +186,7 @@ impl Shipper {
             conn: None,
             handles: Vec::new(),
             image_existed: Vec::new(),
+            connections: 0,
             seq: 0,
             acked_seq: 0,
             inflight: BTreeMap::new(),
@@ -398,6 +402,7 @@ impl Shipper {
                 self.handles = r.handles;
                 self.sum = c.sum;
                 self.conn = Some(c);
+                self.connections += 1;
                 self.unanswered_since = None;
                 // Backoff and the give-up clock reset only when the
                 // receiver acknowledges something (see `progressed`).
@@ -736,7 +741,7 @@ impl Shipper {
     /// Sends a point after everything queued so far and waits until the
     /// receiver has recorded it durably; returns its id.
     pub async fn point(&mut self, kind: PointKind, name: &str) -> anyhow::Result<u64> {
-        let mut sent = self.send_point(kind, name).await?;
+        let mut sent = self.new_point(kind, name)?;
         loop {
             if let Some(id) = self.point_recorded(&mut sent, None).await? {
                 return Ok(id);
@@ -744,52 +749,27 @@ impl Shipper {
         }
     }
 
-    /// Sends a point after everything queued so far; [`Shipper::point_recorded`]
-    /// then says when the receiver holds it.
-    pub async fn send_point(&mut self, kind: PointKind, name: &str) -> anyhow::Result<SentPoint> {
+    /// A point to go after everything queued so far: [`Shipper::point_recorded`]
+    /// sends it and says when the receiver holds it.
+    pub fn new_point(&self, kind: PointKind, name: &str) -> anyhow::Result<SentPoint> {
         if self.let_go_unacked() {
             // The caller waits for them before it cuts the point
             // (`wait_let_go`); a lost range would be read after the cut.
             bail!("internal error: a point was asked for while data sent before it may still be lost; no point taken");
         }
-        loop {
-            self.ensure_connected().await?;
-            // A point follows its data, and is sent at the cap like it: a
-            // transfer ends when its point is out, not before.
-            if !self.push_resends(None).await? || !self.pace(None).await? {
-                continue;
-            }
-            let Some(c) = self.conn.as_mut() else {
-                continue;
-            };
-            self.seq += 1;
-            let seq = self.seq;
-            if let Some(t) = self.throttle.as_mut() {
-                t.spend(64, Instant::now());
-            }
-            let msg = Message::Point {
-                seq,
-                kind,
-                name: name.to_owned(),
-                agent_time_ms: now_ms(),
-            };
-            self.unanswered_since.get_or_insert_with(Instant::now);
-            if let Err(e) = c.send(&msg).await {
-                self.write_failed(e).await;
-                continue;
-            }
-            return Ok(SentPoint {
-                seq,
-                kind,
-                name: name.to_owned(),
-            });
-        }
+        Ok(SentPoint {
+            sent_on: None,
+            kind,
+            name: name.to_owned(),
+        })
     }
 
-    /// The id of a point sent, once the receiver has recorded it durably;
-    /// None if it has not by `until` (None: the next message). A point
-    /// whose connection ended is sent again after its data (resent
-    /// first) on the next, which is waited for until `until` too.
+    /// The id of a point, once the receiver has recorded it durably; None
+    /// if it has not by `until` (None: the next message). Sends the point
+    /// first, after its data, and again on the next connection (its data
+    /// resent first) if the one it went on ends: each step, the
+    /// connection too, only up to `until`, so that a caller with other
+    /// duties (draining the tracer, a stop) waits in slices.
     pub async fn point_recorded(
         &mut self,
         sent: &mut SentPoint,
@@ -797,20 +777,66 @@ impl Shipper {
     ) -> anyhow::Result<Option<u64>> {
         if self.conn.is_none() {
             let connected = match until {
-                None => true,
+                None => {
+                    self.ensure_connected().await?;
+                    true
+                }
                 Some(until) => self.try_connect(Some(until)).await?,
             };
-            if connected {
-                *sent = self.send_point(sent.kind, &sent.name).await?;
-            } else if let (None, Some(until)) = (&self.attempt, until) {
-                tokio::time::sleep_until(self.next_attempt.min(until).into()).await;
+            if !connected {
+                if let (None, Some(until)) = (&self.attempt, until) {
+                    tokio::time::sleep_until(self.next_attempt.min(until).into()).await;
+                }
+                return Ok(None);
             }
-            return Ok(None);
         }
+        let seq = match sent.sent_on {
+            Some((conn, seq)) if conn == self.connections => seq,
+            _ => {
+                self.try_send_point(sent, until).await?;
+                return Ok(None);
+            }
+        };
         match self.wait_incoming(until).await? {
-            Some(Message::PointRecorded { seq, point_id }) if seq == sent.seq => Ok(Some(point_id)),
+            Some(Message::PointRecorded { seq: s, point_id }) if s == seq => Ok(Some(point_id)),
             _ => Ok(None),
         }
+    }
+
+    /// Writes `sent` on the connection, after what waits for a resend and
+    /// at the send cap, up to `until`; it stays unsent if that comes or
+    /// the connection ends first.
+    async fn try_send_point(
+        &mut self,
+        sent: &mut SentPoint,
+        until: Option<Instant>,
+    ) -> anyhow::Result<()> {
+        // A point follows its data, and is sent at the cap like it: a
+        // transfer ends when its point is out, not before.
+        if !self.push_resends(until).await? || !self.pace(until).await? {
+            return Ok(());
+        }
+        let Some(c) = self.conn.as_mut() else {
+            return Ok(());
+        };
+        self.seq += 1;
+        let seq = self.seq;
+        if let Some(t) = self.throttle.as_mut() {
+            t.spend(64, Instant::now());
+        }
+        let msg = Message::Point {
+            seq,
+            kind: sent.kind,
+            name: sent.name.clone(),
+            agent_time_ms: now_ms(),
+        };
+        self.unanswered_since.get_or_insert_with(Instant::now);
+        if let Err(e) = c.send(&msg).await {
+            self.write_failed(e).await;
+            return Ok(());
+        }
+        sent.sent_on = Some((self.connections, seq));
+        Ok(())
     }
 
     /// Planned failover: after everything queued and the final point,

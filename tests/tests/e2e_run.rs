@@ -557,6 +557,67 @@ fn a_point_across_a_receiver_restart_drains_the_tracer() -> anyhow::Result<()> {
     )
 }
 
+/// A stop while a point waits for a receiver that went away: the point is
+/// given up (its `bookmark` says why) and the stop is prompt and clean. It
+/// waited for the receiver, and systemd's stop timeout killed the agent
+/// first: an unclean stop, a resync of every disk at the next start.
+#[test]
+fn a_stop_while_a_point_waits_for_a_gone_receiver_is_prompt_and_clean() -> anyhow::Result<()> {
+    let mut site = Site::start()?;
+    let dev = LoopDev::create(&site.dir.path().join("stoppoint.img"), 16 << 20)?;
+    let cfg = run_config(
+        &site,
+        "run-stoppoint",
+        &[(dev.path(), "disk-stoppoint")],
+        "",
+    )?;
+    let mut agent = RunningAgent::start(&cfg, "run-stoppoint")?;
+    agent.bookmark(false)?;
+    // Slow syncs keep the point waiting for the receiver when it dies.
+    slow_syncs(&mut site, 2000)?;
+    std::thread::sleep(Duration::from_secs(2));
+    churn(&dev, &mut SplitMix64::new(47), 50)?;
+    let bookmark = Command::new(workspace_bin("tidemark-agent"))
+        .args(["bookmark", "--config", path(&cfg)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(Duration::from_secs(1));
+    site.receiver.kill();
+    std::thread::sleep(Duration::from_secs(1));
+    let asked = std::time::Instant::now();
+    agent.stop()?;
+    let took = asked.elapsed();
+    let out = bookmark.wait_with_output()?;
+    let said = String::from_utf8_lossy(&out.stderr);
+    eprintln!("the stop during the point took {:.2} s", took.as_secs_f64());
+    ensure!(
+        took < Duration::from_secs(5),
+        "a stop during a point took {:.1} s",
+        took.as_secs_f64()
+    );
+    ensure!(
+        !out.status.success() && said.contains("stopping"),
+        "the bookmark given up for the stop: {}{said}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // The clean stop's state spares the restart a resync, and the point
+    // after it holds every write, the given-up point's too.
+    site.restart_receiver()?;
+    agent.restart()?;
+    let id = agent.bookmark(false)?;
+    let log = agent.log();
+    ensure!(
+        log.contains("clean stop") && !log.contains("resync required"),
+        "the restart after a stop during a point: {log}"
+    );
+    ensure!(
+        site.export("disk-stoppoint", &id.to_string())? == dev.read_all()?,
+        "point {id} differs from the device"
+    );
+    Ok(())
+}
+
 /// An app-consistent point's pre script may take its time, and a
 /// database flushing before a point writes the most then: the tracer is
 /// drained while the script runs (it was not, and small writes overran a
