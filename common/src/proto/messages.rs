@@ -4,7 +4,7 @@
 use std::borrow::Cow;
 
 use super::codec::{DecodeError, Reader, Writer};
-use crate::checksum::{checksum, to_hex, Checksum};
+use crate::checksum::{checksum, to_hex, Checksum, CHECKSUM_BYTES};
 
 /// Largest extent (uncompressed bytes) one frame carries. Large enough to
 /// amortise per-frame costs, small enough that a receiver holding a few in
@@ -125,6 +125,104 @@ pub struct Extent {
     /// Of the uncompressed data.
     pub checksum: ExtentSum,
     pub payload: Vec<u8>,
+}
+
+/// An extent frame's fields up to its payload: decoded apart from the
+/// payload, so a frame reader can take the payload off the connection
+/// straight into the buffer the extent keeps (see
+/// [`super::frame::read_message`]).
+pub(crate) struct ExtentHead {
+    seq: u64,
+    disk: u32,
+    offset_bytes: u64,
+    len_bytes: u32,
+    codec: Codec,
+    checksum: ExtentSum,
+}
+
+impl ExtentHead {
+    /// The head's length with its type byte, if `t` is an extent's type.
+    pub(crate) fn bytes(t: u8) -> Option<usize> {
+        let sum = match t {
+            code::EXTENT => CHECKSUM_BYTES,
+            code::EXTENT_CRC32C => 4,
+            _ => return None,
+        };
+        Some(1 + 8 + 4 + 8 + 4 + 1 + sum)
+    }
+
+    /// The fields after the type byte `t`, checked.
+    pub(crate) fn decode(t: u8, r: &mut Reader<'_>) -> Result<ExtentHead, DecodeError> {
+        let seq = r.u64("seq")?;
+        let disk = r.u32("disk handle")?;
+        let offset_bytes = r.u64("extent offset")?;
+        let len_bytes = r.u32("extent length")?;
+        if len_bytes == 0 || len_bytes > MAX_EXTENT_BYTES {
+            return Err(DecodeError::BadValue {
+                what: "extent length",
+                value: u64::from(len_bytes),
+            });
+        }
+        let codec = match r.u8("codec")? {
+            0 => Codec::None,
+            1 => Codec::Zstd,
+            v => {
+                return Err(DecodeError::BadValue {
+                    what: "codec",
+                    value: u64::from(v),
+                })
+            }
+        };
+        let checksum = if t == code::EXTENT {
+            ExtentSum::Blake3(r.checksum("checksum")?)
+        } else {
+            ExtentSum::Crc32c(r.u32("checksum")?)
+        };
+        offset_bytes
+            .checked_add(u64::from(len_bytes))
+            .ok_or(DecodeError::BadValue {
+                what: "extent offset",
+                value: offset_bytes,
+            })?;
+        Ok(ExtentHead {
+            seq,
+            disk,
+            offset_bytes,
+            len_bytes,
+            codec,
+            checksum,
+        })
+    }
+
+    /// Whether a payload of `len` bytes fits the head: checked before the
+    /// payload is read.
+    pub(crate) fn check_payload(&self, len: usize) -> Result<(), DecodeError> {
+        let ok = match self.codec {
+            Codec::None => len == self.len_bytes as usize,
+            Codec::Zstd => len > 0 && len < self.len_bytes as usize,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(DecodeError::BadValue {
+                what: "payload length",
+                value: len as u64,
+            })
+        }
+    }
+
+    /// The extent, with a payload [`ExtentHead::check_payload`] passed.
+    pub(crate) fn with_payload(self, payload: Vec<u8>) -> Extent {
+        Extent {
+            seq: self.seq,
+            disk: self.disk,
+            offset_bytes: self.offset_bytes,
+            len_bytes: self.len_bytes,
+            codec: self.codec,
+            checksum: self.checksum,
+            payload,
+        }
+    }
 }
 
 /// Which checksum an extent carries. Version 1 of the protocol has only
@@ -609,57 +707,10 @@ impl Message {
                 image_existed: r.bool("image existed")?,
             },
             t @ (code::EXTENT | code::EXTENT_CRC32C) => {
-                let seq = r.u64("seq")?;
-                let disk = r.u32("disk handle")?;
-                let offset_bytes = r.u64("extent offset")?;
-                let len_bytes = r.u32("extent length")?;
-                if len_bytes == 0 || len_bytes > MAX_EXTENT_BYTES {
-                    return Err(DecodeError::BadValue {
-                        what: "extent length",
-                        value: u64::from(len_bytes),
-                    });
-                }
-                let codec = match r.u8("codec")? {
-                    0 => Codec::None,
-                    1 => Codec::Zstd,
-                    v => {
-                        return Err(DecodeError::BadValue {
-                            what: "codec",
-                            value: u64::from(v),
-                        })
-                    }
-                };
-                let checksum = if t == code::EXTENT {
-                    ExtentSum::Blake3(r.checksum("checksum")?)
-                } else {
-                    ExtentSum::Crc32c(r.u32("checksum")?)
-                };
+                let head = ExtentHead::decode(t, &mut r)?;
                 let payload = r.rest();
-                let payload_ok = match codec {
-                    Codec::None => payload.len() == len_bytes as usize,
-                    Codec::Zstd => !payload.is_empty() && payload.len() < len_bytes as usize,
-                };
-                if !payload_ok {
-                    return Err(DecodeError::BadValue {
-                        what: "payload length",
-                        value: payload.len() as u64,
-                    });
-                }
-                offset_bytes
-                    .checked_add(u64::from(len_bytes))
-                    .ok_or(DecodeError::BadValue {
-                        what: "extent offset",
-                        value: offset_bytes,
-                    })?;
-                Message::Extent(Extent {
-                    seq,
-                    disk,
-                    offset_bytes,
-                    len_bytes,
-                    codec,
-                    checksum,
-                    payload: payload.to_vec(),
-                })
+                head.check_payload(payload.len())?;
+                Message::Extent(head.with_payload(payload.to_vec()))
             }
             code::ZERO => {
                 let m = Message::Zero {
