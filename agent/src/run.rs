@@ -44,6 +44,11 @@ const DRAIN_EVERY: Duration = Duration::from_millis(100);
 /// sparse writes still gather for a cycle into one round (each round
 /// costs new reader and compressor threads and a save of the dirty map).
 const SHIP_NOW_BYTES: u64 = 8 << 20;
+/// Longest wait for FIFREEZE, which writes every dirty page of the
+/// filesystems back first: gigabytes of them take a while, but a freeze
+/// that takes longer than this is a device that does not answer, and the
+/// point goes on without it (as a sync marker, not a consistent point).
+const FREEZE_WAIT: Duration = Duration::from_secs(60);
 /// How often the STATUS line for systemd is refreshed at most.
 const STATUS_EVERY: Duration = Duration::from_secs(5);
 
@@ -1086,7 +1091,22 @@ impl Runner {
                 return Err(Stopping.into());
             }
         }
-        let frozen = match freeze(&mounts) {
+        // FIFREEZE writes the filesystems' dirty data back first: a second
+        // for 200 MB here (../shared/CBT.md), and every request of it an
+        // event for the tracer, drained meanwhile. A freeze that does not
+        // return is not waited for beyond FREEZE_WAIT; should it return
+        // later, its guard is dropped then, which thaws.
+        let to_freeze = mounts.clone();
+        let freezing =
+            tokio::time::timeout(FREEZE_WAIT, self.drain_while(move || freeze(&to_freeze))).await;
+        let frozen = match freezing {
+            Err(_) => Err(anyhow::anyhow!(
+                "FIFREEZE did not return within {} s",
+                FREEZE_WAIT.as_secs()
+            )),
+            Ok(done) => done?.map_err(anyhow::Error::from).and_then(|f| Ok(f?)),
+        };
+        let frozen = match frozen {
             Ok(f) => Some(f),
             Err(e) => {
                 warn!("cannot freeze the filesystems ({e:#}); this point will not be offered as consistent");
@@ -1194,11 +1214,23 @@ impl Runner {
     async fn scripts(&mut self, phase: Phase, name: &str) -> anyhow::Result<Result<(), String>> {
         let (dir, name) = (self.cfg.scripts_dir.clone(), name.to_owned());
         let timeout = Duration::from_secs(self.cfg.script_timeout_secs);
-        let mut task =
-            tokio::task::spawn_blocking(move || scripts::run(&dir, phase, &name, timeout));
+        let ran = self
+            .drain_while(move || scripts::run(&dir, phase, &name, timeout))
+            .await?;
+        Ok(ran.unwrap_or_else(|e| Err(e.to_string())))
+    }
+
+    /// Runs `f` on a blocking thread and drains the tracer until it
+    /// returns. Given up on an error of the drain, `f` runs to its end
+    /// anyway, and what it returns is dropped then (a freeze thaws).
+    async fn drain_while<T: Send + 'static>(
+        &mut self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> anyhow::Result<Result<T, tokio::task::JoinError>> {
+        let mut task = tokio::task::spawn_blocking(f);
         loop {
             tokio::select! {
-                ran = &mut task => return Ok(ran.unwrap_or_else(|e| Err(e.to_string()))),
+                done = &mut task => return Ok(done),
                 _ = tokio::time::sleep_until((self.drained_at + DRAIN_EVERY).into()) => {
                     self.collect_due()?;
                 }
