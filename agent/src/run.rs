@@ -1148,8 +1148,8 @@ impl Runner {
             );
             kind = PointKind::SyncMarker;
         }
-        let mut pieces = pieces.into_iter();
-        while let Some(p) = pieces.next() {
+        let mut pieces = std::collections::VecDeque::from(pieces);
+        while let Some(p) = pieces.pop_front() {
             // A slow receiver keeps the window full for a while, a lost
             // one the connection away until it is back: the tracer is
             // drained meanwhile, as in a round, and a stop is not kept
@@ -1171,7 +1171,11 @@ impl Runner {
                 }
             }
             self.pace().await?;
-            self.shipper.send(p).await?;
+            // Handed back if the connection went meanwhile: it waits for
+            // the next one above.
+            if let Some(back) = self.shipper.try_send_held(p).await? {
+                pieces.push_front(back);
+            }
         }
         self.pace().await?;
         let agent_time_ms = now_ms();

@@ -704,6 +704,17 @@ impl Shipper {
     /// comes back from [`Shipper::take_lost`] if the connection ends
     /// before the ack.
     pub async fn try_send(&mut self, piece: Piece) -> anyhow::Result<Option<Piece>> {
+        self.try_send_as(piece, true).await
+    }
+
+    /// [`Shipper::try_send`] for a point's data, which must not be read
+    /// again after its cut: held until acknowledged, and resent from
+    /// memory on the next connection if this one ends first.
+    pub async fn try_send_held(&mut self, piece: Piece) -> anyhow::Result<Option<Piece>> {
+        self.try_send_as(piece, false).await
+    }
+
+    async fn try_send_as(&mut self, piece: Piece, let_go: bool) -> anyhow::Result<Option<Piece>> {
         loop {
             if self.conn.is_none() || !self.push_resends(None).await? {
                 return Ok(Some(piece));
@@ -717,7 +728,7 @@ impl Shipper {
                 break;
             }
         }
-        self.write_piece(piece, true).await;
+        self.write_piece(piece, let_go).await;
         Ok(None)
     }
 
