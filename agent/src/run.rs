@@ -382,7 +382,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         if !grown.is_empty() {
             // What is in flight was sent under the old registration: let
             // it be acknowledged there rather than sent twice.
-            r.shipper.await_acks(Duration::from_secs(5)).await?;
+            r.await_acks(Duration::from_secs(5)).await?;
             r.settle();
             for (i, size) in grown {
                 r.shipper.resize(i, size);
@@ -1211,6 +1211,22 @@ impl Runner {
         })
     }
 
+    /// Waits up to `dur` for the acks of what is in flight, draining the
+    /// tracer meanwhile: 5 s of unthrottled writes is several times what
+    /// the default ring holds (../shared/CBT.md: 60,000 events a second).
+    async fn await_acks(&mut self, dur: Duration) -> anyhow::Result<()> {
+        let until = Instant::now() + dur;
+        while self.shipper.awaiting_acks() {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            self.shipper.await_acks(left.min(DRAIN_EVERY)).await?;
+            self.collect_due()?;
+        }
+        Ok(())
+    }
+
     /// Runs the operator's scripts of `phase` for the point `name`; the
     /// inner Err says which failed. The tracer is drained while they run:
     /// a database's flush before a point is when it writes the most, and
@@ -1420,7 +1436,7 @@ impl Runner {
     async fn stop(mut self) -> anyhow::Result<()> {
         service::stopping();
         info!("stopping: saving dirty state");
-        self.shipper.await_acks(Duration::from_secs(5)).await?;
+        self.await_acks(Duration::from_secs(5)).await?;
         self.settle();
         self.collect()?;
         self.persist(true);

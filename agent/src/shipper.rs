@@ -746,7 +746,12 @@ impl Shipper {
 
     /// Waits up to `dur` for outstanding acks without reconnecting.
     pub async fn await_acks(&mut self, dur: Duration) -> anyhow::Result<()> {
-        self.wait_while(dur, |s| s.inflight_bytes > 0).await
+        self.wait_while(dur, Shipper::awaiting_acks).await
+    }
+
+    /// Whether acks are outstanding on a live connection.
+    pub fn awaiting_acks(&self) -> bool {
+        self.conn.is_some() && self.inflight_bytes > 0
     }
 
     /// Sends a point after everything queued so far and waits until the

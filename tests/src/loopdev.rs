@@ -103,9 +103,41 @@ impl LoopDev {
         &self.backing
     }
 
-    /// The device size asked for at creation.
+    /// The device size asked for at creation or by [`LoopDev::resize`].
     pub fn size_bytes(&self) -> u64 {
         self.size_bytes
+    }
+
+    /// Resizes the backing file and tells the loop driver (`losetup -c`),
+    /// as a disk grown or shrunk under a running system.
+    pub fn resize(&mut self, size_bytes: u64) -> anyhow::Result<()> {
+        OpenOptions::new()
+            .write(true)
+            .open(&self.backing)
+            .with_context(|| format!("open {}", self.backing.display()))?
+            .set_len(size_bytes)?;
+        let out = Command::new("losetup")
+            .arg("-c")
+            .arg(&self.device)
+            .output()
+            .context("run losetup -c")?;
+        ensure!(
+            out.status.success(),
+            "losetup -c {}: {}",
+            self.device.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        let name = self.device.file_name().context("device name")?;
+        let sysfs = Path::new("/sys/block").join(name).join("size");
+        let seen = std::fs::read_to_string(&sysfs)?;
+        ensure!(
+            seen.trim().parse::<u64>()? * 512 == size_bytes,
+            "{} reports {} sectors after losetup -c, expected {size_bytes} bytes",
+            self.device.display(),
+            seen.trim()
+        );
+        self.size_bytes = size_bytes;
+        Ok(())
     }
 
     /// Writes `data` at `offset` through the block device, then fsyncs it.

@@ -19,23 +19,6 @@ fn random_block(rng: &mut SplitMix64, len: usize) -> Vec<u8> {
     v
 }
 
-/// Resizes the backing file and tells the loop driver (`losetup -c`).
-fn resize(dev: &LoopDev, size_bytes: u64) -> anyhow::Result<()> {
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(dev.backing())?
-        .set_len(size_bytes)?;
-    run_ok(Command::new("losetup").args(["-c", path(dev.path())]))?;
-    let seen = std::fs::read_to_string(sysfs(dev.path())?.join("size"))?;
-    ensure!(
-        seen.trim().parse::<u64>()? * 512 == size_bytes,
-        "{} reports {} sectors after losetup -c, expected {size_bytes} bytes",
-        dev.path().display(),
-        seen.trim()
-    );
-    Ok(())
-}
-
 /// `/sys/block/loopN`.
 fn sysfs(dev: &Path) -> anyhow::Result<std::path::PathBuf> {
     let name = dev.file_name().context("device name")?;
@@ -68,7 +51,7 @@ fn grow_while_running(format: &str) -> anyhow::Result<()> {
     let site = Site::start_with_config(&format!("image_format = \"{format}\""))?;
     let old = 24u64 << 20;
     let new = 40u64 << 20;
-    let dev = LoopDev::create(&site.dir.path().join("grow.img"), old)?;
+    let mut dev = LoopDev::create(&site.dir.path().join("grow.img"), old)?;
     let mut rng = SplitMix64::new(81);
     dev.write_at(0, &random_block(&mut rng, 1 << 20))?;
     dev.write_at(old - (1 << 20), &random_block(&mut rng, 1 << 20))?;
@@ -79,7 +62,7 @@ fn grow_while_running(format: &str) -> anyhow::Result<()> {
     let before = dev.read_all()?;
     ensure!(site.export("disk-grow", &p1.to_string())? == before);
 
-    resize(&dev, new)?;
+    dev.resize(new)?;
     // Straddling the old end and in the new range only.
     dev.write_at(old - (64 << 10), &random_block(&mut rng, 128 << 10))?;
     dev.write_at(new - (3 << 20), &random_block(&mut rng, 2 << 20))?;
@@ -172,7 +155,7 @@ fn a_disk_reattached_under_run_is_resynced_and_converges() -> anyhow::Result<()>
 fn a_shrunk_disk_is_refused_and_its_replica_kept() -> anyhow::Result<()> {
     let site = Site::start()?;
     let old = 32u64 << 20;
-    let dev = LoopDev::create(&site.dir.path().join("shrink.img"), old)?;
+    let mut dev = LoopDev::create(&site.dir.path().join("shrink.img"), old)?;
     let mut rng = SplitMix64::new(83);
     dev.write_at(old - (2 << 20), &random_block(&mut rng, 2 << 20))?;
     let cfg = run_config(&site, "shrink", &[(dev.path(), "disk-sh")], "")?;
@@ -180,7 +163,7 @@ fn a_shrunk_disk_is_refused_and_its_replica_kept() -> anyhow::Result<()> {
     let p1 = agent.bookmark(false)?;
     let before = dev.read_all()?;
 
-    resize(&dev, 16 << 20)?;
+    dev.resize(16 << 20)?;
     wait_log(&agent, "shrank from", 20)?;
     let status = agent.status_json()?;
     let disk = &status["disks"][0];

@@ -628,6 +628,47 @@ fn a_point_across_a_receiver_restart_drains_the_tracer() -> anyhow::Result<()> {
     )
 }
 
+/// A disk that grows under `run` is registered again once what is in
+/// flight is acknowledged under its old size, up to 5 s. The tracer is
+/// drained during that wait: it was not, and with a receiver slow to
+/// acknowledge, small writes overran a small ring meanwhile.
+#[test]
+fn a_disk_growing_under_slow_acks_does_not_overrun_the_tracer() -> anyhow::Result<()> {
+    let mut site = Site::start()?;
+    let (mut dev, _, agent) = small_ring_agent(&site, "growslow", "")?;
+    // Slow syncs keep what is in flight unacknowledged for seconds.
+    slow_syncs(&mut site, 2000)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let writes = SmallWrites::start(&dev, 59);
+    std::thread::sleep(Duration::from_millis(1500));
+    dev.resize(24 << 20)?;
+    let grown = std::time::Instant::now();
+    while !agent.log().contains("grew from") {
+        ensure!(
+            grown.elapsed() < Duration::from_secs(20),
+            "the growth was not noticed: {}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The wait for acks, and a round or two after it.
+    std::thread::sleep(Duration::from_secs(3));
+    let writes = writes.stop()?;
+    eprintln!("{writes} writes around the growth");
+    ensure!(
+        writes >= 1000,
+        "only {writes} writes around the growth: too few to overrun the ring"
+    );
+    site.restart_receiver()?;
+    no_overrun_and_converged(
+        &site,
+        &agent,
+        &dev,
+        "disk-growslow",
+        "while a grown disk waited for acks",
+    )
+}
+
 /// A stop while a point waits for a receiver that went away: the point is
 /// given up (its `bookmark` says why) and the stop is prompt and clean. It
 /// waited for the receiver, and systemd's stop timeout killed the agent
