@@ -858,6 +858,12 @@ impl Runner {
                         offset_bytes,
                         len_bytes,
                     };
+                    // try_send waits for a full window without draining
+                    // (up to a heartbeat interval per message).
+                    while self.shipper.window_full() {
+                        self.shipper.wait_window(DRAIN_EVERY).await?;
+                        self.collect_due()?;
+                    }
                     self.pace().await?;
                     if self.shipper.try_send(request).await?.is_some() {
                         cut = true;
