@@ -95,14 +95,22 @@ pub async fn read_message<R: AsyncRead + Unpin>(
     };
     let mut fields = Reader::new(&buf[1..]);
     let head = ExtentHead::decode(t[0], &mut fields)?;
+    // `ExtentHead::bytes` and the decode agree on the layout.
+    fields.finish()?;
     let payload_bytes = len - head_bytes;
     head.check_payload(payload_bytes)?;
     let mut payload = Vec::with_capacity(payload_bytes);
     while payload.len() < payload_bytes {
         // Into the spare capacity, not zeroed first; never past it.
         let want = (payload_bytes - payload.len()) as u64;
-        if (&mut *r).take(want).read_buf(&mut payload).await? == 0 {
-            return Err(FrameError::Truncated);
+        match (&mut *r).take(want).read_buf(&mut payload).await {
+            Ok(0) => return Err(FrameError::Truncated),
+            Ok(_) => {}
+            // As in `read_body`: TLS reports a peer gone mid-record so.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Err(FrameError::Truncated)
+            }
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(Some(Message::Extent(head.with_payload(payload))))
