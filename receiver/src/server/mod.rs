@@ -177,6 +177,10 @@ pub async fn serve(config: ReceiverConfig, config_path: &Path) -> anyhow::Result
     }
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // Registered once, like `term`: a `ctrl_c()` made at each turn of the
+    // loop missed an interrupt that came while the loop was busy (a
+    // reload, a slow accept).
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut watchdog = Watchdog::from_env();
     let mut tick = tokio::time::interval(
         watchdog
@@ -237,7 +241,7 @@ pub async fn serve(config: ReceiverConfig, config_path: &Path) -> anyhow::Result
                 }
                 service::ready(&shared.status_line());
             }
-            _ = tokio::signal::ctrl_c() => break,
+            _ = int.recv() => break,
             _ = term.recv() => break,
         }
     }
