@@ -71,6 +71,41 @@ impl RunningAgent {
         Ok(d.log())
     }
 
+    /// Starts the agent again after a clean stop: it must resume from the
+    /// stop's saved state (no resync), and a point taken then must hold
+    /// every write of `dev`, replicated as `disk`. `after` names what the
+    /// stop came in, for the messages.
+    pub fn resumes_without_resync(
+        &mut self,
+        site: &Site,
+        dev: &crate::LoopDev,
+        disk: &str,
+        after: &str,
+    ) -> anyhow::Result<()> {
+        self.restart()?;
+        let id = self.bookmark(false)?;
+        let log = self.log();
+        ensure!(
+            log.contains("clean stop") && !log.contains("resync required"),
+            "the restart after a stop {after}: {log}"
+        );
+        ensure!(
+            site.export(disk, &id.to_string())? == dev.read_all()?,
+            "point {id} after a stop {after} differs from the device"
+        );
+        Ok(())
+    }
+
+    /// `tidemark-agent bookmark` started in the background, its output
+    /// piped: for a point that is to meet a fault on its way.
+    pub fn bookmark_in_background(&self) -> anyhow::Result<std::process::Child> {
+        Ok(Command::new(workspace_bin("tidemark-agent"))
+            .args(["bookmark", "--config", path(&self.cfg)])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?)
+    }
+
     /// Asks for a point and returns its id.
     pub fn bookmark(&self, app: bool) -> anyhow::Result<u64> {
         let mut cmd = Command::new(workspace_bin("tidemark-agent"));

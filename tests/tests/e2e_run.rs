@@ -135,18 +135,7 @@ fn backlog_under_writes_that_never_pause_stays_within_the_disk() -> anyhow::Resu
     );
     // The clean stop's state spares the restart a resync, and the point
     // after it holds every write, before the stop and after.
-    agent.restart()?;
-    let id = agent.bookmark(false)?;
-    let log = agent.log();
-    ensure!(
-        log.contains("clean stop") && !log.contains("resync required"),
-        "the restart after a stop under writes: {log}"
-    );
-    ensure!(
-        site.export("disk-steady", &id.to_string())? == dev.read_all()?,
-        "point {id} differs from the device"
-    );
-    Ok(())
+    agent.resumes_without_resync(&site, &dev, "disk-steady", "under writes")
 }
 
 /// The backlog `status` reports for the one disk.
@@ -580,17 +569,13 @@ fn a_point_slow_to_record_does_not_overrun_the_tracer() -> anyhow::Result<()> {
 #[test]
 fn a_point_across_a_receiver_restart_drains_the_tracer() -> anyhow::Result<()> {
     let mut site = Site::start()?;
-    let (dev, cfg, agent) = small_ring_agent(&site, "gonepoint", "")?;
+    let (dev, _, agent) = small_ring_agent(&site, "gonepoint", "")?;
     // Slow syncs keep the point waiting for the receiver when it dies.
     slow_syncs(&mut site, 2000)?;
     std::thread::sleep(Duration::from_secs(2));
     let writes = SmallWrites::start(&dev, 37);
     let asked = std::time::Instant::now();
-    let bookmark = Command::new(workspace_bin("tidemark-agent"))
-        .args(["bookmark", "--config", path(&cfg)])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
+    let bookmark = agent.bookmark_in_background()?;
     std::thread::sleep(Duration::from_secs(1));
     site.receiver.kill();
     let gone = std::time::Instant::now();
@@ -676,24 +661,12 @@ fn a_disk_growing_under_slow_acks_does_not_overrun_the_tracer() -> anyhow::Resul
 #[test]
 fn a_stop_while_a_point_waits_for_a_gone_receiver_is_prompt_and_clean() -> anyhow::Result<()> {
     let mut site = Site::start()?;
-    let dev = LoopDev::create(&site.dir.path().join("stoppoint.img"), 16 << 20)?;
-    let cfg = run_config(
-        &site,
-        "run-stoppoint",
-        &[(dev.path(), "disk-stoppoint")],
-        "",
-    )?;
-    let mut agent = RunningAgent::start(&cfg, "run-stoppoint")?;
-    agent.bookmark(false)?;
+    let (dev, _, mut agent) = small_ring_agent(&site, "stoppoint", "")?;
     // Slow syncs keep the point waiting for the receiver when it dies.
     slow_syncs(&mut site, 2000)?;
     std::thread::sleep(Duration::from_secs(2));
     churn(&dev, &mut SplitMix64::new(47), 50)?;
-    let bookmark = Command::new(workspace_bin("tidemark-agent"))
-        .args(["bookmark", "--config", path(&cfg)])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
+    let bookmark = agent.bookmark_in_background()?;
     std::thread::sleep(Duration::from_secs(1));
     site.receiver.kill();
     std::thread::sleep(Duration::from_secs(1));
@@ -716,18 +689,7 @@ fn a_stop_while_a_point_waits_for_a_gone_receiver_is_prompt_and_clean() -> anyho
     // The clean stop's state spares the restart a resync, and the point
     // after it holds every write, the given-up point's too.
     site.restart_receiver()?;
-    agent.restart()?;
-    let id = agent.bookmark(false)?;
-    let log = agent.log();
-    ensure!(
-        log.contains("clean stop") && !log.contains("resync required"),
-        "the restart after a stop during a point: {log}"
-    );
-    ensure!(
-        site.export("disk-stoppoint", &id.to_string())? == dev.read_all()?,
-        "point {id} differs from the device"
-    );
-    Ok(())
+    agent.resumes_without_resync(&site, &dev, "disk-stoppoint", "during a point")
 }
 
 /// An app-consistent point's pre script may take its time, and a

@@ -328,10 +328,7 @@ fn a_point_held_back_by_the_backlog_says_why_in_status() -> anyhow::Result<()> {
     // the point is held back for seconds at the cap.
     let paused = agent.paused()?;
     random_fill(&dev, 12, 120 * MIB)?;
-    let bookmark = Command::new(tidemark_tests::workspace_bin("tidemark-agent"))
-        .args(["bookmark", "--config", tidemark_tests::site::path(&cfg)])
-        .stdout(std::process::Stdio::piped())
-        .spawn()?;
+    let bookmark = agent.bookmark_in_background()?;
     std::thread::sleep(Duration::from_millis(200));
     drop(paused);
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -415,16 +412,5 @@ fn a_stop_under_the_send_cap_does_not_wait_for_the_round() -> anyhow::Result<()>
     let text = std::fs::read_to_string(&cfg)?;
     let cut = text.find("\n[throttle]").context("throttle table")?;
     std::fs::write(&cfg, &text[..cut])?;
-    agent.restart()?;
-    let id = agent.bookmark(false)?;
-    let log = agent.log();
-    ensure!(
-        log.contains("clean stop") && !log.contains("resync required"),
-        "the restart after a stop under the send cap: {log}"
-    );
-    ensure!(
-        site.export("disk-capstop", &id.to_string())? == dev.read_all()?,
-        "point {id} differs from the device"
-    );
-    Ok(())
+    agent.resumes_without_resync(&site, &dev, "disk-capstop", "under the send cap")
 }
