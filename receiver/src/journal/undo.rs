@@ -154,9 +154,54 @@ fn encode_at(
     pre: &[u8],
     out: &mut Vec<u8>,
 ) -> usize {
+    let (head, stored) = encode_apart(zstd, level, zbuf, offset_bytes, pre);
+    let payload = stored.of(zbuf, pre);
+    out.extend_from_slice(&head);
+    out.extend_from_slice(payload);
+    payload.len()
+}
+
+/// A record's header and checksum: the record is this, then its payload.
+type Head = [u8; HEADER_BYTES + 4];
+
+/// Where an encoded record's payload is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stored {
+    /// Zeros: no payload.
+    Nothing,
+    /// The compressed buffer.
+    Compressed,
+    /// The pre-image itself.
+    Raw,
+}
+
+impl Stored {
+    fn of<'a>(self, compressed: &'a [u8], pre: &'a [u8]) -> &'a [u8] {
+        match self {
+            Stored::Nothing => &[],
+            Stored::Compressed => compressed,
+            Stored::Raw => pre,
+        }
+    }
+}
+
+/// [`encode_at`] without copying the payload: compresses `pre` into
+/// `zbuf` and returns the record's head and which of the two its payload
+/// is. The journal's encoder hands both over as they are, and the record
+/// is put together only where it is staged for the disk (copying the
+/// pre-image into a record first cost a copy of every byte journaled).
+fn encode_apart(
+    zstd: &mut Option<zstd::bulk::Compressor<'static>>,
+    level: Option<i32>,
+    zbuf: &mut Vec<u8>,
+    offset_bytes: u64,
+    pre: &[u8],
+) -> (Head, Stored) {
     if pre.iter().all(|&b| b == 0) {
-        encode_zeros(offset_bytes, pre.len() as u32, out);
-        return 0;
+        return (
+            head(CODEC_ZERO, offset_bytes, pre.len() as u32, &[]),
+            Stored::Nothing,
+        );
     }
     let compressed = level.is_some_and(|level| {
         if zstd.is_none() {
@@ -168,13 +213,13 @@ fn encode_at(
         zstd.as_mut()
             .is_some_and(|z| z.compress_to_buffer(pre, zbuf).is_ok())
     });
-    let (codec, payload) = if compressed && zbuf.len() < pre.len() {
-        (CODEC_ZSTD, &zbuf[..])
+    let (codec, stored) = if compressed && zbuf.len() < pre.len() {
+        (CODEC_ZSTD, Stored::Compressed)
     } else {
-        (CODEC_RAW, pre)
+        (CODEC_RAW, Stored::Raw)
     };
-    encode_parts(codec, offset_bytes, pre.len() as u32, payload, out);
-    payload.len()
+    let payload = stored.of(zbuf, pre);
+    (head(codec, offset_bytes, pre.len() as u32, payload), stored)
 }
 
 fn encode_zeros(offset_bytes: u64, len_bytes: u32, out: &mut Vec<u8>) {
@@ -182,15 +227,21 @@ fn encode_zeros(offset_bytes: u64, len_bytes: u32, out: &mut Vec<u8>) {
 }
 
 fn encode_parts(codec: u8, offset_bytes: u64, len_bytes: u32, payload: &[u8], out: &mut Vec<u8>) {
-    let start = out.len();
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&[codec, SUM_CRC32C, 0, 0]);
-    out.extend_from_slice(&offset_bytes.to_be_bytes());
-    out.extend_from_slice(&len_bytes.to_be_bytes());
-    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    let sum = crc(&out[start..], payload);
-    out.extend_from_slice(&sum);
+    out.extend_from_slice(&head(codec, offset_bytes, len_bytes, payload));
     out.extend_from_slice(payload);
+}
+
+/// The header and CRC32C of a record of `payload`.
+fn head(codec: u8, offset_bytes: u64, len_bytes: u32, payload: &[u8]) -> Head {
+    let mut h = [0u8; HEADER_BYTES + 4];
+    h[..4].copy_from_slice(&MAGIC);
+    h[4..8].copy_from_slice(&[codec, SUM_CRC32C, 0, 0]);
+    h[8..16].copy_from_slice(&offset_bytes.to_be_bytes());
+    h[16..20].copy_from_slice(&len_bytes.to_be_bytes());
+    h[20..24].copy_from_slice(&(payload.len() as u32).to_be_bytes());
+    let sum = crc(&h[..HEADER_BYTES], payload);
+    h[HEADER_BYTES..].copy_from_slice(&sum);
+    h
 }
 
 /// The CRC32C a record carries: over its header, then its payload.
@@ -548,9 +599,14 @@ struct Batch {
     hurry: bool,
 }
 
+/// A record as the encoder hands it back: its head, and its payload in
+/// `out` (compressed) or in `pre`'s window (stored as it is).
 struct Encoded {
-    record: Vec<u8>,
-    pre: Option<Vec<u8>>,
+    head: Head,
+    stored: Stored,
+    pre: Option<(Vec<u8>, std::ops::Range<usize>)>,
+    /// Holds a compressed payload; back to the encoder once written.
+    out: Vec<u8>,
 }
 
 /// The compression of pre-images, which otherwise takes a third of a busy
@@ -576,13 +632,12 @@ impl Encoder {
             .spawn(move || {
                 let mut zstd = None;
                 let mut fast = None;
-                let mut zbuf = Vec::new();
                 let mut effort = Effort::new(ZSTD_LEVEL);
                 while let Ok(Batch { jobs, hurry }) = job_rx.recv() {
                     let mut records = Vec::with_capacity(jobs.len());
                     for mut job in jobs {
                         job.out.clear();
-                        let pre = match job.pre {
+                        let (head, stored) = match &job.pre {
                             Some((buf, window)) => {
                                 let level = effort.next_level(hurry);
                                 let ctx = if level == Some(ZSTD_LEVEL) {
@@ -590,28 +645,25 @@ impl Encoder {
                                 } else {
                                     &mut fast
                                 };
-                                let pre = &buf[window];
-                                let stored = encode_at(
-                                    ctx,
-                                    level,
-                                    &mut zbuf,
-                                    job.offset_bytes,
-                                    pre,
-                                    &mut job.out,
-                                );
-                                if let Some(level) = level.filter(|_| stored > 0) {
-                                    effort.observe(level, pre.len(), stored);
+                                let pre = &buf[window.clone()];
+                                let (head, stored) =
+                                    encode_apart(ctx, level, &mut job.out, job.offset_bytes, pre);
+                                let kept = stored.of(&job.out, pre).len();
+                                if let Some(level) = level.filter(|_| kept > 0) {
+                                    effort.observe(level, pre.len(), kept);
                                 }
-                                Some(buf)
+                                (head, stored)
                             }
-                            None => {
-                                encode_zeros(job.offset_bytes, job.len_bytes, &mut job.out);
-                                None
-                            }
+                            None => (
+                                head(CODEC_ZERO, job.offset_bytes, job.len_bytes, &[]),
+                                Stored::Nothing,
+                            ),
                         };
                         records.push(Encoded {
-                            record: job.out,
-                            pre,
+                            head,
+                            stored,
+                            pre: job.pre,
+                            out: job.out,
                         });
                     }
                     if done_tx.send(records).is_err() {
@@ -730,16 +782,23 @@ impl UndoLog {
     }
 
     fn write_buf(&mut self, tag: u64) -> Result<(), UndoError> {
+        let buf = std::mem::take(&mut self.buf);
+        let r = self.write_parts(tag, &[&buf]);
+        self.buf = buf;
+        r
+    }
+
+    /// Appends one record, given in parts, to segment `tag`.
+    fn write_parts(&mut self, tag: u64, parts: &[&[u8]]) -> Result<(), UndoError> {
         self.cut()?;
         let path = segment_path(&self.dir, tag);
-        let buf = std::mem::take(&mut self.buf);
-        let r = self.segment(tag)?.append(&buf);
-        self.buf = buf;
+        let segment = self.segment(tag)?;
+        let r = parts.iter().try_for_each(|p| segment.append(p));
         if let Err(source) = r {
             self.failed();
             return Err(UndoError::Append { path, source });
         }
-        self.written_len += self.buf.len() as u64;
+        self.written_len += parts.iter().map(|p| p.len() as u64).sum::<u64>();
         self.unsynced = true;
         Ok(())
     }
@@ -958,17 +1017,22 @@ impl UndoLog {
         if let Some(s) = self.syncing.as_mut() {
             s.records = s.records.saturating_sub(1);
         }
-        if let Some(b) = done.pre {
+        let Encoded {
+            head,
+            stored,
+            pre,
+            out,
+        } = done;
+        let raw = pre.as_ref().map_or(&[][..], |(b, w)| &b[w.clone()]);
+        let r = self.write_parts(tag, &[&head, stored.of(&out, raw)]);
+        if let Some((b, _)) = pre {
             let kept: usize = self.spare.iter().map(Vec::capacity).sum();
             if kept + b.capacity() <= SPARE_BYTES {
                 self.spare.push(b);
             }
         }
-        let record = std::mem::replace(&mut self.buf, done.record);
-        let r = self.write_buf(tag);
-        let written = std::mem::replace(&mut self.buf, record);
         if let Some(e) = self.encoder.as_mut() {
-            e.outs.push(written);
+            e.outs.push(out);
         }
         if let Err(e) = r {
             // The batch fails; what is still encoding will not be written.
@@ -1146,6 +1210,50 @@ mod tests {
             );
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
+    }
+
+    /// A record written as head and payload apart is byte for byte the
+    /// record [`encode_at`] makes whole, for each place its payload is.
+    #[test]
+    fn a_record_in_parts_is_the_whole_record() {
+        let text: Vec<u8> = b"pre-image ".iter().copied().cycle().take(8192).collect();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let noise: Vec<u8> = (0..4096)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let zeros = vec![0u8; 4096];
+        let mut seen = Vec::new();
+        for (pre, level) in [
+            (&text, Some(1)),
+            (&text, None),
+            (&noise, Some(1)),
+            (&zeros, Some(1)),
+        ] {
+            let (mut z1, mut z2) = (None, None);
+            let (mut zbuf, mut whole, mut apart) = (Vec::new(), Vec::new(), Vec::new());
+            encode_at(&mut z1, level, &mut zbuf, 12288, pre, &mut whole);
+            let (head, stored) = encode_apart(&mut z2, level, &mut apart, 12288, pre);
+            let mut parts = head.to_vec();
+            parts.extend_from_slice(stored.of(&apart, pre));
+            assert_eq!(parts, whole, "{stored:?}");
+            let (records, used) = decode_all(&parts);
+            assert_eq!((records.len(), used), (1, parts.len()));
+            seen.push(stored);
+        }
+        assert_eq!(
+            seen,
+            [
+                Stored::Compressed,
+                Stored::Raw,
+                Stored::Raw,
+                Stored::Nothing
+            ]
+        );
     }
 
     #[test]
