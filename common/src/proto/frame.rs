@@ -73,9 +73,10 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
 /// Reads and decodes one message; `Ok(None)` on a clean end of stream.
 ///
 /// An extent's payload is read straight into a buffer of its own, which
-/// the extent keeps: taken out of a frame buffer it was copied once more
-/// (3 % of the receiver's CPU at 150 MB/s), and the frame buffer zeroed
-/// before each read as well.
+/// the extent keeps: taken out of a frame buffer it was copied once more,
+/// and the frame buffer zeroed before each read as well (1.4 % of the
+/// receiver's CPU together at 150 MB/s; docs/BENCHMARKS.md, "Fewer
+/// copies in the receiver").
 pub async fn read_message<R: AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut Vec<u8>,
