@@ -116,17 +116,7 @@ impl LoopDev {
             .open(&self.backing)
             .with_context(|| format!("open {}", self.backing.display()))?
             .set_len(size_bytes)?;
-        let out = Command::new("losetup")
-            .arg("-c")
-            .arg(&self.device)
-            .output()
-            .context("run losetup -c")?;
-        ensure!(
-            out.status.success(),
-            "losetup -c {}: {}",
-            self.device.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        crate::site::run_ok(Command::new("losetup").arg("-c").arg(&self.device))?;
         let name = self.device.file_name().context("device name")?;
         let sysfs = Path::new("/sys/block").join(name).join("size");
         let seen = std::fs::read_to_string(&sysfs)?;

@@ -40,6 +40,14 @@ impl RunningAgent {
         self.daemon.as_ref().map(Daemon::log).unwrap_or_default()
     }
 
+    /// [`Daemon::wait_for_log`] of the running agent.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> anyhow::Result<()> {
+        self.daemon
+            .as_ref()
+            .context("not running")?
+            .wait_for_log(needle, timeout)
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut d) = self.daemon.take() {
             d.kill();

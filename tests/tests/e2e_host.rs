@@ -31,20 +31,6 @@ fn diskseq(dev: &Path) -> anyhow::Result<u64> {
         .parse()?)
 }
 
-/// Waits until the agent's log contains `needle`.
-fn wait_log(agent: &RunningAgent, needle: &str, secs: u64) -> anyhow::Result<()> {
-    let until = Instant::now() + Duration::from_secs(secs);
-    while !agent.log().contains(needle) {
-        ensure!(
-            Instant::now() < until,
-            "no {needle:?} in the agent's log within {secs} s: {}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
-}
-
 /// Grows the disk under `run` and checks the grown replica byte for byte,
 /// and that the point before the growth still exports at its old size.
 fn grow_while_running(format: &str) -> anyhow::Result<()> {
@@ -66,7 +52,7 @@ fn grow_while_running(format: &str) -> anyhow::Result<()> {
     // Straddling the old end and in the new range only.
     dev.write_at(old - (64 << 10), &random_block(&mut rng, 128 << 10))?;
     dev.write_at(new - (3 << 20), &random_block(&mut rng, 2 << 20))?;
-    wait_log(&agent, "grew from", 20)?;
+    agent.wait_for_log("grew from", Duration::from_secs(20))?;
     let p2 = agent.bookmark(false)?;
     let after = dev.read_all()?;
     ensure!(after.len() as u64 == new, "read {} bytes", after.len());
@@ -138,8 +124,8 @@ fn a_disk_reattached_under_run_is_resynced_and_converges() -> anyhow::Result<()>
     ensure!(diskseq(dev.path())? != seq_before, "diskseq did not change");
     dev.write_at(20 << 20, &random_block(&mut rng, 64 << 10))?;
 
-    wait_log(&agent, "diskseq changed", 20)?;
-    wait_log(&agent, "resync complete", 40)?;
+    agent.wait_for_log("diskseq changed", Duration::from_secs(20))?;
+    agent.wait_for_log("resync complete", Duration::from_secs(40))?;
     let id = agent.bookmark(false)?;
     ensure!(
         site.export("disk-re", &id.to_string())? == dev.read_all()?,
@@ -164,7 +150,7 @@ fn a_shrunk_disk_is_refused_and_its_replica_kept() -> anyhow::Result<()> {
     let before = dev.read_all()?;
 
     dev.resize(16 << 20)?;
-    wait_log(&agent, "shrank from", 20)?;
+    agent.wait_for_log("shrank from", Duration::from_secs(20))?;
     let status = agent.status_json()?;
     let disk = &status["disks"][0];
     ensure!(disk["state"] == "size-refused", "{status}");

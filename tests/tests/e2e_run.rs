@@ -627,15 +627,7 @@ fn a_disk_growing_under_slow_acks_does_not_overrun_the_tracer() -> anyhow::Resul
     let writes = SmallWrites::start(&dev, 59);
     std::thread::sleep(Duration::from_millis(1500));
     dev.resize(24 << 20)?;
-    let grown = std::time::Instant::now();
-    while !agent.log().contains("grew from") {
-        ensure!(
-            grown.elapsed() < Duration::from_secs(20),
-            "the growth was not noticed: {}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    agent.wait_for_log("grew from", Duration::from_secs(20))?;
     // The wait for acks, and a round or two after it.
     std::thread::sleep(Duration::from_secs(3));
     let writes = writes.stop()?;

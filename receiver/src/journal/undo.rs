@@ -1217,15 +1217,7 @@ mod tests {
     #[test]
     fn a_record_in_parts_is_the_whole_record() {
         let text: Vec<u8> = b"pre-image ".iter().copied().cycle().take(8192).collect();
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let noise: Vec<u8> = (0..4096)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let noise = noise(&mut 0x9e37_79b9_7f4a_7c15, 4096);
         let zeros = vec![0u8; 4096];
         let mut seen = Vec::new();
         for (pre, level) in [
@@ -1555,15 +1547,19 @@ mod tests {
     fn garbage_decodes_to_nothing() {
         let mut x = 0x9e3779b97f4a7c15u64;
         for len in [0usize, 10, 60, 61, 100, 4096] {
-            let b: Vec<u8> = (0..len)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect();
-            assert_eq!(decode_all(&b), (Vec::new(), 0));
+            assert_eq!(decode_all(&noise(&mut x, len)), (Vec::new(), 0));
         }
+    }
+
+    /// `len` bytes of xorshift64 from the state `x`, which goes on.
+    fn noise(x: &mut u64, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                *x ^= *x << 13;
+                *x ^= *x >> 7;
+                *x ^= *x << 17;
+                *x as u8
+            })
+            .collect()
     }
 }
