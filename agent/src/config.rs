@@ -67,6 +67,9 @@ pub struct AgentConfig {
     /// Longest a pre or post script may run, in seconds.
     #[serde(default = "default_script_timeout")]
     pub script_timeout_secs: u64,
+    /// Longest wait for a point's FIFREEZE, in seconds.
+    #[serde(default = "default_freeze_timeout")]
+    pub freeze_timeout_secs: u64,
     /// Trace ring buffer per CPU, in KiB.
     #[serde(default = "default_trace_buffer_kb")]
     pub trace_buffer_kb: u32,
@@ -173,6 +176,9 @@ fn default_scripts_dir() -> PathBuf {
 fn default_script_timeout() -> u64 {
     60
 }
+fn default_freeze_timeout() -> u64 {
+    60
+}
 fn default_trace_buffer_kb() -> u32 {
     4096
 }
@@ -246,6 +252,12 @@ impl AgentConfig {
         }
         if self.crash_consistent_interval_secs != 0 && self.crash_consistent_interval_secs < 5 {
             return Err("crash_consistent_interval_secs must be 0 (off) or at least 5".into());
+        }
+        if self.freeze_timeout_secs == 0 {
+            return Err(format!(
+                "freeze_timeout_secs must be at least 1 (the default is {})",
+                default_freeze_timeout()
+            ));
         }
         if self.trace_buffer_kb < 4 {
             return Err("trace_buffer_kb must be at least 4".into());
@@ -403,6 +415,15 @@ mod throttle_tests {
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn the_freeze_timeout_is_at_least_a_second() {
+        assert_eq!(load("").expect("default").freeze_timeout_secs, 60);
+        let c = load_with("freeze_timeout_secs = 5\n", "").expect("valid");
+        assert_eq!(c.freeze_timeout_secs, 5);
+        let e = load_with("freeze_timeout_secs = 0\n", "").expect_err("refused");
+        assert!(e.contains("freeze_timeout_secs must be at least 1"), "{e}");
     }
 
     #[test]

@@ -21,7 +21,7 @@ use tracing::{info, warn};
 use crate::admin::{self, DiskStatus, Pending, PointInfo, PointWaiting, Reply, Request, Status};
 use crate::compare::{ChunkCursor, HASH_LOOKAHEAD};
 use crate::config::{AgentConfig, FailoverLeave};
-use crate::consistency::freeze::{disk_devices, freeze, mount_points};
+use crate::consistency::freeze::{disk_devices, mount_points, Attempt, Frozen};
 use crate::consistency::held::{HeldPoint, Note};
 use crate::consistency::scripts::{self, Phase};
 use crate::disks::{open_disk, Disk};
@@ -44,11 +44,6 @@ const DRAIN_EVERY: Duration = Duration::from_millis(100);
 /// sparse writes still gather for a cycle into one round (each round
 /// costs new reader and compressor threads and a save of the dirty map).
 const SHIP_NOW_BYTES: u64 = 8 << 20;
-/// Longest wait for FIFREEZE, which writes every dirty page of the
-/// filesystems back first: gigabytes of them take a while, but a freeze
-/// that takes longer than this is a device that does not answer, and the
-/// point goes on without it (as a sync marker, not a consistent point).
-const FREEZE_WAIT: Duration = Duration::from_secs(60);
 /// How often the STATUS line for systemd is refreshed at most.
 const STATUS_EVERY: Duration = Duration::from_secs(5);
 
@@ -282,6 +277,10 @@ struct Runner {
     /// Last drain of the tracer.
     drained_at: Instant,
     signals: StopSignals,
+    /// A freeze given up (`freeze_timeout_secs`) whose FIFREEZE has not
+    /// returned: no other is tried until it does, so that a filesystem
+    /// whose freeze hangs costs one blocked thread, not one per point.
+    stuck_freeze: Option<(Attempt, Instant)>,
 }
 
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
@@ -357,6 +356,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         status_refreshed: Instant::now(),
         drained_at: Instant::now(),
         signals: StopSignals::register()?,
+        stuck_freeze: None,
     };
     let now = Instant::now();
     let every = |secs: u64| (secs > 0).then(|| Duration::from_secs(secs));
@@ -1097,22 +1097,7 @@ impl Runner {
                 return Err(Stopping.into());
             }
         }
-        // FIFREEZE writes the filesystems' dirty data back first: a second
-        // for 200 MB here (../shared/CBT.md), and every request of it an
-        // event for the tracer, drained meanwhile. A freeze that does not
-        // return is not waited for beyond FREEZE_WAIT; should it return
-        // later, its guard is dropped then, which thaws.
-        let to_freeze = mounts.clone();
-        let freezing =
-            tokio::time::timeout(FREEZE_WAIT, self.drain_while(move || freeze(&to_freeze))).await;
-        let frozen = match freezing {
-            Err(_) => Err(anyhow::anyhow!(
-                "FIFREEZE did not return within {} s",
-                FREEZE_WAIT.as_secs()
-            )),
-            Ok(done) => done?.map_err(anyhow::Error::from).and_then(|f| Ok(f?)),
-        };
-        let frozen = match frozen {
+        let frozen = match self.freeze(&mounts).await? {
             Ok(f) => Some(f),
             Err(e) => {
                 warn!("cannot freeze the filesystems ({e:#}); this point will not be offered as consistent");
@@ -1147,11 +1132,14 @@ impl Runner {
         // mounted filesystem is not frozen at all: the cut is exact only if
         // no disk was written while its dirty data was read.
         let written = before != after;
-        if written || (frozen_for.is_zero() && !mounts.is_empty()) {
+        if written {
             warn!(
                 "disks were written while the point's data was read{}; recording it as a sync marker, not a recovery point",
                 if unmounted.is_empty() { String::new() } else { format!(" (no mounted filesystem to freeze on {})", unmounted.join(", ")) }
             );
+            kind = PointKind::SyncMarker;
+        } else if frozen_for.is_zero() && !mounts.is_empty() {
+            warn!("the filesystems were not frozen for this point; recording it as a sync marker, not a recovery point");
             kind = PointKind::SyncMarker;
         }
         let mut pieces = std::collections::VecDeque::from(pieces);
@@ -1244,6 +1232,43 @@ impl Runner {
             .drain_while(move || scripts::run(&dir, phase, &name, timeout))
             .await?;
         Ok(ran.unwrap_or_else(|e| Err(e.to_string())))
+    }
+
+    /// Freezes `mounts`, draining the tracer meanwhile: FIFREEZE writes
+    /// the filesystems' dirty data back first (a second for 200 MB here,
+    /// ../shared/CBT.md), and every request of it is an event. Waited for
+    /// `freeze_timeout_secs` at most: gigabytes of dirty pages take a
+    /// while, but a freeze that takes longer is a device that does not
+    /// answer or a write that never ends, and the point goes on without
+    /// it. The outer error is the drain's; the inner one why there is no
+    /// freeze.
+    async fn freeze(
+        &mut self,
+        mounts: &[std::path::PathBuf],
+    ) -> anyhow::Result<anyhow::Result<Frozen>> {
+        if let Some((_, since)) = self.stuck_freeze.as_ref().filter(|(a, _)| !a.returned()) {
+            return Ok(Err(anyhow::anyhow!(
+                "a freeze begun {} s ago has not returned yet (a write on the filesystem that does not end, or a device that does not answer); none is tried until it does",
+                since.elapsed().as_secs()
+            )));
+        }
+        self.stuck_freeze = None;
+        let wait = Duration::from_secs(self.cfg.freeze_timeout_secs);
+        let (attempt, to_freeze) = (Attempt::new(), mounts.to_vec());
+        let run = attempt.clone();
+        let begun = Instant::now();
+        let done = tokio::time::timeout(wait, self.drain_while(move || run.run(&to_freeze))).await;
+        Ok(match done {
+            Ok(done) => done?.map_err(anyhow::Error::from).and_then(|f| Ok(f?)),
+            Err(_) => {
+                attempt.give_up();
+                self.stuck_freeze = Some((attempt, begun));
+                Err(anyhow::anyhow!(
+                    "FIFREEZE did not return within freeze_timeout_secs = {} s; what it had frozen is thawed, and it thaws what it still freezes once it returns",
+                    wait.as_secs()
+                ))
+            }
+        })
     }
 
     /// Runs `f` on a blocking thread and drains the tracer until it

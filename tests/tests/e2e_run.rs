@@ -304,7 +304,11 @@ impl Drop for Unmount {
 /// interval: data is written back when the test says (a freeze), not by
 /// a commit.
 fn mount_quiet(site: &Site, dev: &LoopDev) -> anyhow::Result<(PathBuf, Unmount)> {
-    let mnt = site.dir.path().join("mnt");
+    mount_quiet_at(site, dev, "mnt")
+}
+
+fn mount_quiet_at(site: &Site, dev: &LoopDev, name: &str) -> anyhow::Result<(PathBuf, Unmount)> {
+    let mnt = site.dir.path().join(name);
     std::fs::create_dir_all(&mnt)?;
     run_ok(Command::new("mount").args(["-o", "commit=300", path(dev.path()), path(&mnt)]))?;
     Ok((mnt.clone(), Unmount(mnt)))
@@ -353,6 +357,208 @@ fn a_freeze_that_writes_much_back_does_not_overrun_the_tracer() -> anyhow::Resul
         !log.contains("write events were lost"),
         "the tracer overran during the freeze: {log}"
     );
+    Ok(())
+}
+
+/// A write that holds a filesystem's write access without finishing: a
+/// splice from an empty pipe into a file on it (the kernel takes the
+/// filesystem's write access before it waits for the pipe). FIFREEZE
+/// waits for such a write to end, so it does not return until the pipe
+/// is fed or closed, which dropping this does.
+struct StuckWrite {
+    feed: Option<std::os::fd::OwnedFd>,
+    splice: Option<std::thread::JoinHandle<std::io::Result<usize>>>,
+}
+
+impl StuckWrite {
+    fn start(file: &Path) -> anyhow::Result<Self> {
+        use std::os::fd::AsRawFd;
+        let (from, feed) = nix::unistd::pipe()?;
+        let to = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(file)?;
+        let splice = std::thread::spawn(move || {
+            let mut at: nix::libc::loff_t = 0;
+            // SAFETY: both descriptors are open for the call (owned by this
+            // closure) and `at` is a live offset.
+            let n = unsafe {
+                nix::libc::splice(
+                    from.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    to.as_raw_fd(),
+                    &mut at,
+                    4096,
+                    0,
+                )
+            };
+            if n < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(n as usize)
+        });
+        // Long enough for the thread to be waiting in the kernel.
+        std::thread::sleep(Duration::from_millis(300));
+        ensure!(
+            !splice.is_finished(),
+            "the splice into {} did not wait",
+            file.display()
+        );
+        Ok(Self {
+            feed: Some(feed),
+            splice: Some(splice),
+        })
+    }
+
+    /// Feeds the pipe: the write ends, with `data` in the file.
+    fn finish(mut self, data: &[u8]) -> anyhow::Result<()> {
+        let feed = self.feed.take().context("fed twice")?;
+        ensure!(
+            nix::unistd::write(&feed, data)? == data.len(),
+            "short write into the pipe"
+        );
+        let n = self
+            .splice
+            .take()
+            .context("joined twice")?
+            .join()
+            .map_err(|_| anyhow::anyhow!("splice thread panicked"))??;
+        ensure!(n == data.len(), "splice moved {n} of {} bytes", data.len());
+        Ok(())
+    }
+}
+
+impl Drop for StuckWrite {
+    fn drop(&mut self) {
+        self.feed.take();
+        if let Some(t) = self.splice.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Thaws mount points when dropped, so a test that fails while a
+/// filesystem is frozen can unmount it.
+struct ThawOnDrop(Vec<PathBuf>);
+
+impl Drop for ThawOnDrop {
+    fn drop(&mut self) {
+        for m in &self.0 {
+            let _ = Command::new("fsfreeze")
+                .arg("-u")
+                .arg(m)
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// Writes `file` on a thread; fails if that does not end within `within`
+/// (a frozen filesystem holds the write back).
+fn write_ends(file: &Path, data: &[u8], within: Duration) -> anyhow::Result<()> {
+    let (file, data) = (file.to_path_buf(), data.to_vec());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(std::fs::write(&file, data)));
+    match rx.recv_timeout(within) {
+        Ok(r) => Ok(r?),
+        Err(_) => {
+            anyhow::bail!("a write did not end within {within:?}: is the filesystem still frozen?")
+        }
+    }
+}
+
+/// A freeze that does not return (a write on the filesystem that never
+/// ends) is given up after `freeze_timeout_secs`: the point goes on as a
+/// sync marker, the filesystem frozen before it is thawed at once, no
+/// other freeze is tried while it hangs, and once it returns its
+/// filesystem is thawed and points are consistent again.
+#[test]
+fn a_freeze_that_does_not_return_is_given_up_and_thawed() -> anyhow::Result<()> {
+    require_cmd("fsfreeze")?;
+    require_cmd("debugfs")?;
+    let site = Site::start()?;
+    let (dev_a, dev_b) = (
+        LoopDev::create(&site.dir.path().join("a.img"), 64 << 20)?,
+        LoopDev::create(&site.dir.path().join("b.img"), 64 << 20)?,
+    );
+    dev_a.mkfs_ext4()?;
+    dev_b.mkfs_ext4()?;
+    // The agent freezes in the order of the mount points: `a` first.
+    let (mnt_a, _unmount_a) = mount_quiet_at(&site, &dev_a, "mnt-a")?;
+    let (mnt_b, _unmount_b) = mount_quiet_at(&site, &dev_b, "mnt-b")?;
+    let _thaw = ThawOnDrop(vec![mnt_a.clone(), mnt_b.clone()]);
+    let cfg = run_config(
+        &site,
+        "run-stuck",
+        &[(dev_a.path(), "disk-a"), (dev_b.path(), "disk-b")],
+        "freeze_timeout_secs = 2",
+    )?;
+    let agent = RunningAgent::start(&cfg, "run-stuck")?;
+    let id = agent.bookmark(false)?;
+    ensure!(site.point_kind(id)?.as_deref() == Some("crash-consistent"));
+
+    let stuck = StuckWrite::start(&mnt_b.join("stuck"))?;
+    let id = agent.bookmark(false)?;
+    ensure!(
+        site.point_kind(id)?.as_deref() == Some("sync-marker"),
+        "a point without its freeze was recorded as {:?}",
+        site.point_kind(id)?
+    );
+    let log = agent.log();
+    ensure!(
+        log.contains("FIFREEZE did not return within freeze_timeout_secs = 2 s"),
+        "{log}"
+    );
+    // `a` was frozen before `b` hung: thawed when the freeze was given up.
+    write_ends(
+        &mnt_a.join("after"),
+        b"written while b's freeze hangs",
+        Duration::from_secs(10),
+    )?;
+
+    // While it hangs, no other freeze is tried (each would be another
+    // thread blocked for good).
+    let id = agent.bookmark(false)?;
+    ensure!(site.point_kind(id)?.as_deref() == Some("sync-marker"));
+    ensure!(
+        agent.log().contains("none is tried until it does"),
+        "{}",
+        agent.log()
+    );
+
+    stuck.finish(&[7u8; 4096])?;
+    agent.wait_for_log(
+        "a freeze given up earlier returned after",
+        Duration::from_secs(10),
+    )?;
+    write_ends(&mnt_b.join("after"), b"b thawed", Duration::from_secs(10))?;
+
+    let id = agent.bookmark(false)?;
+    ensure!(site.point_kind(id)?.as_deref() == Some("crash-consistent"));
+    for (disk, files) in [
+        (
+            "disk-a",
+            vec![("after", b"written while b's freeze hangs".to_vec())],
+        ),
+        (
+            "disk-b",
+            vec![("stuck", vec![7u8; 4096]), ("after", b"b thawed".to_vec())],
+        ),
+    ] {
+        let image = site.dir.path().join(format!("{disk}.raw"));
+        run_ok(&mut crate_export(&site, disk, id, &image))?;
+        run_ok(Command::new("fsck.ext4").args(["-n", "-f", path(&image)]))?;
+        for (name, want) in files {
+            let out = Command::new("debugfs")
+                .args(["-R", &format!("cat /{name}"), path(&image)])
+                .output()?;
+            ensure!(
+                out.stdout == want,
+                "{disk}: /{name} at point {id} is not what was written"
+            );
+        }
+    }
     Ok(())
 }
 

@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tracing::warn;
@@ -29,6 +30,8 @@ pub enum FreezeError {
     },
     #[error("freezing {} failed", path.display())]
     Freeze { path: PathBuf, source: nix::Error },
+    #[error("the freeze was given up")]
+    GivenUp,
 }
 
 /// Devices as "major:minor": a disk and its partitions.
@@ -126,13 +129,7 @@ impl Frozen {
 
     fn thaw_all(&mut self) {
         for (path, f) in self.mounts.drain(..).rev() {
-            let mut arg: nix::libc::c_int = 0;
-            // SAFETY: FITHAW reads no memory through its argument on any
-            // kernel we support; `arg` is a live c_int for the call and the
-            // fd is open for its duration.
-            if let Err(e) = unsafe { fithaw(f.as_raw_fd(), &mut arg) } {
-                warn!("thawing {} failed: {e}", path.display());
-            }
+            thaw_one(&path, &f);
         }
     }
 }
@@ -143,32 +140,130 @@ impl Drop for Frozen {
     }
 }
 
-/// Freezes every mount point, in order; on any failure thaws those already
-/// frozen and returns the error. An empty list freezes nothing.
-pub fn freeze(mounts: &[PathBuf]) -> Result<Frozen, FreezeError> {
-    let started = Instant::now();
-    let mut frozen = Frozen {
-        mounts: Vec::new(),
-        frozen_at: started,
-        freeze_time: Duration::ZERO,
-    };
-    for m in mounts {
-        let f = File::open(m).map_err(|source| FreezeError::OpenMount {
-            path: m.clone(),
-            source,
-        })?;
-        let mut arg: nix::libc::c_int = 0;
-        // SAFETY: FIFREEZE reads no memory through its argument; `arg` is a
-        // live c_int for the call and `f` is an open directory fd.
-        unsafe { fifreeze(f.as_raw_fd(), &mut arg) }.map_err(|source| FreezeError::Freeze {
-            path: m.clone(),
-            source,
-        })?;
-        frozen.mounts.push((m.clone(), f));
+/// A freeze that can be given up while FIFREEZE blocks. FIFREEZE waits for
+/// every write under way on the filesystem to finish (a writer stuck in
+/// the kernel holds it forever) and cannot be cancelled; meanwhile new
+/// writers on that filesystem wait too. Giving up thaws at once the
+/// filesystems frozen so far, which would otherwise stay frozen behind the
+/// one that hangs, and the call that hangs thaws its own filesystem when
+/// it returns.
+#[derive(Clone)]
+pub struct Attempt {
+    shared: Arc<Mutex<Progress>>,
+}
+
+#[derive(Default)]
+struct Progress {
+    frozen: Vec<(PathBuf, File)>,
+    given_up: bool,
+    returned: bool,
+}
+
+impl Attempt {
+    pub fn new() -> Self {
+        Self {
+            shared: Arc::default(),
+        }
     }
-    frozen.frozen_at = Instant::now();
-    frozen.freeze_time = started.elapsed();
-    Ok(frozen)
+
+    /// Freezes every mount point, in order (blocking); on any failure, or
+    /// if the attempt is given up meanwhile, thaws those already frozen
+    /// and returns the error. An empty list freezes nothing.
+    pub fn run(&self, mounts: &[PathBuf]) -> Result<Frozen, FreezeError> {
+        let started = Instant::now();
+        let outcome = self.freeze_each(mounts);
+        let mut p = self.lock();
+        p.returned = true;
+        if p.given_up {
+            // Whatever it froze is thawed already (`give_up`, or
+            // `freeze_each` on seeing it given up).
+            let how = match outcome {
+                Err(FreezeError::GivenUp) | Ok(()) => "it is thawed".to_owned(),
+                Err(e) => format!("{:#}", anyhow::Error::from(e)),
+            };
+            warn!(
+                "a freeze given up earlier returned after {:.1} s: {how}",
+                started.elapsed().as_secs_f64()
+            );
+            return Err(FreezeError::GivenUp);
+        }
+        let frozen = std::mem::take(&mut p.frozen);
+        drop(p);
+        let mut frozen = Frozen {
+            mounts: frozen,
+            frozen_at: Instant::now(),
+            freeze_time: started.elapsed(),
+        };
+        match outcome {
+            Ok(()) => Ok(frozen),
+            Err(e) => {
+                frozen.thaw_all();
+                Err(e)
+            }
+        }
+    }
+
+    fn freeze_each(&self, mounts: &[PathBuf]) -> Result<(), FreezeError> {
+        for m in mounts {
+            let f = File::open(m).map_err(|source| FreezeError::OpenMount {
+                path: m.clone(),
+                source,
+            })?;
+            let mut arg: nix::libc::c_int = 0;
+            // SAFETY: FIFREEZE reads no memory through its argument; `arg`
+            // is a live c_int for the call and `f` is an open directory fd.
+            unsafe { fifreeze(f.as_raw_fd(), &mut arg) }.map_err(|source| FreezeError::Freeze {
+                path: m.clone(),
+                source,
+            })?;
+            let mut p = self.lock();
+            if p.given_up {
+                drop(p);
+                thaw_one(m, &f);
+                return Err(FreezeError::GivenUp);
+            }
+            p.frozen.push((m.clone(), f));
+        }
+        Ok(())
+    }
+
+    /// Gives the attempt up: what it froze so far is thawed now, and what
+    /// it freezes later as soon as its FIFREEZE returns.
+    pub fn give_up(&self) {
+        let mut p = self.lock();
+        p.given_up = true;
+        for (path, f) in p.frozen.drain(..).rev() {
+            thaw_one(&path, &f);
+        }
+    }
+
+    /// Whether the blocking part has returned (a given-up attempt may still
+    /// hang in FIFREEZE).
+    pub fn returned(&self) -> bool {
+        self.lock().returned
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Progress> {
+        // A panic while holding the lock cannot leave `Progress` half
+        // updated: each update is a single push, drain or assignment.
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Default for Attempt {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn thaw_one(path: &Path, f: &File) {
+    let mut arg: nix::libc::c_int = 0;
+    // SAFETY: FITHAW reads no memory through its argument on any kernel we
+    // support; `arg` is a live c_int for the call and the fd is open for
+    // its duration.
+    if let Err(e) = unsafe { fithaw(f.as_raw_fd(), &mut arg) } {
+        warn!("thawing {} failed: {e}", path.display());
+    }
 }
 
 #[cfg(test)]
@@ -184,7 +279,7 @@ mod tests {
 
     #[test]
     fn nothing_to_freeze_is_fine() {
-        let f = freeze(&[]).expect("empty freeze");
+        let f = Attempt::new().run(&[]).expect("empty freeze");
         assert!(f.is_empty());
         f.thaw();
     }
