@@ -1029,8 +1029,6 @@ impl Runner {
         }
     }
 
-    /// Takes a point: freeze, collect, read what is dirty, thaw, ship, and
-    /// wait until the receiver holds the point durably.
     /// Planned failover, phase 2: the final app-consistent point (its
     /// filesystems left frozen if asked, post scripts not run: the workload
     /// stays stopped), then the receiver marks the disks failed over.
@@ -1050,6 +1048,8 @@ impl Runner {
         Ok(p)
     }
 
+    /// Takes a point: freeze, collect, read what is dirty, thaw, ship, and
+    /// wait until the receiver holds the point durably.
     async fn point(
         &mut self,
         app: bool,
@@ -1318,9 +1318,18 @@ impl Runner {
         }
         let mut pipeline = self.start_pipeline(jobs)?;
         let mut out = Vec::new();
-        while let Some(p) = pipeline.next().await {
-            if !matches!(p, Piece::ChunkDone { .. }) {
-                out.push(p);
+        // A slow device makes this read long, and raw writes on a disk
+        // without a filesystem to freeze go on meanwhile: the tracer is
+        // drained as in a round. What it collects now is after the cut
+        // (`point` took its events and the dirty maps before this), so it
+        // stays dirty for the next round and the point is unaffected.
+        loop {
+            let due = (self.drained_at + DRAIN_EVERY).into();
+            match tokio::time::timeout_at(due, pipeline.next()).await {
+                Ok(Some(Piece::ChunkDone { .. })) => {}
+                Ok(Some(p)) => out.push(p),
+                Ok(None) => break,
+                Err(_) => self.collect_due()?,
             }
         }
         pipeline.finish()?;

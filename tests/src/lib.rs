@@ -18,6 +18,7 @@
 //! - [`raw`]: a protocol client scripting messages over real TLS.
 //! - [`VersionRelay`]: a TLS relay that makes the receiver look like one of
 //!   an older protocol version.
+//! - [`ReadCap`]: a process's reads of a device throttled (cgroup blkio).
 //! - [`kernel_lock`]: run tests that share kernel resources one at a time.
 //! - [`free_port`], [`require_root`], [`require_cmd`].
 
@@ -33,6 +34,7 @@ pub mod netns;
 mod notify;
 mod prereq;
 pub mod raw;
+mod readcap;
 mod relay;
 pub mod running;
 pub mod site;
@@ -49,6 +51,7 @@ pub use loopdev::LoopDev;
 pub use net::{free_port, CountingProxy};
 pub use notify::NotifySocket;
 pub use prereq::{require_cmd, require_root};
+pub use readcap::ReadCap;
 pub use relay::VersionRelay;
 pub use volume::Volume;
 

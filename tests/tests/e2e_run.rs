@@ -768,6 +768,42 @@ fn a_point_slow_to_record_does_not_overrun_the_tracer() -> anyhow::Result<()> {
     )
 }
 
+/// A point reads what is dirty while its filesystems are frozen; a slow
+/// disk makes that read long, and writes the freeze does not stop (raw
+/// ones, as here) go on meanwhile. The agent drains its tracer during
+/// that read: it did not, and a small ring overran.
+#[test]
+fn a_point_slow_to_read_does_not_overrun_the_tracer() -> anyhow::Result<()> {
+    const DIRTY: usize = 4 << 20;
+    const READ_CAP: u64 = 1 << 20;
+    let site = Site::start()?;
+    // No round between the writes and the point: they stay below the
+    // 8 MiB that ships at once, and the cycle is long.
+    let (dev, _, agent) = small_ring_agent(&site, "slowread", "cycle_ms = 60000")?;
+    let mut rng = SplitMix64::new(61);
+    dev.write_at(0, &random_block(&mut rng, DIRTY))?;
+    let cap = tidemark_tests::ReadCap::start(agent.pid()?, &dev, READ_CAP)?;
+    let writes = SmallWrites::start(&dev, 67);
+    let asked = std::time::Instant::now();
+    agent.bookmark(false)?;
+    let took = asked.elapsed();
+    let writes = writes.stop()?;
+    drop(cap);
+    eprintln!(
+        "the point took {:.1} s, {writes} writes meanwhile",
+        took.as_secs_f64()
+    );
+    ensure!(
+        took.as_secs_f64() >= 0.75 * (DIRTY as u64 / READ_CAP) as f64,
+        "the point took only {took:?}: its reads were not slowed"
+    );
+    ensure!(
+        writes >= 400,
+        "only {writes} writes during the point: too few to overrun the ring"
+    );
+    no_overrun_and_converged(&site, &agent, &dev, "disk-slowread", "while a point read")
+}
+
 /// A receiver that goes away while a point waits for it: the point is
 /// sent again once it is back, and the tracer is drained meanwhile (the
 /// wait for the connection drained nothing, and small writes overran
