@@ -42,7 +42,7 @@ pub struct AgentConfig {
     pub compress_threads: usize,
     /// zstd level: higher trades CPU for bandwidth; negative levels are
     /// zstd's fast ones (`zstd --fast=N` is level -N), for links that are
-    /// faster than the CPU can compress.
+    /// faster than the CPU can compress; 0 sends everything uncompressed.
     #[serde(default = "default_zstd_level")]
     pub zstd_level: i32,
     /// Where `run` keeps each disk's dirty map and fingerprint between runs.
@@ -268,9 +268,9 @@ impl AgentConfig {
                 self.receiver_timeout_secs
             ));
         }
-        if !(MIN_ZSTD_LEVEL..=19).contains(&self.zstd_level) || self.zstd_level == 0 {
+        if !(MIN_ZSTD_LEVEL..=19).contains(&self.zstd_level) {
             return Err(format!(
-                "zstd_level = {} is not a level this agent uses: pick 1 to 19, or {MIN_ZSTD_LEVEL} to -1 for zstd's fast levels",
+                "zstd_level = {} is not a level this agent uses: pick 1 to 19, {MIN_ZSTD_LEVEL} to -1 for zstd's fast levels, or 0 for no compression",
                 self.zstd_level
             ));
         }
@@ -403,12 +403,12 @@ mod throttle_tests {
     }
 
     #[test]
-    fn zstd_levels_take_the_fast_ones_and_refuse_the_rest() {
-        for ok in [-7, -1, 1, 19] {
+    fn zstd_levels_take_the_fast_ones_and_off_and_refuse_the_rest() {
+        for ok in [-7, -1, 0, 1, 19] {
             let c = load_with(&format!("zstd_level = {ok}\n"), "").expect("valid level");
             assert_eq!(c.zstd_level, ok);
         }
-        for bad in [0, -8, 20] {
+        for bad in [-8, 20] {
             let e = load_with(&format!("zstd_level = {bad}\n"), "").expect_err("refused");
             assert!(
                 e.contains(&format!("zstd_level = {bad} is not a level")),

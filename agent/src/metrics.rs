@@ -113,7 +113,7 @@ impl Metrics {
         );
         r.register(
             "stored_bytes",
-            "Disk bytes sent uncompressed because the configured level saved less than an eighth of them",
+            "Disk bytes sent uncompressed: the configured level saved less than an eighth of them, or compression is off (zstd_level = 0)",
             self.stored_bytes.clone(),
         );
         r

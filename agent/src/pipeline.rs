@@ -251,9 +251,13 @@ impl Job {
     }
 }
 
+/// `zstd_level` that turns compression off: every piece goes as it is.
+pub const COMPRESSION_OFF: i32 = 0;
+
 pub struct Settings {
     pub queue_depth: usize,
     pub compress_threads: usize,
+    /// 0: nothing is compressed (`zstd_level = 0`).
     pub zstd_level: i32,
     /// Read cap for jobs with `limit_reads`, shared by every pipeline of a
     /// run so that cycles cannot add up to more.
@@ -463,6 +467,7 @@ fn compress_worker(
     board: &HashBoard,
     compare: &[bool],
 ) {
+    let off = level == COMPRESSION_OFF;
     let mut compressor =
         zstd::bulk::Compressor::new(level).expect("zstd level validated by config");
     let mut fast: Option<zstd::bulk::Compressor<'static>> = None;
@@ -498,7 +503,11 @@ fn compress_worker(
         // full and the configured level keeps saving bytes, unless the
         // data barely compresses at it (`Effort`; None: it goes
         // uncompressed).
-        let chunk_level = effort.next_level(rx.len() >= workers && tx.capacity() > 0);
+        let chunk_level = if off {
+            None
+        } else {
+            effort.next_level(rx.len() >= workers && tx.capacity() > 0)
+        };
         let mut compressor = match chunk_level {
             None => None,
             Some(l) if l == level => Some(&mut compressor),

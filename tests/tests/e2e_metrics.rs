@@ -146,3 +146,64 @@ fn both_metrics_endpoints_scrape_with_names_labels_and_monotonic_counters() -> a
     ensure!(ag_disk >= (2 << 20) as f64, "shipped {ag_disk}");
     Ok(())
 }
+
+/// `zstd_level = 0` (a LAN with room to spare, where the agent's CPU is
+/// worth more than bytes): data that compresses well still travels as it
+/// is, counted as stored, and arrives whole.
+#[test]
+fn zstd_level_0_ships_compressible_data_uncompressed() -> anyhow::Result<()> {
+    const LEN: usize = 2 << 20;
+    let site = Site::start()?;
+    let dev = LoopDev::create(&site.dir.path().join("off.img"), 16 << 20)?;
+    let agent_metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    let cfg = run_config(
+        &site,
+        "metrics-off",
+        &[(dev.path(), "disk-off")],
+        &format!("metrics_listen = \"{agent_metrics}\"\nzstd_level = 0"),
+    )?;
+    let running = RunningAgent::start(&cfg, "metrics-off")?;
+    running.bookmark(false)?;
+    let before = parse(&scrape(agent_metrics)?)?;
+
+    let mut text = Vec::with_capacity(LEN);
+    let mut rng = SplitMix64::new(5);
+    while text.len() < LEN {
+        text.extend_from_slice(
+            format!(
+                "request {} served in {} us\n",
+                rng.next_u64() % 1000,
+                rng.next_u64() % 90
+            )
+            .as_bytes(),
+        );
+    }
+    text.truncate(LEN);
+    let compressed = zstd::bulk::compress(&text, 1)?.len();
+    ensure!(
+        compressed < LEN / 4,
+        "the test's data compresses to only {compressed} of {LEN} bytes"
+    );
+    dev.write_at(1 << 20, &text)?;
+    let id = running.bookmark(false)?;
+    let after = parse(&scrape(agent_metrics)?)?;
+    let grew = |s: &str| -> anyhow::Result<f64> { Ok(get(&after, s)? - get(&before, s)?) };
+    let disk = grew("tidemark_agent_shipped_disk_bytes_total{disk=\"disk-off\"}")?;
+    let wire = grew("tidemark_agent_shipped_wire_bytes_total{disk=\"disk-off\"}")?;
+    let stored = grew("tidemark_agent_stored_bytes_total")?;
+    ensure!(disk >= LEN as f64, "shipped {disk} disk bytes");
+    ensure!(
+        wire >= disk,
+        "{disk} disk bytes went as {wire} on the wire: compressed"
+    );
+    ensure!(
+        stored >= LEN as f64,
+        "only {stored} bytes counted as stored"
+    );
+    ensure!(grew("tidemark_agent_fast_compressed_bytes_total")? == 0.0);
+    ensure!(
+        site.export("disk-off", &id.to_string())? == dev.read_all()?,
+        "the point differs from the device"
+    );
+    Ok(())
+}
