@@ -44,6 +44,14 @@ const DRAIN_EVERY: Duration = Duration::from_millis(100);
 /// sparse writes still gather for a cycle into one round (each round
 /// costs new reader and compressor threads and a save of the dirty map).
 const SHIP_NOW_BYTES: u64 = 8 << 20;
+/// A point not taken yet: more became dirty by the time it was to freeze
+/// (the filesystems' pages written back, writes while it waited) than it
+/// may read under the freeze. The loop ships first; the point stays
+/// wanted and follows once the backlog is below the cap again.
+#[derive(Debug, thiserror::Error)]
+#[error("more is dirty than a point reads under a freeze; shipping it first")]
+struct Deferred;
+
 /// How often the STATUS line for systemd is refreshed at most.
 const STATUS_EVERY: Duration = Duration::from_secs(5);
 
@@ -452,6 +460,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         if r.failover.is_some() && ready {
             let (leave, reply) = r.failover.take().expect("checked");
             match r.planned_failover(leave).await {
+                Err(e) if e.is::<Deferred>() => {
+                    r.failover = Some((leave, reply));
+                }
                 Ok(p) => {
                     let _ = reply.send(Reply::Point {
                         id: p.id,
@@ -480,33 +491,39 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     .iter()
                     .find_map(|b| b.1.clone())
                     .unwrap_or_else(|| if app { "app-consistent" } else { "scheduled" }.to_owned());
-                let result = r.point(app, &name, None).await;
-                if let Ok(p) = &result {
-                    // A script's `status` right after its `bookmark` must
-                    // show this point.
-                    r.last_point = Some(p.clone());
-                    r.refresh_status();
-                }
-                let reply = match &result {
-                    Ok(p) => Reply::Point {
-                        id: p.id,
-                        kind: p.kind.clone(),
-                    },
-                    Err(e) => Reply::Error(format!("{e:#}")),
-                };
-                for (_, _, tx) in bookmarks.drain(..) {
-                    let _ = tx.send(reply.clone());
-                }
-                if let Err(e) = result {
-                    if e.is::<Stopping>() {
-                        return r.stop().await;
+                match r.point(app, &name, None).await {
+                    // The bookmarks and the schedule keep waiting for it,
+                    // and the backlog holds it until shipped.
+                    Err(e) if e.is::<Deferred>() => {}
+                    result => {
+                        if let Ok(p) = &result {
+                            // A script's `status` right after its `bookmark`
+                            // must show this point.
+                            r.last_point = Some(p.clone());
+                            r.refresh_status();
+                        }
+                        let reply = match &result {
+                            Ok(p) => Reply::Point {
+                                id: p.id,
+                                kind: p.kind.clone(),
+                            },
+                            Err(e) => Reply::Error(format!("{e:#}")),
+                        };
+                        for (_, _, tx) in bookmarks.drain(..) {
+                            let _ = tx.send(reply.clone());
+                        }
+                        if let Err(e) = result {
+                            if e.is::<Stopping>() {
+                                return r.stop().await;
+                            }
+                            return Err(e);
+                        }
+                        if app {
+                            next_app = app_every.map(|d| Instant::now() + d);
+                        }
+                        next_crash = crash_every.map(|d| Instant::now() + d);
                     }
-                    return Err(e);
                 }
-                if app {
-                    next_app = app_every.map(|d| Instant::now() + d);
-                }
-                next_crash = crash_every.map(|d| Instant::now() + d);
             }
             _ => r.ship().await?,
         }
@@ -1097,6 +1114,35 @@ impl Runner {
                 return Err(Stopping.into());
             }
         }
+        // FIFREEZE writes every dirty page of the filesystems back under
+        // the freeze, and all of it becomes the point's data, read into
+        // memory: gigabytes on a machine with much RAM and buffered
+        // writes. Written back first, unfrozen, it shows in the backlog,
+        // and the point waits while that is shipped, as it waits for any
+        // backlog above the cap; so does what was written while it waited
+        // for acks above (unthrottled writes add 50 MB in 100 ms here).
+        if !mounts.is_empty() {
+            let to_sync = mounts.clone();
+            if let Err(e) = self
+                .fs_attempt("syncfs", "", move |a| a.sync(&to_sync))
+                .await?
+            {
+                warn!("cannot write the filesystems' dirty pages back before the freeze ({e:#})");
+            }
+        }
+        self.collect()?;
+        let dirty = self.shippable_bytes();
+        if dirty > self.cfg.point_max_backlog_bytes {
+            tracing::debug!(
+                "{} dirty by the time of the freeze, more than point_max_backlog_bytes ({}): shipping first",
+                mib(dirty),
+                mib(self.cfg.point_max_backlog_bytes)
+            );
+            if app {
+                self.post_scripts(name).await?;
+            }
+            return Err(Deferred.into());
+        }
         let frozen = match self.freeze(&mounts).await? {
             Ok(f) => Some(f),
             Err(e) => {
@@ -1246,25 +1292,46 @@ impl Runner {
         &mut self,
         mounts: &[std::path::PathBuf],
     ) -> anyhow::Result<anyhow::Result<Frozen>> {
+        let mounts = mounts.to_vec();
+        self.fs_attempt(
+            "FIFREEZE",
+            "; what it had frozen is thawed, and it thaws what it still freezes once it returns",
+            move |a| a.run(&mounts),
+        )
+        .await
+    }
+
+    /// Runs `op`, a filesystem call that may block for good (FIFREEZE,
+    /// syncfs), on a blocking thread while the tracer is drained; given up
+    /// after `freeze_timeout_secs` (the log names it `what`, `given_up`
+    /// says what that leaves). Until a call given up returns, none is
+    /// tried: a filesystem that hangs them costs one blocked thread, not
+    /// one per point. The outer error is the drain's.
+    async fn fs_attempt<T: Send + 'static>(
+        &mut self,
+        what: &str,
+        given_up: &str,
+        op: impl FnOnce(&Attempt) -> Result<T, crate::consistency::freeze::FreezeError> + Send + 'static,
+    ) -> anyhow::Result<anyhow::Result<T>> {
         if let Some((_, since)) = self.stuck_freeze.as_ref().filter(|(a, _)| !a.returned()) {
             return Ok(Err(anyhow::anyhow!(
-                "a freeze begun {} s ago has not returned yet (a write on the filesystem that does not end, or a device that does not answer); none is tried until it does",
+                "a freeze or syncfs begun {} s ago has not returned yet (a write on the filesystem that does not end, or a device that does not answer); none is tried until it does",
                 since.elapsed().as_secs()
             )));
         }
         self.stuck_freeze = None;
         let wait = Duration::from_secs(self.cfg.freeze_timeout_secs);
-        let (attempt, to_freeze) = (Attempt::new(), mounts.to_vec());
+        let attempt = Attempt::new();
         let run = attempt.clone();
         let begun = Instant::now();
-        let done = tokio::time::timeout(wait, self.drain_while(move || run.run(&to_freeze))).await;
+        let done = tokio::time::timeout(wait, self.drain_while(move || op(&run))).await;
         Ok(match done {
-            Ok(done) => done?.map_err(anyhow::Error::from).and_then(|f| Ok(f?)),
+            Ok(done) => done?.map_err(anyhow::Error::from).and_then(|r| Ok(r?)),
             Err(_) => {
                 attempt.give_up();
                 self.stuck_freeze = Some((attempt, begun));
                 Err(anyhow::anyhow!(
-                    "FIFREEZE did not return within freeze_timeout_secs = {} s; what it had frozen is thawed, and it thaws what it still freezes once it returns",
+                    "{what} did not return within freeze_timeout_secs = {} s{given_up}",
                     wait.as_secs()
                 ))
             }

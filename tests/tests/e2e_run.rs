@@ -357,6 +357,22 @@ fn a_freeze_that_writes_much_back_does_not_overrun_the_tracer() -> anyhow::Resul
         !log.contains("write events were lost"),
         "the tracer overran during the freeze: {log}"
     );
+    // Written back before the freeze, the 160 MB are shipped as a backlog
+    // first; the point itself reads what is left under the freeze. It
+    // read them all into memory under the freeze before (peak RSS over
+    // 160 MiB; a few GiB for a machine with much RAM and buffered writes).
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid()?))?;
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmHWM in the agent's status")?;
+    eprintln!("agent peak RSS {} MiB", peak_kib / 1024);
+    ensure!(
+        peak_kib < 96 << 10,
+        "the agent's peak RSS was {} MiB: the point read the written-back data into memory",
+        peak_kib / 1024
+    );
     Ok(())
 }
 

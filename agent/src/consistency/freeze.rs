@@ -30,6 +30,8 @@ pub enum FreezeError {
     },
     #[error("freezing {} failed", path.display())]
     Freeze { path: PathBuf, source: nix::Error },
+    #[error("writing back the dirty pages of {} failed", path.display())]
+    Sync { path: PathBuf, source: nix::Error },
     #[error("the freeze was given up")]
     GivenUp,
 }
@@ -201,6 +203,32 @@ impl Attempt {
                 Err(e)
             }
         }
+    }
+
+    /// Writes the dirty pages of every filesystem in `mounts` back
+    /// (syncfs), without freezing them; may block as long as a freeze
+    /// would, so it is an attempt that can be given up too.
+    pub fn sync(&self, mounts: &[PathBuf]) -> Result<(), FreezeError> {
+        let started = Instant::now();
+        let outcome = mounts.iter().try_for_each(|m| {
+            let f = File::open(m).map_err(|source| FreezeError::OpenMount {
+                path: m.clone(),
+                source,
+            })?;
+            nix::unistd::syncfs(&f).map_err(|source| FreezeError::Sync {
+                path: m.clone(),
+                source,
+            })
+        });
+        let mut p = self.lock();
+        p.returned = true;
+        if p.given_up {
+            warn!(
+                "a syncfs given up earlier returned after {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
+        }
+        outcome
     }
 
     fn freeze_each(&self, mounts: &[PathBuf]) -> Result<(), FreezeError> {
