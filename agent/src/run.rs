@@ -44,10 +44,10 @@ const DRAIN_EVERY: Duration = Duration::from_millis(100);
 /// sparse writes still gather for a cycle into one round (each round
 /// costs new reader and compressor threads and a save of the dirty map).
 const SHIP_NOW_BYTES: u64 = 8 << 20;
-/// A point not taken yet: more became dirty by the time it was to freeze
-/// (the filesystems' pages written back, writes while it waited) than it
-/// may read under the freeze. The loop ships first; the point stays
-/// wanted and follows once the backlog is below the cap again.
+/// A crash-consistent point not taken yet: more became dirty by the time
+/// it was to freeze (the filesystems' pages written back, writes while it
+/// waited) than it may read under the freeze. The loop ships first; the
+/// point stays wanted and follows once the backlog is below the cap.
 #[derive(Debug, thiserror::Error)]
 #[error("more is dirty than a point reads under a freeze; shipping it first")]
 struct Deferred;
@@ -285,9 +285,9 @@ struct Runner {
     /// Last drain of the tracer.
     drained_at: Instant,
     signals: StopSignals,
-    /// A freeze given up (`freeze_timeout_secs`) whose FIFREEZE has not
+    /// A freeze or syncfs given up (`freeze_timeout_secs`) that has not
     /// returned: no other is tried until it does, so that a filesystem
-    /// whose freeze hangs costs one blocked thread, not one per point.
+    /// that hangs them costs one blocked thread, not one per point.
     stuck_freeze: Option<(Attempt, Instant)>,
 }
 
@@ -460,9 +460,6 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         if r.failover.is_some() && ready {
             let (leave, reply) = r.failover.take().expect("checked");
             match r.planned_failover(leave).await {
-                Err(e) if e.is::<Deferred>() => {
-                    r.failover = Some((leave, reply));
-                }
                 Ok(p) => {
                     let _ = reply.send(Reply::Point {
                         id: p.id,
@@ -1130,17 +1127,18 @@ impl Runner {
                 warn!("cannot write the filesystems' dirty pages back before the freeze ({e:#})");
             }
         }
+        // An app-consistent point is not deferred: its pre scripts ran
+        // (a database flushed, or put in backup mode), and running them
+        // again at every retry under churn would be worse than the memory
+        // for what they wrote; nor is a planned failover's final point.
         self.collect()?;
         let dirty = self.shippable_bytes();
-        if dirty > self.cfg.point_max_backlog_bytes {
+        if dirty > self.cfg.point_max_backlog_bytes && !app && failover.is_none() {
             tracing::debug!(
                 "{} dirty by the time of the freeze, more than point_max_backlog_bytes ({}): shipping first",
                 mib(dirty),
                 mib(self.cfg.point_max_backlog_bytes)
             );
-            if app {
-                self.post_scripts(name).await?;
-            }
             return Err(Deferred.into());
         }
         let frozen = match self.freeze(&mounts).await? {
@@ -1281,13 +1279,12 @@ impl Runner {
     }
 
     /// Freezes `mounts`, draining the tracer meanwhile: FIFREEZE writes
-    /// the filesystems' dirty data back first (a second for 200 MB here,
-    /// ../shared/CBT.md), and every request of it is an event. Waited for
-    /// `freeze_timeout_secs` at most: gigabytes of dirty pages take a
-    /// while, but a freeze that takes longer is a device that does not
-    /// answer or a write that never ends, and the point goes on without
-    /// it. The outer error is the drain's; the inner one why there is no
-    /// freeze.
+    /// back what was dirtied since the syncfs before it (a second for
+    /// 200 MB here, ../shared/CBT.md), and every request of it is an
+    /// event. Waited for `freeze_timeout_secs` at most: a freeze that
+    /// takes longer is a device that does not answer or a write that never
+    /// ends, and the point goes on without it. The outer error is the
+    /// drain's; the inner one why there is no freeze.
     async fn freeze(
         &mut self,
         mounts: &[std::path::PathBuf],
