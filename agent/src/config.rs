@@ -67,7 +67,8 @@ pub struct AgentConfig {
     /// Longest a pre or post script may run, in seconds.
     #[serde(default = "default_script_timeout")]
     pub script_timeout_secs: u64,
-    /// Longest wait for a point's FIFREEZE, in seconds.
+    /// Longest wait for a point's syncfs, and for its FIFREEZE, in
+    /// seconds.
     #[serde(default = "default_freeze_timeout")]
     pub freeze_timeout_secs: u64,
     /// Trace ring buffer per CPU, in KiB.

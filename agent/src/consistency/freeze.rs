@@ -23,7 +23,7 @@ pub enum FreezeError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot open mount point {} to freeze it", path.display())]
+    #[error("cannot open mount point {} to write it back or freeze it", path.display())]
     OpenMount {
         path: PathBuf,
         source: std::io::Error,
@@ -142,13 +142,13 @@ impl Drop for Frozen {
     }
 }
 
-/// A freeze that can be given up while FIFREEZE blocks. FIFREEZE waits for
-/// every write under way on the filesystem to finish (a writer stuck in
-/// the kernel holds it forever) and cannot be cancelled; meanwhile new
-/// writers on that filesystem wait too. Giving up thaws at once the
-/// filesystems frozen so far, which would otherwise stay frozen behind the
-/// one that hangs, and the call that hangs thaws its own filesystem when
-/// it returns.
+/// A freeze (or the syncfs before it, [`Attempt::sync`]) that can be
+/// given up while the call blocks. FIFREEZE waits for every write under
+/// way on the filesystem to finish (a writer stuck in the kernel holds it
+/// forever) and cannot be cancelled; meanwhile new writers on that
+/// filesystem wait too. Giving up thaws at once the filesystems frozen so
+/// far, which would otherwise stay frozen behind the one that hangs, and
+/// the call that hangs thaws its own filesystem when it returns.
 #[derive(Clone)]
 pub struct Attempt {
     shared: Arc<Mutex<Progress>>,
