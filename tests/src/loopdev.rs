@@ -108,6 +108,12 @@ impl LoopDev {
         self.size_bytes
     }
 
+    /// The device's directory in sysfs, `/sys/block/loopN`.
+    pub fn sysfs(&self) -> anyhow::Result<PathBuf> {
+        let name = self.device.file_name().context("device name")?;
+        Ok(Path::new("/sys/block").join(name))
+    }
+
     /// Resizes the backing file and tells the loop driver (`losetup -c`),
     /// as a disk grown or shrunk under a running system.
     pub fn resize(&mut self, size_bytes: u64) -> anyhow::Result<()> {
@@ -117,9 +123,7 @@ impl LoopDev {
             .with_context(|| format!("open {}", self.backing.display()))?
             .set_len(size_bytes)?;
         crate::site::run_ok(Command::new("losetup").arg("-c").arg(&self.device))?;
-        let name = self.device.file_name().context("device name")?;
-        let sysfs = Path::new("/sys/block").join(name).join("size");
-        let seen = std::fs::read_to_string(&sysfs)?;
+        let seen = std::fs::read_to_string(self.sysfs()?.join("size"))?;
         ensure!(
             seen.trim().parse::<u64>()? * 512 == size_bytes,
             "{} reports {} sectors after losetup -c, expected {size_bytes} bytes",

@@ -31,12 +31,7 @@ impl ReadCap {
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
         let cap = ReadCap { dir, pid };
-        let name = dev
-            .path()
-            .file_name()
-            .and_then(|n| n.to_str())
-            .context("device name")?;
-        let number = std::fs::read_to_string(format!("/sys/class/block/{name}/dev"))?;
+        let number = std::fs::read_to_string(dev.sysfs()?.join("dev"))?;
         std::fs::write(
             cap.dir.join("blkio.throttle.read_bps_device"),
             format!("{} {bytes_per_sec}", number.trim()),

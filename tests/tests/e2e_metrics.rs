@@ -28,19 +28,31 @@ fn monotonic(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> a
     Ok(())
 }
 
+/// Agent `name` replicating a new 16 MiB loop device as `disk`, with its
+/// metrics endpoint on a free port; `extra` adds settings.
+fn metered_agent(
+    site: &Site,
+    name: &str,
+    disk: &str,
+    extra: &str,
+) -> anyhow::Result<(LoopDev, SocketAddr, RunningAgent)> {
+    let dev = LoopDev::create(&site.dir.path().join(format!("{disk}.img")), 16 << 20)?;
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    let cfg = run_config(
+        site,
+        name,
+        &[(dev.path(), disk)],
+        &format!("metrics_listen = \"{metrics}\"\n{extra}"),
+    )?;
+    let agent = RunningAgent::start(&cfg, name)?;
+    Ok((dev, metrics, agent))
+}
+
 #[test]
 fn both_metrics_endpoints_scrape_with_names_labels_and_monotonic_counters() -> anyhow::Result<()> {
     let rx_metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
     let site = Site::start_with_config(&format!("metrics_listen = \"{rx_metrics}\""))?;
-    let dev = LoopDev::create(&site.dir.path().join("m.img"), 16 << 20)?;
-    let agent_metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-    let cfg = run_config(
-        &site,
-        "metrics-a",
-        &[(dev.path(), "disk-m")],
-        &format!("metrics_listen = \"{agent_metrics}\""),
-    )?;
-    let running = RunningAgent::start(&cfg, "metrics-a")?;
+    let (dev, agent_metrics, running) = metered_agent(&site, "metrics-a", "disk-m", "")?;
     let mut rng = SplitMix64::new(77);
     dev.write_at(0, &random(&mut rng, 1 << 20))?;
     running.bookmark(false)?;
@@ -154,15 +166,8 @@ fn both_metrics_endpoints_scrape_with_names_labels_and_monotonic_counters() -> a
 fn zstd_level_0_ships_compressible_data_uncompressed() -> anyhow::Result<()> {
     const LEN: usize = 2 << 20;
     let site = Site::start()?;
-    let dev = LoopDev::create(&site.dir.path().join("off.img"), 16 << 20)?;
-    let agent_metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-    let cfg = run_config(
-        &site,
-        "metrics-off",
-        &[(dev.path(), "disk-off")],
-        &format!("metrics_listen = \"{agent_metrics}\"\nzstd_level = 0"),
-    )?;
-    let running = RunningAgent::start(&cfg, "metrics-off")?;
+    let (dev, agent_metrics, running) =
+        metered_agent(&site, "metrics-off", "disk-off", "zstd_level = 0")?;
     running.bookmark(false)?;
     let before = parse(&scrape(agent_metrics)?)?;
 

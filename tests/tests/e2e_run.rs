@@ -580,12 +580,7 @@ fn a_freeze_that_does_not_return_is_given_up_and_thawed() -> anyhow::Result<()> 
 
 /// Write requests the block layer completed for `dev` (/sys/block/*/stat).
 fn disk_counters(dev: &LoopDev) -> anyhow::Result<u64> {
-    let name = dev
-        .path()
-        .file_name()
-        .and_then(|n| n.to_str())
-        .context("device name")?;
-    let stat = std::fs::read_to_string(format!("/sys/block/{name}/stat"))?;
+    let stat = std::fs::read_to_string(dev.sysfs()?.join("stat"))?;
     stat.split_whitespace()
         .nth(4)
         .context("write requests in stat")?

@@ -35,8 +35,7 @@ fn sync_exports_byte_for_byte_and_zeros_do_not_travel() -> anyhow::Result<()> {
     // The agent read the device in requests its queue takes whole: the
     // loop device's limits, read here from sysfs, not 1 MiB that the block
     // layer would split (and io_uring then hand to a worker thread).
-    let name = dev.path().file_name().context("device name")?;
-    let queue = Path::new("/sys/block").join(name).join("queue");
+    let queue = dev.sysfs()?.join("queue");
     let limit = |f: &str| -> anyhow::Result<u64> {
         Ok(std::fs::read_to_string(queue.join(f))?.trim().parse()?)
     };

@@ -211,11 +211,7 @@ impl Attempt {
     pub fn sync(&self, mounts: &[PathBuf]) -> Result<(), FreezeError> {
         let started = Instant::now();
         let outcome = mounts.iter().try_for_each(|m| {
-            let f = File::open(m).map_err(|source| FreezeError::OpenMount {
-                path: m.clone(),
-                source,
-            })?;
-            nix::unistd::syncfs(&f).map_err(|source| FreezeError::Sync {
+            nix::unistd::syncfs(open_mount(m)?).map_err(|source| FreezeError::Sync {
                 path: m.clone(),
                 source,
             })
@@ -233,10 +229,7 @@ impl Attempt {
 
     fn freeze_each(&self, mounts: &[PathBuf]) -> Result<(), FreezeError> {
         for m in mounts {
-            let f = File::open(m).map_err(|source| FreezeError::OpenMount {
-                path: m.clone(),
-                source,
-            })?;
+            let f = open_mount(m)?;
             let mut arg: nix::libc::c_int = 0;
             // SAFETY: FIFREEZE reads no memory through its argument; `arg`
             // is a live c_int for the call and `f` is an open directory fd.
@@ -282,6 +275,13 @@ impl Default for Attempt {
     fn default() -> Self {
         Self::new()
     }
+}
+
+fn open_mount(m: &Path) -> Result<File, FreezeError> {
+    File::open(m).map_err(|source| FreezeError::OpenMount {
+        path: m.to_path_buf(),
+        source,
+    })
 }
 
 fn thaw_one(path: &Path, f: &File) {
