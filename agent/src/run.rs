@@ -42,8 +42,17 @@ const DRAIN_EVERY: Duration = Duration::from_millis(100);
 /// A backlog this large ships without waiting for the cycle's end: about
 /// what one trace drain (100 ms) brings at 80 MB/s of writes. Below it,
 /// sparse writes still gather for a cycle into one round (each round
-/// costs new reader and compressor threads and a save of the dirty map).
+/// costs new reader and compressor threads).
 const SHIP_NOW_BYTES: u64 = 8 << 20;
+/// How often the dirty maps are saved at most while rounds follow each
+/// other without a wait; a loop about to wait saves at once. A save after
+/// every round was a sixth of the agent's CPU at 100 MB/s of churn (a
+/// dozen rounds a second, each replacing two files: ext4 writes a file
+/// replaced by rename back at once), and bought nothing: under writes
+/// that do not pause, a crash loses events drained since the last save
+/// whenever it lands, and the audit then asks for a resync anyway
+/// (docs/BENCHMARKS.md, "The dirty maps saved once a second").
+const SAVE_EVERY: Duration = Duration::from_secs(1);
 /// A crash-consistent point not taken yet: more became dirty by the time
 /// it was to freeze (the filesystems' pages written back, writes while it
 /// waited) than it may read under the freeze. The loop ships first; the
@@ -284,6 +293,8 @@ struct Runner {
     status_refreshed: Instant,
     /// Last drain of the tracer.
     drained_at: Instant,
+    /// Last save of the dirty maps (`SAVE_EVERY`).
+    saved_at: Instant,
     signals: StopSignals,
     /// A freeze or syncfs given up (`freeze_timeout_secs`) that has not
     /// returned: no other is tried until it does, so that a filesystem
@@ -363,6 +374,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         status_tx,
         status_refreshed: Instant::now(),
         drained_at: Instant::now(),
+        saved_at: Instant::now(),
         signals: StopSignals::register()?,
         stuck_freeze: None,
     };
@@ -524,7 +536,6 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             }
             _ => r.ship().await?,
         }
-        r.persist(false);
         r.publish_status();
         // Under writes that never pause, the wait below is skipped round
         // after round and its select never looks at the signals: a stop
@@ -541,7 +552,13 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         // for that drain, 100 ms, two or three times a 15 s step of
         // steady churn (docs/BENCHMARKS.md, "A burst ships at once").
         r.collect()?;
-        let until = if r.shippable_bytes() > 0 && r.shipper.connected() {
+        let next_round_now = r.shippable_bytes() > 0 && r.shipper.connected();
+        // Saved after this drain: when the writes have stopped, what is
+        // saved is exact, and a crash during the wait loses nothing.
+        if !next_round_now || r.saved_at.elapsed() >= SAVE_EVERY {
+            r.persist(false);
+        }
+        let until = if next_round_now {
             Instant::now()
         } else {
             started + cycle
@@ -1028,6 +1045,7 @@ impl Runner {
     }
 
     fn persist(&mut self, clean_stop: bool) {
+        self.saved_at = Instant::now();
         for d in &mut self.disks {
             if !d.changed && !clean_stop {
                 continue;

@@ -92,10 +92,11 @@ fn file_name(disk_id: &str, ext: &str) -> String {
 /// A saved state is trusted only within the boot that wrote it (another
 /// boot id means a resync), and within a boot the page cache outlives
 /// any crash of the agent: a save then needs no fsync to be found. `run`
-/// saves after every round with changes: with its four fsyncs a save
-/// took 4-5 ms on average under steady writes (2 ms without), time in
-/// which nothing shipped (docs/BENCHMARKS.md, "A burst ships at once").
-/// The clean stop's save, made once, still syncs.
+/// saves before each wait and once a second between rounds that follow
+/// each other: with its four fsyncs a save took 4-5 ms on average under
+/// steady writes (2 ms without), time in which nothing shipped
+/// (docs/BENCHMARKS.md, "A burst ships at once"). The clean stop's save,
+/// made once, still syncs.
 pub fn save(
     dir: &Path,
     state: &DiskState,
