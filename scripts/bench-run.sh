@@ -49,6 +49,9 @@
 # SYSCALLS=FILE counts the agent's and the receiver's system calls per
 # thread (`perf trace -s`) for 5 s, from 4 s into the first rate step:
 # how often each thread waits and wakes (futex) and talks to the kernel.
+# PROFILE=PREFIX samples the agent's stacks (`perf record -g`, 499 Hz)
+# for 8 s from 4 s into each rate step, into PREFIX.RATE.data: where its
+# CPU goes at each rate (`perf report -i PREFIX.100.data --sort comm,sym`).
 # DISK_IN_RAM=1 keeps the protected disk's backing file in a tmpfs of its
 # own instead of /var/tmp: the guest's writes then never reach the
 # virtual disk that holds the receiver's images and journal. Otherwise
@@ -270,6 +273,9 @@ for rate in "${rates[@]}"; do
   fi
   if [ -n "${SYSCALLS:-}" ] && [ "$rate" = "${rates[0]}" ]; then
     (sleep 4 && perf trace -s -p "$ag,$rx" -o "$SYSCALLS" -- sleep 5 >/dev/null 2>&1) &
+  fi
+  if [ -n "${PROFILE:-}" ]; then
+    (sleep 4 && perf record -g -F 499 -p "$ag" -o "$PROFILE.$rate.data" -- sleep 8 >/dev/null 2>&1) &
   fi
   sleep 2
   while kill -0 "$fio_pid" 2>/dev/null; do
