@@ -53,6 +53,9 @@ const SHIP_NOW_BYTES: u64 = 8 << 20;
 /// whenever it lands, and the audit then asks for a resync anyway
 /// (docs/BENCHMARKS.md, "The dirty maps saved once a second").
 const SAVE_EVERY: Duration = Duration::from_secs(1);
+/// How often the trace instance's settings are read back at most while
+/// the audit agrees (see `collect`).
+const VERIFY_EVERY: Duration = Duration::from_secs(1);
 /// A crash-consistent point not taken yet: more became dirty by the time
 /// it was to freeze (the filesystems' pages written back, writes while it
 /// waited) than it may read under the freeze. The loop ships first; the
@@ -295,6 +298,8 @@ struct Runner {
     drained_at: Instant,
     /// Last save of the dirty maps (`SAVE_EVERY`).
     saved_at: Instant,
+    /// Last check of the trace instance's settings (`VERIFY_EVERY`).
+    verified_at: Instant,
     signals: StopSignals,
     /// A freeze or syncfs given up (`freeze_timeout_secs`) that has not
     /// returned: no other is tried until it does, so that a filesystem
@@ -375,6 +380,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         status_refreshed: Instant::now(),
         drained_at: Instant::now(),
         saved_at: Instant::now(),
+        verified_at: Instant::now(),
         signals: StopSignals::register()?,
         stuck_freeze: None,
     };
@@ -760,36 +766,55 @@ impl Runner {
             d.seen_sectors += drained.sectors_seen.get(i).copied().unwrap_or(0);
         }
         self.watchdog.alive();
+        // A disk whose resync this drain requires has a new audit base,
+        // read after `counted`: audited against it, writes completed in
+        // between made a second "resync required", for an audit mismatch,
+        // in place of the reason.
+        let mut rebased = false;
         if let Some(lost) = &drained.lost {
             for d in &mut self.disks {
                 d.require_resync(ResyncReason::EventsLost(lost.clone()));
             }
+            rebased = true;
         }
-        if let Err(what) = self.tracker.verify() {
-            for d in &mut self.disks {
-                d.require_resync(ResyncReason::TracingChanged(what.clone()));
+        let mismatch = |d: &DiskRun, c: u64| {
+            // A detached device's counters mean nothing; its return costs
+            // a resync anyway.
+            !d.absent && (c < d.base_sectors || d.seen_sectors < c - d.base_sectors)
+        };
+        // Reading the instance's settings back is a handful of files: once
+        // a second, or at once when the audit fails (tracing switched off
+        // is the likely cause then, and the reason to give).
+        let audit_fails = self
+            .disks
+            .iter()
+            .zip(&counted)
+            .any(|(d, &c)| mismatch(d, c));
+        if audit_fails || self.verified_at.elapsed() >= VERIFY_EVERY {
+            self.verified_at = Instant::now();
+            if let Err(what) = self.tracker.verify() {
+                for d in &mut self.disks {
+                    d.require_resync(ResyncReason::TracingChanged(what.clone()));
+                }
+                rebased = true;
+                let (t, _) = Tracker::open(
+                    &self.instance,
+                    self.tracked.clone(),
+                    self.cfg.trace_buffer_kb,
+                )?;
+                self.tracker = t;
             }
-            let (t, _) = Tracker::open(
-                &self.instance,
-                self.tracked.clone(),
-                self.cfg.trace_buffer_kb,
-            )?;
-            self.tracker = t;
         }
         for (d, c) in self.disks.iter_mut().zip(counted) {
-            if d.absent {
-                // A detached device's counters mean nothing; its return
-                // costs a resync anyway.
+            if rebased || !mismatch(d, c) {
                 continue;
             }
-            let counted_since = c.saturating_sub(d.base_sectors);
-            if c < d.base_sectors || d.seen_sectors < counted_since {
-                let detail = format!(
-                    "the block layer counted {counted_since} written/discarded sectors since the audit base, the tracer reported {}",
-                    d.seen_sectors
-                );
-                d.require_resync(ResyncReason::AuditMismatch(detail));
-            }
+            let detail = format!(
+                "the block layer counted {} written/discarded sectors since the audit base, the tracer reported {}",
+                c.saturating_sub(d.base_sectors),
+                d.seen_sectors
+            );
+            d.require_resync(ResyncReason::AuditMismatch(detail));
         }
         // Between rounds the loop refreshes it anyway; within a long one,
         // a second-old answer will do (the backlog takes some counting).

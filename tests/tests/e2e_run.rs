@@ -640,6 +640,11 @@ struct SmallWrites {
 
 impl SmallWrites {
     fn start(dev: &LoopDev, seed: u64) -> SmallWrites {
+        SmallWrites::start_every(dev, seed, Duration::from_millis(2))
+    }
+
+    /// Writes with `pause` between one and the next.
+    fn start_every(dev: &LoopDev, seed: u64, pause: Duration) -> SmallWrites {
         use std::os::unix::fs::FileExt;
         use std::sync::atomic::Ordering;
         let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -655,7 +660,7 @@ impl SmallWrites {
                     f.write_all_at(&random_block(&mut rng, 4096), at)?;
                     f.sync_data()?;
                     written.fetch_add(1, Ordering::Relaxed);
-                    std::thread::sleep(Duration::from_millis(2));
+                    std::thread::sleep(pause);
                 }
                 Ok(())
             })
@@ -1020,6 +1025,54 @@ fn ring_overrun_is_detected_and_resynced() -> anyhow::Result<()> {
         "no convergence after the overrun"
     );
     agent.stop()?;
+    Ok(())
+}
+
+/// Events lost while writes go on are reported as lost: the resync's new
+/// audit base was read after the drain's counters, and audited against
+/// it, the writes completed in between made an "audit mismatch" the
+/// disk's reason.
+#[test]
+fn events_lost_while_writes_go_on_are_reported_as_lost() -> anyhow::Result<()> {
+    let site = Site::start()?;
+    let dev = LoopDev::create(&site.dir.path().join("l.img"), 64 << 20)?;
+    let cfg = run_config(
+        &site,
+        "run-lost",
+        &[(dev.path(), "disk-l")],
+        "trace_buffer_kb = 4",
+    )?;
+    let agent = RunningAgent::start(&cfg, "run-lost")?;
+    agent.bookmark(false)?;
+    // Three writers without a pause: a write completes every few tens of
+    // microseconds, within any drain.
+    let writers: Vec<SmallWrites> = (0..3)
+        .map(|i| SmallWrites::start_every(&dev, 71 + i, Duration::ZERO))
+        .collect();
+    {
+        // Stopped, the agent cannot keep a 4 KiB ring from overrunning.
+        let _paused = agent.paused()?;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let mut written = 0;
+    for w in writers {
+        written += w.stop()?;
+    }
+    let id = agent.bookmark(false)?;
+    let log = agent.log();
+    ensure!(
+        log.contains("write events were lost"),
+        "the overrun went unnoticed ({written} writes): {log}"
+    );
+    ensure!(
+        !log.contains("audit mismatch"),
+        "lost events were reported as an audit mismatch ({written} writes): {log}"
+    );
+    ensure!(
+        site.export("disk-l", &id.to_string())? == dev.read_all()?,
+        "no convergence after the overrun"
+    );
     Ok(())
 }
 
