@@ -29,7 +29,7 @@ use crate::pipeline::{Job, Piece, Pipeline, READ_BYTES};
 use crate::progress::{mib, Progress};
 use crate::shipper::{now_ms, Shipper};
 use crate::signals::{StopSignals, Stopping};
-use crate::state::{self, DiskState, ResyncReason};
+use crate::state::{self, DiskState, DrainLog, ResyncReason};
 use crate::tracking::{disk_counters, granularity_for, DirtyMap, TrackedDisk, Tracker};
 use crate::transport::Connector;
 
@@ -82,6 +82,11 @@ struct DiskRun {
     /// The running resync compares checksums (logged once when it starts).
     comparing: bool,
     changed: bool,
+    /// Generation of the last save, and the log of what was drained since
+    /// (`state::DrainLog`); None until the first save, or after a write
+    /// to it failed (a crash then costs a resync, as without a log).
+    drained_gen: u64,
+    drain_log: Option<DrainLog>,
     /// The diskseq this disk's tracking and dirty map belong to.
     diskseq: Option<u64>,
     /// The device is gone (size 0: a loop device detached, a medium
@@ -183,7 +188,8 @@ impl DiskRun {
         true
     }
 
-    fn save(&self, dir: &std::path::Path, clean_stop: bool) -> std::io::Result<()> {
+    fn save(&mut self, dir: &std::path::Path, clean_stop: bool) -> std::io::Result<()> {
+        let gen = self.drained_gen + 1;
         state::save(
             dir,
             &DiskState {
@@ -194,12 +200,43 @@ impl DiskRun {
                 seen_sectors: self.seen_sectors,
                 clean_stop,
                 resync: self.resync.clone(),
+                drained_gen: gen,
             },
             &self.dirty,
             &self.pending,
             // Only the clean stop's save is synced: see `state::save`.
             clean_stop,
-        )
+        )?;
+        // Until the new log is begun, the old one goes on: a crash now
+        // replays nothing (its generation is older), which is right, as
+        // the map just saved holds all of it.
+        self.drained_gen = gen;
+        self.drain_log = match DrainLog::begin(dir, &self.disk.id, gen) {
+            Ok(log) => Some(log),
+            Err(e) => {
+                warn!(
+                    "disk {}: cannot begin its drain log in {}: {e}; a crash of the agent under writes would cost a resync",
+                    self.disk.id,
+                    dir.display()
+                );
+                None
+            }
+        };
+        Ok(())
+    }
+
+    /// Logs a drain's events of this disk (`state::DrainLog`).
+    fn log_drain(&mut self, sectors: u64, ranges: &[Range<u64>]) {
+        let Some(log) = &mut self.drain_log else {
+            return;
+        };
+        if let Err(e) = log.append(sectors, ranges) {
+            warn!(
+                "disk {}: cannot append to its drain log: {e}; until the next save a crash of the agent under writes would cost a resync",
+                self.disk.id
+            );
+            self.drain_log = None;
+        }
     }
 }
 
@@ -217,6 +254,8 @@ fn restore(dir: &std::path::Path, disk: Disk) -> DiskRun {
         resync: None,
         comparing: false,
         changed: true,
+        drained_gen: 0,
+        drain_log: None,
     };
     let reason = match state::load(dir, &run.disk.id) {
         Ok(None) => Some(ResyncReason::Initial),
@@ -239,6 +278,24 @@ fn restore(dir: &std::path::Path, disk: Disk) -> DiskRun {
                         run.base_sectors = st.base_sectors;
                         run.seen_sectors = st.seen_sectors;
                         run.resync = st.resync;
+                        run.drained_gen = st.drained_gen;
+                        // What was drained after that save: without it, a
+                        // crash under writes always cost a resync.
+                        if let Some((sectors, ranges)) =
+                            DrainLog::replay(dir, &run.disk.id, st.drained_gen)
+                        {
+                            if sectors > 0 || !ranges.is_empty() {
+                                info!(
+                                    "disk {}: {} drained after the last save taken from its drain log",
+                                    run.disk.id,
+                                    mib(ranges.iter().map(|r| r.end - r.start).sum())
+                                );
+                            }
+                            for r in ranges {
+                                run.dirty.mark(r);
+                            }
+                            run.seen_sectors += sectors;
+                        }
                         None
                     }
                     Err(e) => Some(ResyncReason::StateUnreadable(e)),
@@ -384,6 +441,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         signals: StopSignals::register()?,
         stuck_freeze: None,
     };
+    // Saved at once, with what the drain log gave back: every drain from
+    // here on goes into the new log.
+    r.persist(false);
     let now = Instant::now();
     let every = |secs: u64| (secs > 0).then(|| Duration::from_secs(secs));
     let crash_every = every(r.cfg.crash_consistent_interval_secs);
@@ -759,11 +819,16 @@ impl Runner {
         let drained = self.tracker.drain()?;
         self.drained_at = Instant::now();
         for (i, d) in self.disks.iter_mut().enumerate() {
-            for range in drained.ranges.get(i).into_iter().flatten() {
+            let ranges = drained.ranges.get(i).map_or(&[][..], Vec::as_slice);
+            for range in ranges {
                 d.dirty.mark(range.clone());
                 d.changed = true;
             }
-            d.seen_sectors += drained.sectors_seen.get(i).copied().unwrap_or(0);
+            let sectors = drained.sectors_seen.get(i).copied().unwrap_or(0);
+            d.seen_sectors += sectors;
+            if sectors > 0 || !ranges.is_empty() {
+                d.log_drain(sectors, ranges);
+            }
         }
         self.watchdog.alive();
         // A disk whose resync this drain requires has a new audit base,
@@ -804,6 +869,11 @@ impl Runner {
                 )?;
                 self.tracker = t;
             }
+        }
+        if rebased {
+            // The resync and its new audit base are saved at once: the
+            // drain log holds drains audited against the old one.
+            self.persist(false);
         }
         for (d, c) in self.disks.iter_mut().zip(counted) {
             if rebased || !mismatch(d, c) {

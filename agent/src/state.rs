@@ -68,6 +68,10 @@ pub struct DiskState {
     pub clean_stop: bool,
     /// A resync that was required and not yet finished.
     pub resync: Option<ResyncReason>,
+    /// The drain log begun with this save ([`DrainLog`]); a log of
+    /// another generation is older than the map and ignored.
+    #[serde(default)]
+    pub drained_gen: u64,
 }
 
 pub fn boot_id() -> String {
@@ -135,9 +139,128 @@ pub fn load(dir: &Path, disk_id: &str) -> Result<Option<(DiskState, Vec<u8>)>, S
     Ok(Some((state, dirty)))
 }
 
+/// What the agent drained from the tracer since its last save, appended
+/// at every drain that brought something, so that a crash while writes go
+/// on loses none of it: events are gone from the trace instance once
+/// read, and saving the whole map at every drain costs far more (see
+/// `run`'s `SAVE_EVERY`). Not synced, like the save: the page cache
+/// outlives a crash of the agent, and a reboot resyncs anyway.
+///
+/// Each save begins a new log with the save's generation. A crash between
+/// the two leaves an older log, whose drains the map already holds: it
+/// is ignored. A record cut short by the crash ends the replay there;
+/// what it held is then missing from the sectors seen, and the audit asks
+/// for a resync, as it did before there was a log.
+pub struct DrainLog {
+    file: std::fs::File,
+}
+
+const DRAIN_LOG_MAGIC: &[u8; 8] = b"TMDRAIN1";
+
+impl DrainLog {
+    pub fn path(dir: &Path, disk_id: &str) -> PathBuf {
+        dir.join(file_name(disk_id, "drained"))
+    }
+
+    /// Begins the log of generation `gen`, empty.
+    pub fn begin(dir: &Path, disk_id: &str, gen: u64) -> std::io::Result<DrainLog> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(Self::path(dir, disk_id))?;
+        let mut head = DRAIN_LOG_MAGIC.to_vec();
+        head.extend_from_slice(&gen.to_le_bytes());
+        file.write_all(&head)?;
+        Ok(DrainLog { file })
+    }
+
+    /// Appends one drain: the sectors its events covered and the ranges
+    /// they made dirty, in one write.
+    pub fn append(&mut self, sectors: u64, ranges: &[Range<u64>]) -> std::io::Result<()> {
+        use std::io::Write;
+        let mut body = Vec::with_capacity(12 + 16 * ranges.len());
+        body.extend_from_slice(&sectors.to_le_bytes());
+        body.extend_from_slice(&(ranges.len() as u32).to_le_bytes());
+        for r in ranges {
+            body.extend_from_slice(&r.start.to_le_bytes());
+            body.extend_from_slice(&r.end.to_le_bytes());
+        }
+        let mut rec = Vec::with_capacity(8 + body.len());
+        rec.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        rec.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+        rec.extend_from_slice(&body);
+        self.file.write_all(&rec)
+    }
+
+    /// The drains logged after the save of generation `gen`: sectors seen
+    /// in all and the ranges they made dirty. None when there is no log
+    /// of that generation.
+    pub fn replay(dir: &Path, disk_id: &str, gen: u64) -> Option<(u64, Vec<Range<u64>>)> {
+        let bytes = std::fs::read(Self::path(dir, disk_id)).ok()?;
+        let (head, mut rest) = bytes.split_at_checked(16)?;
+        if &head[..8] != DRAIN_LOG_MAGIC || head[8..16] != gen.to_le_bytes() {
+            return None;
+        }
+        let u32_at = |b: &[u8], at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+        let u64_at = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+        let (mut sectors, mut ranges) = (0u64, Vec::new());
+        while rest.len() >= 8 {
+            let len = u32_at(rest, 0) as usize;
+            let Some(body) = rest.get(8..8 + len) else {
+                break;
+            };
+            if len < 12 || crc32c::crc32c(body) != u32_at(rest, 4) {
+                break;
+            }
+            let n = u32_at(body, 8) as usize;
+            if len != 12 + 16 * n {
+                break;
+            }
+            sectors += u64_at(body, 0);
+            ranges.extend((0..n).map(|i| u64_at(body, 12 + 16 * i)..u64_at(body, 20 + 16 * i)));
+            rest = &rest[8 + len..];
+        }
+        Some((sectors, ranges))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_drain_log_replays_its_own_generation_up_to_a_cut_record() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(DrainLog::replay(dir.path(), "d", 3), None);
+        let mut log = DrainLog::begin(dir.path(), "d", 3).expect("begin");
+        assert_eq!(DrainLog::replay(dir.path(), "d", 3), Some((0, vec![])));
+        log.append(16, &[0..4096, 8192..12288]).expect("append");
+        log.append(8, &[1 << 20..(1 << 20) + 4096]).expect("append");
+        let all = (24, vec![0..4096, 8192..12288, 1 << 20..(1 << 20) + 4096]);
+        assert_eq!(DrainLog::replay(dir.path(), "d", 3), Some(all));
+        // Another generation's log is older than the map: ignored.
+        assert_eq!(DrainLog::replay(dir.path(), "d", 4), None);
+        // A record cut short ends the replay before it.
+        let path = DrainLog::path(dir.path(), "d");
+        let bytes = std::fs::read(&path).expect("read");
+        std::fs::write(&path, &bytes[..bytes.len() - 3]).expect("cut");
+        assert_eq!(
+            DrainLog::replay(dir.path(), "d", 3),
+            Some((16, vec![0..4096, 8192..12288]))
+        );
+        // So does a damaged one.
+        let mut bad = bytes.clone();
+        bad[16 + 8 + 2] ^= 1;
+        std::fs::write(&path, &bad).expect("damage");
+        assert_eq!(DrainLog::replay(dir.path(), "d", 3), Some((0, vec![])));
+        // A new save's log starts empty.
+        DrainLog::begin(dir.path(), "d", 4).expect("begin");
+        assert_eq!(DrainLog::replay(dir.path(), "d", 4), Some((0, vec![])));
+    }
 
     #[test]
     fn round_trip_and_missing() {
@@ -151,6 +274,7 @@ mod tests {
             seen_sectors: 2,
             clean_stop: true,
             resync: Some(ResyncReason::EventsLost("cpu1 overrun 5".into())),
+            drained_gen: 7,
         };
         let mut map = DirtyMap::new(1 << 30, 4096);
         map.mark(8192..12288);
