@@ -48,10 +48,9 @@ const SHIP_NOW_BYTES: u64 = 8 << 20;
 /// other without a wait; a loop about to wait saves at once. A save after
 /// every round was a sixth of the agent's CPU at 100 MB/s of churn (a
 /// dozen rounds a second, each replacing two files: ext4 writes a file
-/// replaced by rename back at once), and bought nothing: under writes
-/// that do not pause, a crash loses events drained since the last save
-/// whenever it lands, and the audit then asks for a resync anyway
-/// (docs/BENCHMARKS.md, "The dirty maps saved once a second").
+/// replaced by rename back at once; docs/BENCHMARKS.md, "The dirty maps
+/// saved once a second"). What is drained between saves goes into the
+/// drain log (`state::DrainLog`), one append per drain.
 const SAVE_EVERY: Duration = Duration::from_secs(1);
 /// How often the trace instance's settings are read back at most while
 /// the audit agrees (see `collect`).
@@ -870,11 +869,7 @@ impl Runner {
                 self.tracker = t;
             }
         }
-        if rebased {
-            // The resync and its new audit base are saved at once: the
-            // drain log holds drains audited against the old one.
-            self.persist(false);
-        }
+        let mut resync = rebased;
         for (d, c) in self.disks.iter_mut().zip(counted) {
             if rebased || !mismatch(d, c) {
                 continue;
@@ -885,6 +880,12 @@ impl Runner {
                 d.seen_sectors
             );
             d.require_resync(ResyncReason::AuditMismatch(detail));
+            resync = true;
+        }
+        if resync {
+            // A resync and its new audit base are saved at once: the drain
+            // log holds drains counted against the old one.
+            self.persist(false);
         }
         // Between rounds the loop refreshes it anyway; within a long one,
         // a second-old answer will do (the backlog takes some counting).
