@@ -69,7 +69,9 @@ fn agent_killed_at_random_moments_of_replication_converges() -> anyhow::Result<(
             resynced += 1;
         }
     }
-    eprintln!("{n} agent kills during replication, each converged; {resynced} of the restarts resynced");
+    eprintln!(
+        "{n} agent kills during replication, each converged; {resynced} of the restarts resynced"
+    );
     Ok(())
 }
 
