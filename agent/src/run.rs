@@ -82,8 +82,7 @@ struct DiskRun {
     comparing: bool,
     changed: bool,
     /// Generation of the last save, and the log of what was drained since
-    /// (`state::DrainLog`); None until the first save, or after a write
-    /// to it failed (a crash then costs a resync, as without a log).
+    /// (`state::DrainLog`); None until the first save.
     drained_gen: u64,
     drain_log: Option<DrainLog>,
     /// The diskseq this disk's tracking and dirty map belong to.
@@ -210,17 +209,18 @@ impl DiskRun {
         // replays nothing (its generation is older), which is right, as
         // the map just saved holds all of it.
         self.drained_gen = gen;
-        self.drain_log = match DrainLog::begin(dir, &self.disk.id, gen) {
-            Ok(log) => Some(log),
-            Err(e) => {
-                warn!(
-                    "disk {}: cannot begin its drain log in {}: {e}; a crash of the agent under writes would cost a resync",
-                    self.disk.id,
-                    dir.display()
-                );
-                None
+        if self.drain_log.is_none() {
+            match DrainLog::start(dir, &self.disk.id) {
+                Ok(log) => self.drain_log = Some(log),
+                Err(e) => warn!(
+                    "disk {}: cannot start its drain log's writer: {e}; a crash of the agent under writes would cost a resync",
+                    self.disk.id
+                ),
             }
-        };
+        }
+        if let Some(log) = &mut self.drain_log {
+            log.begin(gen);
+        }
         Ok(())
     }
 
@@ -229,12 +229,12 @@ impl DiskRun {
         let Some(log) = &mut self.drain_log else {
             return;
         };
-        if let Err(e) = log.append(sectors, ranges) {
+        let dropped = log.dropped();
+        if !log.append(sectors, ranges) && !dropped {
             warn!(
-                "disk {}: cannot append to its drain log: {e}; until the next save a crash of the agent under writes would cost a resync",
+                "disk {}: its drain log's writer is behind (state_dir on a filesystem frozen for long?); until the next save a crash of the agent under writes would cost a resync",
                 self.disk.id
             );
-            self.drain_log = None;
         }
     }
 }
@@ -869,7 +869,6 @@ impl Runner {
                 self.tracker = t;
             }
         }
-        let mut resync = rebased;
         for (d, c) in self.disks.iter_mut().zip(counted) {
             if rebased || !mismatch(d, c) {
                 continue;
@@ -880,12 +879,6 @@ impl Runner {
                 d.seen_sectors
             );
             d.require_resync(ResyncReason::AuditMismatch(detail));
-            resync = true;
-        }
-        if resync {
-            // A resync and its new audit base are saved at once: the drain
-            // log holds drains counted against the old one.
-            self.persist(false);
         }
         // Between rounds the loop refreshes it anyway; within a long one,
         // a second-old answer will do (the backlog takes some counting).

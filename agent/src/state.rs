@@ -146,42 +146,72 @@ pub fn load(dir: &Path, disk_id: &str) -> Result<Option<(DiskState, Vec<u8>)>, S
 /// `run`'s `SAVE_EVERY`). Not synced, like the save: the page cache
 /// outlives a crash of the agent, and a reboot resyncs anyway.
 ///
+/// Written by a thread of its own: `state_dir` may be on a filesystem a
+/// point freezes (the root filesystem, as a rule), where a write waits
+/// for the thaw, and the run loop drains the tracer under the freeze and
+/// is the one to thaw. Records wait in a bounded queue meanwhile; one
+/// that finds it full is dropped with every one after it until the next
+/// save, and a crash then costs a resync, as it did before there was a
+/// log.
+///
 /// Each save begins a new log with the save's generation. A crash between
 /// the two leaves an older log, whose drains the map already holds: it
 /// is ignored. A record cut short by the crash ends the replay there;
 /// what it held is then missing from the sectors seen, and the audit asks
-/// for a resync, as it did before there was a log.
+/// for a resync.
 pub struct DrainLog {
-    file: std::fs::File,
+    tx: std::sync::mpsc::SyncSender<LogOp>,
+    /// A record was dropped since the last `begin`.
+    dropped: bool,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+enum LogOp {
+    Begin(u64),
+    Append(Vec<u8>),
 }
 
 const DRAIN_LOG_MAGIC: &[u8; 8] = b"TMDRAIN1";
+
+/// Records queued for the writer: at 10 drains a second, well over a
+/// minute of a freeze.
+const DRAIN_LOG_QUEUE: usize = 1024;
 
 impl DrainLog {
     pub fn path(dir: &Path, disk_id: &str) -> PathBuf {
         dir.join(file_name(disk_id, "drained"))
     }
 
-    /// Begins the log of generation `gen`, empty.
-    pub fn begin(dir: &Path, disk_id: &str, gen: u64) -> std::io::Result<DrainLog> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(Self::path(dir, disk_id))?;
-        let mut head = DRAIN_LOG_MAGIC.to_vec();
-        head.extend_from_slice(&gen.to_le_bytes());
-        file.write_all(&head)?;
-        Ok(DrainLog { file })
+    /// The writer of `disk_id`'s log; nothing is written before [`begin`].
+    ///
+    /// [`begin`]: DrainLog::begin
+    pub fn start(dir: &Path, disk_id: &str) -> std::io::Result<DrainLog> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<LogOp>(DRAIN_LOG_QUEUE);
+        let path = Self::path(dir, disk_id);
+        let id = disk_id.to_owned();
+        let thread = std::thread::Builder::new()
+            .name("drain-log".into())
+            .spawn(move || write_drain_log(&path, &id, rx))?;
+        Ok(DrainLog {
+            tx,
+            dropped: false,
+            thread: Some(thread),
+        })
+    }
+
+    /// Begins the log of generation `gen`, empty: the drains after the
+    /// save of that generation go into it.
+    pub fn begin(&mut self, gen: u64) {
+        self.dropped = self.tx.try_send(LogOp::Begin(gen)).is_err();
     }
 
     /// Appends one drain: the sectors its events covered and the ranges
-    /// they made dirty, in one write.
-    pub fn append(&mut self, sectors: u64, ranges: &[Range<u64>]) -> std::io::Result<()> {
-        use std::io::Write;
+    /// they made dirty, in one write. False when it was dropped (the
+    /// queue is full, or was since the last `begin`).
+    pub fn append(&mut self, sectors: u64, ranges: &[Range<u64>]) -> bool {
+        if self.dropped {
+            return false;
+        }
         let mut body = Vec::with_capacity(12 + 16 * ranges.len());
         body.extend_from_slice(&sectors.to_le_bytes());
         body.extend_from_slice(&(ranges.len() as u32).to_le_bytes());
@@ -193,7 +223,24 @@ impl DrainLog {
         rec.extend_from_slice(&(body.len() as u32).to_le_bytes());
         rec.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
         rec.extend_from_slice(&body);
-        self.file.write_all(&rec)
+        self.dropped = self.tx.try_send(LogOp::Append(rec)).is_err();
+        !self.dropped
+    }
+
+    /// Whether a record was dropped since the last `begin`.
+    pub fn dropped(&self) -> bool {
+        self.dropped
+    }
+
+    /// Waits until everything queued is written. Not on drop: a writer
+    /// waiting for a thaw that never comes (a freeze kept for a failover)
+    /// must not keep the agent from ending.
+    pub fn close(mut self) {
+        let (tx, thread) = (self.tx, self.thread.take());
+        drop(tx);
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
     }
 
     /// The drains logged after the save of generation `gen`: sectors seen
@@ -228,6 +275,43 @@ impl DrainLog {
     }
 }
 
+/// The drain log's writer thread: a log that cannot be begun or written
+/// takes no records until the next `Begin` (said once in the log).
+fn write_drain_log(path: &Path, disk_id: &str, rx: std::sync::mpsc::Receiver<LogOp>) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file: Option<std::fs::File> = None;
+    for op in rx {
+        let written = match op {
+            LogOp::Begin(gen) => std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(path)
+                .and_then(|mut f| {
+                    let mut head = DRAIN_LOG_MAGIC.to_vec();
+                    head.extend_from_slice(&gen.to_le_bytes());
+                    f.write_all(&head)?;
+                    file = Some(f);
+                    Ok(())
+                }),
+            LogOp::Append(rec) => match &mut file {
+                Some(f) => f.write_all(&rec),
+                None => Ok(()),
+            },
+        };
+        if let Err(e) = written {
+            if file.take().is_some() {
+                tracing::warn!(
+                    "disk {disk_id}: cannot write its drain log {}: {e}; until the next save a crash of the agent under writes costs a resync",
+                    path.display()
+                );
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -236,10 +320,11 @@ mod tests {
     fn a_drain_log_replays_its_own_generation_up_to_a_cut_record() {
         let dir = tempfile::tempdir().expect("tempdir");
         assert_eq!(DrainLog::replay(dir.path(), "d", 3), None);
-        let mut log = DrainLog::begin(dir.path(), "d", 3).expect("begin");
-        assert_eq!(DrainLog::replay(dir.path(), "d", 3), Some((0, vec![])));
-        log.append(16, &[0..4096, 8192..12288]).expect("append");
-        log.append(8, &[1 << 20..(1 << 20) + 4096]).expect("append");
+        let mut log = DrainLog::start(dir.path(), "d").expect("start");
+        log.begin(3);
+        assert!(log.append(16, &[0..4096, 8192..12288]));
+        assert!(log.append(8, &[1 << 20..(1 << 20) + 4096]));
+        log.close();
         let all = (24, vec![0..4096, 8192..12288, 1 << 20..(1 << 20) + 4096]);
         assert_eq!(DrainLog::replay(dir.path(), "d", 3), Some(all));
         // Another generation's log is older than the map: ignored.
@@ -258,7 +343,9 @@ mod tests {
         std::fs::write(&path, &bad).expect("damage");
         assert_eq!(DrainLog::replay(dir.path(), "d", 3), Some((0, vec![])));
         // A new save's log starts empty.
-        DrainLog::begin(dir.path(), "d", 4).expect("begin");
+        let mut log = DrainLog::start(dir.path(), "d").expect("start");
+        log.begin(4);
+        log.close();
         assert_eq!(DrainLog::replay(dir.path(), "d", 4), Some((0, vec![])));
     }
 
