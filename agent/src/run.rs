@@ -27,7 +27,7 @@ use crate::consistency::scripts::{self, Phase};
 use crate::disks::{open_disk, Disk};
 use crate::pipeline::{Job, Piece, Pipeline, READ_BYTES};
 use crate::progress::{mib, Progress};
-use crate::shipper::{now_ms, Shipper};
+use crate::shipper::{now_ms, SendMark, Shipper};
 use crate::signals::{StopSignals, Stopping};
 use crate::state::{self, DiskState, DrainLog, ResyncReason};
 use crate::tracking::{disk_counters, granularity_for, DirtyMap, TrackedDisk, Tracker};
@@ -80,6 +80,13 @@ struct DiskRun {
     resync: Option<ResyncReason>,
     /// The running resync compares checksums (logged once when it starts).
     comparing: bool,
+    /// The resync's last dirty byte went to the shipper by this mark: once
+    /// the receiver holds everything up to it, the resync is over, though
+    /// writes since keep the map dirty. Waiting for a clean map instead
+    /// held a disk that is never quiet (a database's log, the agent's own
+    /// `state_dir` on the disk) in its resync, and its points with it, for
+    /// good.
+    swept: Option<SendMark>,
     changed: bool,
     /// Generation of the last save, and the log of what was drained since
     /// (`state::DrainLog`); None until the first save.
@@ -132,6 +139,7 @@ impl DiskRun {
         crate::metrics::get().resync_required(&self.disk.id, &reason);
         self.dirty.mark_all();
         self.resync = Some(reason);
+        self.swept = None;
         self.base_sectors = self.counters();
         self.seen_sectors = 0;
         self.changed = true;
@@ -252,6 +260,7 @@ fn restore(dir: &std::path::Path, disk: Disk) -> DiskRun {
         seen_sectors: 0,
         resync: None,
         comparing: false,
+        swept: None,
         changed: true,
         drained_gen: 0,
         drain_log: None,
@@ -911,6 +920,11 @@ impl Runner {
         if !self.shipper.connected() {
             return Ok(());
         }
+        // Lost ranges are dirty before the take: a map emptied by it then
+        // holds nothing of a resync that is not in the shipper.
+        self.mark_lost();
+        let connection = self.shipper.send_mark();
+        let mut emptied = vec![false; self.disks.len()];
         let mut jobs = Vec::new();
         let mut taken = 0u64;
         for (i, d) in self.disks.iter_mut().enumerate() {
@@ -925,6 +939,7 @@ impl Runner {
                 )
             };
             taken += ranges.iter().map(|r| r.end - r.start).sum::<u64>();
+            emptied[i] = d.dirty.is_clean();
             d.pending.extend(ranges.iter().cloned());
             if !ranges.is_empty() {
                 d.changed = true;
@@ -952,6 +967,7 @@ impl Runner {
                 limit_reads: d.resync.is_some(),
             });
         }
+        let mut cut = false;
         if taken > 0 {
             let compared: Vec<(usize, Vec<Range<u64>>)> = jobs
                 .iter()
@@ -965,7 +981,6 @@ impl Runner {
             let mut requested = 0u64;
             let mut pipeline = self.start_pipeline(jobs)?;
             self.shipper.set_hash_board(Some(pipeline.board.clone()));
-            let mut cut = false;
             let mut stopping = false;
             loop {
                 while !cut && requested < pipeline.board.consumed() + HASH_LOOKAHEAD {
@@ -1088,6 +1103,19 @@ impl Runner {
             }
             self.shipper.flush().await;
         }
+        // Every range this round took is in the shipper, on the connection
+        // it began with: a resyncing disk whose map the take emptied has
+        // sent the last of its resync by now.
+        let mark = self.shipper.send_mark();
+        if let (false, Some(start), Some(end)) = (cut, connection, mark) {
+            if start.same_connection(end) {
+                for (d, emptied) in self.disks.iter_mut().zip(emptied) {
+                    if emptied && d.resync.is_some() && d.swept.is_none() {
+                        d.swept = Some(end);
+                    }
+                }
+            }
+        }
         self.settle();
         Ok(())
     }
@@ -1113,9 +1141,19 @@ impl Runner {
                 d.pending = unacked;
                 d.changed = true;
             }
-            if all_acked && d.resync.is_some() && d.dirty.is_clean() {
-                info!("disk {}: resync complete", d.disk.id);
+            let swept = d.swept.is_some_and(|m| self.shipper.acked_through(m));
+            if d.resync.is_some() && (swept || all_acked && d.dirty.is_clean()) {
+                if d.dirty.is_clean() {
+                    info!("disk {}: resync complete", d.disk.id);
+                } else {
+                    info!(
+                        "disk {}: resync complete ({} written since, shipped as usual)",
+                        d.disk.id,
+                        mib(d.dirty.dirty_bytes())
+                    );
+                }
                 d.resync = None;
+                d.swept = None;
                 d.changed = true;
             }
         }
@@ -1129,6 +1167,8 @@ impl Runner {
             if let Some(d) = self.disks.get_mut(i) {
                 d.dirty.mark(range);
                 d.changed = true;
+                // Part of the resync may be among it.
+                d.swept = None;
             }
         }
     }

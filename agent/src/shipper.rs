@@ -89,6 +89,19 @@ pub struct SentPoint {
     name: String,
 }
 
+/// A point in what was sent (see [`Shipper::send_mark`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SendMark {
+    connection: u64,
+    seq: u64,
+}
+
+impl SendMark {
+    pub fn same_connection(self, other: SendMark) -> bool {
+        self.connection == other.connection
+    }
+}
+
 pub struct Shipper {
     connector: Arc<Connector>,
     /// Runs on a task of its own: against a partitioned network an attempt
@@ -315,6 +328,31 @@ impl Shipper {
     /// flight, waiting for a resend, or lost).
     pub fn all_acked(&self) -> bool {
         self.inflight.is_empty() && self.resend.is_empty() && self.lost.is_empty()
+    }
+
+    /// Where sending stands now: everything handed over before this call
+    /// is durable at the receiver once [`Shipper::acked_through`] says so.
+    /// None while anything waits for a resend or is lost (it goes on a
+    /// later connection, or back to the dirty maps) or there is no
+    /// connection.
+    pub fn send_mark(&self) -> Option<SendMark> {
+        (self.conn.is_some() && self.resend.is_empty() && self.lost.is_empty()).then_some(
+            SendMark {
+                connection: self.connections,
+                seq: self.seq,
+            },
+        )
+    }
+
+    /// Whether everything sent up to `mark` is acknowledged durable. Acks
+    /// are in order on a connection; a mark of an earlier connection never
+    /// is (what that connection left went again under new numbers, or
+    /// back to the dirty maps).
+    pub fn acked_through(&self, mark: SendMark) -> bool {
+        mark.connection == self.connections
+            && self.conn.is_some()
+            && self.acked_seq >= mark.seq
+            && self.lost.is_empty()
     }
 
     /// The byte ranges of disk `index` sent, waiting to be resent or lost

@@ -1354,3 +1354,93 @@ fn agent_notifies_ready_watchdog_and_status() -> anyhow::Result<()> {
         .is_some_and(|d| d.try_wait().is_ok_and(|s| s.is_none())));
     Ok(())
 }
+
+/// The default `state_dir` (/var/lib/tidemark-agent) is on the root disk,
+/// which is protected too: the agent's own saves are writes it tracks.
+#[test]
+fn state_dir_on_the_protected_filesystem_still_gives_points() -> anyhow::Result<()> {
+    let site = Site::start()?;
+    let dev = LoopDev::create(&site.dir.path().join("own.img"), 128 << 20)?;
+    dev.mkfs_ext4()?;
+    let (mnt, _unmount) = mount_quiet(&site, &dev)?;
+    let cfg = run_config(&site, "run-own", &[(dev.path(), "disk-own")], "")?;
+    let state = mnt.join("state");
+    let text = std::fs::read_to_string(&cfg)?
+        .lines()
+        .map(|l| {
+            if l.starts_with("state_dir") {
+                format!("state_dir = \"{}\"", state.display())
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&cfg, text)?;
+    let agent = RunningAgent::start(&cfg, "run-own")?;
+    std::fs::write(mnt.join("a"), b"before the point")?;
+    let mut child = agent.bookmark_in_background()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            anyhow::bail!("no point within 60 s: {}", agent.log());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let out = child.wait_with_output()?;
+    ensure!(status.success(), "bookmark failed: {}", agent.log());
+    let id: u64 = String::from_utf8(out.stdout)?.trim().parse()?;
+    let log = agent.log();
+    ensure!(log.contains("resync complete"), "{log}");
+    let image = site.dir.path().join("point.raw");
+    run_ok(&mut crate_export(&site, "disk-own", id, &image))?;
+    run_ok(Command::new("fsck.ext4").args(["-n", "-f", path(&image)]))?;
+    let check = site.dir.path().join("check");
+    std::fs::create_dir_all(&check)?;
+    run_ok(Command::new("mount").args(["-o", "ro,loop,noload", path(&image), path(&check)]))?;
+    let _unmount_check = Unmount(check.clone());
+    ensure!(
+        std::fs::read(check.join("a"))? == b"before the point",
+        "the file written before point {id} differs"
+    );
+    Ok(())
+}
+
+/// A disk that is never quiet (a database's log, a busy journal) ends
+/// its initial sync once all of it has been sent once and acknowledged:
+/// points do not wait for a moment without writes, which may never come.
+#[test]
+fn an_initial_sync_under_writes_that_never_pause_completes() -> anyhow::Result<()> {
+    let site = Site::start()?;
+    let dev = LoopDev::create(&site.dir.path().join("busy.img"), 64 << 20)?;
+    let writes = SmallWrites::start_every(&dev, 91, Duration::from_millis(5));
+    let cfg = run_config(&site, "run-busy", &[(dev.path(), "disk-busy")], "")?;
+    let agent = RunningAgent::start(&cfg, "run-busy")?;
+    let mut child = agent.bookmark_in_background()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while child.try_wait()?.is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            anyhow::bail!("no point within 60 s under writes: {}", agent.log());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output()?;
+    ensure!(out.status.success(), "bookmark failed: {}", agent.log());
+    let written = writes.stop()?;
+    let id = agent.bookmark(false)?;
+    ensure!(
+        site.export("disk-busy", &id.to_string())? == dev.read_all()?,
+        "no convergence after {written} writes"
+    );
+    let log = agent.log();
+    ensure!(
+        log.contains("resync complete (") && log.matches("resync required").count() == 1,
+        "one resync, ended while writes went on: {log}"
+    );
+    Ok(())
+}
