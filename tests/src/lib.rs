@@ -6,6 +6,7 @@
 //! test calling it fails; nothing here skips a test silently.
 //!
 //! - [`LoopDev`]: a file-backed loop device, detached on drop.
+//! - [`ZramDev`]: a zram device, the bio-based disk at hand; removed on drop.
 //! - [`Volume`]: a file system on a loop device, unmounted on drop.
 //! - [`fill_mixed`]: a deterministic mix of random, compressible and zero data.
 //! - [`CountingProxy`]: a TCP proxy counting wire bytes, with fault hooks.
@@ -39,6 +40,7 @@ mod relay;
 pub mod running;
 pub mod site;
 mod volume;
+mod zram;
 
 pub use bins::{faultfs_library, workspace_bin, workspace_root};
 pub use daemon::Daemon;
@@ -54,6 +56,7 @@ pub use prereq::{require_cmd, require_root};
 pub use readcap::ReadCap;
 pub use relay::VersionRelay;
 pub use volume::Volume;
+pub use zram::ZramDev;
 
 /// Trials a randomized fault test runs: `TIDEMARK_TRIALS` when set (the
 /// soak script's 50 and more), else the suite's `default`.
