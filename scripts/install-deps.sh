@@ -13,6 +13,8 @@ command -v fsck.ext4 >/dev/null || need+=(e2fsprogs)
 # Power-cut tests copy volumes instantly with reflinks on XFS.
 command -v mkfs.xfs >/dev/null || need+=(xfsprogs)
 command -v fstrim >/dev/null || need+=(util-linux)
+# A partitioned disk's test writes its table with sfdisk.
+command -v sfdisk >/dev/null || need+=(fdisk)
 command -v vmdkinfo >/dev/null || need+=(libvmdk-utils)
 command -v vhdiinfo >/dev/null || need+=(libvhdi-utils)
 command -v 7zz >/dev/null || need+=(7zip)

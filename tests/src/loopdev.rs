@@ -28,30 +28,80 @@ impl LoopDev {
     /// Errors, with a message naming the cause, when not root or when
     /// `losetup` is missing: the calling test fails rather than skips.
     pub fn create(backing: &Path, size_bytes: u64) -> anyhow::Result<LoopDev> {
-        ensure!(
-            size_bytes > 0 && size_bytes.is_multiple_of(512),
-            "loop device size {size_bytes} is not a positive multiple of 512 bytes"
-        );
-        require_root().context("LoopDev::create")?;
-        require_cmd("losetup").context("LoopDev::create")?;
-
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(backing)
-            .with_context(|| format!("create backing file {}", backing.display()))?;
-        file.set_len(size_bytes)
-            .with_context(|| format!("size backing file {}", backing.display()))?;
-        file.sync_all()
-            .with_context(|| format!("fsync backing file {}", backing.display()))?;
-        drop(file);
+        make_backing(backing, size_bytes)?;
         LoopDev::attach(backing)
+    }
+
+    /// Like [`LoopDev::create`], with a partition table written by
+    /// `sfdisk` from `layout` (its input script) and the partitions scanned
+    /// (`losetup -P`): they are `{device}p1`, `{device}p2`, ...
+    pub fn create_partitioned(
+        backing: &Path,
+        size_bytes: u64,
+        layout: &str,
+    ) -> anyhow::Result<LoopDev> {
+        require_cmd("sfdisk").context("LoopDev::create_partitioned")?;
+        make_backing(backing, size_bytes)?;
+        let mut sfdisk = Command::new("sfdisk")
+            .args(["-q", "--no-reread", "--no-tell-kernel"])
+            .arg(backing)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("run sfdisk")?;
+        std::io::Write::write_all(
+            &mut sfdisk.stdin.take().context("sfdisk's stdin")?,
+            layout.as_bytes(),
+        )?;
+        let out = sfdisk.wait_with_output()?;
+        ensure!(
+            out.status.success(),
+            "sfdisk {} failed ({}): {}",
+            backing.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        LoopDev::attach_partitioned(backing)
+    }
+
+    /// Attaches `backing` with its partitions scanned (`losetup -P`), and
+    /// waits (up to 5 s) for the first partition's node. A kernel built
+    /// without partition table parsers (this machine's: neither
+    /// CONFIG_MSDOS_PARTITION nor CONFIG_EFI_PARTITION) finds none: then
+    /// `partx -a` reads the table and adds them.
+    pub fn attach_partitioned(backing: &Path) -> anyhow::Result<LoopDev> {
+        require_cmd("partx").context("LoopDev::attach_partitioned")?;
+        let dev = LoopDev::attach_with(backing, &["--partscan"])?;
+        let first = dev.partition(1);
+        if !first.exists() {
+            crate::site::run_ok(Command::new("partx").arg("-a").arg(&dev.device))?;
+        }
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !first.exists() {
+            ensure!(
+                std::time::Instant::now() < until,
+                "{} did not appear after losetup -P {}",
+                first.display(),
+                backing.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Ok(dev)
+    }
+
+    /// The node of partition `n` (from 1), `/dev/loopNpn`.
+    pub fn partition(&self, n: u32) -> PathBuf {
+        PathBuf::from(format!("{}p{n}", self.device.display()))
     }
 
     /// Attaches an existing `backing` file with
     /// `losetup --find --show --direct-io=off`.
     pub fn attach(backing: &Path) -> anyhow::Result<LoopDev> {
+        LoopDev::attach_with(backing, &[])
+    }
+
+    fn attach_with(backing: &Path, extra: &[&str]) -> anyhow::Result<LoopDev> {
         require_root().context("LoopDev::attach")?;
         require_cmd("losetup").context("LoopDev::attach")?;
         let size_bytes = std::fs::metadata(backing)
@@ -59,6 +109,7 @@ impl LoopDev {
             .len();
         let output = Command::new("losetup")
             .args(["--find", "--show", "--direct-io=off"])
+            .args(extra)
             .arg(backing)
             .output()
             .context("run losetup --find --show")?;
@@ -222,6 +273,29 @@ impl LoopDev {
             .open(&self.device)
             .with_context(|| format!("open {} for writing", self.device.display()))
     }
+}
+
+/// Creates (or truncates) `backing` as a sparse file of `size_bytes`.
+fn make_backing(backing: &Path, size_bytes: u64) -> anyhow::Result<()> {
+    ensure!(
+        size_bytes > 0 && size_bytes.is_multiple_of(512),
+        "loop device size {size_bytes} is not a positive multiple of 512 bytes"
+    );
+    require_root().context("LoopDev::create")?;
+    require_cmd("losetup").context("LoopDev::create")?;
+
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(backing)
+        .with_context(|| format!("create backing file {}", backing.display()))?;
+    file.set_len(size_bytes)
+        .with_context(|| format!("size backing file {}", backing.display()))?;
+    file.sync_all()
+        .with_context(|| format!("fsync backing file {}", backing.display()))?;
+    drop(file);
+    Ok(())
 }
 
 impl Drop for LoopDev {

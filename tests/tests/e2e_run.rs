@@ -1499,3 +1499,69 @@ fn a_bio_based_disk_replicates_and_resumes_without_resync() -> anyhow::Result<()
     );
     Ok(())
 }
+
+/// A disk with a partition table and a filesystem on each of two
+/// partitions: the partitions' writes are the disk's (the tracer reports
+/// them against the whole disk), both filesystems are frozen for the
+/// point, and the exported disk has the table and both filesystems, clean
+/// and holding what was written before the point.
+#[test]
+fn partitions_of_a_disk_are_frozen_and_replicated_as_one_disk() -> anyhow::Result<()> {
+    require_cmd("fsck.ext4")?;
+    let site = Site::start()?;
+    let dev = LoopDev::create_partitioned(
+        &site.dir.path().join("parts.img"),
+        160 << 20,
+        "label: gpt\n,64MiB\n,\n",
+    )?;
+    let mut mounts = Vec::new();
+    for n in [1, 2] {
+        let part = dev.partition(n);
+        run_ok(Command::new("mkfs.ext4").args([
+            "-q",
+            "-F",
+            "-E",
+            "lazy_itable_init=0,lazy_journal_init=0",
+            path(&part),
+        ]))?;
+        let mnt = site.dir.path().join(format!("p{n}"));
+        std::fs::create_dir_all(&mnt)?;
+        // Written back only by the point's syncfs and freeze.
+        run_ok(Command::new("mount").args(["-o", "commit=300", path(&part), path(&mnt)]))?;
+        mounts.push((mnt.clone(), Unmount(mnt)));
+    }
+    let cfg = run_config(&site, "run-parts", &[(dev.path(), "disk-parts")], "")?;
+    let agent = RunningAgent::start(&cfg, "run-parts")?;
+    let mut rng = SplitMix64::new(57);
+    let mut expected = Vec::new();
+    for (n, (mnt, _)) in mounts.iter().enumerate() {
+        for i in 0..5 {
+            let name = format!("p{}-f{i}", n + 1);
+            let data = random_block(&mut rng, 4096 * (1 + i) + 77);
+            std::fs::write(mnt.join(&name), &data)?;
+            expected.push((n, name, data));
+        }
+    }
+    let id = agent.bookmark(false)?;
+    let image = site.dir.path().join("parts-point.raw");
+    run_ok(&mut crate_export(&site, "disk-parts", id, &image))?;
+    let copy = LoopDev::attach_partitioned(&image)?;
+    for n in [1, 2] {
+        run_ok(Command::new("fsck.ext4").args(["-n", "-f", path(&copy.partition(n))]))?;
+        let check = site.dir.path().join(format!("check{n}"));
+        std::fs::create_dir_all(&check)?;
+        run_ok(Command::new("mount").args([
+            "-o",
+            "ro,noload",
+            path(&copy.partition(n)),
+            path(&check),
+        ]))?;
+        let _unmount = Unmount(check.clone());
+        for (_, name, data) in expected.iter().filter(|(p, _, _)| *p + 1 == n as usize) {
+            let got = std::fs::read(check.join(name))
+                .with_context(|| format!("{name} missing from partition {n} at point {id}"))?;
+            ensure!(&got == data, "{name} differs at point {id}");
+        }
+    }
+    Ok(())
+}
