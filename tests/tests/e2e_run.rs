@@ -32,13 +32,23 @@ fn churn(dev: &LoopDev, rng: &mut SplitMix64, writes: usize) -> anyhow::Result<(
 
 #[test]
 fn raw_writes_replicate_and_points_export_exactly() -> anyhow::Result<()> {
+    require_cmd("blkdiscard")?;
     let site = Site::start()?;
     let dev = LoopDev::create(&site.dir.path().join("raw.img"), 64 << 20)?;
     let cfg = run_config(&site, "run-raw", &[(dev.path(), "disk-raw")], "")?;
     let mut agent = RunningAgent::start(&cfg, "run-raw")?;
     let mut rng = SplitMix64::new(5);
-    for round in 0..3 {
+    for round in 0..3u64 {
         churn(&dev, &mut rng, 200)?;
+        // A discard (the loop device punches a hole: reads as zeroes) and
+        // a write-zeroes (`N` in the tracer's rwbs), over 8 MiB just written.
+        let at = (round * 20 + 3) << 20;
+        dev.write_at(at, &random_block(&mut rng, 8 << 20))?;
+        let device = path(dev.path());
+        let (off, len) = (at.to_string(), (3u64 << 20).to_string());
+        run_ok(Command::new("blkdiscard").args(["-o", &off, "-l", &len, device]))?;
+        let (off, len) = ((at + (5 << 20)).to_string(), (2u64 << 20).to_string());
+        run_ok(Command::new("blkdiscard").args(["-z", "-o", &off, "-l", &len, device]))?;
         let id = agent.bookmark(false)?;
         let exported = site.export("disk-raw", &id.to_string())?;
         ensure!(
