@@ -1417,6 +1417,36 @@ fn state_dir_on_the_protected_filesystem_still_gives_points() -> anyhow::Result<
         std::fs::read(check.join("a"))? == b"before the point",
         "the file written before point {id} differs"
     );
+    drop(_unmount_check);
+    // A clean stop saves (and syncs) the state on the disk it tracks,
+    // after the stop's last drain; a crash leaves its drain log there.
+    // Either way the trace instance holds those writes, and the restart
+    // accounts for them without a resync.
+    let mut agent = agent;
+    for (n, how) in ["a clean stop", "SIGKILL"].into_iter().enumerate() {
+        std::fs::write(mnt.join("b"), format!("before {how}"))?;
+        if n == 0 {
+            agent.stop()?;
+        } else {
+            std::thread::sleep(Duration::from_millis(300));
+            agent.kill();
+        }
+        agent.restart()?;
+        let id = agent.bookmark(false)?;
+        let log = agent.log();
+        ensure!(
+            !log.contains("resync required"),
+            "a restart after {how} with state_dir on the protected disk resynced: {log}"
+        );
+        run_ok(&mut crate_export(&site, "disk-own", id, &image))?;
+        run_ok(Command::new("fsck.ext4").args(["-n", "-f", path(&image)]))?;
+        run_ok(Command::new("mount").args(["-o", "ro,loop,noload", path(&image), path(&check)]))?;
+        let _unmount_check = Unmount(check.clone());
+        ensure!(
+            std::fs::read(check.join("b"))? == format!("before {how}").as_bytes(),
+            "the file written before {how} differs at point {id}"
+        );
+    }
     Ok(())
 }
 
@@ -1573,5 +1603,102 @@ fn partitions_of_a_disk_are_frozen_and_replicated_as_one_disk() -> anyhow::Resul
             ensure!(&got == data, "{name} differs at point {id}");
         }
     }
+    Ok(())
+}
+
+/// Every disk of the machine in the same cut: a writer alternates synced
+/// overwrites of one block of a file on each of two filesystems, on two
+/// disks, stamping them 1, 2, 3, ... (odd on the first, even on the
+/// second). A point freezes both before it drains, so at every point the
+/// two stamps are consecutive: the newer disk's write is the last one
+/// before the cut and the other's the one before it.
+#[test]
+fn a_point_cuts_every_disk_at_the_same_moment() -> anyhow::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let site = Site::start()?;
+    let devs = [
+        LoopDev::create(&site.dir.path().join("cut1.img"), 64 << 20)?,
+        LoopDev::create(&site.dir.path().join("cut2.img"), 64 << 20)?,
+    ];
+    let mut mounts = Vec::new();
+    for (i, dev) in devs.iter().enumerate() {
+        dev.mkfs_ext4()?;
+        mounts.push(mount_quiet_at(&site, dev, &format!("cut{i}"))?);
+    }
+    let files: Vec<PathBuf> = mounts.iter().map(|(m, _)| m.join("stamp")).collect();
+    for f in &files {
+        std::fs::write(f, vec![0u8; 4096])?;
+    }
+    let cfg = run_config(
+        &site,
+        "run-cuts",
+        &[(devs[0].path(), "disk-c1"), (devs[1].path(), "disk-c2")],
+        "",
+    )?;
+    let agent = RunningAgent::start(&cfg, "run-cuts")?;
+    agent.bookmark(false)?;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let _stop = StopOnDrop(done.clone());
+    let writer = {
+        let files = files.clone();
+        let done = done.clone();
+        std::thread::spawn(move || -> anyhow::Result<u64> {
+            let handles = files
+                .iter()
+                .map(|f| std::fs::OpenOptions::new().write(true).open(f))
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut seq = 0u64;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                seq += 1;
+                let f = &handles[((seq + 1) % 2) as usize];
+                f.write_all_at(&seq.to_le_bytes().repeat(512), 0)?;
+                f.sync_data()?;
+            }
+            Ok(seq)
+        })
+    };
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_millis(150));
+        ids.push(agent.bookmark(false)?);
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written = writer.join().expect("writer thread")?;
+    let mut cuts = Vec::new();
+    for id in ids {
+        ensure!(
+            site.point_kind(id)?.as_deref() == Some("crash-consistent"),
+            "point {id} is not crash-consistent though both disks' filesystems freeze"
+        );
+        let mut stamps = Vec::new();
+        for (i, disk) in ["disk-c1", "disk-c2"].into_iter().enumerate() {
+            let image = site.dir.path().join(format!("cut-{id}-{i}.raw"));
+            run_ok(&mut crate_export(&site, disk, id, &image))?;
+            let check = site.dir.path().join(format!("check-cut{i}"));
+            std::fs::create_dir_all(&check)?;
+            run_ok(Command::new("mount").args([
+                "-o",
+                "ro,loop,noload",
+                path(&image),
+                path(&check),
+            ]))?;
+            let _unmount = Unmount(check.clone());
+            let block = std::fs::read(check.join("stamp"))?;
+            stamps.push(u64::from_le_bytes(block[..8].try_into()?));
+        }
+        let (hi, lo) = (stamps[0].max(stamps[1]), stamps[0].min(stamps[1]));
+        ensure!(
+            hi == lo + 1 || hi == 0,
+            "point {id} holds stamp {} on the first disk and {} on the second: not one cut",
+            stamps[0],
+            stamps[1]
+        );
+        cuts.push(hi);
+    }
+    eprintln!("points cut at stamps {cuts:?} of {written}");
+    ensure!(
+        cuts.windows(2).any(|w| w[0] != w[1]),
+        "the writer did not move between points: {cuts:?}"
+    );
     Ok(())
 }
