@@ -45,13 +45,25 @@ const DRAIN_EVERY: Duration = Duration::from_millis(100);
 /// costs new reader and compressor threads).
 const SHIP_NOW_BYTES: u64 = 8 << 20;
 /// How often the dirty maps are saved at most while rounds follow each
-/// other without a wait; a loop about to wait saves at once. A save after
+/// other without a wait; a loop about to wait saves at once (if a save is
+/// due at all: `SAVE_TAKEN_BYTES`). A save after
 /// every round was a sixth of the agent's CPU at 100 MB/s of churn (a
 /// dozen rounds a second, each replacing two files: ext4 writes a file
 /// replaced by rename back at once; docs/BENCHMARKS.md, "The dirty maps
 /// saved once a second"). What is drained between saves goes into the
 /// drain log (`state::DrainLog`), one append per drain.
 const SAVE_EVERY: Duration = Duration::from_secs(1);
+/// A disk whose saved state plus its drain log still covers everything
+/// dirty (only drains and takes since the save) is saved once this much
+/// has been taken since, or this long after the last save, not at every
+/// wait: without a save a crash re-ships what was taken since (the saved
+/// map still has it), which below this is little. With `state_dir` on a
+/// protected disk (the default on a protected root disk) each save is
+/// writes the agent then tracks, ships and saved again: 3.5 write
+/// requests a second on an idle machine, every cycle's save shipping the
+/// last one's.
+const SAVE_TAKEN_BYTES: u64 = 1 << 20;
+const SAVE_IDLE_EVERY: Duration = Duration::from_secs(60);
 /// How often the trace instance's settings are read back at most while
 /// the audit agrees (see `collect`).
 const VERIFY_EVERY: Duration = Duration::from_secs(1);
@@ -88,6 +100,13 @@ struct DiskRun {
     /// good.
     swept: Option<SendMark>,
     changed: bool,
+    /// The change since the last save is not in the drain log and not a
+    /// mere take (a resync begun or ended, a size change, a refusal): the
+    /// next save may not be put off (see `SAVE_TAKEN_BYTES`).
+    must_save: bool,
+    /// Bytes taken from the map since the last save, and when that was.
+    taken_since_save: u64,
+    saved_at: Instant,
     /// Generation of the last save, and the log of what was drained since
     /// (`state::DrainLog`); None until the first save.
     drained_gen: u64,
@@ -143,6 +162,7 @@ impl DiskRun {
         self.base_sectors = self.counters();
         self.seen_sectors = 0;
         self.changed = true;
+        self.must_save = true;
     }
 
     /// Takes in the device's current size. Returns true when the disk grew:
@@ -165,6 +185,7 @@ impl DiskRun {
                 );
                 self.refused = Some(why);
                 self.changed = true;
+                self.must_save = true;
             }
             return false;
         }
@@ -191,6 +212,7 @@ impl DiskRun {
         self.dirty.mark(was..now);
         self.disk.size_bytes = now;
         self.changed = true;
+        self.must_save = true;
         true
     }
 
@@ -232,6 +254,18 @@ impl DiskRun {
         Ok(())
     }
 
+    /// Whether a save (short of a clean stop's) should not wait: see
+    /// `SAVE_TAKEN_BYTES`. Without a working drain log every change is
+    /// saved, as a crash would otherwise lose what was drained.
+    fn save_due(&self) -> bool {
+        let log_whole = self.drain_log.as_ref().is_some_and(|l| !l.dropped());
+        self.changed
+            && (self.must_save
+                || !log_whole
+                || self.taken_since_save >= SAVE_TAKEN_BYTES
+                || self.saved_at.elapsed() >= SAVE_IDLE_EVERY)
+    }
+
     /// Logs a drain's events of this disk (`state::DrainLog`).
     fn log_drain(&mut self, sectors: u64, ranges: &[Range<u64>]) {
         let Some(log) = &mut self.drain_log else {
@@ -262,6 +296,9 @@ fn restore(dir: &std::path::Path, disk: Disk) -> DiskRun {
         comparing: false,
         swept: None,
         changed: true,
+        must_save: true,
+        taken_since_save: 0,
+        saved_at: Instant::now(),
         drained_gen: 0,
         drain_log: None,
     };
@@ -628,7 +665,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         r.collect()?;
         let next_round_now = r.shippable_bytes() > 0 && r.shipper.connected();
         // Saved after this drain: when the writes have stopped, what is
-        // saved is exact, and a crash during the wait loses nothing.
+        // saved is exact (a crash during the wait re-ships nothing).
         if !next_round_now || r.saved_at.elapsed() >= SAVE_EVERY {
             r.persist(false);
         }
@@ -938,7 +975,9 @@ impl Runner {
                     READ_BYTES as u64 * 4,
                 )
             };
-            taken += ranges.iter().map(|r| r.end - r.start).sum::<u64>();
+            let bytes = ranges.iter().map(|r| r.end - r.start).sum::<u64>();
+            taken += bytes;
+            d.taken_since_save += bytes;
             emptied[i] = d.dirty.is_clean();
             d.pending.extend(ranges.iter().cloned());
             if !ranges.is_empty() {
@@ -1155,6 +1194,7 @@ impl Runner {
                 d.resync = None;
                 d.swept = None;
                 d.changed = true;
+                d.must_save = true;
             }
         }
     }
@@ -1176,11 +1216,16 @@ impl Runner {
     fn persist(&mut self, clean_stop: bool) {
         self.saved_at = Instant::now();
         for d in &mut self.disks {
-            if !d.changed && !clean_stop {
+            if !clean_stop && !d.save_due() {
                 continue;
             }
             match d.save(&self.cfg.state_dir, clean_stop) {
-                Ok(()) => d.changed = false,
+                Ok(()) => {
+                    d.changed = false;
+                    d.must_save = false;
+                    d.taken_since_save = 0;
+                    d.saved_at = Instant::now();
+                }
                 Err(e) => warn!(
                     "cannot save state of disk {} in {}: {e}",
                     d.disk.id,
@@ -1523,6 +1568,7 @@ impl Runner {
         let mut jobs = Vec::new();
         for d in &mut self.disks {
             let ranges = d.dirty.take(u64::MAX, READ_BYTES as u64 * 4);
+            d.taken_since_save += ranges.iter().map(|r| r.end - r.start).sum::<u64>();
             d.pending.extend(ranges.iter().cloned());
             d.changed = true;
             jobs.push(Job::full(d.disk.clone(), ranges));

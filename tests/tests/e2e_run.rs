@@ -1418,6 +1418,20 @@ fn state_dir_on_the_protected_filesystem_still_gives_points() -> anyhow::Result<
         "the file written before point {id} differs"
     );
     drop(_unmount_check);
+    // Idle, the saves stop: each was writes to the disk, tracked, shipped
+    // and saved again, every cycle (3.5 write requests a second).
+    let saved = mnt.join("state").join("disk-own.state");
+    let before = std::fs::metadata(&saved)?.modified()?;
+    let writes = disk_counters(&dev)?;
+    std::thread::sleep(Duration::from_secs(3));
+    eprintln!(
+        "idle for 3 s: {} write requests to the protected disk",
+        disk_counters(&dev)? - writes
+    );
+    ensure!(
+        std::fs::metadata(&saved)?.modified()? == before,
+        "an idle agent saved its state again (a save every cycle replicates itself)"
+    );
     // A clean stop saves (and syncs) the state on the disk it tracks,
     // after the stop's last drain; a crash leaves its drain log there.
     // Either way the trace instance holds those writes, and the restart
