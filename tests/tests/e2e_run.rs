@@ -1775,3 +1775,65 @@ fn writes_that_fail_part_way_are_replicated_as_they_landed() -> anyhow::Result<(
     );
     Ok(())
 }
+
+/// Saved state the agent cannot trust: a damaged dirty map, a state file
+/// that is not JSON, a state of another boot (as after a reboot). Each
+/// restart names why in "resync required", resyncs by checksum (the
+/// receiver has the image), and the next point is exact.
+#[test]
+fn saved_state_that_cannot_be_trusted_is_resynced_with_the_reason() -> anyhow::Result<()> {
+    let site = Site::start()?;
+    let dev = LoopDev::create(&site.dir.path().join("st.img"), 64 << 20)?;
+    let cfg = run_config(&site, "run-state", &[(dev.path(), "disk-st")], "")?;
+    let state_dir = cfg.parent().context("agent dir")?.join("state");
+    let mut agent = RunningAgent::start(&cfg, "run-state")?;
+    let mut rng = SplitMix64::new(29);
+    type Damage = fn(&Path) -> anyhow::Result<()>;
+    let cases: [(&str, Damage, &str); 3] = [
+        (
+            "a damaged dirty map",
+            |dir| Ok(std::fs::write(dir.join("disk-st.dirty"), b"not a map")?),
+            "saved state unreadable",
+        ),
+        (
+            "a state file that is not JSON",
+            |dir| {
+                Ok(std::fs::write(
+                    dir.join("disk-st.state"),
+                    b"{\"disk_id\": ",
+                )?)
+            },
+            "saved state unreadable",
+        ),
+        (
+            "a state of another boot",
+            |dir| {
+                let file = dir.join("disk-st.state");
+                let mut st: serde_json::Value = serde_json::from_slice(&std::fs::read(&file)?)?;
+                st["boot_id"] = "00000000-0000-0000-0000-000000000000".into();
+                Ok(std::fs::write(&file, serde_json::to_vec(&st)?)?)
+            },
+            "the machine rebooted",
+        ),
+    ];
+    for (what, damage, reason) in cases {
+        churn(&dev, &mut rng, 50)?;
+        agent.bookmark(false)?;
+        agent.stop()?;
+        damage(&state_dir)?;
+        churn(&dev, &mut rng, 50)?;
+        agent.restart()?;
+        let id = agent.bookmark(false)?;
+        let log = agent.log();
+        ensure!(
+            log.contains(&format!("resync required: {reason}"))
+                && log.contains("resync by checksum comparison"),
+            "after {what}: {log}"
+        );
+        ensure!(
+            site.export("disk-st", &id.to_string())? == dev.read_all()?,
+            "point {id} after {what} differs from the device"
+        );
+    }
+    Ok(())
+}
