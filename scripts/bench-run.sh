@@ -41,7 +41,8 @@
 # behind the guest's writes in one (a real disk has no such thread).
 # TIMELINE=FILE writes, for each rate step, the agent's backlog every
 # 0.25 s and each bookmark's start and lag (seconds since the step began),
-# to see what a lag spike coincides with.
+# to see what a lag spike coincides with. AGENT_LOG=FILE keeps the
+# agent's log (with TIMELINE: what the agent said at a spike).
 # FS=ext4 puts an ext4 filesystem on the device and runs the guest's fio
 # on a file in it (three quarters of the disk, written once beforehand),
 # so each point freezes it: the rate steps then also report the freeze
@@ -89,6 +90,7 @@ cleanup() {
   [ -n "$mnt" ] && umount "$mnt" || true
   [ -n "$loopdev" ] && losetup -d "$loopdev" || true
   [ -n "$disk_ram" ] && umount "$disk_ram" || true
+  [ -n "${AGENT_LOG:-}" ] && cp "$work/agent.log" "$AGENT_LOG" || true
   rm -rf "$work"
 }
 trap cleanup EXIT
