@@ -85,9 +85,20 @@ type Attempt = tokio::task::JoinHandle<Result<(Connection, Registered), ConnectE
 pub struct SentPoint {
     /// The connection it went on and its seq there, once sent.
     sent_on: Option<(u64, u64)>,
+    /// Data let go before the point's cut was unacknowledged on this
+    /// connection then: the point holds only if it is recorded on it.
+    requires: Option<u64>,
     kind: PointKind,
     name: String,
 }
+
+/// A point's connection ended before it was recorded while data sent
+/// before its cut was unacknowledged on it: the point is to be cut again.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the connection ended with data sent before the point unacknowledged; the point is cut again"
+)]
+pub struct PointVoided;
 
 /// A point in what was sent (see [`Shipper::send_mark`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -795,7 +806,7 @@ impl Shipper {
     /// Sends a point after everything queued so far and waits until the
     /// receiver has recorded it durably; returns its id.
     pub async fn point(&mut self, kind: PointKind, name: &str) -> anyhow::Result<u64> {
-        let mut sent = self.new_point(kind, name)?;
+        let mut sent = self.new_point(kind, name, None)?;
         loop {
             if let Some(id) = self.point_recorded(&mut sent, None).await? {
                 return Ok(id);
@@ -805,17 +816,34 @@ impl Shipper {
 
     /// A point to go after everything queued so far: [`Shipper::point_recorded`]
     /// sends it and says when the receiver holds it.
-    pub fn new_point(&self, kind: PointKind, name: &str) -> anyhow::Result<SentPoint> {
-        if self.let_go_unacked() {
+    /// `requires`: what [`Shipper::let_go_connection`] said before the
+    /// cut.
+    pub fn new_point(
+        &self,
+        kind: PointKind,
+        name: &str,
+        requires: Option<u64>,
+    ) -> anyhow::Result<SentPoint> {
+        if self.let_go_unacked() && requires.is_none() {
             // The caller waits for them before it cuts the point
-            // (`wait_let_go`); a lost range would be read after the cut.
+            // (`wait_let_go`), or names the connection they went on; a
+            // lost range would be read after the cut.
             bail!("internal error: a point was asked for while data sent before it may still be lost; no point taken");
         }
         Ok(SentPoint {
             sent_on: None,
+            requires,
             kind,
             name: name.to_owned(),
         })
+    }
+
+    /// For a point about to be cut without waiting for the acks of data
+    /// let go before it: the connection that data is on (None: there is
+    /// none unacknowledged). Ranges already lost must be marked dirty
+    /// first (`take_lost`).
+    pub fn let_go_connection(&self) -> Option<u64> {
+        self.let_go_unacked().then_some(self.connections)
     }
 
     /// The id of a point, once the receiver has recorded it durably; None
@@ -843,6 +871,15 @@ impl Shipper {
                 }
                 return Ok(None);
             }
+        }
+        if sent
+            .requires
+            .is_some_and(|c| c != self.connections || self.conn.is_none())
+        {
+            // Data sent before the cut was let go on a connection that
+            // ended: what of it was not acknowledged is read again after
+            // the cut, so this point would not hold it.
+            return Err(PointVoided.into());
         }
         let seq = match sent.sent_on {
             Some((conn, seq)) if conn == self.connections => seq,

@@ -309,9 +309,11 @@ fn frozen_flow_beyond_the_receiver_timeout_is_abandoned() -> anyhow::Result<()> 
 }
 
 /// Data shipped between points is let go once sent, and read again if its
-/// connection ends before the ack. A point asked for while such data is
-/// unacknowledged must wait for it: were the point cut first, the lost
-/// data would be read again only after the point and be missing from it.
+/// connection ends before the ack. A crash-consistent point asked for
+/// while such data is unacknowledged is cut without waiting for it, and
+/// must be cut again if that connection ends before the point is
+/// recorded: else the lost data would be read again only after the point
+/// and be missing from it.
 #[test]
 fn data_lost_with_the_connection_while_a_point_is_asked_for_is_in_the_point() -> anyhow::Result<()>
 {
@@ -350,8 +352,8 @@ fn data_lost_with_the_connection_while_a_point_is_asked_for_is_in_the_point() ->
         let cfg = w.agent.cfg.clone();
         move || bookmark(&cfg, CONVERGE_WITHIN)
     });
-    // The point is asked for and waits on those acks; then the
-    // connection goes, and with it everything it carried.
+    // The point is asked for, cut, and waits to be recorded behind those
+    // acks; then the connection goes, and with it everything it carried.
     std::thread::sleep(Duration::from_secs(2));
     w.proxy.cut_all();
     w.proxy.set_paused(false);
@@ -370,6 +372,11 @@ fn data_lost_with_the_connection_while_a_point_is_asked_for_is_in_the_point() ->
         exported == w.dev.read_all()?,
         "point {id} lacks data sent before it and lost with its connection; agent log:\n{}",
         w.agent.log()
+    );
+    let log = w.agent.log();
+    ensure!(
+        log.contains("the point is cut again"),
+        "the point was not cut before the connection went: {log}"
     );
     Ok(())
 }
