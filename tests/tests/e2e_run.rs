@@ -1365,6 +1365,23 @@ fn agent_notifies_ready_watchdog_and_status() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A point asked for with a deadline: a point held back for good (a
+/// resync that never ends) fails the test instead of hanging it.
+fn bookmark_within(agent: &RunningAgent, limit: Duration) -> anyhow::Result<u64> {
+    let mut child = agent.bookmark_in_background()?;
+    let deadline = std::time::Instant::now() + limit;
+    while child.try_wait()?.is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            anyhow::bail!("no point within {limit:?}: {}", agent.log());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output()?;
+    ensure!(out.status.success(), "bookmark failed: {}", agent.log());
+    Ok(String::from_utf8(out.stdout)?.trim().parse()?)
+}
+
 /// The default `state_dir` (/var/lib/tidemark-agent) is on the root disk,
 /// which is protected too: the agent's own saves are writes it tracks.
 #[test]
@@ -1389,21 +1406,7 @@ fn state_dir_on_the_protected_filesystem_still_gives_points() -> anyhow::Result<
     std::fs::write(&cfg, text)?;
     let agent = RunningAgent::start(&cfg, "run-own")?;
     std::fs::write(mnt.join("a"), b"before the point")?;
-    let mut child = agent.bookmark_in_background()?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = child.try_wait()? {
-            break s;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            anyhow::bail!("no point within 60 s: {}", agent.log());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let out = child.wait_with_output()?;
-    ensure!(status.success(), "bookmark failed: {}", agent.log());
-    let id: u64 = String::from_utf8(out.stdout)?.trim().parse()?;
+    let id = bookmark_within(&agent, Duration::from_secs(60))?;
     let log = agent.log();
     ensure!(log.contains("resync complete"), "{log}");
     let image = site.dir.path().join("point.raw");
@@ -1474,17 +1477,7 @@ fn an_initial_sync_under_writes_that_never_pause_completes() -> anyhow::Result<(
     let writes = SmallWrites::start_every(&dev, 91, Duration::from_millis(5));
     let cfg = run_config(&site, "run-busy", &[(dev.path(), "disk-busy")], "")?;
     let agent = RunningAgent::start(&cfg, "run-busy")?;
-    let mut child = agent.bookmark_in_background()?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while child.try_wait()?.is_none() {
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            anyhow::bail!("no point within 60 s under writes: {}", agent.log());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let out = child.wait_with_output()?;
-    ensure!(out.status.success(), "bookmark failed: {}", agent.log());
+    bookmark_within(&agent, Duration::from_secs(60))?;
     let written = writes.stop()?;
     let id = agent.bookmark(false)?;
     ensure!(
