@@ -41,7 +41,9 @@
 # behind the guest's writes in one (a real disk has no such thread).
 # TIMELINE=FILE writes, for each rate step, the agent's backlog every
 # 0.25 s and each bookmark's start and lag (seconds since the step began),
-# to see what a lag spike coincides with. AGENT_LOG=FILE keeps the
+# to see what a lag spike coincides with; beside each backlog, what the
+# machine did (page cache dirty and under writeback, MiB written to its
+# disks, agent and receiver CPU ticks so far). AGENT_LOG=FILE keeps the
 # agent's log (with TIMELINE: what the agent said at a spike).
 # FS=ext4 puts an ext4 filesystem on the device and runs the guest's fio
 # on a file in it (three quarters of the disk, written once beforehand),
@@ -269,6 +271,15 @@ for rate in "${rates[@]}"; do
       "$bin/tidemark-agent" status --json --config "$work/agent/run.toml" 2>/dev/null |
         grep -o '"dirty_bytes": *[0-9]*' | awk -F: '{s += $2} END {print int(s / 1048576)}' |
         xargs printf '%s %.2f backlog_mib %s\n' "$rate" "$(echo "$(date +%s.%N) - $step_start" | bc -l)" >> "$TIMELINE"
+      # What the machine did meanwhile: page cache dirty and under
+      # writeback (MiB), MiB written to each real disk so far, and the
+      # CPU ticks of agent and receiver so far.
+      printf '%s %.2f sys dirty %s writeback %s disk_written %s agent_ticks %s receiver_ticks %s\n' "$rate" \
+        "$(echo "$(date +%s.%N) - $step_start" | bc -l)" \
+        "$(awk '/^Dirty:/ {print int($2 / 1024)}' /proc/meminfo)" \
+        "$(awk '/^Writeback:/ {print int($2 / 1024)}' /proc/meminfo)" \
+        "$(awk '$3 ~ /^(vd|sd|xvd)[a-z]+$/ || $3 ~ /^nvme[0-9]+n[0-9]+$/ {s += $10} END {print int(s / 2048)}' /proc/diskstats)" \
+        "$(cpu_ticks)" "$(rx_ticks)" >> "$TIMELINE"
       sleep 0.25
     done &
     sampler=$!
