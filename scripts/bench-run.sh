@@ -60,8 +60,10 @@
 # virtual disk that holds the receiver's images and journal. Otherwise
 # the kernel writes the backing file back there about every 30 s, a
 # gigabyte or more at 3-4 GB/s, and the receiver's syncs wait behind it
-# (docs/BENCHMARKS.md, "A burst ships at once"). On a real site the
-# master target is another machine, with disks of its own.
+# (docs/BENCHMARKS.md, "A burst ships at once"): every 5-6 s under a
+# steady 200 MB/s, enough to put the lag past 5 s in minute-long steps
+# ("200 MB/s held for a minute"). On a real site the master target is
+# another machine, with disks of its own.
 # IMAGES_FS=xfs|ext4 puts the receiver's images on a filesystem of their
 # own (IMAGES_GIB, default 32) on a loop device over a fully allocated
 # file, made without discards so that it stays allocated: what the
