@@ -29,6 +29,9 @@
 # two builds in one sitting, alternating). AGENT_SETTINGS='queue_depth = 8'
 # adds top-level agent settings (to compare tunings the same way);
 # AGENT_ENV='VAR=value ...' sets environment variables for the agent alone.
+# TRACKING_ONLY=1 also runs the guest's fio (unthrottled, then at each
+# rate) with the agent tracking but nothing to ship to (before the
+# receiver starts): what the tracing itself costs the guest.
 # AGENT_AS_UNIT=1 runs the agent at the systemd unit's priorities (Nice=5,
 # best-effort I/O class at level 4) instead of fio's.
 # RECEIVER_NICE=N runs the receiver at nice N: on a real site it is another
@@ -190,20 +193,53 @@ for rate in "${rates[@]}"; do
   read -r _ rate_base_p99[$rate] < <(fio_summary "$work/rate-base.json")
 done
 
+# The agent's own start line, shared by the tracking-only phase and the
+# run proper.
+priority=()
+[ "${AGENT_AS_UNIT:-0}" = 1 ] && priority=(nice -n 5 ionice -c 2 -n 4)
+start_agent() { # log file
+  env ${AGENT_ENV:-} "${priority[@]}" "$bin/tidemark-agent" run --config "$work/agent/run.toml" 2> "$1" &
+  ag=$!
+  for _ in $(seq 1 300); do grep -q "replicating" "$1" && break; sleep 0.1; done
+}
+if [ "${TRACKING_ONLY:-0}" = 1 ]; then
+  # The agent with no receiver up yet: it traces every write and drains
+  # its tracer, and ships nothing (it retries the connection meanwhile).
+  # What the guest pays for the tracking alone, beside what it pays with
+  # the shipping, the receiver and their CPU below.
+  echo "== guest fio with the agent only tracking (no receiver yet; ${secs}s, unthrottled, then each rate)"
+  start_agent "$work/agent-tracking.log"
+  t0=$(awk '{print $14 + $15}' "/proc/$ag/stat")
+  fio_run 0 "$secs" "$work/track.json"
+  read -r track_bw track_p99 < <(fio_summary "$work/track.json")
+  printf 'tracking only: %s MB/s, p99 %s us  (throughput %.1f%% of baseline, p99 %+.1f%%)\n' "$track_bw" "$track_p99" \
+    "$(echo "100 * $track_bw / $base_bw" | bc -l)" "$(echo "100 * ($track_p99 - $base_p99) / $base_p99" | bc -l)"
+  churn=$(echo "$track_bw * $secs" | bc -l)
+  for rate in "${rates[@]}"; do
+    fio_run "$rate" "$secs" "$work/track-rate.json"
+    read -r bw p99 < <(fio_summary "$work/track-rate.json")
+    churn=$(echo "$churn + $bw * $secs" | bc -l)
+    printf 'tracking only at %s MB/s: fio %s MB/s, p99 %s us alone / %s us tracked (%+.1f%%)\n' "$rate" "$bw" \
+      "${rate_base_p99[$rate]}" "$p99" "$(echo "100 * ($p99 - ${rate_base_p99[$rate]}) / ${rate_base_p99[$rate]}" | bc -l)"
+  done
+  t1=$(awk '{print $14 + $15}' "/proc/$ag/stat")
+  printf 'tracking only: agent CPU %.2f s for %.0f MB of churn (%.4f s per 100 MB)\n' "$(echo "($t1 - $t0) / $(getconf CLK_TCK)" | bc -l)" \
+    "$churn" "$(echo "($t1 - $t0) / $(getconf CLK_TCK) * 100 / $churn" | bc -l)"
+  kill "$ag" && wait "$ag" || true
+  ag=""
+  [ -n "${AGENT_LOG:-}" ] && cp "$work/agent-tracking.log" "$AGENT_LOG.tracking"
+fi
+
 "${rx_priority[@]}" "$bin/tidemark-receiver" serve --config "$work/rx/receiver.toml" 2> "$work/rx.log" &
 rx=$!
 for _ in $(seq 1 100); do grep -q "listening on" "$work/rx.log" && break; sleep 0.1; done
-priority=()
-[ "${AGENT_AS_UNIT:-0}" = 1 ] && priority=(nice -n 5 ionice -c 2 -n 4)
-env ${AGENT_ENV:-} "${priority[@]}" "$bin/tidemark-agent" run --config "$work/agent/run.toml" 2> "$work/agent.log" &
-ag=$!
+start_agent "$work/agent.log"
 if [ "${AGENT_BLKIO:-0}" = 1 ]; then
   # cgroup v1 (blkio) or v2 (the io controller must be enabled above it).
   if [ -d /sys/fs/cgroup/blkio ]; then blkio=/sys/fs/cgroup/blkio/tidemark-bench-agent; else blkio=/sys/fs/cgroup/tidemark-bench-agent; fi
   mkdir -p "$blkio"
   echo "$ag" > "$blkio/cgroup.procs"
 fi
-for _ in $(seq 1 300); do grep -q "replicating" "$work/agent.log" && break; sleep 0.1; done
 # Initial sync done once the first point is durable.
 sync_start=$(date +%s.%N)
 "$bin/tidemark-agent" bookmark --config "$work/agent/run.toml" 2>/dev/null >/dev/null
