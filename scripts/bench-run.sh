@@ -31,7 +31,8 @@
 # AGENT_ENV='VAR=value ...' sets environment variables for the agent alone.
 # TRACKING_ONLY=1 also runs the guest's fio (unthrottled, then at each
 # rate) with the agent tracking but nothing to ship to (before the
-# receiver starts): what the tracing itself costs the guest.
+# receiver starts): what the tracing itself costs the guest. The initial
+# sync is then begun by that agent, so the run's resync count below is 0.
 # AGENT_AS_UNIT=1 runs the agent at the systemd unit's priorities (Nice=5,
 # best-effort I/O class at level 4) instead of fio's.
 # RECEIVER_NICE=N runs the receiver at nice N: on a real site it is another
@@ -193,6 +194,10 @@ for rate in "${rates[@]}"; do
   read -r _ rate_base_p99[$rate] < <(fio_summary "$work/rate-base.json")
 done
 
+# CPU ticks (user and system) of the agent and of the receiver so far.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$ag/stat"; }
+rx_ticks() { awk '{print $14 + $15}' "/proc/$rx/stat"; }
+hz=$(getconf CLK_TCK)
 # The agent's own start line, shared by the tracking-only phase and the
 # run proper.
 priority=()
@@ -209,7 +214,7 @@ if [ "${TRACKING_ONLY:-0}" = 1 ]; then
   # the shipping, the receiver and their CPU below.
   echo "== guest fio with the agent only tracking (no receiver yet; ${secs}s, unthrottled, then each rate)"
   start_agent "$work/agent-tracking.log"
-  t0=$(awk '{print $14 + $15}' "/proc/$ag/stat")
+  t0=$(cpu_ticks)
   fio_run 0 "$secs" "$work/track.json"
   read -r track_bw track_p99 < <(fio_summary "$work/track.json")
   printf 'tracking only: %s MB/s, p99 %s us  (throughput %.1f%% of baseline, p99 %+.1f%%)\n' "$track_bw" "$track_p99" \
@@ -222,9 +227,9 @@ if [ "${TRACKING_ONLY:-0}" = 1 ]; then
     printf 'tracking only at %s MB/s: fio %s MB/s, p99 %s us alone / %s us tracked (%+.1f%%)\n' "$rate" "$bw" \
       "${rate_base_p99[$rate]}" "$p99" "$(echo "100 * ($p99 - ${rate_base_p99[$rate]}) / ${rate_base_p99[$rate]}" | bc -l)"
   done
-  t1=$(awk '{print $14 + $15}' "/proc/$ag/stat")
-  printf 'tracking only: agent CPU %.2f s for %.0f MB of churn (%.4f s per 100 MB)\n' "$(echo "($t1 - $t0) / $(getconf CLK_TCK)" | bc -l)" \
-    "$churn" "$(echo "($t1 - $t0) / $(getconf CLK_TCK) * 100 / $churn" | bc -l)"
+  t1=$(cpu_ticks)
+  printf 'tracking only: agent CPU %.2f s for %.0f MB of churn (%.4f s per 100 MB)\n' "$(echo "($t1 - $t0) / $hz" | bc -l)" \
+    "$churn" "$(echo "($t1 - $t0) / $hz * 100 / $churn" | bc -l)"
   kill "$ag" && wait "$ag" || true
   ag=""
   [ -n "${AGENT_LOG:-}" ] && cp "$work/agent-tracking.log" "$AGENT_LOG.tracking"
@@ -279,14 +284,11 @@ read -r with_bw with_p99 < <(fio_summary "$work/with.json")
 echo "with agent:    ${with_bw} MB/s, p99 ${with_p99} us  (throughput $(echo "100 * $with_bw / $base_bw" | bc -l | xargs printf '%.1f')% of baseline, p99 $(echo "100 * ($with_p99 - $base_p99) / $base_p99" | bc -l | xargs printf '%+.1f')%)"
 "$bin/tidemark-agent" bookmark --config "$work/agent/run.toml" 2>/dev/null >/dev/null
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$ag/stat"; }
-rx_ticks() { awk '{print $14 + $15}' "/proc/$rx/stat"; }
 # Idle (with iowait) and all ticks of the machine, to show where the two
 # cores go during a step (until its last point is durable, which can be
 # after fio stops): on a real site the receiver's share is another
 # machine's.
 machine_ticks() { awk '/^cpu / {print $5 + $6, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9}' /proc/stat; }
-hz=$(getconf CLK_TCK)
 # The freeze time of each point the agent logged since line $1 of its log
 # (with no filesystem, nothing is frozen: the figure it logs is then only
 # how long the point's data took to read).
