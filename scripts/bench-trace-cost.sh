@@ -41,7 +41,9 @@ echo "dev == $devt && nr_sector != 0 && rwbs ~ \"*[WDN]*\"" > "$inst/events/bloc
 printf '%-8s %10s %9s\n' mode "MB/s" "p99 us"
 for _ in $(seq 1 "$pairs"); do
   for mode in alone traced; do
-    echo $([ "$mode" = traced ] && echo 1 || echo 0) > "$inst/events/block/block_rq_complete/enable"
+    enable=0
+    [ "$mode" = traced ] && enable=1
+    echo "$enable" > "$inst/events/block/block_rq_complete/enable"
     fio --name=guest --filename="$loopdev" --ioengine=io_uring --direct=1 --rw=randwrite \
       --bsrange=4k-64k --iodepth=16 --time_based --runtime="$secs" --randrepeat=0 \
       --output-format=json --output="$work/guest.json" >/dev/null
