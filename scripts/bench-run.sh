@@ -38,6 +38,11 @@
 # machine, here it shares the guest's two cores. It does not make the
 # receiver's CPU free for the guest on this VM (docs/BENCHMARKS.md, "The
 # guest's latency at a steady rate").
+# AGENT_IDLE=1 and RECEIVER_IDLE=1 run the agent or the receiver under
+# SCHED_IDLE (`chrt --idle 0`): CPU only when nothing else wants it. The
+# kernel's own work for them (the loop worker serving the agent's reads,
+# writeback of the images, the network's softirqs) keeps its priority
+# (docs/BENCHMARKS.md, "Replication under SCHED_IDLE").
 # AGENT_BLKIO=1 runs the agent in a block-I/O cgroup of its own, as a
 # systemd service is in its unit's: the loop driver then serves the
 # agent's reads on a worker thread of their own instead of queueing them
@@ -88,6 +93,8 @@ loopdev=""; rx=""; ag=""; blkio=""; mnt=""; images_loop=""; disk_ram=""
 cleanup() {
   [ -n "$ag" ] && kill "$ag" 2>/dev/null && wait "$ag" 2>/dev/null || true
   [ -n "$rx" ] && kill "$rx" 2>/dev/null && wait "$rx" 2>/dev/null || true
+  # A fio (or sampler) still running when the script is killed.
+  pkill -P $$ 2>/dev/null || true
   if [ -n "$images_loop" ]; then
     umount "$work/images" || umount -l "$work/images" || true
     losetup -d "$images_loop" || true
@@ -96,7 +103,9 @@ cleanup() {
   [ -n "$blkio" ] && rmdir "$blkio" 2>/dev/null || true
   [ -n "$mnt" ] && umount "$mnt" || true
   [ -n "$loopdev" ] && losetup -d "$loopdev" || true
-  [ -n "$disk_ram" ] && umount "$disk_ram" || true
+  # Lazily if busy: a fio killed with the script may still hold the loop
+  # device, which then lets the backing file go only when fio ends.
+  [ -n "$disk_ram" ] && { umount "$disk_ram" || umount -l "$disk_ram"; } || true
   [ -n "${AGENT_LOG:-}" ] && cp "$work/agent.log" "$AGENT_LOG" || true
   rm -rf "$work"
 }
@@ -186,6 +195,7 @@ read -r base_bw base_p99 < <(fio_summary "$work/base.json")
 echo "without agent: ${base_bw} MB/s, p99 ${base_p99} us"
 rx_priority=(env)
 [ -n "${RECEIVER_NICE:-}" ] && rx_priority=(nice -n "$RECEIVER_NICE")
+[ "${RECEIVER_IDLE:-0}" = 1 ] && rx_priority=(chrt --idle 0)
 # The steady rates without the agent: the p99 each rate step is held to.
 declare -A rate_base_p99
 for rate in "${rates[@]}"; do
@@ -201,6 +211,7 @@ hz=$(getconf CLK_TCK)
 # run proper.
 priority=()
 [ "${AGENT_AS_UNIT:-0}" = 1 ] && priority=(nice -n 5 ionice -c 2 -n 4)
+[ "${AGENT_IDLE:-0}" = 1 ] && priority=(chrt --idle 0)
 start_agent() { # log file
   env ${AGENT_ENV:-} "${priority[@]}" "$bin/tidemark-agent" run --config "$work/agent/run.toml" 2> "$1" &
   ag=$!
