@@ -71,6 +71,13 @@ pub struct AgentConfig {
     /// seconds.
     #[serde(default = "default_freeze_timeout")]
     pub freeze_timeout_secs: u64,
+    /// While replication is less than this many seconds behind, and no
+    /// disk resyncs, `run`'s read, compression and sending threads run
+    /// under SCHED_IDLE, giving way to the machine's own work; further
+    /// behind, they compete at the agent's own priority until it has
+    /// caught up. 0: they always compete (`priority` module).
+    #[serde(default = "default_yield_cpu_lag_secs")]
+    pub yield_cpu_lag_secs: u64,
     /// Trace ring buffer per CPU, in KiB.
     #[serde(default = "default_trace_buffer_kb")]
     pub trace_buffer_kb: u32,
@@ -179,6 +186,10 @@ fn default_script_timeout() -> u64 {
 }
 fn default_freeze_timeout() -> u64 {
     60
+}
+/// The lag target: yielding never costs more than that.
+fn default_yield_cpu_lag_secs() -> u64 {
+    5
 }
 fn default_trace_buffer_kb() -> u32 {
     4096

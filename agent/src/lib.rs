@@ -9,6 +9,7 @@ pub mod consistency;
 pub mod disks;
 pub mod metrics;
 pub mod pipeline;
+pub mod priority;
 pub mod progress;
 pub mod run;
 pub mod shipper;

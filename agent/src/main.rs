@@ -231,8 +231,13 @@ fn one_shot(
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    // The worker runs the connection's tasks (TLS, the socket's sends):
+    // in `run`, part of what yields to the machine's own work. The run
+    // loop, which drains the tracer, is the main thread and never yields.
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
+        .on_thread_start(tidemark_agent::priority::thread_started)
+        .on_thread_unpark(tidemark_agent::priority::follow)
         .enable_all()
         .build()
 }

@@ -349,6 +349,7 @@ impl Pipeline {
                             return Err(Stop::Closed);
                         }
                         Progress::add(&progress.read_bytes, buf.len() as u64);
+                        crate::priority::follow();
                         work_tx
                             .send((idx as u32, off, buf))
                             .map_err(|_| Stop::Closed)
@@ -492,6 +493,8 @@ fn compress_worker(
         let Ok((disk, offset, buf)) = next else {
             break;
         };
+        // `run` may want it to give way to the machine's own work.
+        crate::priority::follow();
         #[cfg(test)]
         if offset == PANIC_AT.load(Ordering::Relaxed) {
             panic!("a compressor fails at {offset} (test)");

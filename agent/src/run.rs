@@ -414,6 +414,12 @@ struct Runner {
     /// returned: no other is tried until it does, so that a filesystem
     /// that hangs them costs one blocked thread, not one per point.
     stuck_freeze: Option<(Attempt, Instant)>,
+    /// `yield_cpu_lag_secs`, when replication's threads may yield at all.
+    yield_limit: Option<Duration>,
+    /// The start of the last round whose take left every map empty:
+    /// whatever a round takes was written after it, so the round is that
+    /// far behind the disks.
+    clean_at: Instant,
 }
 
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
@@ -471,6 +477,16 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         tidemark_common::metrics::serve(addr, registry).await?;
     }
 
+    let yield_limit = match cfg.yield_cpu_lag_secs {
+        0 => None,
+        secs => match crate::priority::can_yield_and_return() {
+            Ok(()) => Some(Duration::from_secs(secs)),
+            Err(e) => {
+                warn!("yield_cpu_lag_secs = {secs}: {e}; replication competes with the machine's own work at the agent's priority instead (set yield_cpu_lag_secs = 0 to silence this)");
+                None
+            }
+        },
+    };
     let mut r = Runner {
         settings: cfg.pipeline_settings(),
         cfg,
@@ -492,6 +508,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         verified_at: Instant::now(),
         signals: StopSignals::register()?,
         stuck_freeze: None,
+        yield_limit,
+        clean_at: Instant::now(),
     };
     // Saved at once, with what the drain log gave back: every drain from
     // here on goes into the new log.
@@ -969,6 +987,7 @@ impl Runner {
         self.mark_lost();
         let connection = self.shipper.send_mark();
         let mut emptied = vec![false; self.disks.len()];
+        let mut left_dirty = false;
         let mut jobs = Vec::new();
         let mut taken = 0u64;
         for (i, d) in self.disks.iter_mut().enumerate() {
@@ -986,6 +1005,7 @@ impl Runner {
             taken += bytes;
             d.taken_since_save += bytes;
             emptied[i] = d.dirty.is_clean();
+            left_dirty |= !emptied[i] && !d.absent && d.refused.is_none();
             d.pending.extend(ranges.iter().cloned());
             if !ranges.is_empty() {
                 d.changed = true;
@@ -1013,6 +1033,10 @@ impl Runner {
                 limit_reads: d.resync.is_some(),
             });
         }
+        let written_after = self.clean_at;
+        if !left_dirty {
+            self.clean_at = Instant::now();
+        }
         let mut cut = false;
         if taken > 0 {
             let compared: Vec<(usize, Vec<Range<u64>>)> = jobs
@@ -1025,6 +1049,7 @@ impl Runner {
                 jobs.iter().map(|j| j.ranges.clone()).collect();
             let mut requests = ChunkCursor::new(&jobs);
             let mut requested = 0u64;
+            self.follow_lag(written_after);
             let mut pipeline = self.start_pipeline(jobs)?;
             self.shipper.set_hash_board(Some(pipeline.board.clone()));
             let mut stopping = false;
@@ -1090,6 +1115,7 @@ impl Runner {
                     }
                 };
                 let Some(piece) = piece else { break };
+                self.follow_lag(written_after);
                 if let Piece::ChunkDone { .. } = piece {
                     continue;
                 }
@@ -1585,6 +1611,17 @@ impl Runner {
         Ok(())
     }
 
+    /// Whether replication's threads yield the CPU now, in a round
+    /// shipping what was written after `written_after`
+    /// ([`crate::priority::should_yield`]).
+    fn follow_lag(&self, written_after: Instant) {
+        crate::priority::set(crate::priority::should_yield(
+            self.yield_limit,
+            self.disks.iter().any(|d| d.resync.is_some()),
+            written_after.elapsed(),
+        ));
+    }
+
     /// Starts reading `jobs`, packed for the receiver's protocol.
     fn start_pipeline(&self, jobs: Vec<Job>) -> anyhow::Result<Pipeline> {
         Ok(Pipeline::start(
@@ -1606,6 +1643,9 @@ impl Runner {
             d.changed = true;
             jobs.push(Job::full(d.disk.clone(), ranges));
         }
+        // A point's read is short, and where it froze filesystems the
+        // machine's writes wait for it: it does not give way.
+        crate::priority::set(false);
         let mut pipeline = self.start_pipeline(jobs)?;
         let mut out = Vec::new();
         // A slow device makes this read long, and raw writes on a disk

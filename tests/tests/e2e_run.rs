@@ -1830,3 +1830,165 @@ fn saved_state_that_cannot_be_trusted_is_resynced_with_the_reason() -> anyhow::R
     }
     Ok(())
 }
+
+/// How often the agent's compression threads were seen under SCHED_IDLE
+/// and under SCHED_OTHER (`/proc/PID/task/*/stat`, sampled every 2 ms)
+/// while `during` ran.
+fn compressor_policies<T>(
+    pid: u32,
+    during: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<(u64, u64, T)> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let sampler = std::thread::spawn({
+        let stop = stop.clone();
+        move || {
+            let (mut idle, mut other) = (0u64, 0u64);
+            while !stop.load(Ordering::Relaxed) {
+                let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+                    .into_iter()
+                    .flatten()
+                    .flatten();
+                for t in tasks {
+                    let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+                    if !comm.starts_with("compress-") {
+                        continue;
+                    }
+                    // Field 41, the 39th after the command's parenthesis.
+                    let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+                    let policy = stat
+                        .rsplit_once(')')
+                        .and_then(|(_, rest)| rest.split_whitespace().nth(38))
+                        .and_then(|f| f.parse::<i32>().ok());
+                    match policy {
+                        Some(nix::libc::SCHED_IDLE) => idle += 1,
+                        Some(nix::libc::SCHED_OTHER) => other += 1,
+                        _ => {}
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            (idle, other)
+        }
+    });
+    let out = during();
+    stop.store(true, Ordering::Relaxed);
+    let (idle, other) = sampler
+        .join()
+        .map_err(|_| anyhow::anyhow!("sampler panicked"))?;
+    Ok((idle, other, out?))
+}
+
+/// `yield_cpu_lag_secs`: while replication keeps up, its compression
+/// threads run under SCHED_IDLE; once what is being shipped was written
+/// longer ago than the limit (a 24 MiB burst under a send cap of 2 MiB/s
+/// here) they are back under SCHED_OTHER, and the point after it is
+/// exact.
+#[test]
+fn replication_yields_the_cpu_while_it_keeps_up_and_competes_when_behind() -> anyhow::Result<()> {
+    let site = Site::start()?;
+    let dev = LoopDev::create(&site.dir.path().join("yield.img"), 64 << 20)?;
+    let cfg = run_config(
+        &site,
+        "run-yield",
+        &[(dev.path(), "disk-yield")],
+        "yield_cpu_lag_secs = 2",
+    )?;
+    let mut text = std::fs::read_to_string(&cfg)?;
+    text.push_str("\n[throttle]\nrate = \"2 MiB/s\"\n");
+    std::fs::write(&cfg, text)?;
+    let agent = RunningAgent::start(&cfg, "run-yield")?;
+    // Points wait for the initial sync: it is over once this returns.
+    bookmark_within(&agent, Duration::from_secs(60))?;
+    let pid = agent.pid()?;
+    let mut rng = SplitMix64::new(77);
+    // Half a MiB every half second: each round ships in about a quarter
+    // of a second under the cap.
+    let (idle, other, ()) = compressor_policies(pid, || {
+        for _ in 0..8 {
+            churn_bytes(&dev, &mut rng, 512 << 10)?;
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        Ok(())
+    })?;
+    ensure!(
+        idle > 0,
+        "keeping up, the compressors never ran under SCHED_IDLE ({other} samples under SCHED_OTHER): {}",
+        agent.log()
+    );
+    // 24 MiB at 2 MiB/s: a round of about 12 s. From 4 s in, past the
+    // limit and a piece or two later, its compressors compete.
+    churn_bytes(&dev, &mut rng, 24 << 20)?;
+    std::thread::sleep(Duration::from_secs(4));
+    let (idle, other, ()) = compressor_policies(pid, || {
+        std::thread::sleep(Duration::from_secs(3));
+        Ok(())
+    })?;
+    ensure!(
+        idle == 0 && other > 0,
+        "behind, the compressors were seen {idle} times under SCHED_IDLE and {other} under SCHED_OTHER: {}",
+        agent.log()
+    );
+    let id = bookmark_within(&agent, Duration::from_secs(60))?;
+    ensure!(
+        site.export("disk-yield", &id.to_string())? == dev.read_all()?,
+        "point {id} differs from the device"
+    );
+    Ok(())
+}
+
+/// Without CAP_SYS_NICE and with an RLIMIT_NICE of 0, a thread under
+/// SCHED_IDLE could not come back: the agent says so once, naming the
+/// fix, and its threads never yield (replication never starves).
+#[test]
+fn without_the_right_to_come_back_replication_does_not_yield_and_says_why() -> anyhow::Result<()> {
+    require_cmd("setpriv")?;
+    require_cmd("prlimit")?;
+    let site = Site::start()?;
+    let dev = LoopDev::create(&site.dir.path().join("noyield.img"), 64 << 20)?;
+    let cfg = run_config(&site, "run-noyield", &[(dev.path(), "disk-noyield")], "")?;
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--bounding-set", "-sys_nice", "prlimit", "--nice=0:0"])
+        .arg(workspace_bin("tidemark-agent"))
+        .args(["run", "--config", path(&cfg)]);
+    let agent = RunningAgent {
+        daemon: Some(Daemon::spawn(cmd)?),
+        cfg: cfg.clone(),
+        instance: PathBuf::from("/sys/kernel/tracing/instances/tidemark-run-noyield"),
+    };
+    agent.wait_for_log("replicating", Duration::from_secs(30))?;
+    let log = agent.log();
+    ensure!(
+        log.contains("yield_cpu_lag_secs = 5: cannot give a thread back its priority")
+            && log.contains("LimitNICE=+5"),
+        "no word on why replication does not yield: {log}"
+    );
+    bookmark_within(&agent, Duration::from_secs(60))?;
+    let mut rng = SplitMix64::new(78);
+    let (idle, other, id) = compressor_policies(agent.pid()?, || {
+        for _ in 0..6 {
+            churn_bytes(&dev, &mut rng, 1 << 20)?;
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        agent.bookmark(false)
+    })?;
+    ensure!(
+        idle == 0 && other > 0,
+        "compressors seen {idle} times under SCHED_IDLE, {other} under SCHED_OTHER"
+    );
+    ensure!(
+        site.export("disk-noyield", &id.to_string())? == dev.read_all()?,
+        "point {id} differs from the device"
+    );
+    Ok(())
+}
+
+/// `bytes` of random data in 64 KiB writes at random places.
+fn churn_bytes(dev: &LoopDev, rng: &mut SplitMix64, bytes: usize) -> anyhow::Result<()> {
+    let slots = dev.size_bytes() / (64 << 10);
+    for _ in 0..bytes / (64 << 10) {
+        let at = (rng.next_u64() % slots) * (64 << 10);
+        dev.write_at(at, &random_block(rng, 64 << 10))?;
+    }
+    Ok(())
+}
