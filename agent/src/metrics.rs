@@ -35,6 +35,7 @@ pub struct Metrics {
     connected: Gauge,
     send_cap: Gauge,
     point_waiting: Gauge,
+    yielding: Gauge,
     fast_compressed_bytes: Counter,
     stored_bytes: Counter,
 }
@@ -49,6 +50,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     connected: Gauge::default(),
     send_cap: Gauge::default(),
     point_waiting: Gauge::default(),
+    yielding: Gauge::default(),
     fast_compressed_bytes: Counter::default(),
     stored_bytes: Counter::default(),
 });
@@ -105,6 +107,11 @@ impl Metrics {
             "point_waiting_seconds",
             "How long a recovery point that is due or asked for has been held back (0: none is)",
             self.point_waiting.clone(),
+        );
+        r.register(
+            "yielding_cpu",
+            "1 while replication's threads yield the CPU to the machine's own work (it keeps up: yield_cpu_lag_secs), 0 while they compete",
+            self.yielding.clone(),
         );
         r.register(
             "fast_compressed_bytes",
@@ -177,6 +184,10 @@ impl Metrics {
     pub fn set_point_waiting(&self, secs: Option<u64>) {
         self.point_waiting
             .set(secs.map_or(0, |s| i64::try_from(s).unwrap_or(i64::MAX)));
+    }
+
+    pub fn set_yielding(&self, yielding: bool) {
+        self.yielding.set(yielding.into());
     }
 
     pub fn set_connected(&self, connected: bool) {

@@ -749,6 +749,13 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 /// A pending `bookmark`: app-consistent?, name, where to answer.
 type Bookmark = (bool, Option<String>, tokio::sync::oneshot::Sender<Reply>);
 
+/// Asks replication's threads to yield the CPU or to compete, and says
+/// which in the metrics.
+fn yield_cpu(on: bool) {
+    crate::priority::set(on);
+    crate::metrics::get().set_yielding(on);
+}
+
 /// One trace instance per agent, named after it.
 fn instance_name(agent: &str) -> String {
     let clean: String = agent
@@ -1615,7 +1622,7 @@ impl Runner {
     /// shipping what was written after `written_after`
     /// ([`crate::priority::should_yield`]).
     fn follow_lag(&self, written_after: Instant) {
-        crate::priority::set(crate::priority::should_yield(
+        yield_cpu(crate::priority::should_yield(
             self.yield_limit,
             self.disks.iter().any(|d| d.resync.is_some()),
             written_after.elapsed(),
@@ -1645,7 +1652,7 @@ impl Runner {
         }
         // A point's read is short, and where it froze filesystems the
         // machine's writes wait for it: it does not give way.
-        crate::priority::set(false);
+        yield_cpu(false);
         let mut pipeline = self.start_pipeline(jobs)?;
         let mut out = Vec::new();
         // A slow device makes this read long, and raw writes on a disk

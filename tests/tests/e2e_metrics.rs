@@ -89,6 +89,7 @@ fn both_metrics_endpoints_scrape_with_names_labels_and_monotonic_counters() -> a
         "tidemark_agent_freeze_seconds_count",
         "tidemark_agent_connected",
         "tidemark_agent_point_waiting_seconds",
+        "tidemark_agent_yielding_cpu",
         "tidemark_agent_fast_compressed_bytes_total",
         "tidemark_agent_stored_bytes_total",
     ] {
