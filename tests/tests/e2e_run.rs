@@ -1916,8 +1916,8 @@ fn replication_yields_the_cpu_while_it_keeps_up_and_competes_when_behind() -> an
         "keeping up, the compressors never ran under SCHED_IDLE ({other} samples under SCHED_OTHER): {}",
         agent.log()
     );
-    // 24 MiB at 2 MiB/s: a round of about 12 s. From 4 s in, past the
-    // limit and a piece or two later, its compressors compete.
+    // 24 MiB at 2 MiB/s: about 12 s of shipping. From 4 s in, past the
+    // limit and a piece or two later, the compressors compete.
     churn_bytes(&dev, &mut rng, 24 << 20)?;
     std::thread::sleep(Duration::from_secs(4));
     let (idle, other, ()) = compressor_policies(pid, || {
