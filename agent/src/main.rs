@@ -237,7 +237,7 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .on_thread_start(tidemark_agent::priority::thread_started)
-        .on_thread_unpark(tidemark_agent::priority::follow)
+        .on_thread_unpark(tidemark_agent::priority::join_worker)
         .enable_all()
         .build()
 }

@@ -313,6 +313,8 @@ impl Pipeline {
                 std::thread::Builder::new()
                     .name(format!("compress-{i}"))
                     .spawn(move || {
+                        // `run` may have it give way to the machine's own work.
+                        let _yields = crate::priority::Member::join();
                         let packing = Packing { level, sum };
                         compress_worker(rx, tx, packing, workers_n, &progress, &board, &compare)
                     })
@@ -328,6 +330,7 @@ impl Pipeline {
         let reader = std::thread::Builder::new()
             .name("reader".into())
             .spawn(move || {
+                let _yields = crate::priority::Member::join();
                 for (idx, job) in jobs.iter().enumerate() {
                     if job.ranges.is_empty() {
                         // Nothing to read: a device that is gone or
@@ -349,7 +352,6 @@ impl Pipeline {
                             return Err(Stop::Closed);
                         }
                         Progress::add(&progress.read_bytes, buf.len() as u64);
-                        crate::priority::follow();
                         work_tx
                             .send((idx as u32, off, buf))
                             .map_err(|_| Stop::Closed)
@@ -493,8 +495,6 @@ fn compress_worker(
         let Ok((disk, offset, buf)) = next else {
             break;
         };
-        // `run` may want it to give way to the machine's own work.
-        crate::priority::follow();
         #[cfg(test)]
         if offset == PANIC_AT.load(Ordering::Relaxed) {
             panic!("a compressor fails at {offset} (test)");

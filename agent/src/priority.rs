@@ -23,40 +23,66 @@
 //! share. Should that ever overrun the tracer, the loss is detected and
 //! resynced like any other, never silent.
 
-use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
-/// Whether replication's threads should yield now: set by the run loop
-/// only (other commands never yield), followed by each thread at its
-/// next piece of work.
+/// Whether replication's threads yield now: set by the run loop only
+/// (other commands never yield).
 static YIELD: AtomicBool = AtomicBool::new(false);
 
-thread_local! {
-    /// Whether this thread is under SCHED_IDLE as far as [`follow`] knows.
-    static IDLE: Cell<bool> = const { Cell::new(false) };
-}
+/// The threads that yield (kernel thread ids), each registered by a
+/// [`Member`] for as long as it lives.
+static MEMBERS: Mutex<Vec<nix::libc::pid_t>> = Mutex::new(Vec::new());
 
-/// Asks replication's threads to yield, or to stop yielding.
+/// Asks replication's threads to yield, or to stop yielding. Applied to
+/// each of them at once from the caller's thread: a thread starved while
+/// yielding need not get a CPU to stop.
 pub fn set(on: bool) {
-    YIELD.store(on, Ordering::Relaxed);
+    let members = MEMBERS.lock().unwrap_or_else(|e| e.into_inner());
+    if YIELD.swap(on, Ordering::Relaxed) != on {
+        for &tid in members.iter() {
+            let _ = set_thread_idle(tid, on);
+        }
+    }
 }
 
-/// Switches the calling thread's class if the flag changed since it last
-/// looked. A switch the kernel refuses leaves the thread as it is (the
-/// run loop checked at start that it is allowed both ways).
-pub fn follow() {
-    let want = YIELD.load(Ordering::Relaxed);
-    IDLE.with(|idle| {
-        if idle.get() != want && set_current_thread_idle(want).is_ok() {
-            idle.set(want);
+/// The calling thread, registered as one that yields while [`set`] says
+/// so, until this is dropped (before the thread ends: a thread id is
+/// reused once its thread is gone).
+pub struct Member(nix::libc::pid_t);
+
+impl Member {
+    pub fn join() -> Member {
+        let tid = nix::unistd::gettid().as_raw();
+        let mut members = MEMBERS.lock().unwrap_or_else(|e| e.into_inner());
+        if YIELD.load(Ordering::Relaxed) {
+            let _ = set_thread_idle(tid, true);
         }
-    });
+        members.push(tid);
+        Member(tid)
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let mut members = MEMBERS.lock().unwrap_or_else(|e| e.into_inner());
+        members.retain(|&t| t != self.0);
+    }
+}
+
+/// For the runtime's worker threads (called at each unpark): registers
+/// the calling thread once, for its lifetime.
+pub fn join_worker() {
+    thread_local! {
+        static WORKER: Member = Member::join();
+    }
+    WORKER.with(|_| ());
 }
 
 /// For a thread just started: threads inherit their creator's class, and
 /// one created by a yielding thread (the runtime's blocking pool, which a
-/// point's freeze later uses) must not stay idle without following.
+/// point's freeze later uses) must not stay idle.
 pub fn thread_started() {
     // SAFETY: pid 0 is the calling thread; no memory is passed.
     if unsafe { nix::libc::sched_getscheduler(0) } == nix::libc::SCHED_IDLE {
@@ -69,14 +95,19 @@ pub fn thread_started() {
 /// `CAP_SYS_NICE` or an `RLIMIT_NICE` that allows the thread's nice value
 /// (the unit's `LimitNICE=+5`).
 pub fn set_current_thread_idle(idle: bool) -> std::io::Result<()> {
+    set_thread_idle(0, idle)
+}
+
+/// The same for thread `tid` of this process (0: the calling thread).
+fn set_thread_idle(tid: nix::libc::pid_t, idle: bool) -> std::io::Result<()> {
     let policy = if idle {
         nix::libc::SCHED_IDLE
     } else {
         nix::libc::SCHED_OTHER
     };
     let param = nix::libc::sched_param { sched_priority: 0 };
-    // SAFETY: pid 0 is the calling thread; `param` lives across the call.
-    if unsafe { nix::libc::sched_setscheduler(0, policy, &param) } != 0 {
+    // SAFETY: `tid` is a thread id (or 0); `param` lives across the call.
+    if unsafe { nix::libc::sched_setscheduler(tid, policy, &param) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
@@ -125,26 +156,35 @@ mod tests {
         can_yield_and_return().expect("switch classes");
         // SAFETY: pid 0 is the calling thread; no memory is passed.
         let policy = || unsafe { nix::libc::sched_getscheduler(0) };
-        let seen = std::thread::spawn(move || {
-            let before = policy();
-            set(true);
-            follow();
-            let idle = policy();
-            // A thread made by a yielding one starts under SCHED_OTHER.
-            let child = std::thread::spawn(move || {
-                let inherited = policy();
-                thread_started();
-                (inherited, policy())
-            })
-            .join()
-            .expect("child");
-            set(false);
-            follow();
-            (before, idle, child, policy())
-        })
-        .join()
-        .expect("thread");
+        let (asked, answered) = (std::sync::mpsc::channel(), std::sync::mpsc::channel());
+        let (ask, wait) = asked;
+        let (answer, got) = answered;
+        let member = std::thread::spawn(move || {
+            let _m = Member::join();
+            // Reports its class each time it is asked, until told to end.
+            while wait.recv() == Ok(true) {
+                let child = std::thread::spawn(move || {
+                    let inherited = policy();
+                    thread_started();
+                    (inherited, policy())
+                })
+                .join()
+                .expect("child");
+                answer.send((policy(), child)).expect("answer");
+            }
+        });
         let (other, idle) = (nix::libc::SCHED_OTHER, nix::libc::SCHED_IDLE);
-        assert_eq!(seen, (other, idle, (idle, other), other));
+        let class = || {
+            ask.send(true).expect("ask");
+            got.recv().expect("answer")
+        };
+        assert_eq!(class(), (other, (other, other)));
+        // Switched from this thread, not by the member itself.
+        set(true);
+        assert_eq!(class(), (idle, (idle, other)), "a child starts normal");
+        set(false);
+        assert_eq!(class(), (other, (other, other)));
+        ask.send(false).expect("end");
+        member.join().expect("member");
     }
 }

@@ -1061,6 +1061,9 @@ impl Runner {
             self.shipper.set_hash_board(Some(pipeline.board.clone()));
             let mut stopping = false;
             loop {
+                // Also while no piece comes: threads starved while they
+                // yield are switched back from here.
+                self.follow_lag(written_after);
                 while !cut && requested < pipeline.board.consumed() + HASH_LOOKAHEAD {
                     let Some((disk, offset_bytes, len_bytes)) = requests.next() else {
                         break;
@@ -1074,6 +1077,7 @@ impl Runner {
                     // try_send waits for a full window without draining
                     // (up to a heartbeat interval per message).
                     while self.shipper.window_full() {
+                        self.follow_lag(written_after);
                         self.shipper.wait_window(DRAIN_EVERY).await?;
                         self.collect_due()?;
                     }
@@ -1122,7 +1126,6 @@ impl Runner {
                     }
                 };
                 let Some(piece) = piece else { break };
-                self.follow_lag(written_after);
                 if let Piece::ChunkDone { .. } = piece {
                     continue;
                 }
@@ -1131,6 +1134,7 @@ impl Runner {
                 // A full window can take long to open on a slow or dead
                 // link; the tracer is drained meanwhile.
                 while !cut && self.shipper.window_full() && !self.signals.asked() {
+                    self.follow_lag(written_after);
                     self.shipper.wait_window(DRAIN_EVERY).await?;
                     self.collect_due()?;
                 }
